@@ -1,0 +1,83 @@
+"""Options and helpers shared by every CLI command (so each command stays a thin call into the API)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Zoo name (see `slimkit models`) or 'pkg.module:function'.")
+]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", "-w", help="Weights: .safetensors or a torch state_dict (weights_only).")
+]
+DataOpt = Annotated[
+    str, typer.Option("--data", "-d", help="Data spec: mnist10k, digits, cifar10, npz:PATH, folder:PATH.")
+]
+ShapeOpt = Annotated[
+    str | None, typer.Option("--shape", help="Input shape CxHxW, e.g. 3x32x32 (default: the zoo model's own).")
+]
+ArgsOpt = Annotated[
+    str | None,
+    typer.Option("--model-args", help='JSON keyword arguments for the model factory, e.g. \'{"num_classes": 100}\'.'),
+]
+
+
+def fail_cleanly(fn: Callable) -> Callable:
+    """Turn slimkit's user-facing errors into one red line and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, TypeError, ImportError, RuntimeError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            sys.exit(2)
+
+    return wrapper
+
+
+def model_kwargs(model_args: str | None) -> dict[str, Any]:
+    if not model_args:
+        return {}
+    try:
+        value = json.loads(model_args)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-args is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError("--model-args must be a JSON object")
+    return value
+
+
+def build_model(model: str, weights: Path | None, model_args: str | None):
+    from slimkit.models import create
+
+    return create(model, weights=weights, **model_kwargs(model_args))
+
+
+def input_shape(model: str, shape: str | None, model_args: str | None = None) -> tuple[int, ...]:
+    from slimkit.data import parse_shape
+    from slimkit.models import input_shape as zoo_shape
+
+    return parse_shape(shape) if shape else zoo_shape(model, **model_kwargs(model_args))
+
+
+def example(model: str, shape: str | None, model_args: str | None = None, batch: int = 1) -> torch.Tensor:
+    return torch.zeros(batch, *input_shape(model, shape, model_args))
+
+
+def load_data(data: str, shape: str | None):
+    from slimkit.data import load, parse_shape
+
+    return load(data, shape=parse_shape(shape) if shape else None)

@@ -1,0 +1,151 @@
+"""Datasets by spec string: the same names in the API and the CLI.
+
+Specs:
+
+- ``mnist10k`` — 10,000 real MNIST digits bundled with slimkit (8,000 train / 2,000 test), no network.
+- ``digits`` — scikit-learn's 8x8 digits (1,797 images; 80/20 split by seed), no network.
+- ``mnist``, ``fashion-mnist``, ``cifar10`` — the full torchvision datasets (needs the ``vision`` extra and a
+  network the first time, or the files already in ``root``).
+- ``npz:PATH`` — your own arrays; ``folder:PATH`` — an ImageFolder tree (``train/`` and ``test/`` or ``val/``
+  subfolders, or one tree split by seed).
+
+Example:
+    >>> train, test = load("mnist10k")
+    >>> len(train), len(test), tuple(train[0][0].shape)
+    (8000, 2000, (1, 28, 28))
+    >>> train32, _ = load("mnist10k", shape=(3, 32, 32))   # CIFAR-shaped, for AlexNet/ResNet offline
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from slimkit.config import nearest
+from slimkit.data.arrays import ArrayDataset, arrays_to_datasets, load_npz, reshape_images
+
+__all__ = ["SPECS", "ArrayDataset", "DataError", "default_root", "load"]
+
+BUNDLED = Path(__file__).with_name("mnist10k.npz")
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class DataError(ValueError):
+    """A data spec that cannot be loaded; the message says what exists or how to get the data."""
+
+
+def default_root() -> Path:
+    """Where torchvision datasets are looked for: ``$SLIMKIT_DATA`` or ``~/.cache/slimkit/data``."""
+    return Path(os.environ.get("SLIMKIT_DATA", Path.home() / ".cache" / "slimkit" / "data"))
+
+
+def _mnist10k(seed: int, **_: object) -> tuple[ArrayDataset, ArrayDataset]:
+    with np.load(BUNDLED) as npz:
+        images, labels = npz["images"], npz["labels"]
+    x = (images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    x = torch.from_numpy(x).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return ArrayDataset(x[:8000], y[:8000], "mnist10k/train"), ArrayDataset(x[8000:], y[8000:], "mnist10k/test")
+
+
+def _digits(seed: int, **_: object) -> tuple[ArrayDataset, ArrayDataset]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32) / 16.0
+    x = (x - x.mean()) / x.std()
+    return arrays_to_datasets(x, bunch.target, None, None, seed=seed, name="digits")
+
+
+def _torchvision(name: str) -> Callable[..., tuple[Dataset, Dataset]]:
+    def loader(seed: int, root: str | os.PathLike | None = None, download: bool = True, **_: object):
+        try:
+            from torchvision import datasets, transforms
+        except ImportError as exc:
+            raise DataError(f"data spec {name!r} needs torchvision: pip install 'slimkit[vision]'") from exc
+        cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
+        stats = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}.get(
+            name, ((MNIST_MEAN,), (MNIST_STD,))
+        )
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*stats)])
+        folder = Path(root) if root is not None else default_root()
+        try:
+            train = cls(str(folder), train=True, download=download, transform=transform)
+            test = cls(str(folder), train=False, download=download, transform=transform)
+        except Exception as exc:  # torchvision raises RuntimeError or URLError subclasses
+            raise DataError(
+                f"could not load {name!r} from {folder} ({exc}). With a network, rerun to download it there "
+                f"(or set $SLIMKIT_DATA); offline, copy the torchvision {cls.__name__} files into {folder}, or use "
+                "the bundled spec 'mnist10k' (add shape=(3, 32, 32) / --shape 3x32x32 for CIFAR-shaped models)."
+            ) from exc
+        return train, test
+
+    return loader
+
+
+def _npz(path: str, seed: int, **_: object) -> tuple[ArrayDataset, ArrayDataset]:
+    return load_npz(Path(path), seed=seed)
+
+
+def _folder(path: str, seed: int, **_: object) -> tuple[Dataset, Dataset]:
+    from slimkit.data.folder import load_folder
+
+    return load_folder(Path(path), seed=seed)
+
+
+SPECS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
+    "mnist10k": _mnist10k,
+    "digits": _digits,
+    "mnist": _torchvision("mnist"),
+    "fashion-mnist": _torchvision("fashion-mnist"),
+    "cifar10": _torchvision("cifar10"),
+}
+PATH_SPECS = {"npz": _npz, "folder": _folder}
+
+
+def load(
+    spec: str,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+) -> tuple[Dataset, Dataset]:
+    """Load ``(train, test)`` torch Datasets for a data spec.
+
+    Args:
+        spec: ``mnist10k``, ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``npz:PATH`` or ``folder:PATH``.
+        shape: present images as ``(C, H, W)`` (bilinear resize, channels repeated), e.g. ``(3, 32, 32)`` to
+            train CIFAR-shaped models on MNIST offline. Only for in-memory specs.
+        seed: fixes the train/test split where the spec has none of its own.
+        root, download: where torchvision datasets live, and whether they may be downloaded.
+    """
+    prefix, _, rest = spec.partition(":")
+    if rest and prefix in PATH_SPECS:
+        train, test = PATH_SPECS[prefix](rest, seed=seed)
+    elif spec in SPECS:
+        train, test = SPECS[spec](seed=seed, root=root, download=download)
+    else:
+        valid = [*SPECS, *(f"{p}:PATH" for p in PATH_SPECS)]
+        raise DataError(f"unknown data spec {spec!r}; {nearest(spec, valid)}")
+    if shape is not None:
+        if not isinstance(train, ArrayDataset):
+            raise DataError(f"shape= works on in-memory specs (mnist10k, digits, npz:), not {spec!r}")
+        train, test = reshape_images(train, shape), reshape_images(test, shape)
+    return train, test
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """Parse ``'3x32x32'`` into ``(3, 32, 32)`` (for CLI options)."""
+    try:
+        dims = tuple(int(t) for t in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) <= 0:
+        raise DataError(f"shape {text!r} is not of the form CxHxW, e.g. 3x32x32")
+    return dims  # type: ignore[return-value]

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from slimkit import models
+from slimkit.train import TrainConfig, evaluate, fit
+
+
+def test_training_improves_accuracy_on_real_digits(mnist, tmp_path):
+    train, test = mnist
+    model = models.create("mlp")
+    before = evaluate(model, test).accuracy
+    ckpt = tmp_path / "best.safetensors"
+    history = fit(model, train.subset(3000), test, TrainConfig(epochs=2, lr=0.05, optimizer="sgd"), checkpoint=ckpt)
+    after = evaluate(model, test).accuracy
+    assert before < 20 and after > 88
+    assert history.best_accuracy == pytest.approx(after)
+    reloaded = models.create("mlp", weights=ckpt)
+    assert evaluate(reloaded, test).accuracy == pytest.approx(after)
+
+
+def test_seeded_runs_are_identical(digits):
+    train, _ = digits
+    results = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = models.create("mlp", in_features=64, hidden=32)
+        fit(model, train, None, TrainConfig(epochs=1, seed=3, optimizer="adamw", schedule="constant"))
+        results.append(torch.cat([p.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_custom_loss_hook_and_early_stop(digits):
+    train, test = digits
+    calls = []
+
+    def loss_fn(outputs, targets, inputs):
+        calls.append(inputs.shape[0])
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    model = models.create("mlp", in_features=64, hidden=16)
+    history = fit(model, train, test, TrainConfig(epochs=30, lr=1e-9, patience=1, max_batches=2), loss_fn=loss_fn)
+    assert history.stopped_early and len(history.val_accuracy) < 30
+    assert calls and all(n <= 128 for n in calls)
+
+
+def test_bad_config_and_nan():
+    with pytest.raises(ValueError, match="optimizer='rmsprop'.*'sgd'"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="lr=0"):
+        TrainConfig(lr=0)
+    model = models.create("mlp", in_features=4, hidden=4)
+    data = torch.utils.data.TensorDataset(torch.full((8, 4), float("nan")), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        fit(model, data, None, TrainConfig(epochs=1))
+
+
+def test_config_json_round_trip_rejects_typos():
+    cfg = TrainConfig(epochs=3, optimizer="sgd")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="did you mean 'epochs'"):
+        TrainConfig.from_dict({"epoch": 3})
