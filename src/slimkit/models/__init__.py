@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slimkit.config import nearest
+from slimkit.history import set_source
 from slimkit.models.weights import WeightsError, load_weights, save_weights
 
 __all__ = ["ZOO", "ModelSpec", "WeightsError", "create", "input_shape", "load_weights", "register", "save_weights"]
@@ -76,6 +77,7 @@ def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
         raise TypeError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_weights(model, weights)
+    set_source(model, spec, kwargs)  # lets slimkit.save/load rebuild the architecture without pickle
     return model.eval()
 
 
