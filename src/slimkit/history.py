@@ -39,3 +39,20 @@ def record_step(new_model: nn.Module, old_model: nn.Module, kind: str, record: d
         setattr(new_model, SOURCE_ATTR, copy.deepcopy(source))
     setattr(new_model, HISTORY_ATTR, [*history_of(old_model), {"kind": kind, "record": record}])
     return new_model
+
+
+# kind -> module exposing ``replay(model, record) -> model``, which re-applies a step's structural edit to a freshly
+# built model (no weights needed: the artifact loads them afterwards). Kinds absent here change weights only.
+REPLAY_MODULES = {"prune": "slimkit.pruning", "quantize": "slimkit.quantization"}
+
+
+def replay(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
+    """Re-apply every structural step of ``history`` to ``model`` (built from the same source)."""
+    import importlib
+
+    for step in history:
+        module_name = REPLAY_MODULES.get(step["kind"])
+        if module_name is not None:
+            model = importlib.import_module(module_name).replay(model, step["record"])
+    setattr(model, HISTORY_ATTR, copy.deepcopy(history))
+    return model
