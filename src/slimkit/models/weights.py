@@ -47,19 +47,23 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises:
         WeightsError: naming the file and the first missing, unexpected or mis-shaped tensor.
     """
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), str(path))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> nn.Module:
+    """Strictly load ``state`` into ``model``; errors name ``origin`` and the first mismatching tensor."""
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
-            raise WeightsError(f"{path}: missing tensor {name!r} (model expects shape {tuple(tensor.shape)})")
+            raise WeightsError(f"{origin}: missing tensor {name!r} (model expects shape {tuple(tensor.shape)})")
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise WeightsError(
-                f"{path}: tensor {name!r} has shape {tuple(state[name].shape)} in the file but "
+                f"{origin}: tensor {name!r} has shape {tuple(state[name].shape)} in the file but "
                 f"{tuple(tensor.shape)} in the model"
             )
     unexpected = sorted(set(state) - set(own))
     if unexpected:
-        raise WeightsError(f"{path}: unexpected tensors not in the model: {', '.join(unexpected[:5])}")
+        raise WeightsError(f"{origin}: unexpected tensors not in the model: {', '.join(unexpected[:5])}")
     model.load_state_dict(state)
     return model
 
