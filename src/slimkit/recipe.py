@@ -1,0 +1,182 @@
+"""Recipes: an ordered list of steps (prune, distill, quantize, export) plus an accuracy budget.
+
+A recipe is only a serialization of the configs the API takes (``PruneConfig``, ``DistillConfig``, ``QuantConfig``,
+``ExportConfig``): no second schema. In YAML::
+
+    name: fast-cpu
+    max_accuracy_drop: 0.5        # points of top-1 accuracy the whole pipeline may lose
+    steps:
+      - prune: {amount: 0.5, target: macs, importance: l2}
+      - distill: {temperature: 4.0, alpha: 0.9, epochs: 2}
+      - quantize: {method: ptq, weight_bits: 8, act_bits: 8}
+      - export: {format: onnx-int8}
+
+Unknown keys are rejected with the nearest valid name; malformed YAML names the line and column.
+
+Example:
+    >>> recipe = Recipe.load("fast-cpu")          # a shipped recipe, a YAML path, or a dict
+    >>> [step.kind.value for step in recipe.steps]
+    ['prune', 'distill', 'quantize', 'export']
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimkit._io import write_text
+from slimkit.config import Config, check_range, nearest, to_enum
+
+SHIPPED = Path(__file__).with_name("recipes")
+
+
+class StepKind(str, enum.Enum):
+    PRUNE = "prune"
+    DISTILL = "distill"
+    QUANTIZE = "quantize"
+    EXPORT = "export"
+
+
+class ExportFormat(str, enum.Enum):
+    ONNX = "onnx"
+    ONNX_INT8 = "onnx-int8"
+    TORCH_EXPORT = "torch-export"
+
+
+@dataclass
+class ExportConfig(Config):
+    """The deployable format written next to the weights; ``parity`` checks it against PyTorch on the val data."""
+
+    format: ExportFormat = ExportFormat.ONNX_INT8
+    parity: bool = True
+
+
+CONFIG_CLASSES = {
+    StepKind.PRUNE: ("slimkit.pruning", "PruneConfig"),
+    StepKind.DISTILL: ("slimkit.distillation", "DistillConfig"),
+    StepKind.QUANTIZE: ("slimkit.quantization", "QuantConfig"),
+    StepKind.EXPORT: ("slimkit.recipe", "ExportConfig"),
+}
+
+
+def config_class(kind: StepKind) -> type[Config]:
+    module, name = CONFIG_CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class Step:
+    kind: StepKind
+    config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind.value: self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "step") -> Step:
+        if not isinstance(data, dict) or len(data) != 1:
+            raise ValueError(f"{where}: a step is a mapping with one key (prune, distill, quantize or export), "
+                             f"got {data!r}")
+        (key, body), = data.items()
+        if key not in {k.value for k in StepKind}:
+            raise ValueError(f"{where}: unknown step {key!r}; {nearest(key, [k.value for k in StepKind])}")
+        kind = StepKind(key)
+        if body is not None and not isinstance(body, dict):
+            raise ValueError(f"{where}: the settings of {key!r} must be a mapping, got {body!r}")
+        try:
+            config = config_class(kind).from_dict(body or {})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where} ({key}): {exc}") from exc
+        return cls(kind, config)
+
+
+@dataclass
+class Recipe(Config):
+    """Ordered steps and the global accuracy budget (points of top-1 accuracy).
+
+    ``recovery_epochs`` bounds the distillation run that repairs a step which broke the budget; ``max_backoffs``
+    is how many times a step's strength is halved before the step is skipped.
+    """
+
+    steps: list[Step] = field(default_factory=list)
+    max_accuracy_drop: float = 1.0
+    name: str = "custom"
+    recovery_epochs: int = 2
+    max_backoffs: int = 2
+
+    def __post_init__(self) -> None:
+        self.steps = [s if isinstance(s, Step) else Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(self.steps)]
+        check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
+        if self.recovery_epochs < 0 or self.max_backoffs < 0:
+            raise ValueError("recovery_epochs and max_backoffs must be >= 0")
+        self._check_order()
+
+    def _check_order(self) -> None:
+        kinds = [s.kind for s in self.steps]
+        if not kinds:
+            raise ValueError("a recipe needs at least one step (prune, distill, quantize or export)")
+        if StepKind.EXPORT in kinds[:-1]:
+            raise ValueError("steps in an impossible order: 'export' must be the last step, "
+                             f"got {[k.value for k in kinds]}")
+        if StepKind.QUANTIZE in kinds:
+            first_q = kinds.index(StepKind.QUANTIZE)
+            late = [k.value for k in kinds[first_q + 1:] if k in (StepKind.PRUNE, StepKind.QUANTIZE)]
+            if late:
+                raise ValueError(f"steps in an impossible order: {late[0]!r} after 'quantize' (prune before you "
+                                 f"quantize, and quantize once); got {[k.value for k in kinds]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "max_accuracy_drop": self.max_accuracy_drop,
+                "recovery_epochs": self.recovery_epochs, "max_backoffs": self.max_backoffs,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_text(path, self.to_yaml())
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<recipe>") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+            raise ValueError(f"{source}: malformed YAML at {where}: {exc.problem}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), got {data!r}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, spec: Recipe | dict | str | os.PathLike) -> Recipe:
+        """A Recipe from itself, a dict, a YAML file path, or the name of a shipped recipe."""
+        if isinstance(spec, Recipe):
+            return spec
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        path = Path(spec)
+        if path.is_file():
+            return cls.from_yaml(path.read_text(), str(path))
+        shipped = SHIPPED / f"{spec}.yaml"
+        if shipped.is_file():
+            return cls.from_yaml(shipped.read_text(), str(shipped))
+        raise ValueError(f"recipe {str(spec)!r} is neither a file nor a shipped recipe; "
+                         f"{nearest(str(spec), shipped_recipes())}")
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that come with slimkit."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+__all__ = ["ExportConfig", "ExportFormat", "Recipe", "Step", "StepKind", "shipped_recipes", "to_enum"]
