@@ -1,0 +1,128 @@
+"""Distillation losses as pure functions: Hinton KD, FitNets hints, attention transfer, focal loss.
+
+Everything here is stateless math on tensors (the adapters of ``hint_loss`` are passed in, built by
+``hint_adapter``). The trainer in ``trainer.py`` wires these into ``slimkit.train.fit`` through its ``loss_fn`` hook.
+
+Example:
+    >>> s, t = torch.randn(8, 10), torch.randn(8, 10)
+    >>> float(kd_loss(t, t, temperature=4.0))
+    0.0
+    >>> bool(kd_loss(s, t, temperature=4.0) > 0)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["attention_map", "attention_transfer_loss", "focal_loss", "hint_adapter", "hint_loss", "hinton_loss",
+           "kd_loss"]
+
+
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape: the two models must share one output space")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0 (typical values: 1 to 20)")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015 soft-target loss: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
+
+    Both distributions are computed with ``log_softmax`` (no ``log(softmax)`` underflow). The gradient of the KL
+    with respect to the student logits scales as ``1/T²``; the ``T²`` factor restores it, so changing the
+    temperature does not change the effective learning rate of the soft term (nor its balance with the
+    hard-label term).
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # half precision logits are summed in fp32
+    log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Lin et al. 2017 focal loss ``-(1 - p_t)^γ · log p_t``, averaged; ``gamma=0`` is plain cross-entropy."""
+    if gamma < 0:
+        raise ValueError(f"focal gamma={gamma!r} must be >= 0 (0 is plain cross-entropy)")
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
+    if gamma == 0:
+        return -log_p.mean()
+    return -((1 - log_p.exp()).clamp_min(0) ** gamma * log_p).mean()
+
+
+def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                temperature: float, alpha: float, focal_gamma: float = 0.0) -> torch.Tensor:
+    """``alpha · kd_loss + (1 - alpha) · CE(student, targets)`` (focal loss for the hard term when ``focal_gamma``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha!r} is out of range; allowed [0, 1] (weight of the soft KD term)")
+    loss = alpha * kd_loss(student_logits, teacher_logits, temperature) if alpha > 0 else 0.0
+    if alpha < 1:
+        loss = loss + (1 - alpha) * focal_loss(student_logits, targets, focal_gamma)
+    return loss  # type: ignore[return-value]
+
+
+def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """The learned regressor mapping a student feature to the teacher's width (FitNets, Romero et al. 2015).
+
+    ``(N, Cs)`` features get ``Linear(Cs, Ct)``; ``(N, Cs, H, W)`` maps get a 1x1 ``Conv2d(Cs, Ct)``. Equal widths
+    get ``Identity`` (nothing to learn). Shapes are per-example or with the batch dimension; only the channel
+    dimension (index 1 with the batch) is compared.
+    """
+    s_dims, t_dims = len(student_shape), len(teacher_shape)
+    if s_dims != t_dims or s_dims not in (2, 4):
+        raise ValueError(f"hint features must both be (N, C) or both (N, C, H, W); got student {tuple(student_shape)}"
+                         f" and teacher {tuple(teacher_shape)}")
+    c_student, c_teacher = student_shape[1], teacher_shape[1]
+    if c_student == c_teacher:
+        return nn.Identity()
+    if s_dims == 2:
+        return nn.Linear(c_student, c_teacher)
+    return nn.Conv2d(c_student, c_teacher, kernel_size=1, bias=False)
+
+
+def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+              adapter: nn.Module | None = None) -> torch.Tensor:
+    """FitNets hint: mean squared error between ``adapter(student_features)`` and the teacher's features.
+
+    Feature maps of different spatial size are matched by adaptive average pooling of the student's map.
+    """
+    projected = adapter(student_features) if adapter is not None else student_features
+    teacher_features = teacher_features.detach()
+    if projected.ndim == 4 and projected.shape[2:] != teacher_features.shape[2:]:
+        projected = F.adaptive_avg_pool2d(projected, teacher_features.shape[2:])
+    if projected.shape != teacher_features.shape:
+        raise ValueError(f"hint: student features {tuple(student_features.shape)} (after the adapter "
+                         f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
+                         "build the adapter with hint_adapter(student_shape, teacher_shape)")
+    return F.mse_loss(projected.float(), teacher_features.float())
+
+
+def attention_map(features: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017 spatial attention: ``mean_c |A_c|^p`` flattened and L2-normalized, ``(N, H·W)``."""
+    if features.ndim != 4:
+        raise ValueError(f"attention transfer needs convolutional feature maps (N, C, H, W); got "
+                         f"{tuple(features.shape)}")
+    return F.normalize(features.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                            p: int = 2) -> torch.Tensor:
+    """Mean squared distance between normalized attention maps (the authors' reference form, their β/2 not applied).
+
+    Channel counts may differ (the maps average over channels); a student map of another spatial size is pooled
+    to the teacher's.
+    """
+    teacher_features = teacher_features.detach()
+    if student_features.ndim == 4 and teacher_features.ndim == 4 \
+            and student_features.shape[2:] != teacher_features.shape[2:]:
+        student_features = F.adaptive_avg_pool2d(student_features, teacher_features.shape[2:])
+    return (attention_map(student_features, p) - attention_map(teacher_features, p)).pow(2).mean()
