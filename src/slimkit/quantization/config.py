@@ -1,0 +1,185 @@
+"""``QuantConfig`` and the per-layer plan it resolves to (bits, scheme, activation bits per layer)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from slimkit.config import Config, check_range
+from slimkit.quantization.math import Granularity, ObserverKind
+
+__all__ = ["LayerSpec", "Method", "QuantConfig", "Scheme", "plan_layers"]
+
+
+class Method(str, enum.Enum):
+    DYNAMIC = "dynamic"
+    PTQ = "ptq"
+    QAT = "qat"
+
+
+class Scheme(str, enum.Enum):
+    SYMMETRIC = "symmetric"
+    AFFINE = "affine"
+    TERNARY = "ternary"
+    BINARY = "binary"
+
+
+OVERRIDE_KEYS = {"weight_bits", "act_bits", "scheme", "granularity", "group_size"}
+
+
+@dataclass
+class QuantConfig(Config):
+    """What to quantize and how.
+
+    Args:
+        weight_bits: 1 (binary), 2 (ternary with ``scheme="ternary"``) .. 8.
+        act_bits: activation bits (2..8), or None for weight-only quantization.
+        method: ``dynamic`` (int8 weights, per-batch activation ranges; Linear only), ``ptq`` (calibration) or
+            ``qat`` (quantization-aware training on the data passed to ``quantize``).
+        scheme: ``symmetric`` / ``affine`` uniform weights, ``ternary`` (TWN) or ``binary`` (scaled sign).
+        granularity, group_size: weight scales per tensor, per output channel or per group of input elements.
+        observer: activation range estimator: minmax, moving_average, percentile, mse, histogram (KL).
+        overrides: ``{name or "re:pattern": {"weight_bits": 4, ...}}`` per layer.
+        ignore: layer names or ``re:`` patterns kept in float.
+        keep_first_last_8bit: first and last quantized layers use 8-bit symmetric weights (standard practice).
+        calibration_batches, batch_size: calibration data used (``batch_size`` also for QAT).
+        bias_correction: PTQ removes the mean output shift caused by weight rounding.
+        epochs, lr, max_batches: QAT training; ``lsq`` learns step sizes; BN statistics freeze from
+            ``freeze_bn_epoch`` on (0: frozen throughout).
+
+    Example:
+        >>> QuantConfig(weight_bits=2, scheme="ternary", method="qat", epochs=3).weight_bits
+        2
+    """
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    method: Method = Method.PTQ
+    scheme: Scheme = Scheme.SYMMETRIC
+    granularity: Granularity = Granularity.PER_CHANNEL
+    group_size: int = 0
+    observer: ObserverKind = ObserverKind.MINMAX
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ignore: tuple[str, ...] = ()
+    keep_first_last_8bit: bool = True
+    calibration_batches: int = 16
+    batch_size: int = 64
+    bias_correction: bool = True
+    fold_bn: bool = True
+    epochs: int = 3
+    lr: float = 1e-3
+    max_batches: int | None = None
+    lsq: bool = True
+    freeze_bn_epoch: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_bits(self.weight_bits, self.act_bits, self.scheme, "QuantConfig")
+        if self.granularity is Granularity.PER_GROUP and self.group_size < 1:
+            raise ValueError(f"granularity='per_group' needs group_size >= 1, got {self.group_size}")
+        if self.calibration_batches < 1:
+            raise ValueError(f"calibration_batches={self.calibration_batches} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs} must be >= 0")
+        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        for key, spec in self.overrides.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"overrides[{key!r}] must be a dict like {{'weight_bits': 4}}, got {spec!r}")
+            unknown = set(spec) - OVERRIDE_KEYS
+            if unknown:
+                raise ValueError(f"overrides[{key!r}]: unknown keys {sorted(unknown)}; allowed {sorted(OVERRIDE_KEYS)}")
+        self.ignore = tuple(self.ignore)
+
+
+def _check_bits(weight_bits: int, act_bits: int | None, scheme: Scheme | str, where: str) -> None:
+    scheme = Scheme(scheme)
+    check_range(f"{where}: weight_bits", weight_bits, 1, 8)
+    if act_bits is not None:
+        check_range(f"{where}: act_bits", act_bits, 2, 8)
+    if weight_bits == 1 and scheme is not Scheme.BINARY:
+        raise ValueError(f"{where}: weight_bits=1 needs scheme='binary' (got {scheme.value!r})")
+    if scheme is Scheme.BINARY and weight_bits != 1:
+        raise ValueError(f"{where}: scheme='binary' needs weight_bits=1 (got {weight_bits})")
+    if scheme is Scheme.TERNARY and weight_bits != 2:
+        raise ValueError(f"{where}: scheme='ternary' needs weight_bits=2 (got {weight_bits})")
+
+
+@dataclass
+class LayerSpec:
+    """The resolved quantization of one layer (JSON-safe through ``to_dict``)."""
+
+    name: str
+    kind: str
+    weight_bits: int
+    scheme: str
+    granularity: str
+    group_size: int
+    act_bits: int | None
+    dynamic: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern
+
+
+def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """``(Linear/Conv2d layers in module order, {name: reason} for layers left in float)``."""
+    layers, skipped = [], {}
+    inside_mha: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_mha):
+            continue
+        if isinstance(module, nn.MultiheadAttention | nn.LSTM | nn.GRU | nn.RNN):
+            inside_mha.append(name)
+            skipped[name] = f"{type(module).__name__} is not supported; kept in float"
+        elif isinstance(module, nn.Linear | nn.Conv2d):
+            layers.append((name, module))
+        elif isinstance(module, nn.Conv1d | nn.Conv3d | nn.ConvTranspose2d | nn.Embedding):
+            skipped[name] = f"{type(module).__name__} is not supported; kept in float"
+    return layers, skipped
+
+
+def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], dict[str, str]]:
+    """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides)."""
+    layers, skipped = quantizable(model)
+    for pattern in [*cfg.ignore, *cfg.overrides]:
+        if not any(matches(n, pattern) for n, _ in layers) and pattern not in skipped:
+            names = ", ".join(n for n, _ in layers[:8])
+            raise ValueError(f"quantize: {pattern!r} matches no Linear/Conv2d layer; layers are: {names}")
+    specs = []
+    ends = {layers[0][0], layers[-1][0]} if layers else set()
+    for name, module in layers:
+        if any(matches(name, p) for p in cfg.ignore):
+            skipped[name] = "ignored by config"
+            continue
+        dynamic = cfg.method is Method.DYNAMIC
+        if dynamic and not isinstance(module, nn.Linear):
+            skipped[name] = "dynamic quantization covers Linear layers only; kept in float"
+            continue
+        spec = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "scheme": cfg.scheme.value,
+                "granularity": cfg.granularity.value, "group_size": cfg.group_size}
+        if dynamic:
+            spec.update(weight_bits=8, act_bits=8, scheme="symmetric")
+        elif cfg.keep_first_last_8bit and name in ends and (cfg.weight_bits < 8 or cfg.scheme.value != "symmetric"):
+            spec.update(weight_bits=8, scheme="symmetric", granularity="per_channel")
+            if spec["act_bits"] is not None:
+                spec["act_bits"] = max(spec["act_bits"], 8)
+        for pattern, override in cfg.overrides.items():
+            if matches(name, pattern):
+                spec.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in override.items()})
+        _check_bits(spec["weight_bits"], spec["act_bits"], spec["scheme"], f"layer {name!r}")
+        specs.append(LayerSpec(name, type(module).__name__, spec["weight_bits"], spec["scheme"],
+                               spec["granularity"], spec["group_size"], spec["act_bits"], dynamic))
+    return specs, skipped

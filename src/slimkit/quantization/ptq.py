@@ -1,0 +1,206 @@
+"""Model surgery and post-training quantization: conv-BN folding, swapping layers for fake-quant layers,
+calibration of activation observers, and bias correction."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from slimkit.quantization.config import LayerSpec
+from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, make_quant_layer
+
+__all__ = ["calibrate", "correct_bias", "find_conv_bn", "fold_bn", "prepare", "quant_layers"]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, attr = _parent(model, name)
+    setattr(parent, attr, module)
+
+
+def find_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, bn)`` name pairs where the conv's only consumer is the BatchNorm (traced with torch.fx; falls
+    back to adjacent children of ``nn.Sequential`` when the model cannot be traced)."""
+    pairs: list[tuple[str, str]] = []
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        for seq_name, seq in model.named_modules():
+            if isinstance(seq, nn.Sequential):
+                children = list(seq.named_children())
+                for (a, ma), (b, mb) in itertools.pairwise(children):
+                    if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d):
+                        prefix = f"{seq_name}." if seq_name else ""
+                        pairs.append((prefix + a, prefix + b))
+        return pairs
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
+    """Fold each BatchNorm into its conv in place (the BN becomes ``nn.Identity``, the conv gains a bias).
+
+    ``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``.
+    """
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        with torch.no_grad():
+            k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            new_bias = (bias - bn.running_mean) * k + bn.bias
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros_like(new_bias))
+            conv.weight.mul_(k.reshape(-1, *([1] * (conv.weight.ndim - 1))))
+            conv.bias.copy_(new_bias)
+            if isinstance(conv, QuantConv2d):
+                wq = conv.weight_quant
+                if wq.learnable:
+                    wq.scale.mul_(k.abs().reshape(-1, *([1] * (wq.scale.ndim - 1))))
+                else:
+                    wq.refresh(conv.weight)
+        set_module(model, bn_name, nn.Identity())
+
+
+def fold_structure(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
+    """The structural part of ``fold_bn`` (for replay on a fresh model): biases added, BNs removed."""
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+        set_module(model, bn_name, nn.Identity())
+
+
+def prepare(model: nn.Module, specs: list[LayerSpec], observer: str = "minmax", learnable: bool = False) -> None:
+    """Swap each planned layer for its fake-quant version in place."""
+    for spec in specs:
+        layer = model.get_submodule(spec.name)
+        input_quant = None
+        if spec.act_bits is not None:
+            input_quant = ActQuantizer(spec.act_bits, symmetric=False, observer=observer, dynamic=spec.dynamic,
+                                       learnable=learnable and not spec.dynamic)
+        set_module(model, spec.name, make_quant_layer(layer, spec.weight_bits, spec.scheme, spec.granularity,
+                                                      spec.group_size, learnable, input_quant))
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)]
+
+
+def calibration_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: int, batches: int) -> list[torch.Tensor]:
+    """Up to ``batches`` input batches from a dataset, loader or tensor; errors on empty or non-finite data."""
+    if isinstance(data, torch.Tensor):
+        chunks = list(data.split(batch_size))[:batches]
+    else:
+        if not isinstance(data, DataLoader):
+            if len(data) == 0:  # type: ignore[arg-type]
+                raise ValueError("quantize: the calibration data is empty")
+            data = DataLoader(data, batch_size=batch_size, shuffle=False)
+        chunks = []
+        for batch in itertools.islice(data, batches):
+            chunks.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    if not chunks or chunks[0].numel() == 0:
+        raise ValueError("quantize: the calibration data is empty")
+    for x in chunks:
+        if not torch.isfinite(x).all():
+            raise ValueError("quantize: the calibration data contains NaN or inf")
+    return chunks
+
+
+def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for x in batches:
+            try:
+                model(x)
+            except RuntimeError as exc:
+                raise ValueError(f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: "
+                                 f"{exc}") from exc
+
+
+def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Run the observers of every static activation quantizer over ``batches`` and freeze their ranges."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.dynamic]
+    for q in quantizers:
+        q.start_observing()
+    was_training = model.training
+    model.eval()
+    try:
+        _run(model, batches)
+    finally:
+        model.train(was_training)
+    for q in quantizers:
+        q.stop_observing()
+
+
+def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Empirical bias correction (Nagel et al. 2019): for each quantized layer with a bias, subtract the mean
+    output shift ``E[y_q - y]`` that weight rounding causes, measured on its (quantized) calibration inputs.
+    Returns the largest absolute correction per layer."""
+    corrections: dict[str, float] = {}
+    for name, layer in quant_layers(model):
+        if layer.bias is None or layer.weight_quant.learnable:
+            continue
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda m, args, store=captured: store.append(args[0].detach()))
+        try:
+            _run(model.eval(), batches)
+        finally:
+            handle.remove()
+        shift_sum, count = None, 0
+        with torch.no_grad():
+            wq = layer.weight_quant(layer.weight)
+            for x in captured:
+                if layer.input_quant is not None:
+                    x = layer.input_quant(x)
+                delta = _apply(layer, x, wq) - _apply(layer, x, layer.weight)
+                dims = [0, *range(2, delta.ndim)]
+                s = delta.sum(dim=dims)
+                shift_sum = s if shift_sum is None else shift_sum + s
+                count += delta.numel() // delta.shape[1]
+            shift = shift_sum / max(count, 1)
+            layer.bias.sub_(shift)
+        corrections[name] = float(shift.abs().max())
+    return corrections
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight)
+    return layer._conv_forward(x, weight, None)  # type: ignore[attr-defined]
+
+
+def layer_summary(layer: QuantLinear | QuantConv2d) -> dict[str, Any]:
+    """JSON-safe summary of a quantized layer's parameters (for the record)."""
+    from slimkit.quantization.math import sqnr
+
+    wq = layer.weight_quant
+    scale = wq.scale.detach().flatten()
+    out: dict[str, Any] = {
+        "weight_scale": {"min": float(scale.min()), "max": float(scale.max()), "mean": float(scale.mean()),
+                         "count": scale.numel()},
+        "weight_zero_point": sorted({int(z) for z in wq.zero_point.flatten().tolist()})[:16],
+        "weight_sqnr_db": round(sqnr(layer.weight.detach(), wq.eval()(layer.weight).detach()), 3),
+    }
+    wq.train(layer.training)
+    if layer.input_quant is not None:
+        iq = layer.input_quant
+        out["act_scale"] = None if iq.dynamic else float(iq.scale.detach())
+        out["act_zero_point"] = None if iq.dynamic else int(iq.zero_point)
+        out["act_observer"] = "dynamic" if iq.dynamic else iq.observer_kind
+    return out

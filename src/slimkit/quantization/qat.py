@@ -1,0 +1,43 @@
+"""Quantization-aware training: fake-quant forward with STE, LSQ step sizes, observers frozen after calibration,
+BatchNorm statistics frozen from ``freeze_bn_epoch`` on, then BN folding and conversion to the eval model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimkit.quantization.config import QuantConfig
+from slimkit.quantization.fake import WeightQuantizer
+from slimkit.train import FitResult, LossFn, TrainConfig, fit
+
+__all__ = ["train_qat"]
+
+
+def _freeze_bn_hook(state: dict[str, bool]):
+    def hook(module: nn.Module, args) -> None:
+        if state["frozen"]:
+            module.train(False)
+    return hook
+
+
+def train_qat(model: nn.Module, data, val_data, cfg: QuantConfig, loss_fn: LossFn | None) -> FitResult:
+    """Train the prepared (fake-quant, BN not folded) ``model`` in place."""
+    state = {"frozen": cfg.freeze_bn_epoch == 0}
+    handles = [m.register_forward_pre_hook(_freeze_bn_hook(state))
+               for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)]
+
+    def on_epoch_end(epoch: int, _model: nn.Module, _history: FitResult) -> None:
+        if epoch + 1 >= cfg.freeze_bn_epoch:
+            state["frozen"] = True
+
+    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                            max_batches=cfg.max_batches, optimizer="adam", restore_best=val_data is not None)
+    try:
+        history = fit(model, data, val_data, train_cfg, loss_fn=loss_fn, on_epoch_end=on_epoch_end)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in model.modules():  # the last step moved the weights: re-derive the frozen scales
+        wq = getattr(layer, "weight_quant", None)
+        if isinstance(wq, WeightQuantizer) and not wq.learnable:
+            wq.refresh(layer.weight)
+    return history
