@@ -1,0 +1,215 @@
+"""How many units each group keeps: uniform, global ranking, proportional, sensitivity; caps, round_to, overrides.
+
+Every rule is a one-parameter family ``keep(s)`` that prunes more as ``s`` grows. For ``target="macs"`` or
+``"params"`` the parameter is found by bisection on an exact cost model (MACs and parameters of Conv/Linear
+scale with ``kept_out/out * kept_in/in``), then the remaining gap is closed one unit at a time, taking the
+globally least important unit still allowed, so the result lands on the asked reduction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimkit.pruning.graph import CONVS, PruneGraph, Seg
+
+__all__ = ["CostModel", "GroupLimits", "allocate", "matches", "measure", "module_macs"]
+
+
+def matches(name: str, patterns) -> bool:
+    """True when ``name`` equals a pattern or matches a ``re:`` pattern (full match)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.startswith(p + "."):
+            return True
+    return False
+
+
+def module_macs(model: nn.Module, example_input) -> tuple[dict[str, float], float]:
+    """MACs per (qualified) module name and in total, from PyTorch's FlopCounterMode."""
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    root = type(model).__name__
+    out = {}
+    for key, ops in counter.get_flop_counts().items():
+        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
+        if name is not None:
+            out[name] = sum(ops.values()) / 2
+    return out, counter.get_total_flops() / 2
+
+
+def measure(model: nn.Module, example_input) -> dict[str, float]:
+    """``{"params", "macs"}`` of ``model`` on ``example_input``."""
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": module_macs(model, example_input)[1]}
+
+
+@dataclass
+class _Entry:
+    kind: str            # dense | through | heads
+    macs: float
+    scaled: float        # params scaling with out*in (dense), with in (through), with heads (heads)
+    out_only: float      # params scaling with out only (biases)
+    fixed: float
+    out_group: int | None
+    in_parts: list[tuple[int | None, int, int]]  # (group index, channels, block)
+    in_total: int
+
+
+class CostModel:
+    """Exact MACs / parameter counts of a candidate allocation, without touching the model."""
+
+    def __init__(self, model: nn.Module, graph: PruneGraph, example_input) -> None:
+        self.graph = graph
+        index = {id(g): i for i, g in enumerate(graph.groups)}
+        self.sizes = [g.size for g in graph.groups]
+
+        def group_index(space: int) -> int | None:
+            group = graph.group_of_space.get(graph.root(space))
+            return None if group is None else index[id(group)]
+
+        macs, self.total_macs = module_macs(model, example_input)
+        self.total_params = sum(p.numel() for p in model.parameters())
+        self.entries: list[_Entry] = []
+        for name in dict.fromkeys([*graph.out_space, *graph.in_segs, *graph.heads_space]):
+            module = model.get_submodule(name)
+            segs: tuple[Seg, ...] = graph.in_segs.get(name, ())
+            parts = [(group_index(s.space), s.channels, s.block) for s in segs]
+            params = {k: p.numel() for k, p in module.named_parameters()}
+            if name in graph.heads_space:
+                scaled = params.get("in_proj_weight", 0) + params.get("in_proj_bias", 0) + params["out_proj.weight"]
+                entry = _Entry("heads", macs.get(name, 0.0), scaled, 0, params.get("out_proj.bias", 0),
+                               group_index(graph.heads_space[name]), [], 1)
+            elif name in graph.out_space:
+                bias = params.get("bias", 0)
+                entry = _Entry("dense", macs.get(name, 0.0), sum(params.values()) - bias, bias, 0,
+                               group_index(graph.out_space[name]), parts, sum(c * b for _, c, b in parts))
+            else:
+                entry = _Entry("through", macs.get(name, 0.0) if isinstance(module, CONVS) else 0.0,
+                               sum(params.values()), 0, 0, None, parts, sum(c * b for _, c, b in parts))
+            self.entries.append(entry)
+
+    def cost(self, keep: list[int]) -> tuple[float, float]:
+        """``(macs, params)`` when group ``i`` keeps ``keep[i]`` channels."""
+        macs, params = self.total_macs, self.total_params
+        for e in self.entries:
+            f_out = keep[e.out_group] / self.sizes[e.out_group] if e.out_group is not None else 1.0
+            if e.in_parts:
+                kept_in = sum(c * b if g is None else keep[g] * b for g, c, b in e.in_parts)
+                f_in = kept_in / e.in_total
+            else:
+                f_in = 1.0
+            if e.kind == "dense":
+                macs -= e.macs * (1 - f_out * f_in)
+                params -= e.scaled * (1 - f_out * f_in) + e.out_only * (1 - f_out)
+            elif e.kind == "through":
+                macs -= e.macs * (1 - f_in)
+                params -= e.scaled * (1 - f_in)
+            else:
+                macs -= e.macs * (1 - f_out)
+                params -= e.scaled * (1 - f_out)
+        return macs, params
+
+
+@dataclass
+class GroupLimits:
+    """Per group: fewest units it may keep, the step of ``round_to`` in units, and a fixed keep (override)."""
+
+    min_keep: int
+    step: int
+    fixed: int | None = None
+
+
+def _snap(keep: int, units: int, limits: GroupLimits) -> int:
+    if limits.fixed is not None:
+        return limits.fixed
+    keep = math.ceil(max(keep, limits.min_keep) / limits.step) * limits.step
+    return min(keep, units)
+
+
+def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLimits], cost: CostModel,
+             rule: str, target: str, amount: float, sensitivity: list | None = None) -> list[int]:
+    """Units kept per group so that ``target`` (channels/macs/params) is reduced by ``amount``."""
+    units = [g.units for g in graph.groups]
+    unit = [g.unit for g in graph.groups]
+    normalized = [s / (s.abs().mean() + 1e-12) for s in scores]
+
+    def reduction(keep_units: list[int]) -> float:
+        if target == "channels":
+            total = sum(g.size for g in graph.groups) or 1
+            return 1 - sum(k * u for k, u in zip(keep_units, unit)) / total
+        macs, params = cost.cost([k * u for k, u in zip(keep_units, unit)])
+        return 1 - (macs / cost.total_macs if target == "macs" else params / cost.total_params)
+
+    if rule == "global":
+        pooled = torch.sort(torch.cat(normalized)).values if normalized else torch.zeros(0)
+
+        def family(s: float) -> list[int]:
+            if s <= 0 or len(pooled) == 0:
+                return [_snap(n, n, lim) for n, lim in zip(units, limits)]
+            threshold = pooled[min(int(s * len(pooled)), len(pooled)) - 1]
+            return [_snap(n - int((v <= threshold).sum()), n, lim) for n, v, lim in zip(units, normalized, limits)]
+    elif rule == "proportional":
+        weights = [sum(e.scaled for e in cost.entries if e.out_group == i) for i in range(len(units))]
+        top = max(weights, default=1) or 1
+        caps = [1 - lim.min_keep / n for n, lim in zip(units, limits)]
+
+        def family(s: float) -> list[int]:
+            return [_snap(n - math.floor(n * min(cap, s * w / top)), n, lim)
+                    for n, w, cap, lim in zip(units, weights, caps, limits)]
+    elif rule == "sensitivity":
+        def family(s: float) -> list[int]:
+            keep = []
+            for n, curve, lim in zip(units, sensitivity, limits):
+                ratio = max([r for r, drop in curve if drop <= s * 100.0], default=0.0)
+                keep.append(_snap(n - math.floor(n * ratio), n, lim))
+            return keep
+    else:
+        def family(s: float) -> list[int]:
+            return [_snap(n - math.floor(n * s), n, lim) for n, lim in zip(units, limits)]
+
+    if rule == "uniform" and target == "channels":
+        return family(amount)
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if reduction(family(mid)) <= amount:
+            lo = mid
+        else:
+            hi = mid
+    keep = family(lo)
+    return _top_up(keep, normalized, limits, units, reduction, amount)
+
+
+def _top_up(keep, normalized, limits, units, reduction, amount, slack: float = 0.005) -> list[int]:
+    """Remove the least important allowed unit (in ``round_to`` steps) until the target is reached; near the
+    target, a move that would overshoot by more than ``slack`` gives way to the closest-landing move."""
+    order = [torch.sort(v).values for v in normalized]
+    current = reduction(keep)
+    while current < amount:
+        moves = []
+        for i, (k, lim) in enumerate(zip(keep, limits)):
+            if lim.fixed is None and k - lim.step >= max(lim.min_keep, 1):
+                trial = list(keep)
+                trial[i] -= lim.step
+                moves.append((float(order[i][units[i] - k]), reduction(trial), trial))
+        if not moves:
+            break
+        fitting = [m for m in moves if m[1] <= amount + slack]
+        _, after, trial = min(fitting) if fitting else min(moves, key=lambda m: abs(m[1] - amount))
+        if not fitting and abs(after - amount) > abs(amount - current):
+            break
+        keep, current = trial, after
+    return keep

@@ -1,0 +1,113 @@
+"""``PruneConfig``: every knob of structured pruning and of the iterative prune -> fine-tune loop."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimkit.config import Config, check_range, to_enum
+from slimkit.train import TrainConfig
+
+__all__ = ["Allocation", "Importance", "PruneConfig", "Target"]
+
+
+class Target(str, enum.Enum):
+    CHANNELS = "channels"
+    MACS = "macs"
+    PARAMS = "params"
+
+
+class Importance(str, enum.Enum):
+    L1 = "l1"
+    L2 = "l2"
+    FPGM = "fpgm"
+    BN_SCALE = "bn_scale"
+    TAYLOR = "taylor"
+    RANDOM = "random"
+
+
+class Allocation(str, enum.Enum):
+    UNIFORM = "uniform"
+    GLOBAL = "global"
+    PROPORTIONAL = "proportional"
+    SENSITIVITY = "sensitivity"
+
+
+@dataclass
+class PruneConfig(Config):
+    """Structured pruning settings.
+
+    Args:
+        amount: fraction in [0, 1) of ``target`` to remove (0.5 MACs = a 2x MAC reduction).
+        target: ``channels`` (fraction of prunable channels), ``macs`` or ``params`` (of the whole model).
+        importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random`` or a callable
+            ``(group) -> scores``.
+        allocation: ``uniform`` (same ratio everywhere), ``global`` (one ranking of normalized scores),
+            ``proportional`` (ratio proportional to the group's parameter share, capped by ``max_sparsity``),
+            ``sensitivity`` (largest ratio per group whose measured accuracy drop stays under a shared threshold).
+        ignore: module names or ``re:`` patterns whose output channels are never pruned.
+        overrides: ``{name or re:pattern: ratio}`` fixing the ratio of the groups those modules produce.
+        round_to: kept channel counts are multiples of this (SIMD-friendly).
+        max_sparsity: cap on the fraction of any one group that may be removed.
+        leaf_modules: module names or class names the tracer must not enter (kept intact).
+        steps, finetune, max_accuracy_drop: the iterative loop (see ``slimkit.pruning.schedule``).
+        checkpoint_dir: per-step checkpoints of the loop; a rerun with the same folder resumes.
+    """
+
+    amount: float = 0.5
+    target: Target = Target.MACS
+    importance: Any = Importance.L2
+    allocation: Allocation = Allocation.UNIFORM
+    ignore: tuple[str, ...] = ()
+    overrides: dict[str, float] = field(default_factory=dict)
+    round_to: int = 1
+    max_sparsity: float = 0.9
+    leaf_modules: tuple[str, ...] = ()
+    tolerance: float = 0.02
+    taylor_batches: int = 4
+    sensitivity: dict[str, list] | None = None
+    seed: int = 0
+    steps: int = 1
+    finetune: TrainConfig | None = None
+    max_accuracy_drop: float | None = None
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("amount", self.amount, 0.0, 0.999)
+        check_range("max_sparsity", self.max_sparsity, 0.0, 1.0)
+        check_range("tolerance", self.tolerance, 0.0, 0.5)
+        if not callable(self.importance):
+            self.importance = to_enum(Importance, self.importance, "importance")
+        if isinstance(self.ignore, str):
+            self.ignore = (self.ignore,)
+        for name, ratio in self.overrides.items():
+            check_range(f"overrides[{name!r}]", ratio, 0.0, 0.999)
+        if self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to} must be >= 1")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if isinstance(self.finetune, dict):
+            self.finetune = TrainConfig.from_dict(self.finetune)
+        elif isinstance(self.finetune, int) and not isinstance(self.finetune, bool):
+            self.finetune = TrainConfig(epochs=self.finetune)
+        elif self.finetune is not None and not isinstance(self.finetune, TrainConfig):
+            raise TypeError(f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
+                            "or a number of epochs")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise ValueError(f"max_accuracy_drop={self.max_accuracy_drop} must be >= 0 (accuracy points)")
+
+    @property
+    def importance_name(self) -> str:
+        imp = self.importance
+        return imp.value if isinstance(imp, Importance) else getattr(imp, "__name__", type(imp).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["importance"] = self.importance_name
+        return data
+
+
+ImportanceSpec = str | Importance | Callable

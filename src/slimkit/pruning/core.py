@@ -1,0 +1,233 @@
+"""One-shot structured pruning: trace -> score -> allocate -> cut, and the record that replays it."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, matches, measure
+from slimkit.pruning.config import PruneConfig
+from slimkit.pruning.graph import PruneGraph, build_graph
+from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
+from slimkit.pruning.surgery import apply_plan, decode_indices, encode_indices
+
+__all__ = ["PruneResult", "apply_record", "prune_once", "replay"]
+
+RECORD_FORMAT = 1
+
+
+@dataclass
+class PruneResult:
+    """``model``: the pruned copy; ``record``: JSON-safe edits and before/after metrics; ``steps``: per-step log
+    of the iterative loop (empty for one shot)."""
+
+    model: nn.Module
+    record: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _gradients(model: nn.Module, train_data, loss_fn, batches: int) -> None:
+    from slimkit.train import _loader, default_loss
+
+    if train_data is None:
+        raise ValueError("importance='taylor' needs gradients: pass train_data= to prune (a few batches are used)")
+    loss_fn = loss_fn or default_loss
+    model.zero_grad(set_to_none=True)
+    for i, (inputs, targets) in enumerate(_loader(train_data, 64, shuffle=False)):
+        if i >= batches:
+            break
+        loss_fn(model(inputs), targets, inputs).backward()
+
+
+def _limits(graph: PruneGraph, cfg: PruneConfig) -> list[GroupLimits]:
+    limits = []
+    for group in graph.groups:
+        step = math.lcm(group.unit, cfg.round_to) // group.unit
+        min_keep = max(1, math.ceil(group.units * (1 - cfg.max_sparsity) - 1e-9))
+        producers = [m.module for m in group.members if m.role in ("out", "heads")]
+        fixed = None
+        for pattern, ratio in cfg.overrides.items():
+            if matches_any(producers, pattern):
+                fixed = max(1, round(group.units * (1 - ratio)))
+        limits.append(GroupLimits(min_keep, step, fixed))
+    return limits
+
+
+def matches_any(names: list[str], pattern: str) -> bool:
+    return any(matches(n, [pattern]) for n in names)
+
+
+def _plan(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model: nn.Module) -> dict[str, dict]:
+    """``{module: {"type", "out", "in"}}`` with runs of kept indices into the original layer."""
+
+    def keep_of(space: int) -> torch.Tensor | None:
+        group = graph.group_of_space.get(graph.root(space))
+        return None if group is None else keep_channels.get(id(group))
+
+    plan = {}
+    for name in dict.fromkeys([*graph.out_space, *graph.in_segs, *graph.heads_space]):
+        space = graph.out_space.get(name, graph.heads_space.get(name))
+        out = keep_of(space) if space is not None else None
+        parts, offset, changed = [], 0, False
+        for seg in graph.in_segs.get(name, ()):
+            keep = keep_of(seg.space)
+            if keep is None:
+                parts.append(torch.arange(offset, offset + seg.channels * seg.block))
+            else:
+                changed = True
+                parts.append((offset + keep[:, None] * seg.block + torch.arange(seg.block)).flatten())
+            offset += seg.channels * seg.block
+        inn = torch.cat(parts) if changed else None
+        if out is not None or inn is not None:
+            plan[name] = {"type": type(model.get_submodule(name)).__name__,
+                          "out": None if out is None else encode_indices(out),
+                          "in": None if inn is None else encode_indices(inn)}
+    return plan
+
+
+def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, *, train_data=None,
+               loss_fn=None) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a deep copy of ``model`` once, by ``cfg.amount`` of ``cfg.target``; returns (model, record)."""
+    work = copy.deepcopy(model).eval()
+    graph = build_graph(work, example_input, tuple(cfg.leaf_modules))
+    ignored = [g for g in graph.groups if _ignored(g, cfg)]
+    kept_intact = list(graph.kept_intact) + [{"group": g.id, "modules": g.names, "reasons": ["ignored by config"]}
+                                             for g in ignored]
+    graph.groups = [g for g in graph.groups if g not in ignored]
+    graph.group_of_space = {k: g for k, g in graph.group_of_space.items() if g not in ignored}
+    cost = CostModel(work, graph, example_input)
+    before = {"params": cost.total_params, "macs": cost.total_macs}
+    target = cfg.target.value
+    keep_channels: dict[int, torch.Tensor] = {}
+    if cfg.amount > 0:
+        if not graph.groups:
+            raise ValueError("nothing to prune: every channel group is ignored or kept intact ("
+                             + "; ".join(r for k in kept_intact for r in k["reasons"][:1]) + ")")
+        criterion = resolve(cfg.importance, cfg.seed)
+        if cfg.importance_name in NEEDS_GRADIENTS:
+            _gradients(work, train_data, loss_fn, cfg.taylor_batches)
+        scores = [_scores(criterion, g) for g in graph.groups]
+        work.zero_grad(set_to_none=True)
+        limits = _limits(graph, cfg)
+        _check_reachable(graph, limits, cost, cfg, kept_intact)
+        curves = _sensitivity_curves(graph, cfg)
+        keep_units = allocate(graph, scores, limits, cost, cfg.allocation.value, target, cfg.amount, curves)
+        for group, score, k in zip(graph.groups, scores, keep_units):
+            if k < group.units:
+                units = torch.sort(torch.topk(score, k).indices).values
+                keep_channels[id(group)] = (units[:, None] * group.unit + torch.arange(group.unit)).flatten()
+    plan = _plan(graph, keep_channels, work)
+    with torch.no_grad():
+        apply_plan(work, plan)
+    after_cost = measure(work, example_input)
+    record = {
+        "format": RECORD_FORMAT,
+        "config": cfg.to_dict(),
+        "modules": plan,
+        "groups": [{"id": g.id, "size": g.size, "unit": g.unit, "kept": len(keep_channels.get(id(g), range(g.size))),
+                    "keep": encode_indices(keep_channels.get(id(g), torch.arange(g.size))), "members": g.names}
+                   for g in graph.groups],
+        "kept_intact": kept_intact,
+        "before": before,
+        "after": after_cost,
+        "reduction": {k: 1 - after_cost[k] / before[k] if before[k] else 0.0 for k in ("params", "macs")},
+    }
+    if cfg.amount > 0 and target != "channels":
+        achieved = record["reduction"][target]
+        if abs(achieved - cfg.amount) > cfg.tolerance:
+            raise ValueError(f"could only reach {achieved:.1%} {target} reduction instead of {cfg.amount:.1%}: "
+                             "the channel groups are too coarse; use allocation='global', a smaller round_to or a "
+                             "larger max_sparsity")
+    return work, record
+
+
+def _ignored(group, cfg: PruneConfig) -> bool:
+    producers = [m.module for m in group.members if m.role in ("out", "heads")]
+    return any(matches_any(producers, p) for p in cfg.ignore)
+
+
+def _scores(criterion, group) -> torch.Tensor:
+    scores = torch.as_tensor(criterion(group), dtype=torch.float32).flatten()
+    if scores.numel() != group.units or not torch.isfinite(scores).all():
+        raise ValueError(f"importance criterion returned {scores.numel()} scores (finite: "
+                         f"{bool(torch.isfinite(scores).all())}) for group {group.id!r}, which has {group.units} "
+                         "units: return one finite score per unit")
+    return scores
+
+
+def _check_reachable(graph, limits, cost, cfg, kept_intact) -> None:
+    if cfg.target.value == "channels":
+        return
+    floor = [(lim.fixed or lim.min_keep) * g.unit for g, lim in zip(graph.groups, limits)]
+    macs, params = cost.cost(floor)
+    best = 1 - (macs / cost.total_macs if cfg.target.value == "macs" else params / cost.total_params)
+    if best < cfg.amount - cfg.tolerance:
+        intact = ", ".join(dict.fromkeys(m for k in kept_intact for m in k["modules"][:2]))[:300]
+        raise ValueError(f"cannot remove {cfg.amount:.0%} of the {cfg.target.value}: with max_sparsity="
+                         f"{cfg.max_sparsity} and the ignored/intact layers ({intact or 'none'}) at most "
+                         f"{best:.1%} can go. Lower amount, raise max_sparsity or ignore fewer layers")
+
+
+def _sensitivity_curves(graph, cfg: PruneConfig):
+    if cfg.allocation.value != "sensitivity":
+        return None
+    if not cfg.sensitivity:
+        raise ValueError("allocation='sensitivity' needs PruneConfig.sensitivity (from "
+                         "slimkit.pruning.sensitivity.analyze(...).curves) or val_data passed to prune")
+    curves = []
+    for group in graph.groups:
+        if group.id not in cfg.sensitivity:
+            raise ValueError(f"sensitivity table has no entry for group {group.id!r}; rerun the analysis on "
+                             "this model")
+        curves.append([tuple(p) for p in cfg.sensitivity[group.id]])
+    return curves
+
+
+def _compose(first: list | None, second: list | None) -> list | None:
+    if first is None or second is None:
+        return second if first is None else first
+    return encode_indices(decode_indices(first)[decode_indices(second)])
+
+
+def compose_records(first: dict | None, second: dict) -> dict:
+    """One record equivalent to applying ``first`` then ``second`` (indices into the original layers)."""
+    if first is None:
+        return second
+    modules = copy.deepcopy(first["modules"])
+    for name, edit in second["modules"].items():
+        old = modules.get(name, {"type": edit["type"], "out": None, "in": None})
+        modules[name] = {"type": old["type"], "out": _compose(old["out"], edit["out"]),
+                         "in": _compose(old["in"], edit["in"])}
+    groups = {g["id"]: g for g in first["groups"]}
+    for g in second["groups"]:
+        if g["id"] in groups:
+            merged = dict(g, size=groups[g["id"]]["size"], keep=_compose(groups[g["id"]]["keep"], g["keep"]))
+            groups[g["id"]] = merged
+    merged = dict(second, modules=modules, groups=list(groups.values()), before=first["before"])
+    merged["reduction"] = {k: 1 - merged["after"][k] / merged["before"][k] for k in ("params", "macs")}
+    return merged
+
+
+def apply_record(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Rebuild the pruned shapes on a freshly built model of the same architecture (in place; returned).
+
+    Example:
+        >>> pruned = slimkit.prune(model, PruneConfig(amount=0.5), x)                  # doctest: +SKIP
+        >>> clone = apply_record(slimkit.models.create("resnet20"), pruned.record)     # doctest: +SKIP
+        >>> clone.load_state_dict(pruned.model.state_dict())                           # doctest: +SKIP
+    """
+    if not isinstance(record, dict) or "modules" not in record:
+        raise ValueError("not a pruning record: expected a dict with 'modules' (PruneResult.record)")
+    if record.get("format", RECORD_FORMAT) > RECORD_FORMAT:
+        raise ValueError(f"pruning record format {record['format']} is newer than this slimkit understands "
+                         f"({RECORD_FORMAT}); upgrade slimkit")
+    with torch.no_grad():
+        return apply_plan(fresh_model, record["modules"])
+
+
+replay = apply_record

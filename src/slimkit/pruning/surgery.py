@@ -1,0 +1,158 @@
+"""Physical channel removal, keyed by module type, and the replayable record of it.
+
+A plan says, per module, which output channels (``out``) and which input channels / features (``in``) survive,
+as indices into the *original* layer. ``SURGERY[type](module, out_keep, in_keep) -> module`` rewrites one layer
+(weights, biases, running statistics, sizes); it may return a new module (attention heads do). The same plan,
+stored as JSON in the record, is all ``apply_record`` needs to rebuild the shapes on a freshly built model.
+
+Register surgery for your own layer with ``@register_surgery(MyLayer)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slimkit.pruning.attention import PrunedMultiheadAttention, prune_heads
+from slimkit.pruning.graph import CONVS, TRANSPOSED
+
+__all__ = ["SURGERY", "apply_plan", "decode_indices", "encode_indices", "register_surgery"]
+
+Surgery = Callable[[nn.Module, "torch.Tensor | None", "torch.Tensor | None"], nn.Module]
+SURGERY: dict[type, Surgery] = {}
+
+
+def register_surgery(*types: type) -> Callable[[Surgery], Surgery]:
+    def wrap(fn: Surgery) -> Surgery:
+        for t in types:
+            SURGERY[t] = fn
+        return fn
+
+    return wrap
+
+
+def _take(param: torch.Tensor | None, index: torch.Tensor | None, dim: int) -> None:
+    if param is None or index is None:
+        return
+    new = param.detach().index_select(dim, index).clone()
+    if isinstance(param, nn.Parameter):
+        param.data = new
+        param.grad = None
+    else:
+        param.data = new
+
+
+@register_surgery(*CONVS)
+def _conv(module, out_keep, in_keep):
+    if module.groups > 1:  # depthwise: one index set for input, output and groups
+        keep = in_keep if in_keep is not None else out_keep
+        _take(module.weight, keep, 0)
+        _take(module.bias, keep, 0)
+        module.in_channels = module.out_channels = module.groups = len(keep)
+        return module
+    _take(module.weight, out_keep, 0)
+    _take(module.bias, out_keep, 0)
+    _take(module.weight, in_keep, 1)
+    module.out_channels = module.weight.shape[0]
+    module.in_channels = module.weight.shape[1]
+    return module
+
+
+@register_surgery(*TRANSPOSED)
+def _conv_transposed(module, out_keep, in_keep):
+    _take(module.weight, in_keep, 0)
+    _take(module.weight, out_keep, 1)
+    _take(module.bias, out_keep, 0)
+    module.in_channels, module.out_channels = module.weight.shape[0], module.weight.shape[1]
+    return module
+
+
+@register_surgery(nn.Linear)
+def _linear(module, out_keep, in_keep):
+    _take(module.weight, out_keep, 0)
+    _take(module.bias, out_keep, 0)
+    _take(module.weight, in_keep, 1)
+    module.out_features, module.in_features = module.weight.shape
+    return module
+
+
+@register_surgery(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                  nn.InstanceNorm3d)
+def _batch_norm(module, out_keep, in_keep):
+    for t in (module.weight, module.bias, module.running_mean, module.running_var):
+        _take(t, in_keep, 0)
+    module.num_features = len(in_keep)
+    return module
+
+
+@register_surgery(nn.LayerNorm)
+def _layer_norm(module, out_keep, in_keep):
+    _take(module.weight, in_keep, 0)
+    _take(module.bias, in_keep, 0)
+    module.normalized_shape = (len(in_keep),)
+    return module
+
+
+@register_surgery(nn.GroupNorm)
+def _group_norm(module, out_keep, in_keep):
+    per_group = module.num_channels // module.num_groups
+    _take(module.weight, in_keep, 0)
+    _take(module.bias, in_keep, 0)
+    module.num_channels, module.num_groups = len(in_keep), len(in_keep) // per_group
+    return module
+
+
+@register_surgery(nn.PReLU)
+def _prelu(module, out_keep, in_keep):
+    _take(module.weight, in_keep, 0)
+    module.num_parameters = len(in_keep)
+    return module
+
+
+@register_surgery(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _attention(module, out_keep, in_keep):
+    return prune_heads(module, out_keep)
+
+
+def encode_indices(index: torch.Tensor | list[int]) -> list[list[int]]:
+    """Sorted indices as ``[[start, stop), ...]`` runs (flatten blocks and untouched spans stay tiny in JSON)."""
+    runs: list[list[int]] = []
+    for i in (index.tolist() if isinstance(index, torch.Tensor) else index):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def decode_indices(runs: list[list[int]]) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b) for a, b in runs]) if runs else torch.zeros(0, dtype=torch.long)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
+    """Apply ``{module name: {"out": runs | None, "in": runs | None}}`` to ``model`` in place; returns it."""
+    for name, edit in plan.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the pruning record names module {name!r}, which this model does not have: "
+                             "apply the record to the same architecture it was made on") from None
+        handler = next((fn for cls, fn in SURGERY.items() if type(module) is cls), None)
+        handler = handler or next((fn for cls, fn in SURGERY.items() if isinstance(module, cls)), None)
+        if handler is None:
+            raise TypeError(f"no channel surgery for {type(module).__name__} ({name!r}); register one with "
+                            "slimkit.pruning.surgery.register_surgery")
+        out_keep = decode_indices(edit["out"]) if edit.get("out") is not None else None
+        in_keep = decode_indices(edit["in"]) if edit.get("in") is not None else None
+        new = handler(module, out_keep, in_keep)
+        if new is not module:
+            _set_module(model, name, new)
+    return model
