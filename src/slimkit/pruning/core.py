@@ -106,8 +106,9 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     keep_channels: dict[int, torch.Tensor] = {}
     if cfg.amount > 0:
         if not graph.groups:
-            raise ValueError("nothing to prune: every channel group is ignored or kept intact ("
-                             + "; ".join(r for k in kept_intact for r in k["reasons"][:1]) + ")")
+            reasons = "; ".join(dict.fromkeys(r for k in kept_intact for r in k["reasons"][:1]))
+            raise ValueError(f"cannot remove {cfg.amount:.0%} of the {target}: nothing to prune, every channel "
+                             f"group is ignored or kept intact ({reasons}). Ignore fewer layers")
         criterion = resolve(cfg.importance, cfg.seed)
         if cfg.importance_name in NEEDS_GRADIENTS:
             _gradients(work, train_data, loss_fn, cfg.taylor_batches)

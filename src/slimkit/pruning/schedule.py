@@ -89,7 +89,8 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
     with _progress(finetune.progress) as bar:
         task = bar.add_task("prune", total=cfg.steps, info="", completed=state["done"])
         for index in range(state["done"], cfg.steps):
-            done = state["record"]["reduction"][_metric(cfg)] if state["record"] else 0.0
+            done = 0.0 if not state["record"] else (
+                targets[index - 1] if cfg.target.value == "channels" else state["record"]["reduction"][_metric(cfg)])
             relative = 1 - (1 - targets[index]) / (1 - done)
             step_cfg = dataclasses.replace(cfg, amount=min(max(relative, 0.0), 0.999), steps=1, finetune=None,
                                            tolerance=cfg.tolerance / (1 - done))
