@@ -1,0 +1,362 @@
+"""``slimkit.search``: an Optuna study over training hyperparameters or compression plans, stored so that a killed
+run continues where it stopped, shared by any number of workers, and leaving the best model on disk at all times.
+
+Example:
+    >>> cfg = SearchConfig(objectives=("accuracy", "latency"), max_accuracy_drop=0.5, n_trials=30,
+    ...                    space="compression", out="runs/lenet5")                   # doctest: +SKIP
+    >>> study = slimkit.search(model, cfg, train, test)                              # doctest: +SKIP
+    >>> study.best.metrics, study.best.plan, study.best.path                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.train import evaluate
+from slimkit.tuning import spaces
+from slimkit.tuning.config import Pruner, Sampler, SearchConfig
+from slimkit.tuning.objectives import OBJECTIVES, LatencyCache, Measurer, accuracy_threshold
+from slimkit.tuning.pareto import best_index, feasible_front
+from slimkit.tuning.plans import TrialContext, available, run_params
+from slimkit.tuning.results import SearchResult, SearchStudy, candidate_of, format_metrics
+from slimkit.tuning.saving import copy_result, save_result
+
+__all__ = ["search"]
+
+ATTR = "slimkit"  # study user attribute: the settings the study was created with, and the baseline
+
+
+def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | None) -> dict[str, spaces.ParamSpec]:
+    space = config.space
+    if isinstance(space, str):
+        space = spaces.preset(space, model, epochs=config.epochs, teacher=teacher is not None,
+                              distill_available=available("distillation"))
+    parsed = spaces.parse_space(space)
+    needs = {"prune_": "pruning", "bits": "quantization", "distill": "distillation", "temperature": "distillation",
+             "alpha": "distillation"}
+    for name in parsed:
+        for prefix, package in needs.items():
+            if name.startswith(prefix) and not available(package):
+                raise ValueError(f"search space parameter {name!r} needs slimkit.{package}, which is not installed")
+    if teacher is None and not any(spaces.is_plan_param(n) for n in parsed) \
+            and ("temperature" in parsed or "alpha" in parsed):
+        raise ValueError("search space has 'temperature'/'alpha' (distillation) but no teacher was given: pass "
+                         "teacher=... or drop them")
+    return parsed
+
+
+def example_from(data: Any) -> torch.Tensor:
+    """One input example (batch of 1) from a Dataset or DataLoader."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        inputs = next(iter(data))[0]
+        return inputs[:1]
+    if len(data) == 0:
+        raise ValueError("val_data is empty")
+    return data[0][0].unsqueeze(0)
+
+
+def _sampler(config: SearchConfig, worker: int, n_startup: int) -> Any:
+    import optuna
+
+    seed = config.seed + 1000 * worker  # workers must not propose the same points
+    kind = config.sampler
+    if kind is Sampler.AUTO:
+        kind = Sampler.TPE if len(config.objectives) == 1 else Sampler.NSGA2
+    if kind is Sampler.TPE:
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
+    if kind is Sampler.NSGA2:
+        population = max(4, min(50, config.n_trials // 3))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _pruner(config: SearchConfig, epochs: int) -> Any:
+    import optuna
+
+    p = config.pruner
+    if p is Pruner.NONE or len(config.objectives) > 1:  # Optuna's pruners are single-objective
+        return optuna.pruners.NopPruner()
+    if p is Pruner.MEDIAN:
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if p is Pruner.PERCENTILE:
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=3)
+    if p is Pruner.HYPERBAND:
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, epochs))
+    return optuna.pruners.SuccessiveHalvingPruner()
+
+
+def _open_study(config: SearchConfig, worker: int) -> Any:
+    import optuna
+
+    from slimkit.tuning.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(config.storage_url)
+    n_startup = min(10, max(3, config.n_trials // 4))
+    try:
+        return optuna.create_study(storage=storage, study_name=config.study_name, directions=list(config.directions),
+                                   sampler=_sampler(config, worker, n_startup), pruner=_pruner(config, config.epochs),
+                                   load_if_exists=True)
+    except ValueError as exc:
+        raise ValueError(f"study {config.study_name!r} in {config.storage_url}: {exc}") from exc
+
+
+def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchConfig) -> dict[str, Any]:
+    stored = study.user_attrs.get(ATTR)
+    if stored is None:
+        study.set_user_attr(ATTR, settings)
+        return settings
+    for key in ("objectives", "space", "max_accuracy_drop", "relative"):
+        if stored.get(key) != settings.get(key):
+            raise ValueError(f"study {config.study_name!r} in {config.storage_url} was created with {key}="
+                             f"{stored.get(key)!r}, not {settings.get(key)!r}: rerun with the same settings to "
+                             "continue it, or pick a new study_name (--study-name)")
+    return stored
+
+
+class _Worker:
+    """Runs trials of one study in this process; saves every trial that improves the best or the Pareto set."""
+
+    def __init__(self, model: nn.Module, config: SearchConfig, train_data: Any, val_data: Any,
+                 teacher: nn.Module | None, worker: int) -> None:
+        self.config, self.worker = config, worker
+        self.out = Path(config.out)
+        self.space = resolve_space(config, model, teacher)
+        example = example_from(val_data)
+        self.study = _open_study(config, worker)
+        self.settings = self.study.user_attrs.get(ATTR, {})
+        self.threshold = self.settings.get("threshold")
+        self.ctx = TrialContext(model, train_data, val_data, example, config.epochs, config.seed,
+                                config.max_batches, teacher)
+        self.measure = Measurer(model, val_data, example, config.objectives, latency_batch=config.latency_batch,
+                                threads=config.threads, cache=LatencyCache(self.out / "latency_cache.json"),
+                                macs=any(spaces.is_plan_param(n) for n in self.space))
+        self.measure._baseline_ms = self.settings.get("baseline", {}).get("latency_ms")
+        self.progress: Any = None
+
+    def objective(self, trial: Any) -> tuple[float, ...] | float:
+        import optuna
+
+        params = spaces.suggest(trial, self.space)
+        trial.set_user_attr("plan", params)
+        trial.set_user_attr("worker", f"{self.worker}:{os.getpid()}")
+        single = len(self.config.objectives) == 1
+
+        def report(epoch: int, model: nn.Module, history: Any) -> None:
+            if single and history.val_accuracy and self.config.objectives[0] == "accuracy":
+                trial.report(history.val_accuracy[-1], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"accuracy {history.val_accuracy[-1]:.2f}% at epoch {epoch + 1}")
+
+        try:
+            model = run_params(params, self.ctx, report)
+        except FloatingPointError as exc:  # diverged (learning rate too high): hopeless, not a bug
+            trial.set_user_attr("pruned_reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from exc
+        metrics = self.measure(model)
+        violation = 0.0 if self.threshold is None else self.threshold - metrics["accuracy"]
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("violation", violation)
+        if self.threshold is not None:  # samplers steer towards feasible plans (<= 0 is feasible)
+            trial.set_constraint("accuracy_budget", violation)
+        values = tuple(metrics[OBJECTIVES[o].metric] for o in self.config.objectives)
+        self._save_if_improving(trial.number, params, metrics, values, violation, model)
+        return values[0] if single else values
+
+    def _save_if_improving(self, number: int, params: dict, metrics: dict, values: tuple, violation: float,
+                           model: nn.Module) -> None:
+        import optuna
+
+        from slimkit.tuning.pareto import Candidate
+
+        done = [candidate_of(t) for t in self.study.get_trials(deepcopy=False,
+                                                                states=(optuna.trial.TrialState.COMPLETE,))]
+        current = Candidate(number, values, violation)
+        pool = [*done, current]
+        is_best = best_index(pool, self.config.objectives, self.config.directions) == len(pool) - 1
+        in_front = len(pool) - 1 in feasible_front(pool, self.config.directions)
+        if not (is_best or in_front):
+            return
+        info = {"trial": number, "plan": params, "metrics": metrics, "objectives": list(self.config.objectives),
+                "values": list(values), "violation": violation, "feasible": violation <= 0,
+                "threshold": self.threshold}
+        folder = save_result(model, self.out / "pareto" / f"trial-{number:04d}", info)
+        if is_best:
+            copy_result(folder, self.out / "best")
+
+    def run(self, n_finished: int) -> None:
+        import optuna
+        from optuna.study import MaxTrialsCallback
+
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        remaining = self.config.n_trials - n_finished
+        if remaining <= 0:
+            return
+        callbacks = [MaxTrialsCallback(self.config.n_trials, states=states)]
+        if self.progress is not None:
+            callbacks.append(self.progress)
+        self.study.optimize(self.objective, n_trials=remaining, timeout=self.config.timeout, callbacks=callbacks)
+
+
+def _worker_main(model, config_dict, train_data, val_data, teacher, worker) -> None:  # pragma: no cover - subprocess
+    torch.set_num_threads(1)
+    os.environ["SLIMKIT_NO_PROGRESS"] = "1"
+    config = SearchConfig.from_dict(config_dict)
+    w = _Worker(model, config, train_data, val_data, teacher, worker)
+    w.run(_count_finished(w.study))
+
+
+def _count_finished(study: Any) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any = None, val_data: Any = None, *,
+           teacher: nn.Module | None = None) -> SearchStudy:
+    """Search training hyperparameters or compression plans for ``model`` with Optuna.
+
+    Every trial starts from ``model`` (never modified). The study lives in ``config.storage`` (SQLite under
+    ``config.out`` by default): rerunning the same call continues it. After each trial that improves the best
+    feasible result or the Pareto set, its model is saved (``<out>/best``, ``<out>/pareto/trial-N``).
+
+    Args:
+        teacher: a trained model to distill from in a training search (adds ``temperature``/``alpha`` to the
+            ``training`` preset). Compression plans with ``distill`` use ``model`` itself as the teacher.
+
+    Returns:
+        ``SearchStudy`` with ``.best``, ``.pareto``, ``.study``, ``.message`` and the report path.
+
+    Example:
+        >>> study = slimkit.search(model, SearchConfig(n_trials=20, out="runs/hpo"), train, test)  # doctest: +SKIP
+        >>> study.best.plan, study.best.metrics["accuracy"]                                        # doctest: +SKIP
+    """
+    config = config or SearchConfig()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"search: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, SearchConfig):
+        raise TypeError(f"search: config must be a SearchConfig, got {type(config).__name__}")
+    if train_data is None or val_data is None:
+        raise ValueError("search needs train_data and val_data (Datasets or DataLoaders of (inputs, labels))")
+    space = resolve_space(config, model, teacher)  # bad spaces fail before anything is written
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    study = _open_study(config, 0)
+    settings = {"objectives": list(config.objectives), "space": {k: p.to_dict() for k, p in space.items()},
+                "max_accuracy_drop": config.max_accuracy_drop, "relative": config.relative}
+    if ATTR not in study.user_attrs:
+        example = example_from(val_data)
+        measurer = Measurer(model, val_data, example, config.objectives, latency_batch=config.latency_batch,
+                            threads=config.threads, macs=any(spaces.is_plan_param(n) for n in space))
+        baseline = measurer(model, evaluate(model, val_data).accuracy, latency=False)
+        if "latency" in config.objectives:
+            baseline["latency_ms"], baseline["speedup"] = measurer.baseline_ms(), 1.0
+        settings["baseline"] = baseline
+        settings["threshold"] = accuracy_threshold(baseline["accuracy"], config.max_accuracy_drop, config.relative)
+    settings = _check_same_settings(study, settings, config)
+    worker = _Worker(model, config, train_data, val_data, teacher, 0)
+    finished = _count_finished(study)
+    procs = _start_workers(model, config, train_data, val_data, teacher) if finished < config.n_trials else []
+    from slimkit.tuning.report import SearchProgress
+
+    with SearchProgress(config, finished, settings.get("threshold")) as progress:
+        worker.progress = progress
+        try:
+            worker.run(finished)
+        finally:
+            for p in procs:
+                p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    result = summarize(study, config, model, settings)
+    if failed:
+        result.message += f"\n{len(failed)} worker process(es) failed (exit codes {failed}); see their output."
+    return result
+
+
+def _start_workers(model, config, train_data, val_data, teacher) -> list:
+    if config.workers <= 1:
+        return []
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(model, config.to_dict(), train_data, val_data, teacher, i),
+                         daemon=False) for i in range(1, config.workers)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def summarize(study: Any, config: SearchConfig, template: nn.Module | None, settings: dict | None = None
+              ) -> SearchStudy:
+    """Build the ``SearchStudy`` from the trials in storage, tidy ``<out>/pareto`` and write the report."""
+    import optuna
+
+    settings = settings or study.user_attrs.get(ATTR, {})
+    out = Path(config.out)
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs]
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    cands = [candidate_of(t) for t in done]
+    directions = config.directions
+
+    def result(i: int, path: Path | None) -> SearchResult:
+        c = cands[i]
+        return SearchResult(c.number, c.extra["plan"], c.extra["metrics"], c.values, c.feasible, c.violation,
+                            path if path is not None and path.is_dir() else None, template)
+
+    front = sorted(feasible_front(cands, directions), key=lambda i: cands[i].values)
+    bi = best_index(cands, config.objectives, directions)
+    keep = {f"trial-{cands[i].number:04d}" for i in front} | ({f"trial-{cands[bi].number:04d}"} if bi is not None
+                                                              else set())
+    pareto_dir = out / "pareto"
+    if pareto_dir.is_dir():
+        for folder in pareto_dir.iterdir():
+            if folder.name.startswith("trial-") and folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+    pareto = [result(i, pareto_dir / f"trial-{cands[i].number:04d}") for i in front]
+    best = None
+    if bi is not None:
+        best_dir = out / "best"
+        src = pareto_dir / f"trial-{cands[bi].number:04d}"
+        if src.is_dir() and _saved_trial(best_dir) != cands[bi].number:
+            copy_result(src, best_dir)
+        best = result(bi, best_dir if _saved_trial(best_dir) == cands[bi].number else None)
+    threshold = settings.get("threshold")
+    message = _message(best, threshold, config, len(done))
+    summary = SearchStudy(best, pareto, study, config.objectives, settings.get("baseline", {}), threshold, out,
+                          len(done), pruned, failed, message)
+    from slimkit.tuning.report import write_report
+
+    write_report(summary, config)
+    return summary
+
+
+def _saved_trial(folder: Path) -> int | None:
+    from slimkit.tuning.saving import read_result
+
+    try:
+        return int(read_result(folder)["trial"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def _message(best: SearchResult | None, threshold: float | None, config: SearchConfig, n_done: int) -> str:
+    if best is None:
+        return ("no trial finished: nothing to report (all were pruned or failed, or n_trials was reached by "
+                "pruned trials); rerun with more n_trials")
+    if not best.feasible:
+        budget = f"{config.max_accuracy_drop} {'% of the input accuracy' if config.relative else 'points'}"
+        return (f"no trial satisfied max_accuracy_drop={budget} (accuracy >= {threshold:.2f}%) in {n_done} finished "
+                f"trials; kept the closest result: trial {best.trial}, {format_metrics(best.metrics)}, "
+                f"{best.violation:.2f} points short. Loosen the budget or search longer.")
+    if math.isfinite(best.violation):
+        return f"best: trial {best.trial}, {format_metrics(best.metrics)}, saved in {best.path}"
+    return ""

@@ -1,0 +1,100 @@
+"""Storage: a run killed with SIGKILL loses no finished trial; two worker processes share one study."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+
+from slimkit.tuning import SearchConfig, search
+from slimkit.tuning.storage import open_storage
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, time, pathlib, torch
+    import slimkit
+    from slimkit.tuning import SearchConfig, search
+    torch.set_num_threads(1)
+    out, storage, n_trials, barrier = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    if barrier:  # start together: both workers must be running while the study fills up
+        pathlib.Path(barrier[0]).touch()
+        while not pathlib.Path(barrier[1]).exists():
+            time.sleep(0.01)
+    train, test = slimkit.data.load("digits")
+    torch.manual_seed(0)
+    model = slimkit.models.create("mlp", in_features=64, hidden=16)
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True}, "batch_size": 64}
+    cfg = SearchConfig(n_trials=n_trials, epochs=1, space=space, out=out, storage=storage or None,
+                       progress=False, pruner="none")
+    search(model, cfg, train, test)
+""")
+
+
+def _launch(tmp_path, out, storage, n_trials, *barrier):
+    script = tmp_path / "worker.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), str(out), storage, str(n_trials), *barrier], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _finished(storage_url, name="slimkit-search"):
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
+    except KeyError:  # not created yet
+        return {}
+    return {t.number: tuple(t.values) for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE}
+
+
+def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(tmp_path, digits):
+    out = tmp_path / "run"
+    url = f"sqlite:///{out / 'study.db'}"
+    proc = _launch(tmp_path, out, "", 60)
+    deadline = time.time() + 120
+    before = {}
+    while time.time() < deadline and len(before) < 3 and proc.poll() is None:
+        time.sleep(0.2)
+        # open the database only once the run has created it and finished a trial (its best is on disk)
+        before = _finished(url) if (out / "best").exists() else {}
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _finished(url)  # everything that finished before the kill
+    assert len(before) >= 3
+    assert (out / "best" / "result.json").is_file()  # the best so far is already on disk
+    train, test = digits
+    import torch
+
+    import slimkit
+
+    torch.manual_seed(0)
+    model = slimkit.models.create("mlp", in_features=64, hidden=16)
+    n_total = len(before) + 2  # the rerun only has to add a couple of trials
+    cfg = SearchConfig(n_trials=n_total, epochs=1, out=str(out), progress=False, pruner="none",
+                       space={"lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True}, "batch_size": 64})
+    study = search(model, cfg, train, test)
+    after = _finished(url)
+    assert all(after[n] == v for n, v in before.items())  # no finished trial lost or changed
+    assert study.finished >= n_total
+    assert study.best.metrics["accuracy"] >= max(v[0] for v in before.values())
+
+
+@pytest.mark.parametrize("kind", ["journal"])
+def test_two_workers_share_one_study_without_duplicate_numbers(tmp_path, kind):
+    url = f"journal:{tmp_path / 'study.log'}"
+    a = _launch(tmp_path, tmp_path / "run", url, 8, str(tmp_path / "a.ready"), str(tmp_path / "b.ready"))
+    b = _launch(tmp_path, tmp_path / "run", url, 8, str(tmp_path / "b.ready"), str(tmp_path / "a.ready"))
+    for p in (a, b):
+        assert p.wait(timeout=180) == 0, p.stderr.read().decode()[-3000:]
+    study = optuna.load_study(study_name="slimkit-search", storage=open_storage(url))
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
+    finished = [t for t in trials if t.state.is_finished()]
+    assert len(finished) >= 8
+    workers = {t.user_attrs["worker"].split(":")[1] for t in trials if "worker" in t.user_attrs}
+    assert len(workers) == 2  # both processes ran trials
