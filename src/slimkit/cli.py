@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMAND_MODULES = ["slimkit.commands.core"]
+COMMAND_MODULES = ["slimkit.commands.core", "slimkit.commands.pipeline", "slimkit.commands.distill"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

@@ -82,11 +82,12 @@ def evaluate(model: ModelOpt, weights: WeightsOpt = None, data: DataOpt = "mnist
 def demo(
     cache: Annotated[Path, typer.Option(help="Folder for cached checkpoints and outputs.")] = Path(".slimkit-cache"),
     retrain: Annotated[bool, typer.Option(help="Ignore cached checkpoints.")] = False,
+    recipe: Annotated[str, typer.Option(help="Recipe for both models (see `slimkit recipes`).")] = "fast-cpu",
 ) -> None:
-    """Train the classic MLP and LeNet-5 on the bundled MNIST-10k and show their profiles."""
+    """Train the MLP and LeNet-5 on the bundled MNIST-10k, compress both, print before/after, write reports."""
     from slimkit.demo import run_demo
 
-    run_demo(cache, retrain=retrain, console=console)
+    run_demo(cache, retrain=retrain, console=console, recipe=recipe)
 
 
 def register(app: typer.Typer) -> None:

@@ -96,6 +96,9 @@ def save(
     tensors, packing = _packed_state(model, history)
     if metrics is None:
         metrics = getattr(result, "metrics", None)
+    exported = getattr(result, "exported", None)  # a CompressResult's ONNX / torch.export file
+    if exported is not None:
+        extra_files = {Path(exported).name: exported, **(extra_files or {})}
     final = Path(path)
     with atomic_path(final) as tmp:
         tmp.mkdir()

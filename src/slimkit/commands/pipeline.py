@@ -1,0 +1,117 @@
+"""Pipeline commands: compress, export, report, recipes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimkit.commands._common import (
+    ArgsOpt,
+    DataOpt,
+    ModelOpt,
+    ShapeOpt,
+    WeightsOpt,
+    build_model,
+    console,
+    example,
+    fail_cleanly,
+    load_data,
+)
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="A recipe YAML file or a shipped recipe name.")]
+
+
+@fail_cleanly
+def compress(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder that receives <model>.slim.")],
+    weights: WeightsOpt = None,
+    data: DataOpt = "mnist10k",
+    recipe: RecipeOpt = "fast-cpu",
+    shape: ShapeOpt = None,
+    model_args: ArgsOpt = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="Override the recipe's accuracy budget (points).")
+    ] = None,
+) -> None:
+    """Compress a trained model with a recipe under an accuracy budget; writes the artifact and its report."""
+    from slimkit.export.artifact import save
+    from slimkit.pipeline import compress as run_compress
+    from slimkit.recipe import Recipe
+    from slimkit.report import write_report
+
+    net = build_model(model, weights, model_args)
+    train_data, val_data = load_data(data, shape)
+    plan = Recipe.load(recipe)
+    if max_accuracy_drop is not None:
+        plan.max_accuracy_drop = max_accuracy_drop
+    # the example input comes from the data itself (its shape is what the model will see)
+    result = run_compress(net, plan, train_data, val_data, console=console)
+    console.print(result.table())
+    path = save(result, out / f"{model.replace(':', '_').replace('.', '_')}.slim")
+    html = write_report(path)
+    console.print(f"artifact: {path}\nreport:   {html}")
+
+
+@fail_cleanly
+def export(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `slimkit compress`.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 or torch-export.")] = "onnx-int8",
+    data: Annotated[str | None, typer.Option(help="Data spec for the parity check (its test split).")] = None,
+    shape: ShapeOpt = None,
+) -> None:
+    """Export an artifact to ONNX (fp32 / QDQ int8) or a torch.export program, inside the artifact folder."""
+    from slimkit.export.artifact import load, update
+    from slimkit.pipeline import _export
+    from slimkit.recipe import ExportConfig
+
+    model = load(artifact)
+    cfg = ExportConfig(format=format)
+    source = model.slimkit_source
+    x = example(source["factory"], shape, None) if data is None else load_data(data, shape)[1][0][0].unsqueeze(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _export(model, cfg, x, Path(tmp))
+        if data is not None and path.suffix == ".onnx":
+            from slimkit.export.runtime import OrtModel, parity
+
+            result = parity(model, OrtModel(path, threads=2), load_data(data, shape)[1])
+            console.print(f"parity vs PyTorch: max |diff| {result['max_abs_diff']:.3g}, "
+                          f"top-1 agreement {result['top1_agreement']:.2f}%")
+        update(artifact, files={path.name: path})
+    console.print(f"wrote {artifact / path.name}")
+
+
+@fail_cleanly
+def report(artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `slimkit compress`.")]) -> None:
+    """Write report.md / report.html (with PNG plots) into an artifact and print its before/after table."""
+    from slimkit._text import make_table
+    from slimkit.export.artifact import read_manifest
+    from slimkit.report import summary_rows, write_report
+
+    html = write_report(artifact)
+    rows = summary_rows(read_manifest(artifact)["metrics"])
+    console.print(make_table(f"{artifact}", ["metric", "before", "after", "change"], rows))
+    console.print(f"report: {html}")
+
+
+@fail_cleanly
+def recipes() -> None:
+    """List the shipped recipes and their steps."""
+    from slimkit._text import make_table
+    from slimkit.recipe import Recipe, shipped_recipes
+
+    rows = []
+    for name in shipped_recipes():
+        recipe = Recipe.load(name)
+        rows.append([name, f"{recipe.max_accuracy_drop}", " -> ".join(s.kind.value for s in recipe.steps)])
+    console.print(make_table("shipped recipes", ["name", "max drop (pt)", "steps"], rows))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(compress)
+    app.command()(export)
+    app.command()(report)
+    app.command()(recipes)

@@ -1,0 +1,272 @@
+"""``slimkit.compress``: run a recipe's steps in order under one accuracy budget, and keep the evidence.
+
+After each step the model is evaluated. If the step broke the budget (baseline accuracy minus
+``max_accuracy_drop``), a bounded knowledge-distillation run (teacher = the original model) tries to recover; if the
+budget is still broken, the step's strength is backed off (pruning amount halved; quantization bits raised:
+binary -> ternary -> 4 -> 8) up to ``max_backoffs`` times, and finally the step is skipped. The result is always
+the best model found inside the budget, and every step's outcome says which of these happened.
+
+Example:
+    >>> result = slimkit.compress(model, "fast-cpu", train, test)     # doctest: +SKIP
+    >>> slimkit.save(result, "out/lenet5.slim")                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+from torch.utils.data import Dataset
+
+from slimkit._text import human, make_table, render
+from slimkit.measure import benchmark_latency, profile
+from slimkit.recipe import ExportConfig, ExportFormat, Recipe, Step, StepKind
+from slimkit.train import evaluate
+
+__all__ = ["CompressResult", "StepOutcome", "compress", "deployed_size"]
+
+
+@dataclass
+class StepOutcome:
+    """What one recipe step did: ``status`` is applied, recovered, backed_off, skipped or failed."""
+
+    kind: str
+    status: str
+    config: dict[str, Any]
+    accuracy: float
+    params: int
+    macs: int
+    size_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and its evidence; ``slimkit.save(result, folder)`` writes it as an artifact."""
+
+    model: nn.Module
+    recipe: Recipe
+    baseline: dict[str, Any]
+    final: dict[str, Any]
+    steps: list[StepOutcome]
+    latency: dict[str, dict[int, float]] = field(default_factory=dict)
+    exported: Path | None = None
+    parity: dict[str, float] | None = None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "final": self.final, "steps": [dataclasses.asdict(s) for s in self.steps],
+                "latency_ms": {k: {str(b): v * 1e3 for b, v in d.items()} for k, d in self.latency.items()},
+                "parity": self.parity, "recipe": self.recipe.to_dict()}
+
+    def table(self):
+        b, f = self.baseline, self.final
+        rows = [
+            ["accuracy (%)", f"{b['accuracy']:.2f}", f"{f['accuracy']:.2f}", f"{f['accuracy'] - b['accuracy']:+.2f}"],
+            ["params", human(b["params"]), human(f["params"]), f"{b['params'] / max(f['params'], 1):.2f}x"],
+            ["MACs", human(b["macs"]), human(f["macs"]), f"{b['macs'] / max(f['macs'], 1):.2f}x"],
+            ["bytes on disk", human(b["size_bytes"], "B"), human(f["size_bytes"], "B"),
+             f"{b['size_bytes'] / max(f['size_bytes'], 1):.2f}x"],
+        ]
+        names = list(self.latency)
+        if len(names) >= 2:
+            base, deployed = self.latency[names[0]], self.latency[names[-1]]
+            for bs in base:
+                rows.append([f"latency b{bs} (ms)", f"{base[bs] * 1e3:.3f}", f"{deployed[bs] * 1e3:.3f}",
+                             f"{base[bs] / deployed[bs]:.2f}x faster"])
+        title = f"{self.recipe.name}: before vs after ({names[-1] if names else 'PyTorch'})"
+        return make_table(title, ["metric", "before", "after", "change"], rows)
+
+    def __str__(self) -> str:
+        return render(self.table())
+
+
+def deployed_size(model: nn.Module) -> int:
+    """Bytes of the artifact's weight file for ``model`` (packed integer codes for quantized layers)."""
+    from safetensors.torch import save_file
+
+    from slimkit.export.artifact import _packed_state
+    from slimkit.history import history_of
+
+    tensors, _ = _packed_state(model, history_of(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.safetensors"
+        save_file(tensors, str(path))
+        return path.stat().st_size
+
+
+def _metrics(model: nn.Module, val_data: Dataset, example_input: torch.Tensor) -> dict[str, Any]:
+    prof = profile(model, example_input)
+    return {"accuracy": evaluate(model, val_data).accuracy, "params": prof.params, "macs": prof.macs,
+            "size_bytes": deployed_size(model)}
+
+
+def _back_off(step: Step) -> Step | None:
+    """A weaker version of the step, or None when it cannot be weakened further."""
+    cfg = step.config
+    if step.kind is StepKind.PRUNE:
+        amount = cfg.amount / 2
+        return None if amount < 0.05 else Step(step.kind, dataclasses.replace(cfg, amount=amount))
+    if step.kind is StepKind.QUANTIZE:
+        ladder = [1, 2, 4, 8]
+        bits = cfg.weight_bits
+        higher = [b for b in ladder if b > bits]
+        if not higher:
+            return None
+        changes: dict[str, Any] = {"weight_bits": higher[0]}
+        scheme = getattr(cfg, "scheme", None)
+        if scheme is not None and getattr(scheme, "value", scheme) in ("ternary", "binary"):
+            changes["scheme"] = "ternary" if higher[0] == 2 else "symmetric"
+        return Step(step.kind, dataclasses.replace(cfg, **changes))
+    return None
+
+
+class _Runner:
+    """Runs steps on a model with the shared context: data, teacher, example input."""
+
+    def __init__(self, teacher: nn.Module, train_data: Dataset, val_data: Dataset, example_input: torch.Tensor,
+                 recipe: Recipe) -> None:
+        self.teacher, self.train_data, self.val_data = teacher, train_data, val_data
+        self.example_input, self.recipe = example_input, recipe
+
+    def kd_loss(self):
+        from slimkit.distillation import DistillConfig, kd_loss_fn
+
+        return kd_loss_fn(self.teacher, DistillConfig())
+
+    def run(self, step: Step, model: nn.Module) -> nn.Module:
+        import slimkit
+
+        if step.kind is StepKind.PRUNE:
+            return slimkit.prune(model, step.config, self.example_input, train_data=self.train_data,
+                                 val_data=self.val_data, loss_fn=self.kd_loss()).model
+        if step.kind is StepKind.DISTILL:
+            return slimkit.distill(model, self.teacher, step.config, self.train_data, self.val_data).model
+        if step.kind is StepKind.QUANTIZE:
+            return slimkit.quantize(model, step.config, self.train_data, val_data=self.val_data,
+                                    loss_fn=self.kd_loss()).model
+        raise ValueError(f"step {step.kind.value!r} does not transform the model")
+
+    def recover(self, model: nn.Module) -> nn.Module:
+        import slimkit
+        from slimkit.distillation import DistillConfig
+
+        cfg = DistillConfig(epochs=self.recipe.recovery_epochs)
+        return slimkit.distill(model, self.teacher, cfg, self.train_data, self.val_data).model
+
+
+def _run_step(runner: _Runner, step: Step, model: nn.Module, floor: float, recipe: Recipe,
+              console: Console) -> tuple[nn.Module, StepOutcome]:
+    start, notes, attempt = time.perf_counter(), [], step
+    for tries in range(recipe.max_backoffs + 1):
+        try:
+            candidate = runner.run(attempt, model)
+        except ValueError as exc:  # e.g. an unreachable pruning target: a weaker step may still apply
+            notes.append(f"{attempt.kind.value} {attempt.config.to_dict()} cannot be applied: {exc}")
+            candidate = None
+        if candidate is None:
+            metrics = {"accuracy": float("-inf")}
+        else:
+            metrics = _metrics(candidate, runner.val_data, runner.example_input)
+        status = "applied" if tries == 0 else "backed_off"
+        recoverable = recipe.recovery_epochs and attempt.kind is not StepKind.DISTILL
+        if candidate is not None and metrics["accuracy"] < floor and recoverable:
+            notes.append(f"accuracy {metrics['accuracy']:.2f}% < budget {floor:.2f}%: KD recovery "
+                         f"({recipe.recovery_epochs} epochs)")
+            candidate = runner.recover(candidate)
+            metrics = _metrics(candidate, runner.val_data, runner.example_input)
+            status = "recovered" if tries == 0 else "backed_off"
+        if metrics["accuracy"] >= floor:
+            return candidate, StepOutcome(attempt.kind.value, status, attempt.config.to_dict(),
+                                          seconds=time.perf_counter() - start, notes=notes, **metrics)
+        weaker = _back_off(attempt)
+        if candidate is not None:
+            notes.append(f"accuracy {metrics['accuracy']:.2f}% still below budget {floor:.2f}%")
+        if weaker is not None and tries < recipe.max_backoffs:
+            notes[-1] += "; backing off"
+        console.print(f"[yellow]{attempt.kind.value}: {notes[-1]}[/yellow]")
+        if weaker is None:
+            break
+        attempt = weaker
+    metrics = _metrics(model, runner.val_data, runner.example_input)
+    return model, StepOutcome(step.kind.value, "skipped", step.config.to_dict(), seconds=time.perf_counter() - start,
+                              notes=[*notes, "step skipped: the model before it is kept"], **metrics)
+
+
+def _export(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path) -> Path:
+    if cfg.format is ExportFormat.TORCH_EXPORT:
+        program = torch.export.export(model.eval(), (example_input,))
+        path = folder / "model.pt2"
+        torch.export.save(program, str(path))
+        return path
+    from slimkit.export.onnx import export_onnx
+
+    return export_onnx(model, example_input, folder / "model.onnx", int8=cfg.format is ExportFormat.ONNX_INT8)
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | dict | str,
+    train_data: Dataset,
+    val_data: Dataset,
+    *,
+    example_input: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
+    latency_batch_sizes: tuple[int, ...] = (1, 64),
+    console: Console | None = None,
+) -> CompressResult:
+    """Run ``recipe`` on ``model`` (untouched) and return the best model inside the accuracy budget.
+
+    Args:
+        recipe: a ``Recipe``, a dict, a YAML path or a shipped recipe name (``fast-cpu``, ``tiny``, ``int8-only``).
+        example_input: one input batch (default: the first validation example).
+        teacher: for KD recovery and distill steps (default: a frozen copy of ``model``).
+    """
+    recipe = Recipe.load(recipe)
+    console = console or Console()
+    if example_input is None:
+        example_input = val_data[0][0].unsqueeze(0)
+    original = copy.deepcopy(model).eval()
+    teacher = teacher if teacher is not None else original
+    baseline = _metrics(original, val_data, example_input)
+    floor = baseline["accuracy"] - recipe.max_accuracy_drop
+    runner = _Runner(teacher, train_data, val_data, example_input, recipe)
+    current, outcomes, exported, parity = copy.deepcopy(model), [], None, None
+    export_dir = Path(tempfile.mkdtemp(prefix="slimkit-export-"))
+    for i, step in enumerate(recipe.steps):
+        console.rule(f"step {i + 1}/{len(recipe.steps)}: {step.kind.value}")
+        if step.kind is StepKind.EXPORT:
+            exported = _export(current, step.config, example_input, export_dir)
+            if step.config.parity and exported.suffix == ".onnx":
+                from slimkit.export.runtime import OrtModel
+                from slimkit.export.runtime import parity as check_parity
+
+                parity = check_parity(current, OrtModel(exported, threads=2), val_data)
+                console.print(f"ONNX Runtime parity: {parity}")
+            continue
+        current, outcome = _run_step(runner, step, current, floor, recipe, console)
+        outcomes.append(outcome)
+        console.print(f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
+                      f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s")
+    final = _metrics(current, val_data, example_input)
+    candidates: dict[str, Any] = {"PyTorch fp32 (before)": original}
+    if exported is not None and exported.suffix == ".onnx":
+        from slimkit.export.runtime import OrtModel
+
+        candidates[f"ONNX Runtime ({exported.stem}, after)"] = OrtModel(exported, threads=2)
+    elif not any(o.kind == "quantize" and o.status != "skipped" for o in outcomes):
+        candidates["PyTorch (after)"] = current
+    timings = benchmark_latency(candidates, example_input, latency_batch_sizes, threads=2)
+    latency = {name: {bs: s.median for bs, s in per.items()} for name, per in timings.items()}
+    final["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[list(latency)[-1]].items()}
+    baseline["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[next(iter(latency))].items()}
+    return CompressResult(current, recipe, baseline, final, outcomes, latency, exported, parity)

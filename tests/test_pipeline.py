@@ -1,0 +1,97 @@
+"""End-to-end: compress under a budget, save/load round trips of every compressed form, the CLI on a tiny model."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import slimkit
+from slimkit.cli import app
+from slimkit.export.artifact import read_manifest
+from slimkit.report import write_report
+from slimkit.train import TrainConfig, evaluate, fit
+
+X = torch.zeros(1, 1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny(digits):
+    """An MLP 64-48-10 trained on sklearn's digits (2 s)."""
+    train, test = digits
+    torch.manual_seed(0)
+    model = slimkit.models.create("mlp", in_features=64, hidden=48)
+    fit(model, train, test, TrainConfig(epochs=6, lr=0.05, optimizer="sgd", progress=False))
+    return model, train, test
+
+
+def _round_trip(model, tmp_path, name):
+    path = slimkit.save(model, tmp_path / f"{name}.slim")
+    again = slimkit.load(path)
+    x = torch.randn(16, 1, 8, 8)
+    assert torch.equal(model(x), again(x)), name
+    return path
+
+
+@pytest.mark.parametrize("bits,scheme", [(8, "symmetric"), (4, "symmetric"), (2, "ternary"), (1, "binary")])
+def test_quantized_round_trip_bit_exact_and_smaller(tiny, tmp_path, bits, scheme):
+    model, train, _ = tiny
+    cfg = slimkit.QuantConfig(weight_bits=bits, scheme=scheme, method="ptq", act_bits=8 if bits == 8 else None,
+                              keep_first_last_8bit=False)
+    quantized = slimkit.quantize(model, cfg, train).model
+    path = _round_trip(quantized, tmp_path, f"q{bits}")
+    float_bytes = slimkit.measure.size_on_disk(model)
+    # a 3.6K-parameter model: file headers and per-channel scales weigh more than on real models
+    assert (path / "model.safetensors").stat().st_size < float_bytes / {8: 2.8, 4: 4.0, 2: 6.0, 1: 8.0}[bits]
+
+
+def test_pruned_then_quantized_round_trip(tiny, tmp_path):
+    model, train, _ = tiny
+    pruned = slimkit.prune(model, slimkit.PruneConfig(amount=0.5, target="params"), X).model
+    assert pruned[1].out_features < 48
+    _round_trip(pruned, tmp_path, "pruned")
+    quantized = slimkit.quantize(pruned, slimkit.QuantConfig(weight_bits=8, act_bits=8, method="ptq"), train).model
+    path = _round_trip(quantized, tmp_path, "pruned-int8")
+    kinds = [step["kind"] for step in read_manifest(path)["history"]]
+    assert kinds == ["prune", "quantize"]
+
+
+def test_budget_back_off_and_report(tiny, tmp_path):
+    model, train, test = tiny
+    baseline = evaluate(model, test).accuracy
+    recipe = {"name": "harsh", "max_accuracy_drop": 2.0, "recovery_epochs": 0, "max_backoffs": 3,
+              "steps": [{"prune": {"amount": 0.85, "target": "params"}}]}
+    result = slimkit.compress(model, recipe, train, test, example_input=X, latency_batch_sizes=(1, 8))
+    outcome = result.steps[0]
+    assert outcome.status in ("backed_off", "skipped")
+    assert any("backing off" in note for note in outcome.notes)
+    assert result.final["accuracy"] >= baseline - 2.0  # the budget is respected whatever happened
+    if outcome.status == "backed_off":
+        assert outcome.config["amount"] < 0.85
+    path = slimkit.save(result, tmp_path / "harsh.slim")
+    html = write_report(path)
+    text = html.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "data:image/png;base64," in text and "before" in text
+    assert (path / "report.md").is_file() and read_manifest(path)["files"]["report.html"]
+
+
+def test_cli_compress_export_report(tiny, tmp_path):
+    model, _, _ = tiny
+    weights = slimkit.models.save_weights(model, tmp_path / "w.safetensors")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: cli\nmax_accuracy_drop: 5\nrecovery_epochs: 1\nsteps:\n"
+                      "  - prune: {amount: 0.3, target: params}\n"
+                      "  - quantize: {method: ptq, weight_bits: 8, act_bits: 8}\n"
+                      "  - export: {format: onnx-int8}\n")
+    runner = CliRunner()
+    args = ["compress", "--model", "mlp", "--model-args", '{"in_features": 64, "hidden": 48}', "--weights",
+            str(weights), "--data", "digits", "--recipe", str(recipe), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    artifact = tmp_path / "out" / "mlp.slim"
+    assert {"model.onnx", "report.html", "model.safetensors"} <= set(read_manifest(artifact)["files"])
+    result = runner.invoke(app, ["export", str(artifact), "--format", "onnx", "--data", "digits"])
+    assert result.exit_code == 0, result.output
+    assert "top-1 agreement" in result.output
+    result = runner.invoke(app, ["report", str(artifact)])
+    assert result.exit_code == 0 and "accuracy" in result.output
+    result = runner.invoke(app, ["compress", "--model", "mlp", "--recipe", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "shipped recipe" in result.output
