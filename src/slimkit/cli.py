@@ -18,7 +18,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMAND_MODULES = ["slimkit.commands.core", "slimkit.commands.pipeline", "slimkit.commands.distill"]
+COMMAND_MODULES = ["slimkit.commands.core", "slimkit.commands.pipeline", "slimkit.commands.distill",
+                   "slimkit.commands.prune"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

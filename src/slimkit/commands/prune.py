@@ -1,0 +1,56 @@
+"""``slimkit prune``: structured pruning over the same API (slimkit.prune)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimkit.commands._common import (
+    ArgsOpt,
+    ModelOpt,
+    ShapeOpt,
+    WeightsOpt,
+    build_model,
+    console,
+    example,
+    fail_cleanly,
+)
+
+
+@fail_cleanly
+def prune(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pruned weights + record.json.")],
+    weights: WeightsOpt = None,
+    shape: ShapeOpt = None,
+    model_args: ArgsOpt = None,
+    amount: Annotated[float, typer.Option(help="Fraction of the target to remove (0.5 = 2x fewer MACs).")] = 0.5,
+    target: Annotated[str, typer.Option(help="channels, macs or params.")] = "macs",
+    importance: Annotated[str, typer.Option(help="l1, l2, fpgm, bn_scale, taylor or random.")] = "l2",
+    allocation: Annotated[str, typer.Option(help="uniform, global or proportional.")] = "uniform",
+    ignore: Annotated[list[str] | None, typer.Option(help="Module name or re:pattern to keep (repeatable).")] = None,
+    round_to: Annotated[int, typer.Option(help="Kept channel counts are multiples of this.")] = 1,
+    max_sparsity: Annotated[float, typer.Option(help="Cap on the fraction removed from any one group.")] = 0.9,
+) -> None:
+    """Prune channels of a model to a MACs/params/channels target; writes weights and the replayable record."""
+    from slimkit.models.weights import save_weights
+    from slimkit.pruning import PruneConfig
+    from slimkit.pruning import prune as run_prune
+
+    cfg = PruneConfig(amount=amount, target=target, importance=importance, allocation=allocation,
+                      ignore=tuple(ignore or ()), round_to=round_to, max_sparsity=max_sparsity)
+    result = run_prune(build_model(model, weights, model_args), cfg, example(model, shape, model_args))
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(result.model, out / "model.safetensors")
+    (out / "record.json").write_text(json.dumps(result.record, indent=1))
+    before, after = result.record["before"], result.record["after"]
+    console.print(f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,.0f} -> "
+                  f"{after['macs']:,.0f} ({result.record['reduction']['macs']:.1%} fewer); "
+                  f"{len(result.record['kept_intact'])} group(s) kept intact -> {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(prune)
