@@ -1,0 +1,215 @@
+"""ONNX export: fp32, or QDQ int8 built from slimkit's own calibrated scales (no re-calibration).
+
+For a slimkit fake-quant model, each quantized ``Conv``/``Gemm`` gets an int8 weight initializer with its
+per-channel scales and a ``DequantizeLinear``, an int32 bias at scale ``s_x * s_w`` (exactly what the fake-quant
+model simulates), and a ``QuantizeLinear -> DequantizeLinear`` pair on its input with the calibrated activation
+scale. That pair is also repeated upstream through ``Relu`` / ``MaxPool`` / ``Flatten`` / ``Reshape`` chains up to
+the producing layer: these ops commute exactly with a monotone quantizer (and re-quantizing a grid value is the
+identity), so the graph computes the same function while ONNX Runtime can fuse ``DQ -> Conv -> Q`` into
+integer kernels (``QLinearConv``, ``QGemm``, uint8 ``MaxPool``).
+
+Back ends do not import algorithms: quantized layers are recognised by their ``weight_quant`` attribute.
+
+Example:
+    >>> export_onnx(result.model, torch.zeros(1, 1, 28, 28), "model.onnx")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimkit._io import atomic_path
+
+__all__ = ["export_onnx", "is_int8_model"]
+
+OPSET = 17
+PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
+
+
+def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "weight_quant") and isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def _static_input(layer: nn.Module):
+    iq = getattr(layer, "input_quant", None)
+    return iq if iq is not None and not iq.dynamic and iq.enabled else None
+
+
+def is_int8_model(model: nn.Module) -> bool:
+    """True when ``model`` is a slimkit fake-quant model with static activation quantization."""
+    return any(_static_input(m) is not None for _, m in _quant_layers(model))
+
+
+def _float_twin(model: nn.Module) -> nn.Module:
+    """A plain float copy whose quantized layers carry the dequantized weight (and simulated bias)."""
+    twin = copy.deepcopy(model).eval()
+    for name, layer in _quant_layers(twin):
+        with torch.no_grad():
+            weight = layer.weight_quant.eval()(layer.weight)
+            bias = _sim_bias(layer) if layer.bias is not None and layer._bias_quantized() else layer.bias
+        if isinstance(layer, nn.Linear):
+            plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+        else:
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, layer.groups, bias is not None, layer.padding_mode)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if bias is not None:
+                plain.bias.copy_(bias)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, plain)
+    return twin
+
+
+def _sim_bias(layer: nn.Module) -> torch.Tensor:
+    iq, wq = layer.input_quant, layer.weight_quant
+    bias_scale = (iq.scale.detach() * wq.scale.detach()).reshape(-1)
+    return torch.round(layer.bias.detach() / bias_scale) * bias_scale
+
+
+def _export_float(model: nn.Module, example_input: torch.Tensor):
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _insert_qdq(graph, tensor: str, consumers: list, scale: float, zero_point: int, tag: str) -> None:
+    from onnx import helper, numpy_helper
+
+    s_name, z_name = f"{tag}.scale", f"{tag}.zero_point"
+    graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
+                              numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), z_name)])
+    q_out, dq_out = f"{tag}.q", f"{tag}.dq"
+    graph.node.extend([helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=f"{tag}.Q"),
+                       helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{tag}.DQ")])
+    for node in consumers:
+        for i, name in enumerate(node.input):
+            if name == tensor:
+                node.input[i] = dq_out
+
+
+def _quantize_graph(proto, model: nn.Module):
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    producer: dict[str, object] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    for name, layer in _quant_layers(model):
+        iq, wq = _static_input(layer), layer.weight_quant
+        weight_name = f"{name}.weight"
+        nodes = [n for n in consumers.get(weight_name, []) if n.op_type in ("Conv", "Gemm")]
+        if weight_name not in inits or len(nodes) != 1:
+            raise ValueError(f"export_onnx: cannot find the ONNX Conv/Gemm of layer {name!r} (weight {weight_name})")
+        if wq.granularity == "per_group":
+            raise ValueError(f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
+                             "export fp32 (int8=False) or quantize per channel")
+        node = nodes[0]
+        codes = wq.codes(layer.weight).reshape(layer.weight.shape)
+        signed = bool(wq.symmetric)
+        dtype = np.int8 if signed else np.uint8
+        scale = wq.scale.detach().reshape(-1).numpy().astype(np.float32)
+        zero = wq.zero_point.detach().reshape(-1).numpy().astype(dtype)
+        graph.initializer.remove(inits[weight_name])
+        graph.initializer.extend([
+            numpy_helper.from_array(codes.numpy().astype(dtype), f"{weight_name}.int8"),
+            numpy_helper.from_array(scale, f"{weight_name}.scale"),
+            numpy_helper.from_array(zero, f"{weight_name}.zero_point"),
+        ])
+        axis = 0
+        graph.node.append(helper.make_node("DequantizeLinear", [f"{weight_name}.int8", f"{weight_name}.scale",
+                                                                f"{weight_name}.zero_point"], [weight_name],
+                                           name=f"{weight_name}.DQ", axis=axis))
+        if iq is None:
+            continue
+        if iq.bits != 8:
+            raise ValueError(f"export_onnx: layer {name!r} has {iq.bits}-bit activations; QDQ int8 export needs 8")
+        s_x, z_x = float(iq.scale.detach()), int(iq.zero_point)
+        if len(node.input) > 2 and node.input[2] in inits:
+            bias_name = node.input[2]
+            bias_scale = (np.float32(s_x) * scale).astype(np.float32)
+            bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+            graph.initializer.remove(inits[bias_name])
+            graph.initializer.extend([
+                numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), f"{bias_name}.int32"),
+                numpy_helper.from_array(bias_scale, f"{bias_name}.scale"),
+                numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), f"{bias_name}.zero_point"),
+            ])
+            graph.node.append(helper.make_node("DequantizeLinear", [f"{bias_name}.int32", f"{bias_name}.scale",
+                                                                    f"{bias_name}.zero_point"], [bias_name],
+                                               name=f"{bias_name}.DQ", axis=0))
+        # quantize the input for this layer, then again upstream through ops that commute with the quantizer
+        tensor, users, step = node.input[0], [node], 0
+        while True:
+            _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}")
+            source = producer.get(tensor)
+            if (source is None or source.op_type not in PASS_THROUGH or len(consumers.get(tensor, [])) != 1
+                    or source.input[0] in inits):
+                break
+            tensor, users, step = source.input[0], [source], step + 1
+            if len(consumers.get(tensor, [])) != 1:
+                break
+    _toposort(graph)
+    return proto
+
+
+def _toposort(graph) -> None:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("export_onnx: the quantized graph has a cycle or a dangling input")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
+                int8: bool | None = None) -> Path:
+    """Write ``model`` as ONNX (batch dimension dynamic), atomically.
+
+    Args:
+        int8: QDQ int8 from the model's own scales (default: when ``model`` is a slimkit fake-quant model with
+            static activation quantization); False writes the simulated model in fp32.
+    """
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
+    quantized = is_int8_model(model)
+    int8 = quantized if int8 is None else int8
+    if int8 and not quantized:
+        raise ValueError("export_onnx: int8=True needs a slimkit fake-quant model with static activation "
+                         "quantization (slimkit.quantize(..., QuantConfig(act_bits=8, method='ptq' or 'qat')))")
+    proto = _export_float(_float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval(),
+                          example_input)
+    if int8:
+        proto = _quantize_graph(proto, model)
+    import onnx
+
+    onnx.checker.check_model(proto)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(path)

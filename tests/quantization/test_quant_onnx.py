@@ -1,0 +1,51 @@
+"""ONNX export (fp32 and QDQ int8 from slimkit's scales) and ONNX Runtime parity."""
+
+import onnx
+import pytest
+import torch
+
+from slimkit import models
+from slimkit.export.onnx import export_onnx
+from slimkit.export.runtime import OrtModel, parity
+from slimkit.quantization import QuantConfig, quantize
+from slimkit.train import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def trained_lenet5(mnist):
+    train, _ = mnist
+    model = models.create("lenet5")
+    fit(model, train.subset(3000), None, TrainConfig(epochs=1, lr=1e-3, progress=False))
+    return model
+
+
+def test_int8_export_agrees_with_fake_quant_model_on_mnist(trained_lenet5, mnist, tmp_path):
+    train, test = mnist
+    result = quantize(trained_lenet5, QuantConfig(calibration_batches=8), train)
+    path = export_onnx(result.model, torch.zeros(1, 1, 28, 28), tmp_path / "int8.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weights = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    assert weights["features.0.weight.int8"].data_type == onnx.TensorProto.INT8
+    report = parity(result.model, OrtModel(path, threads=1), test)
+    assert report["count"] == 2000
+    assert report["top1_agreement"] >= 0.99, report
+
+
+def test_fp32_export_matches_torch(trained_lenet5, mnist, tmp_path):
+    _, test = mnist
+    path = export_onnx(trained_lenet5, torch.zeros(1, 1, 28, 28), tmp_path / "fp32.onnx")
+    assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    report = parity(trained_lenet5, OrtModel(path, threads=1), test.subset(256))
+    assert report["max_abs_diff"] < 1e-3 and report["top1_agreement"] == 1.0
+
+
+def test_int8_export_errors(trained_lenet5, tmp_path, mnist):
+    with pytest.raises(ValueError, match="int8=True"):
+        export_onnx(trained_lenet5, torch.zeros(1, 1, 28, 28), tmp_path / "x.onnx", int8=True)
+    grouped = quantize(trained_lenet5, QuantConfig(granularity="per_group", group_size=8, weight_bits=8), mnist[0])
+    with pytest.raises(ValueError, match="per-group"):
+        export_onnx(grouped.model, torch.zeros(1, 1, 28, 28), tmp_path / "g.onnx")
+    assert not (tmp_path / "g.onnx").exists()
+    with pytest.raises(FileNotFoundError):
+        OrtModel(tmp_path / "missing.onnx")
