@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -149,40 +148,44 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
-    """Empirical bias correction (Nagel et al. 2019): for each quantized layer with a bias, subtract the mean
-    output shift ``E[y_q - y]`` that weight rounding causes, measured on its (quantized) calibration inputs.
+    """Bias correction (Nagel et al. 2019): weight rounding shifts each output channel's mean by
+    ``E[(W_q - W) x] = (W_q - W) E[x]`` (for a conv, summed over the kernel with per-channel input means,
+    ignoring padding). One calibration pass collects ``E[x]`` per layer; the shift is subtracted from the bias.
     Returns the largest absolute correction per layer."""
+    layers = [(n, m) for n, m in quant_layers(model) if m.bias is not None and not m.weight_quant.learnable]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def collect(module, args):
+            x = args[0].detach()
+            if module.input_quant is not None:
+                x = module.input_quant(x)
+            dims = [0, *range(2, x.ndim)]
+            sums[name] = sums.get(name, 0) + x.sum(dim=dims)
+            counts[name] = counts.get(name, 0) + x.numel() // x.shape[1]
+        return collect
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
+    try:
+        _run(model.eval(), batches)
+    finally:
+        for h in handles:
+            h.remove()
     corrections: dict[str, float] = {}
-    for name, layer in quant_layers(model):
-        if layer.bias is None or layer.weight_quant.learnable:
-            continue
-        captured: list[torch.Tensor] = []
-        handle = layer.register_forward_pre_hook(lambda m, args, store=captured: store.append(args[0].detach()))
-        try:
-            _run(model.eval(), batches)
-        finally:
-            handle.remove()
-        shift_sum, count = None, 0
-        with torch.no_grad():
-            wq = layer.weight_quant(layer.weight)
-            for x in captured:
-                if layer.input_quant is not None:
-                    x = layer.input_quant(x)
-                delta = _apply(layer, x, wq) - _apply(layer, x, layer.weight)
-                dims = [0, *range(2, delta.ndim)]
-                s = delta.sum(dim=dims)
-                shift_sum = s if shift_sum is None else shift_sum + s
-                count += delta.numel() // delta.shape[1]
-            shift = shift_sum / max(count, 1)
+    with torch.no_grad():
+        for name, layer in layers:
+            mean_x = sums[name] / max(counts[name], 1)
+            delta_w = layer.weight_quant(layer.weight) - layer.weight
+            groups = getattr(layer, "groups", 1)
+            if delta_w.ndim > 2:
+                delta_w = delta_w.sum(dim=tuple(range(2, delta_w.ndim)))
+            out, per_group = delta_w.shape
+            shift = torch.einsum("goi,gi->go", delta_w.reshape(groups, out // groups, per_group),
+                                 mean_x.reshape(groups, per_group)).reshape(out)
             layer.bias.sub_(shift)
-        corrections[name] = float(shift.abs().max())
+            corrections[name] = float(shift.abs().max())
     return corrections
-
-
-def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, weight)
-    return layer._conv_forward(x, weight, None)  # type: ignore[attr-defined]
 
 
 def layer_summary(layer: QuantLinear | QuantConv2d) -> dict[str, Any]:

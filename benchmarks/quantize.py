@@ -1,0 +1,208 @@
+"""Quantization on MNIST-10k: accuracy, file size and latency of int8 down to binary, against ONNX Runtime's own
+``quantize_static`` on the same calibration set.
+
+Models: the seed MLP (784-200-10), LeNet-5 and ResNet-20 (MNIST presented as 3x32x32; trained briefly on a
+subset to keep the whole run short). Variants: fp32, int8 dynamic, int8 PTQ, int8 QAT, int4 (w4a8 PTQ),
+ternary QAT, binary QAT (first/last layer 8-bit by default; the 2-layer MLP has only a first and a last layer, so
+its low-bit rows quantize both). File sizes: packed safetensors vs fp32 safetensors (and LeNet-300-100 with every
+layer low-bit). Latency at batch 1 and 64, 2 threads, median of interleaved repeats in one process: PyTorch fp32
+eager, ONNX Runtime fp32, ONNX Runtime int8 (slimkit's QDQ export), ONNX Runtime int8 (quantize_static) and
+PyTorch int8 (torch.ao dynamic int8 Linear kernels, for the Linear layers).
+
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`` (writes
+benchmarks/results/quantize.{json,md}; add ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from slimkit import data, models
+from slimkit.demo import trained
+from slimkit.export.onnx import export_onnx
+from slimkit.export.runtime import OrtModel, parity
+from slimkit.measure import benchmark_latency
+from slimkit.quantization import QuantConfig, pack_state_dict, quantize
+from slimkit.train import TrainConfig, evaluate, fit
+
+OUT = Path(__file__).parent / "results"
+CACHE = Path(".slimkit-cache")
+QUICK = "--quick" in sys.argv
+THREADS = 2
+
+
+def file_bytes(tensors: dict, folder: Path, name: str) -> int:
+    path = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path.stat().st_size
+
+
+def packed_bytes(qmodel, folder: Path, name: str) -> int:
+    tensors, meta = pack_state_dict(qmodel)
+    path = folder / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata={"slimkit.pack": json.dumps(meta)})
+    return path.stat().st_size
+
+
+def ort_static(fp32_onnx: Path, out: Path, calib: list[torch.Tensor]) -> Path:
+    """ONNX Runtime's own static QDQ quantization (per-channel int8 weights, uint8 activations, min-max)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x.numpy()} for x in calib])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def resnet20_trained(train, test):
+    path = CACHE / "resnet20-mnist10k-bench.safetensors"
+    model = models.create("resnet20")
+    if path.exists():
+        models.load_weights(model, path)
+    else:
+        fit(model, train.subset(3000), test.subset(500), TrainConfig(epochs=2, lr=0.05, optimizer="sgd",
+                                                                     weight_decay=5e-4, batch_size=64),
+            checkpoint=path)
+    return model.eval()
+
+
+def variants(name: str) -> dict[str, tuple[QuantConfig, bool]]:
+    """label -> (config, uses training data)."""
+    every_layer = name == "mlp"  # the MLP's two layers are its first and last: quantize them too
+    low = {"keep_first_last_8bit": not every_layer}
+    qat_epochs = 1 if QUICK else (1 if name == "resnet20" else 3)
+    qat = {"method": "qat", "epochs": qat_epochs, "max_batches": 40 if name == "resnet20" else None}
+    return {
+        "int8 dynamic": (QuantConfig(method="dynamic"), False),
+        "int8 PTQ": (QuantConfig(), False),
+        "int8 QAT": (QuantConfig(**qat, lr=1e-4), True),
+        "int4 PTQ (w4a8)": (QuantConfig(weight_bits=4, **low), False),
+        "ternary QAT": (QuantConfig(weight_bits=2, scheme="ternary", lr=1e-3, **qat, **low), True),
+        "binary QAT": (QuantConfig(weight_bits=1, scheme="binary", lr=1e-3, **qat, **low), True),
+    }
+
+
+def run_model(name: str, folder: Path) -> dict:
+    shape = (3, 32, 32) if name == "resnet20" else None
+    train, test = data.load("mnist10k", shape=shape)
+    model = resnet20_trained(train, test) if name == "resnet20" else trained(name, CACHE, train, test)
+    x1 = torch.zeros(1, *test[0][0].shape)
+    calib_cfg = QuantConfig()
+    calib = [torch.stack([train[i][0] for i in range(j, j + calib_cfg.batch_size)])
+             for j in range(0, calib_cfg.batch_size * calib_cfg.calibration_batches, calib_cfg.batch_size)]
+    calib_tensor = torch.cat(calib)
+    fp32_acc = evaluate(model, test).accuracy
+    fp32_bytes = file_bytes(model.state_dict(), folder, f"{name}-fp32")
+    rows = {"fp32": {"accuracy": fp32_acc, "drop": 0.0, "size_ratio": 1.0, "seconds": 0.0}}
+    qmodels = {}
+    qat_train = train.subset(4000) if name == "resnet20" else train
+    for label, (cfg, uses_training) in variants(name).items():
+        t0 = time.perf_counter()
+        result = quantize(model, cfg, qat_train if uses_training else calib_tensor)
+        acc = evaluate(result.model, test).accuracy
+        rows[label] = {"accuracy": acc, "drop": fp32_acc - acc,
+                       "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-{label}"),
+                       "seconds": time.perf_counter() - t0}
+        qmodels[label] = result.model
+        print(f"{name} {label}: {acc:.2f}% ({rows[label]['seconds']:.0f}s)", flush=True)
+    # ONNX Runtime: fp32, slimkit int8 QDQ, ORT quantize_static on the same calibration batches
+    fp32_onnx = export_onnx(model, x1, folder / f"{name}-fp32.onnx")
+    ours_onnx = export_onnx(qmodels["int8 PTQ"], x1, folder / f"{name}-int8.onnx")
+    theirs_onnx = ort_static(fp32_onnx, folder / f"{name}-ort-static.onnx", calib)
+    runtimes = {"ort fp32": OrtModel(fp32_onnx, THREADS), "ort int8 (slimkit QDQ)": OrtModel(ours_onnx, THREADS),
+                "ort int8 (quantize_static)": OrtModel(theirs_onnx, THREADS)}
+    rows["ORT quantize_static int8"] = {"accuracy": evaluate(runtimes["ort int8 (quantize_static)"], test).accuracy}
+    rows["ORT quantize_static int8"]["drop"] = fp32_acc - rows["ORT quantize_static int8"]["accuracy"]
+    rows["slimkit int8 on ORT"] = {"accuracy": evaluate(runtimes["ort int8 (slimkit QDQ)"], test).accuracy}
+    rows["slimkit int8 on ORT"]["drop"] = fp32_acc - rows["slimkit int8 on ORT"]["accuracy"]
+    agreement = parity(qmodels["int8 PTQ"], runtimes["ort int8 (slimkit QDQ)"], test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear},
+                                                               dtype=torch.qint8)
+    rows["torch int8 dynamic (real kernels)"] = {"accuracy": evaluate(torch_dynamic, test).accuracy}
+    rows["torch int8 dynamic (real kernels)"]["drop"] = fp32_acc - rows["torch int8 dynamic (real kernels)"]["accuracy"]
+    candidates = {"torch fp32": model, **runtimes, "torch int8 dynamic": torch_dynamic}
+    latency = benchmark_latency(candidates, x1, (1, 64), threads=THREADS, repeats=15 if QUICK else 40,
+                                max_seconds=2 if QUICK else 6)
+    lat = {k: {bs: v.median * 1e3 for bs, v in per.items()} for k, per in latency.items()}
+    return {"accuracy": rows, "latency_ms": lat, "parity": agreement, "fp32_bytes": fp32_bytes}
+
+
+def lenet300_sizes(folder: Path) -> dict:
+    """File-size ratios on LeNet-300-100 with every layer low-bit (the issue's size targets)."""
+    torch.manual_seed(0)
+    model = models.create("lenet300")
+    calib = torch.randn(64, 1, 28, 28)
+    fp32 = file_bytes(model.state_dict(), folder, "lenet300-fp32")
+    out = {}
+    for label, cfg in {"int8": QuantConfig(), "int4": QuantConfig(weight_bits=4),
+                       "ternary": QuantConfig(weight_bits=2, scheme="ternary"),
+                       "binary": QuantConfig(weight_bits=1, scheme="binary")}.items():
+        cfg.keep_first_last_8bit = False
+        result = quantize(model, cfg, calib)
+        out[label] = fp32 / packed_bytes(result.model, folder, f"lenet300-{label}")
+    return out
+
+
+def markdown(results: dict, sizes: dict) -> str:
+    lines = ["# Quantization on MNIST-10k (2,000 test digits)", "",
+             "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`", ""]
+    lines += ["## Accuracy (%) and packed file size vs fp32", "",
+              "| model | variant | accuracy | drop (pt) | size ratio |", "|---|---|---:|---:|---:|"]
+    for name, res in results.items():
+        for label, row in res["accuracy"].items():
+            ratio = f"{row['size_ratio']:.2f}x" if "size_ratio" in row else ""
+            lines.append(f"| {name} | {label} | {row['accuracy']:.2f} | {row['drop']:+.2f} | {ratio} |")
+    lines += ["", "## Latency (median ms, 2 threads)", "",
+              "| model | runtime | batch 1 | batch 64 | speed-up vs torch fp32 @64 | vs ORT fp32 @64 |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name, res in results.items():
+        lat = res["latency_ms"]
+        for label, per in lat.items():
+            lines.append(f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | "
+                         f"{lat['torch fp32'][64] / per[64]:.2f}x | {lat['ort fp32'][64] / per[64]:.2f}x |")
+    lines += ["", "## ORT parity of slimkit's int8 export (top-1 agreement with the fake-quant model)", ""]
+    for name, res in results.items():
+        p = res["parity"]
+        lines.append(f"- {name}: {100 * p['top1_agreement']:.2f}% of {p['count']} digits, "
+                     f"max |diff| {p['max_abs_diff']:.4f}")
+    lines += ["", "## LeNet-300-100 packed file size vs fp32 safetensors (every layer low-bit)", "",
+              "| bits | ratio |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in sizes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        results = {name: run_model(name, folder) for name in ("mlp", "lenet5", "resnet20")}
+        sizes = lenet300_sizes(folder)
+    payload = {"results": results, "lenet300_size_ratio": sizes, "threads": THREADS,
+               "seconds": time.perf_counter() - start, "quick": QUICK}
+    (OUT / "quantize.json").write_text(json.dumps(payload, indent=2))
+    (OUT / "quantize.md").write_text(markdown(results, sizes))
+    print(markdown(results, sizes))
+    print(f"total {payload['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
