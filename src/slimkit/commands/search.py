@@ -1,0 +1,95 @@
+"""``slimkit search``: Optuna search over training hyperparameters or compression plans (resumable, shareable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimkit.commands._common import (
+    ArgsOpt,
+    DataOpt,
+    ModelOpt,
+    ShapeOpt,
+    WeightsOpt,
+    build_model,
+    console,
+    fail_cleanly,
+    load_data,
+)
+
+
+def read_space(space: str) -> dict | str:
+    """A preset name, or a JSON/YAML file holding ``{name: spec}``."""
+    path = Path(space)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        return space
+    if not path.is_file():
+        raise FileNotFoundError(f"search space file {path} does not exist")
+    import yaml
+
+    try:
+        value = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML/JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter name -> spec, got {type(value).__name__}")
+    return value
+
+
+@fail_cleanly
+def search(
+    model: ModelOpt,
+    data: DataOpt = "mnist10k",
+    weights: WeightsOpt = None,
+    shape: ShapeOpt = None,
+    model_args: ArgsOpt = None,
+    objectives: Annotated[str, typer.Option(help="Comma-separated: accuracy, latency, size, macs.")] = "accuracy",
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Accuracy budget in points vs the input model.")]
+    = None,
+    relative: Annotated[bool, typer.Option(help="The budget is a percent of the input accuracy.")] = False,
+    space: Annotated[str, typer.Option(help="Preset (training, compression) or a JSON/YAML space file.")]
+    = "training",
+    n_trials: Annotated[int, typer.Option(help="Trials in the whole study (finished ones of earlier runs count).")]
+    = 20,
+    timeout: Annotated[float | None, typer.Option(help="Seconds after which this run starts no new trial.")] = None,
+    epochs: Annotated[int, typer.Option(help="Training / recovery epochs per trial.")] = 3,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL: sqlite:///f.db, postgresql://..., "
+                                                     "journal:PATH (default: sqlite in --out).")] = None,
+    study_name: Annotated[str, typer.Option(help="Study name inside the storage.")] = "slimkit-search",
+    workers: Annotated[int, typer.Option(help="Local worker processes sharing the study.")] = 1,
+    sampler: Annotated[str, typer.Option(help="auto, tpe, nsga2 or random.")] = "auto",
+    pruner: Annotated[str, typer.Option(help="median, percentile, hyperband, halving or none.")] = "median",
+    holdout: Annotated[int, typer.Option(help="Select on the last N training examples instead of the test split.")]
+    = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the study, best model, Pareto set, report.")]
+    = Path("slimkit-search"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Search hyperparameters or compression plans; rerun the same command to continue a killed run."""
+    from slimkit.tuning import SearchConfig
+    from slimkit.tuning import search as run_search
+
+    cfg = SearchConfig(objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
+                       max_accuracy_drop=max_accuracy_drop, relative=relative, n_trials=n_trials, timeout=timeout,
+                       storage=storage, study_name=study_name, workers=workers, sampler=sampler, pruner=pruner,
+                       space=read_space(space), epochs=epochs, out=str(out), seed=seed)
+    net = build_model(model, weights, model_args)
+    train_data, val_data = load_data(data, shape)
+    if holdout:
+        from slimkit.data import ArrayDataset
+
+        if not isinstance(train_data, ArrayDataset) or not 0 < holdout < len(train_data):
+            raise ValueError(f"--holdout {holdout}: needs in-memory data with more than {holdout} training examples")
+        x, y = train_data.images, train_data.labels
+        train_data, val_data = ArrayDataset(x[:-holdout], y[:-holdout]), ArrayDataset(x[-holdout:], y[-holdout:])
+    study = run_search(net, cfg, train_data, val_data)
+    console.print(study.table())
+    if study.message:
+        console.print(study.message)
+    console.print(f"report: {study.report}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(search)
