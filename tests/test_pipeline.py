@@ -95,3 +95,34 @@ def test_cli_compress_export_report(tiny, tmp_path):
     assert result.exit_code == 0 and "accuracy" in result.output
     result = runner.invoke(app, ["compress", "--model", "mlp", "--recipe", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "shipped recipe" in result.output
+
+
+def test_torch_export_format_and_html_is_valid(tiny, tmp_path):
+    import base64
+    from html.parser import HTMLParser
+
+    model, train, test = tiny
+    recipe = {"name": "te", "max_accuracy_drop": 10, "recovery_epochs": 0,
+              "steps": [{"prune": {"amount": 0.25, "target": "params"}}, {"export": {"format": "torch-export"}}]}
+    result = slimkit.compress(model, recipe, train, test, example_input=X, latency_batch_sizes=(1,))
+    path = slimkit.save(result, tmp_path / "te.slim")
+    program = torch.export.load(str(path / "model.pt2"))
+    x = torch.randn(3, 1, 8, 8)[:1]
+    torch.testing.assert_close(program.module()(x), result.model(x))
+    html_path = write_report(path)
+
+    class Images(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.feed(html_path.read_text())
+    assert len(parser.images) >= 2  # accuracy-vs-size and kept channels
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
