@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 COMMAND_MODULES = ["slimkit.commands.core", "slimkit.commands.pipeline", "slimkit.commands.distill",
-                   "slimkit.commands.prune", "slimkit.commands.quantize"]
+                   "slimkit.commands.prune", "slimkit.commands.quantize", "slimkit.commands.search"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
