@@ -98,3 +98,15 @@ def test_config_round_trips_and_validates():
         SearchConfig(sampler="cmaes")
     with pytest.raises(ValueError, match="n_trials=0"):
         SearchConfig(n_trials=0)
+
+
+def test_a_model_without_factory_is_saved_as_weights_and_reloads_with_a_template(tmp_path, digits):
+    train, test = digits
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))  # not from slimkit.models.create
+    study = search(model, config(tmp_path, n_trials=2), train, test)
+    with pytest.raises(ValueError, match="pass the original model as template"):
+        load_model(study.best.path)
+    reloaded = load_model(study.best.path, template=model)
+    assert evaluate(reloaded, test).accuracy == pytest.approx(study.best.metrics["accuracy"], abs=1e-9)
+    assert evaluate(study.best.model, test).accuracy == pytest.approx(study.best.metrics["accuracy"], abs=1e-9)

@@ -155,12 +155,15 @@ def model_size(model: nn.Module) -> int:
     import tempfile
 
     if importlib.util.find_spec("slimkit.export.artifact") is not None:
-        from slimkit.export.artifact import save
+        from slimkit.export.artifact import ArtifactError, save
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "m"
-            save(model, folder)
-            return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix == ".safetensors")
+            try:
+                save(model, folder)
+                return (folder / "model.safetensors").stat().st_size
+            except ArtifactError:  # no factory to rebuild it: plain safetensors of the state_dict
+                pass
     from slimkit.measure import size_on_disk
 
     return size_on_disk(model)
