@@ -69,22 +69,10 @@ class CompressResult:
                 "parity": self.parity, "recipe": self.recipe.to_dict()}
 
     def table(self):
-        b, f = self.baseline, self.final
-        rows = [
-            ["accuracy (%)", f"{b['accuracy']:.2f}", f"{f['accuracy']:.2f}", f"{f['accuracy'] - b['accuracy']:+.2f}"],
-            ["params", human(b["params"]), human(f["params"]), f"{b['params'] / max(f['params'], 1):.2f}x"],
-            ["MACs", human(b["macs"]), human(f["macs"]), f"{b['macs'] / max(f['macs'], 1):.2f}x"],
-            ["bytes on disk", human(b["size_bytes"], "B"), human(f["size_bytes"], "B"),
-             f"{b['size_bytes'] / max(f['size_bytes'], 1):.2f}x"],
-        ]
-        names = list(self.latency)
-        if len(names) >= 2:
-            base, deployed = self.latency[names[0]], self.latency[names[-1]]
-            for bs in base:
-                rows.append([f"latency b{bs} (ms)", f"{base[bs] * 1e3:.3f}", f"{deployed[bs] * 1e3:.3f}",
-                             f"{base[bs] / deployed[bs]:.2f}x faster"])
-        title = f"{self.recipe.name}: before vs after ({names[-1] if names else 'PyTorch'})"
-        return make_table(title, ["metric", "before", "after", "change"], rows)
+        from slimkit.report import summary_rows
+
+        title = f"{self.recipe.name}: before vs after ({list(self.latency)[-1] if self.latency else 'PyTorch'})"
+        return make_table(title, ["metric", "before", "after", "change"], summary_rows(self.metrics))
 
     def __str__(self) -> str:
         return render(self.table())
@@ -202,12 +190,37 @@ def _run_step(runner: _Runner, step: Step, model: nn.Module, floor: float, recip
                               notes=[*notes, "step skipped: the model before it is kept"], **metrics)
 
 
+def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path, val_data: Dataset,
+               floor: float, notes: list[str]) -> Path:
+    """``onnx-auto``: time int8 and fp32 ONNX side by side; keep the faster one that stays inside the budget."""
+    from slimkit.export.onnx import export_onnx, is_int8_model
+    from slimkit.export.runtime import OrtModel
+
+    variants = {"fp32": export_onnx(model, example_input, folder / "model-fp32.onnx", int8=False)}
+    if is_int8_model(model):
+        variants["int8"] = export_onnx(model, example_input, folder / "model-int8.onnx", int8=True)
+    sessions = {name: OrtModel(path, threads=2) for name, path in variants.items()}
+    timings = benchmark_latency(sessions, example_input, (cfg.auto_batch_size,), threads=2)
+    accuracy = {name: evaluate(session, val_data).accuracy for name, session in sessions.items()}
+    ms = {name: t[cfg.auto_batch_size].median * 1e3 for name, t in timings.items()}
+    inside = [n for n in variants if accuracy[n] >= floor] or list(variants)
+    chosen = min(inside, key=lambda n: ms[n])
+    notes.append("onnx-auto at batch {}: {}; shipped {}".format(
+        cfg.auto_batch_size, ", ".join(f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}%" for n in variants), chosen))
+    final = folder / "model.onnx"
+    variants[chosen].rename(final)
+    return final
+
+
 def _export(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path) -> Path:
     if cfg.format is ExportFormat.TORCH_EXPORT:
         program = torch.export.export(model.eval(), (example_input,))
         path = folder / "model.pt2"
         torch.export.save(program, str(path))
         return path
+    if cfg.format is ExportFormat.ONNX_AUTO:
+        raise ValueError("onnx-auto chooses between int8 and fp32 by measured speed and accuracy: use it as a recipe "
+                         "step (slimkit compress), or export onnx / onnx-int8 here")
     from slimkit.export.onnx import export_onnx
 
     return export_onnx(model, example_input, folder / "model.onnx", int8=cfg.format is ExportFormat.ONNX_INT8)
@@ -245,7 +258,14 @@ def compress(
     for i, step in enumerate(recipe.steps):
         console.rule(f"step {i + 1}/{len(recipe.steps)}: {step.kind.value}")
         if step.kind is StepKind.EXPORT:
-            exported = _export(current, step.config, example_input, export_dir)
+            if step.config.format is ExportFormat.ONNX_AUTO:
+                export_notes: list[str] = []
+                exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor, export_notes)
+                console.print(export_notes[-1])
+                outcomes.append(StepOutcome("export", "applied", step.config.to_dict(), notes=export_notes,
+                                            seconds=0.0, **_metrics(current, val_data, example_input)))
+            else:
+                exported = _export(current, step.config, example_input, export_dir)
             if step.config.parity and exported.suffix == ".onnx":
                 from slimkit.export.runtime import OrtModel
                 from slimkit.export.runtime import parity as check_parity
@@ -262,7 +282,10 @@ def compress(
     if exported is not None and exported.suffix == ".onnx":
         from slimkit.export.runtime import OrtModel
 
-        candidates[f"ONNX Runtime ({exported.stem}, after)"] = OrtModel(exported, threads=2)
+        deployed = OrtModel(exported, threads=2)
+        final["deployed_accuracy"] = evaluate(deployed, val_data).accuracy
+        final["deployed_bytes"] = exported.stat().st_size
+        candidates["ONNX Runtime (after)"] = deployed
     elif not any(o.kind == "quantize" and o.status != "skipped" for o in outcomes):
         candidates["PyTorch (after)"] = current
     timings = benchmark_latency(candidates, example_input, latency_batch_sizes, threads=2)

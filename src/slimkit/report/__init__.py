@@ -77,6 +77,11 @@ def summary_rows(metrics: dict[str, Any]) -> list[list[str]]:
         ["MACs", human(b["macs"]), human(f["macs"]), ratio("macs")],
         ["bytes on disk", human(b["size_bytes"], "B"), human(f["size_bytes"], "B"), ratio("size_bytes")],
     ]
+    if "deployed_accuracy" in f:
+        rows.append(["accuracy of the deployed ONNX (%)", f"{b['accuracy']:.2f}", f"{f['deployed_accuracy']:.2f}",
+                     f"{f['deployed_accuracy'] - b['accuracy']:+.2f} pt"])
+        rows.append(["deployed ONNX file", human(b["size_bytes"], "B"), human(f["deployed_bytes"], "B"),
+                     f"{b['size_bytes'] / max(f['deployed_bytes'], 1):.2f}x smaller"])
     for bs, before_ms in b.get("latency_ms", {}).items():
         after_ms = f.get("latency_ms", {}).get(bs)
         if after_ms:
