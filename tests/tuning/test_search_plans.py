@@ -56,3 +56,24 @@ def test_compression_search_saves_a_best_that_reloads_with_its_metrics(tmp_path,
     assert evaluate(reloaded, test).accuracy == pytest.approx(study.best.metrics["accuracy"], abs=1e-9)
     saved = (study.best.path / "model" / "model.safetensors").stat().st_size
     assert saved == study.best.metrics["size_bytes"]
+
+
+def test_a_plan_a_verb_rejects_is_pruned_and_the_search_goes_on(tmp_path, trained, digits, monkeypatch):
+    import slimkit.tuning._verbs as verbs
+
+    real = verbs.apply_plan
+
+    def picky(plan, params, ctx, hook):
+        if plan["prune_amount"] > 0.4:
+            raise ValueError("could only reach 12% macs reduction")
+        return real(plan, params, ctx, hook)
+
+    monkeypatch.setattr(verbs, "apply_plan", picky)
+    train, test = digits
+    space = {"prune_amount": {"type": "categorical", "choices": [0.0, 0.6]}, "bits": 32, "epochs": 1}
+    cfg = SearchConfig(objectives=("accuracy", "size"), n_trials=4, space=space, out=str(tmp_path / "run"),
+                       progress=False, sampler="random", seed=3)
+    study = search(trained, cfg, train, test)
+    rejected = [t for t in study.study.trials if t.params["prune_amount"] == 0.6]
+    assert rejected and all(t.state.name == "PRUNED" for t in rejected)
+    assert study.finished == 4 - len(rejected) and "could not apply their plan" in study.message

@@ -155,10 +155,18 @@ class _Worker:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"accuracy {history.val_accuracy[-1]:.2f}% at epoch {epoch + 1}")
 
+        plan = any(spaces.is_plan_param(n) for n in params)
         try:
             model = run_params(params, self.ctx, report)
         except FloatingPointError as exc:  # diverged (learning rate too high): hopeless, not a bug
             trial.set_user_attr("pruned_reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from exc
+        except ValueError as exc:
+            if not plan:
+                raise
+            # a verb cannot realize this plan (e.g. a pruning amount the channel groups cannot reach): the plan
+            # is out of reach, the search goes on; the summary counts and quotes these
+            trial.set_user_attr("pruned_reason", f"plan not applicable: {exc}")
             raise optuna.TrialPruned(str(exc)) from exc
         metrics = self.measure(model)
         violation = 0.0 if self.threshold is None else self.threshold - metrics["accuracy"]
@@ -331,6 +339,11 @@ def summarize(study: Any, config: SearchConfig, template: nn.Module | None, sett
         best = result(bi, best_dir if _saved_trial(best_dir) == cands[bi].number else None)
     threshold = settings.get("threshold")
     message = _message(best, threshold, config, len(done))
+    skipped = [t.user_attrs["pruned_reason"] for t in trials if t.state == optuna.trial.TrialState.PRUNED
+               and str(t.user_attrs.get("pruned_reason", "")).startswith("plan not applicable")]
+    if skipped:
+        message += (f"\n{len(skipped)} trial(s) were pruned because a verb could not apply their plan; "
+                    f"first: {skipped[0]}")
     summary = SearchStudy(best, pareto, study, config.objectives, settings.get("baseline", {}), threshold, out,
                           len(done), pruned, failed, message)
     from slimkit.tuning.report import write_report
