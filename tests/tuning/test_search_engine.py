@@ -110,3 +110,23 @@ def test_a_model_without_factory_is_saved_as_weights_and_reloads_with_a_template
     reloaded = load_model(study.best.path, template=model)
     assert evaluate(reloaded, test).accuracy == pytest.approx(study.best.metrics["accuracy"], abs=1e-9)
     assert evaluate(study.best.model, test).accuracy == pytest.approx(study.best.metrics["accuracy"], abs=1e-9)
+
+
+def test_training_preset_with_a_teacher_searches_distillation(tmp_path, digits):
+    train, test = digits
+    teacher = tiny_model()
+    slimkit.train.fit(teacher, train, test, slimkit.TrainConfig(epochs=2, lr=0.02, progress=False))
+    study = search(tiny_model(), config(tmp_path, n_trials=1, space="training"), train, test, teacher=teacher)
+    plan = study.best.plan
+    assert {"lr", "weight_decay", "batch_size", "optimizer", "temperature", "alpha"} <= set(plan)
+    assert 1.0 <= plan["temperature"] <= 8.0 and 0.1 <= plan["alpha"] <= 0.9
+
+
+@pytest.mark.slow
+def test_workers_argument_spawns_processes_that_share_the_study(tmp_path, digits):
+    train, test = digits
+    study = search(tiny_model(), config(tmp_path, n_trials=30, workers=2, storage=f"journal:{tmp_path / 'j.log'}"),
+                   train, test)
+    numbers = [t.number for t in study.study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert len({t.user_attrs["worker"].split(":")[0] for t in study.study.trials}) == 2
