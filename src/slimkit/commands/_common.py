@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -42,7 +43,8 @@ def fail_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, TypeError, ImportError, RuntimeError) as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
+            # soft_wrap: never break a path or a name in two; escape: messages may contain [brackets]
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             sys.exit(2)
 
     return wrapper
