@@ -7,14 +7,14 @@ and 64).
 Part 2 (accuracy): LeNet-5 trained on MNIST-10k, pruned to 2x fewer MACs with every slimkit criterion and with
 Torch-Pruning, each fine-tuned for 3 epochs with the same settings; accuracy drop from the unpruned model.
 
-Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/prune.py`` (writes benchmarks/results/prune.{json,md}).
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/prune.py [--only speed|lenet5]`` (writes
+benchmarks/results/prune.{json,md}; a part not run keeps its stored rows).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -86,6 +86,12 @@ def speed(names=("resnet56", "mobilenetv2_cifar", "vgg16_cifar")) -> list[dict]:
     return rows
 
 
+def widths(model) -> list[int]:
+    """Output width of every Conv/Linear layer, in order (the allocation each tool chose)."""
+    return [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
 def accuracy(epochs: int = 3) -> dict:
     import torch_pruning as tp
 
@@ -96,27 +102,27 @@ def accuracy(epochs: int = 3) -> dict:
     baseline = evaluate(model, test).accuracy
     x = slimkit.models.example_input("lenet5", 1)
     finetune = TrainConfig(epochs=epochs, lr=1e-3, progress=False)
-    results = {"baseline": baseline, "finetune_epochs": epochs, "runs": []}
+    results = {"baseline": baseline, "finetune_epochs": epochs, "widths_before": widths(model), "runs": []}
     for criterion in ("l1", "l2", "fpgm", "bn_scale", "taylor", "random"):
         for allocation in ("uniform", "global"):
             cfg = PruneConfig(amount=AMOUNT, target="macs", importance=criterion, allocation=allocation)
             pruned = prune(model, cfg, x, train_data=train).model
-            one_shot = evaluate(pruned, test).accuracy
+            one_shot, kept = evaluate(pruned, test).accuracy, widths(pruned)
             fit(pruned, train, test, finetune)
             acc = evaluate(pruned, test).accuracy
             results["runs"].append({"tool": "slimkit", "criterion": criterion, "allocation": allocation,
                                     "macs_ratio": slimkit.profile(model, x).macs / slimkit.profile(pruned, x).macs,
-                                    "one_shot": one_shot, "accuracy": acc, "drop": baseline - acc})
+                                    "widths": kept, "one_shot": one_shot, "accuracy": acc, "drop": baseline - acc})
             print(json.dumps(results["runs"][-1]), flush=True)
     for label, imp in (("l2", tp.importance.GroupMagnitudeImportance(p=2)),
                        ("l1", tp.importance.GroupMagnitudeImportance(p=1))):
         pruned = tp_prune(model, x, AMOUNT, importance=imp)
-        one_shot = evaluate(pruned, test).accuracy
+        one_shot, kept = evaluate(pruned, test).accuracy, widths(pruned)
         fit(pruned, train, test, finetune)
         acc = evaluate(pruned, test).accuracy
         results["runs"].append({"tool": "torch-pruning", "criterion": label, "allocation": "uniform",
                                 "macs_ratio": slimkit.profile(model, x).macs / slimkit.profile(pruned, x).macs,
-                                "one_shot": one_shot, "accuracy": acc, "drop": baseline - acc})
+                                "widths": kept, "one_shot": one_shot, "accuracy": acc, "drop": baseline - acc})
         print(json.dumps(results["runs"][-1]), flush=True)
     return results
 
@@ -136,20 +142,27 @@ def markdown(speed_rows, acc) -> str:
                      f"{r['slimkit_vs_tp_latency_b64']:.3f} | | |")
     if acc:
         lines += ["", f"## LeNet-5 on MNIST-10k, 2x MACs, {acc['finetune_epochs']} epochs fine-tune "
-                  f"(baseline {acc['baseline']:.2f}%)", "",
-                  "| tool | criterion | allocation | MACs ratio | one-shot acc | fine-tuned acc | drop (points) |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"(baseline {acc['baseline']:.2f}%, widths {acc.get('widths_before')})", "",
+                  "| tool | criterion | allocation | MACs ratio | kept widths | one-shot acc | fine-tuned acc | "
+                  "drop (points) |", "|---|---|---|---|---|---|---|---|"]
         for r in acc["runs"]:
             lines.append(f"| {r['tool']} | {r['criterion']} | {r['allocation']} | {r['macs_ratio']:.2f} | "
-                         f"{r['one_shot']:.2f} | {r['accuracy']:.2f} | {r['drop']:+.2f} |")
+                         f"{r.get('widths', '')} | {r['one_shot']:.2f} | {r['accuracy']:.2f} | {r['drop']:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("speed", "lenet5"), action="append",
+                        help="run only this part (repeatable); the other part's stored results are kept")
+    args = parser.parse_args()
+    parts = set(args.only or ("speed", "lenet5"))
     torch.set_num_threads(2)
-    parts = set(sys.argv[1:]) or {"speed", "accuracy"}
-    speed_rows = speed() if "speed" in parts else []
-    acc = accuracy() if "accuracy" in parts else None
+    stored = json.loads((OUT / "prune.json").read_text()) if (OUT / "prune.json").exists() else {}
+    speed_rows = speed() if "speed" in parts else stored.get("speed", [])
+    acc = accuracy() if "lenet5" in parts else stored.get("accuracy")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prune.json").write_text(json.dumps({"speed": speed_rows, "accuracy": acc}, indent=1))
     (OUT / "prune.md").write_text(markdown(speed_rows, acc))

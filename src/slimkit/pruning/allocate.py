@@ -2,8 +2,8 @@
 
 Every rule is a one-parameter family ``keep(s)`` that prunes more as ``s`` grows. For ``target="macs"`` or
 ``"params"`` the parameter is found by bisection on an exact cost model (MACs and parameters of Conv/Linear
-scale with ``kept_out/out * kept_in/in``), then the remaining gap is closed one unit at a time, taking the
-globally least important unit still allowed, so the result lands on the asked reduction.
+scale with ``kept_out/out * kept_in/in``), then the remaining gap is closed one unit at a time in the rule's own
+order (see ``_top_up``), so the result lands on the asked reduction.
 """
 
 from __future__ import annotations
@@ -189,14 +189,62 @@ def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLi
             lo = mid
         else:
             hi = mid
-    keep = family(lo)
-    return _top_up(keep, normalized, limits, units, reduction, amount)
-
-
-def _top_up(keep, normalized, limits, units, reduction, amount, slack: float = 0.005) -> list[int]:
-    """Remove the least important allowed unit (in ``round_to`` steps) until the target is reached; near the
-    target, a move that would overshoot by more than ``slack`` gives way to the closest-landing move."""
     order = [torch.sort(v).values for v in normalized]
+    # The family jumps in whole units, so the answer sits between family(lo) (just short of the target) and
+    # family(hi) (past it). Close the gap from both sides and keep the candidate nearer the rule's own ratios.
+    below = _top_up(family(lo), order, limits, units, reduction, amount, rule)
+    above = _give_back(family(hi), order, limits, units, reduction, amount, rule)
+    reference = family(lo)
+
+    def badness(keep: list[int]) -> tuple:
+        off_target = abs(reduction(keep) - amount) > _TOLERANCE
+        if rule == "global":  # importance removed (normalized scores of the cut units)
+            return off_target, sum(float(o[:n - k].sum()) for o, n, k in zip(order, units, keep))
+        # per-layer rules: the deepest over-cut of any group beyond the family's own ratio (minimax)
+        over = [(r - k) / n for k, r, n in zip(keep, reference, units)]
+        return off_target, max(over, default=0.0), sum(o * o for o in over)
+
+    return min((below, above), key=badness)
+
+
+_TOLERANCE = 0.01
+
+
+def _give_back(keep, order, limits, units, reduction, amount, rule: str) -> list[int]:
+    """From a keep past the target, restore units one ``round_to`` step at a time while the target stays met:
+    for ``global`` the unit with the most importance per point of reduction it costs, for the per-layer rules
+    the group cut deepest (ties: the smaller loss of reduction)."""
+    current = reduction(keep)
+    while True:
+        moves = []
+        for i, (k, lim) in enumerate(zip(keep, limits)):
+            if lim.fixed is None and k + lim.step <= units[i]:
+                trial = list(keep)
+                trial[i] += lim.step
+                after = reduction(trial)
+                if after < amount:
+                    continue
+                loss = max(current - after, 1e-12)
+                if rule == "global":
+                    key = (-float(order[i][units[i] - trial[i]:units[i] - k].sum()) / loss,)
+                else:
+                    key = (-(1 - k / units[i]), loss)
+                moves.append((key, after, trial))
+        if not moves:
+            return keep
+        _, current, keep = min(moves, key=lambda m: m[0])
+
+
+def _top_up(keep, order, limits, units, reduction, amount, rule: str, slack: float = 0.005) -> list[int]:
+    """Close the gap left by the bisection, one ``round_to`` step at a time.
+
+    The next unit to go must respect the rule, not only the scores: for ``global`` it is the unit that costs the
+    least importance per point of reduction (a knapsack greedy; a tiny Linear neuron barely moves the MACs, so
+    ranking by score alone would strip dozens of them), for the per-layer rules it is the group whose removed
+    fraction stays lowest after the cut (ties: the larger reduction), so the ratios stay even instead of one
+    group absorbing the whole gap. Near the target, a move that would overshoot by more than ``slack`` gives
+    way to the closest-landing move.
+    """
     current = reduction(keep)
     while current < amount:
         moves = []
@@ -204,11 +252,18 @@ def _top_up(keep, normalized, limits, units, reduction, amount, slack: float = 0
             if lim.fixed is None and k - lim.step >= max(lim.min_keep, 1):
                 trial = list(keep)
                 trial[i] -= lim.step
-                moves.append((float(order[i][units[i] - k]), reduction(trial), trial))
+                after = reduction(trial)
+                gain = max(after - current, 1e-12)
+                if rule == "global":
+                    lost = float(order[i][units[i] - k:units[i] - k + lim.step].sum())
+                    key = (lost / gain,)
+                else:
+                    key = (1 - trial[i] / units[i], -gain)
+                moves.append((key, after, trial))
         if not moves:
             break
         fitting = [m for m in moves if m[1] <= amount + slack]
-        _, after, trial = min(fitting) if fitting else min(moves, key=lambda m: abs(m[1] - amount))
+        _, after, trial = min(fitting, key=lambda m: m[0]) if fitting else min(moves, key=lambda m: abs(m[1] - amount))
         if not fitting and abs(after - amount) > abs(amount - current):
             break
         keep, current = trial, after
