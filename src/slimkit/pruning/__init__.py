@@ -18,7 +18,9 @@ from slimkit.pruning.core import PruneResult, apply_record, replay
 from slimkit.pruning.graph import Group, build_graph
 from slimkit.pruning.importance import CRITERIA, l1_penalty
 from slimkit.pruning.schedule import prune
+from slimkit.pruning.sensitivity import SensitivityResult, sensitivity
 from slimkit.pruning.surgery import register_surgery
 
-__all__ = ["CRITERIA", "Allocation", "Group", "Importance", "PruneConfig", "PruneResult", "Target", "apply_record",
-           "build_graph", "l1_penalty", "prune", "register_surgery", "replay"]
+__all__ = ["CRITERIA", "Allocation", "Group", "Importance", "PruneConfig", "PruneResult", "SensitivityResult",
+           "Target", "apply_record", "build_graph", "l1_penalty", "prune", "register_surgery", "replay",
+           "sensitivity"]

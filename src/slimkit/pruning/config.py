@@ -46,7 +46,9 @@ class PruneConfig(Config):
             ``(group) -> scores``.
         allocation: ``uniform`` (same ratio everywhere), ``global`` (one ranking of normalized scores),
             ``proportional`` (ratio proportional to the group's parameter share, capped by ``max_sparsity``),
-            ``sensitivity`` (largest ratio per group whose measured accuracy drop stays under a shared threshold).
+            ``sensitivity`` (largest ratio per group whose measured accuracy drop stays under a shared threshold;
+            ``sensitivity=`` the result of ``slimkit.pruning.sensitivity`` or ``{group: [[ratio, accuracy], ...]}``
+            including the ``[0, baseline]`` point).
         ignore: module names or ``re:`` patterns whose output channels are never pruned.
         overrides: ``{name or re:pattern: ratio}`` fixing the ratio of the groups those modules produce.
         round_to: kept channel counts are multiples of this (SIMD-friendly).
@@ -81,6 +83,12 @@ class PruneConfig(Config):
         check_range("tolerance", self.tolerance, 0.0, 0.5)
         if not callable(self.importance):
             self.importance = to_enum(Importance, self.importance, "importance")
+        if self.sensitivity is not None and not isinstance(self.sensitivity, dict):
+            curves = getattr(self.sensitivity, "curves", None)
+            if not isinstance(curves, dict):
+                raise TypeError(f"sensitivity={type(self.sensitivity).__name__}: give the result of "
+                                "slimkit.pruning.sensitivity(...) or {group: [[ratio, accuracy], ...]}")
+            self.sensitivity = curves
         if isinstance(self.ignore, str):
             self.ignore = (self.ignore,)
         for name, ratio in self.overrides.items():

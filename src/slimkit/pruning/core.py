@@ -138,6 +138,8 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
         "after": after_cost,
         "reduction": {k: 1 - after_cost[k] / before[k] if before[k] else 0.0 for k in ("params", "macs")},
     }
+    if cfg.allocation.value == "sensitivity" and cfg.sensitivity:
+        record["sensitivity"] = {g: [[float(r), float(a)] for r, a in pts] for g, pts in cfg.sensitivity.items()}
     if cfg.amount > 0 and target != "channels":
         achieved = record["reduction"][target]
         if abs(achieved - cfg.amount) > cfg.tolerance:
@@ -175,17 +177,22 @@ def _check_reachable(graph, limits, cost, cfg, kept_intact) -> None:
 
 
 def _sensitivity_curves(graph, cfg: PruneConfig):
+    """Per group ``[(ratio, accuracy drop in points)]`` from ``cfg.sensitivity`` (accuracy curves)."""
     if cfg.allocation.value != "sensitivity":
         return None
     if not cfg.sensitivity:
-        raise ValueError("allocation='sensitivity' needs PruneConfig.sensitivity (from "
-                         "slimkit.pruning.sensitivity.analyze(...).curves) or val_data passed to prune")
+        raise ValueError("allocation='sensitivity' needs PruneConfig.sensitivity (the result of "
+                         "slimkit.pruning.sensitivity(...)) or val_data passed to prune")
     curves = []
     for group in graph.groups:
         if group.id not in cfg.sensitivity:
             raise ValueError(f"sensitivity table has no entry for group {group.id!r}; rerun the analysis on "
                              "this model")
-        curves.append([tuple(p) for p in cfg.sensitivity[group.id]])
+        points = sorted((float(r), float(a)) for r, a in cfg.sensitivity[group.id])
+        if not points or points[0][0] != 0.0:
+            raise ValueError(f"sensitivity curve of group {group.id!r} lacks the [0, baseline accuracy] point; "
+                             "use slimkit.pruning.sensitivity(...)")
+        curves.append([(r, points[0][1] - a) for r, a in points])
     return curves
 
 

@@ -57,6 +57,12 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, *,
         0.5003
     """
     _check_input(model, config, example_input)
+    if config.allocation.value == "sensitivity" and not config.sensitivity and val_data is not None:
+        from slimkit.pruning.sensitivity import sensitivity
+
+        table = sensitivity(model, example_input, val_data, importance=config.importance, ignore=config.ignore,
+                            leaf_modules=config.leaf_modules, train_data=train_data)
+        config = dataclasses.replace(config, sensitivity=table.curves)
     iterative = config.steps > 1 or (config.finetune is not None and train_data is not None)
     if not iterative:
         pruned, record = prune_once(model, config, example_input, train_data=train_data, loss_fn=loss_fn)
