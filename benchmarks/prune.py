@@ -6,8 +6,9 @@ latency of original / slimkit / Torch-Pruning measured side by side in one proce
 and 64).
 Part 2 (accuracy): LeNet-5 trained on MNIST-10k, pruned to 2x fewer MACs with every slimkit criterion and with
 Torch-Pruning, each fine-tuned for 3 epochs with the same settings; accuracy drop from the unpruned model.
+Part 3 (sparse): unstructured local/global/2:4 sparsity: packed file size and latency versus dense.
 
-Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/prune.py [--only speed|lenet5]`` (writes
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/prune.py [--only speed|lenet5|sparse]`` (writes
 benchmarks/results/prune.{json,md}; a part not run keeps its stored rows).
 """
 
@@ -127,7 +128,41 @@ def accuracy(epochs: int = 3) -> dict:
     return results
 
 
-def markdown(speed_rows, acc) -> str:
+def sparse(names=("resnet56", "vgg16_cifar")) -> list[dict]:
+    """Unstructured sparsity: file size through pack_sparse, and latency (which dense kernels do not reduce)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from slimkit.pruning import SparsityConfig, pack_sparse, sparsify
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = slimkit.models.create(name)
+        x = slimkit.models.example_input(name, 1)
+        configs = {"local 50%": SparsityConfig(amount=0.5, mode="local"),
+                   "global 90%": SparsityConfig(amount=0.9, mode="global"),
+                   "2:4": SparsityConfig(mode="n:m", n=2, m=4)}
+        models = {label: sparsify(model, cfg) for label, cfg in configs.items()}
+        lat = benchmark_latency({"dense": model, **{k: r.model for k, r in models.items()}}, x,
+                                batch_sizes=(1, 64), threads=2, repeats=20, max_seconds=20)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{tmp}/dense")
+            dense_bytes = Path(f"{tmp}/dense").stat().st_size
+            for label, res in models.items():
+                save_file(pack_sparse(res.model.state_dict()), f"{tmp}/{label}")
+                row = {"model": name, "sparsity": label, "weight_sparsity": res.record["sparsity"],
+                       "dense_bytes": dense_bytes, "packed_bytes": Path(f"{tmp}/{label}").stat().st_size,
+                       "latency_ratio_b1": lat[label][1].median / lat["dense"][1].median,
+                       "latency_ratio_b64": lat[label][64].median / lat["dense"][64].median}
+                row["size_ratio"] = row["packed_bytes"] / dense_bytes
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(speed_rows, acc, sparse_rows=()) -> str:
     lines = ["## Speed: 2x MACs reduction, slimkit vs Torch-Pruning 1.6.1 (2 threads, median)", "",
              "| model | tool | params ratio | MACs ratio | speed-up b1 | speed-up b64 | ms b1 | ms b64 |",
              "|---|---|---|---|---|---|---|---|"]
@@ -148,6 +183,15 @@ def markdown(speed_rows, acc) -> str:
         for r in acc["runs"]:
             lines.append(f"| {r['tool']} | {r['criterion']} | {r['allocation']} | {r['macs_ratio']:.2f} | "
                          f"{r.get('widths', '')} | {r['one_shot']:.2f} | {r['accuracy']:.2f} | {r['drop']:+.2f} |")
+    if sparse_rows:
+        lines += ["", "## Unstructured sparsity: packed file size and (unchanged) dense latency, 2 threads", "",
+                  "| model | sparsity | weight zeros | dense file | packed file | size ratio | latency b1 / dense | "
+                  "latency b64 / dense |", "|---|---|---|---|---|---|---|---|"]
+        for r in sparse_rows:
+            lines.append(f"| {r['model']} | {r['sparsity']} | {r['weight_sparsity']:.1%} | "
+                         f"{r['dense_bytes'] / 1e6:.2f} MB | {r['packed_bytes'] / 1e6:.2f} MB | "
+                         f"{r['size_ratio']:.3f} | "
+                         f"{r['latency_ratio_b1']:.2f} | {r['latency_ratio_b64']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,18 +199,20 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("speed", "lenet5"), action="append",
+    parser.add_argument("--only", choices=("speed", "lenet5", "sparse"), action="append",
                         help="run only this part (repeatable); the other part's stored results are kept")
     args = parser.parse_args()
-    parts = set(args.only or ("speed", "lenet5"))
+    parts = set(args.only or ("speed", "lenet5", "sparse"))
     torch.set_num_threads(2)
     stored = json.loads((OUT / "prune.json").read_text()) if (OUT / "prune.json").exists() else {}
     speed_rows = speed() if "speed" in parts else stored.get("speed", [])
     acc = accuracy() if "lenet5" in parts else stored.get("accuracy")
+    sparse_rows = sparse() if "sparse" in parts else stored.get("sparse", [])
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "prune.json").write_text(json.dumps({"speed": speed_rows, "accuracy": acc}, indent=1))
-    (OUT / "prune.md").write_text(markdown(speed_rows, acc))
-    print(markdown(speed_rows, acc))
+    (OUT / "prune.json").write_text(json.dumps({"speed": speed_rows, "accuracy": acc, "sparse": sparse_rows},
+                                               indent=1))
+    (OUT / "prune.md").write_text(markdown(speed_rows, acc, sparse_rows))
+    print(markdown(speed_rows, acc, sparse_rows))
 
 
 if __name__ == "__main__":

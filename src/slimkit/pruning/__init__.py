@@ -19,8 +19,9 @@ from slimkit.pruning.graph import Group, build_graph
 from slimkit.pruning.importance import CRITERIA, l1_penalty
 from slimkit.pruning.schedule import prune
 from slimkit.pruning.sensitivity import SensitivityResult, sensitivity
+from slimkit.pruning.sparse import SparseResult, SparsityConfig, SparsityMode, pack_sparse, sparsify, unpack_sparse
 from slimkit.pruning.surgery import register_surgery
 
 __all__ = ["CRITERIA", "Allocation", "Group", "Importance", "PruneConfig", "PruneResult", "SensitivityResult",
-           "Target", "apply_record", "build_graph", "l1_penalty", "prune", "register_surgery", "replay",
-           "sensitivity"]
+           "SparseResult", "SparsityConfig", "SparsityMode", "Target", "apply_record", "build_graph", "l1_penalty",
+           "pack_sparse", "prune", "register_surgery", "replay", "sensitivity", "sparsify", "unpack_sparse"]
