@@ -98,6 +98,12 @@ def test_mismatched_outputs_fail_before_training(digits):
     assert counting.reads <= 8  # only the probe batch was read
 
 
+def test_a_student_that_cannot_read_the_data_fails_clearly(digits):
+    train, val = _tiny(digits)
+    with pytest.raises(ValueError, match=r"student cannot run on the training data \(inputs of shape \(8, 1, 8, 8\)"):
+        distill(models.create("mlp"), _digit_mlp(), DistillConfig(**QUIET), train, val)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

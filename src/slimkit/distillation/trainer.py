@@ -234,6 +234,15 @@ def distill(
     return DistillResult(model.eval(), record, adapters)
 
 
+def _run(role: str, model: nn.Module, inputs: torch.Tensor):
+    try:
+        return model(inputs)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"the {role} cannot run on the training data (inputs of shape {tuple(inputs.shape)}): "
+                         f"{first}") from exc
+
+
 def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data,
                      student_features: _Capture, teacher_features: _Capture) -> nn.ModuleDict:
     """Run both models on a few training examples: check the outputs agree and build the hint adapters."""
@@ -242,9 +251,9 @@ def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, t
     model.eval()
     try:
         with torch.enable_grad():  # the student's hooks capture only when gradients are on
-            student_out = model(inputs)
+            student_out = _run("student", model, inputs)
         with torch.no_grad():
-            teacher_out = teacher(inputs)
+            teacher_out = _run("teacher", teacher, inputs)
     finally:
         model.train(was_training)
     for role, out in (("student", student_out), ("teacher", teacher_out)):
