@@ -54,6 +54,8 @@ class SearchProgress:
             what = format_metrics(trial.user_attrs.get("metrics", {}))
         else:
             what = trial.state.name.lower()
+            if trial.user_attrs.get("pruned_reason"):
+                what += f" ({trial.user_attrs['pruned_reason'][:100]})"
         self.bar.console.print(f"trial {trial.number}: {what}", highlight=False)
 
 

@@ -153,7 +153,9 @@ class _Worker:
             if single and history.val_accuracy and self.config.objectives[0] == "accuracy":
                 trial.report(history.val_accuracy[-1], epoch)
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"accuracy {history.val_accuracy[-1]:.2f}% at epoch {epoch + 1}")
+                    reason = f"accuracy {history.val_accuracy[-1]:.2f}% at epoch {epoch + 1}: stopped by the pruner"
+                    trial.set_user_attr("pruned_reason", reason)
+                    raise optuna.TrialPruned(reason)
 
         plan = any(spaces.is_plan_param(n) for n in params)
         try:
@@ -278,6 +280,10 @@ def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any
         worker.progress = progress
         try:
             worker.run(finished)
+        except BaseException:  # Ctrl-C or an error: stop the helpers too (finished trials stay in storage)
+            for p in procs:
+                p.terminate()
+            raise
         finally:
             for p in procs:
                 p.join()
