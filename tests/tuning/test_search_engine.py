@@ -130,3 +130,14 @@ def test_workers_argument_spawns_processes_that_share_the_study(tmp_path, digits
     numbers = [t.number for t in study.study.trials]
     assert len(numbers) == len(set(numbers))
     assert len({t.user_attrs["worker"].split(":")[0] for t in study.study.trials}) == 2
+
+
+def test_median_pruner_stops_hopeless_trials_early(tmp_path, digits):
+    train, test = digits
+    space = {"lr": {"type": "categorical", "choices": [1e-6, 0.05]}, "optimizer": "adam"}
+    study = search(tiny_model(), config(tmp_path, n_trials=8, epochs=3, space=space, sampler="random"), train, test)
+    pruned = [t for t in study.study.trials if t.state.name == "PRUNED"]
+    assert pruned and all(t.params["lr"] == 1e-6 for t in pruned)
+    assert all("stopped by the pruner" in t.user_attrs["pruned_reason"] for t in pruned)
+    assert all(len(t.intermediate_values) < 3 for t in pruned)  # stopped before the last epoch
+    assert study.best.plan["lr"] == 0.05
