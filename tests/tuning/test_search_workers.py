@@ -83,9 +83,9 @@ def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(tmp_path, digit
     assert study.best.metrics["accuracy"] >= max(v[0] for v in before.values())
 
 
-@pytest.mark.parametrize("kind", ["journal"])
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_two_workers_share_one_study_without_duplicate_numbers(tmp_path, kind):
-    url = f"journal:{tmp_path / 'study.log'}"
+    url = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     a = _launch(tmp_path, tmp_path / "run", url, 8, str(tmp_path / "a.ready"), str(tmp_path / "b.ready"))
     b = _launch(tmp_path, tmp_path / "run", url, 8, str(tmp_path / "b.ready"), str(tmp_path / "a.ready"))
     for p in (a, b):

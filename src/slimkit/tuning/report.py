@@ -25,7 +25,7 @@ class SearchProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.config, self.threshold = config, threshold
-        enabled = config.progress and not os.environ.get("SLIMKIT_NO_PROGRESS")
+        self.enabled = enabled = config.progress and not os.environ.get("SLIMKIT_NO_PROGRESS")
         self.bar = Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("{task.fields[best]}"), disable=not enabled)
         self.task = self.bar.add_task("search", total=config.n_trials, completed=finished, best="")
@@ -50,6 +50,8 @@ class SearchProgress:
         if bi is not None and not done[bi].feasible:
             best += " (over budget)"
         self.bar.update(self.task, completed=min(finished, self.config.n_trials), best=best)
+        if not self.enabled:
+            return
         if trial.state == optuna.trial.TrialState.COMPLETE:
             what = format_metrics(trial.user_attrs.get("metrics", {}))
         else:

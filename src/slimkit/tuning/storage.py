@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,28 @@ def open_storage(url: str) -> Any:
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+        return _rdb(url, engine_kwargs)
     except ImportError as exc:
         raise ValueError(f"storage {shown} needs a database driver that is not installed: {exc}") from exc
     except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot reach storage {shown}: {first}. Check the URL, the server and the "
                          "credentials, or use the default SQLite file (omit --storage)") from exc
+
+
+def _rdb(url: str, engine_kwargs: dict[str, Any], attempts: int = 6) -> Any:
+    """``RDBStorage``, retried while another worker is creating the same fresh database (its tables)."""
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except Exception as exc:
+            racing = "already exists" in str(exc) or "database is locked" in str(exc)
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
