@@ -74,3 +74,16 @@ def test_folder_spec(tmp_path):
     train, test = data.load(f"folder:{tmp_path}")
     image, label = train[0]
     assert len(train) == 6 and len(test) == 6 and tuple(image.shape) == (3, 8, 8) and label in (0, 1)
+
+
+def test_split_holds_out_a_seeded_fraction(mnist):
+    train, _ = mnist
+    rest, val = data.split(train, 0.125, seed=3)
+    assert (len(rest), len(val)) == (7000, 1000)
+    again, _ = data.split(train, 0.125, seed=3)
+    assert torch.equal(again.labels, rest.labels)
+    # disjoint: every image appears once across the two parts
+    assert len(torch.unique(torch.cat([rest.images, val.images]).flatten(1), dim=0)) == len(
+        torch.unique(train.images.flatten(1), dim=0))
+    with pytest.raises(ValueError, match="fraction=1"):
+        data.split(train, 1)

@@ -47,6 +47,7 @@ class StepOutcome:
     size_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    test_accuracy: float | None = None  # reported only, when compress() was given test_data
 
 
 @dataclass
@@ -92,10 +93,15 @@ def deployed_size(model: nn.Module) -> int:
         return path.stat().st_size
 
 
-def _metrics(model: nn.Module, val_data: Dataset, example_input: torch.Tensor) -> dict[str, Any]:
+def _metrics(model: nn.Module, val_data: Dataset, example_input: torch.Tensor,
+             test_data: Dataset | None = None) -> dict[str, Any]:
+    """Accuracy on the validation data (what the budget is checked on), size and cost; test accuracy if given."""
     prof = profile(model, example_input)
-    return {"accuracy": evaluate(model, val_data).accuracy, "params": prof.params, "macs": prof.macs,
-            "size_bytes": deployed_size(model)}
+    metrics = {"accuracy": evaluate(model, val_data).accuracy, "params": prof.params, "macs": prof.macs,
+               "size_bytes": deployed_size(model)}
+    if test_data is not None:
+        metrics["test_accuracy"] = evaluate(model, test_data).accuracy
+    return metrics
 
 
 def _back_off(step: Step) -> Step | None:
@@ -122,9 +128,12 @@ class _Runner:
     """Runs steps on a model with the shared context: data, teacher, example input."""
 
     def __init__(self, teacher: nn.Module, train_data: Dataset, val_data: Dataset, example_input: torch.Tensor,
-                 recipe: Recipe) -> None:
+                 recipe: Recipe, test_data: Dataset | None = None) -> None:
         self.teacher, self.train_data, self.val_data = teacher, train_data, val_data
-        self.example_input, self.recipe = example_input, recipe
+        self.example_input, self.recipe, self.test_data = example_input, recipe, test_data
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        return _metrics(model, self.val_data, self.example_input, self.test_data)
 
     def kd_loss(self):
         from slimkit.distillation import DistillConfig, kd_loss_fn
@@ -148,7 +157,8 @@ class _Runner:
         import slimkit
         from slimkit.distillation import DistillConfig
 
-        cfg = DistillConfig(epochs=self.recipe.recovery_epochs)
+        cfg = DistillConfig(epochs=self.recipe.recovery_epochs, lr=self.recipe.recovery_lr, optimizer="sgd",
+                            batch_size=64)
         return slimkit.distill(model, self.teacher, cfg, self.train_data, self.val_data).model
 
 
@@ -161,17 +171,14 @@ def _run_step(runner: _Runner, step: Step, model: nn.Module, floor: float, recip
         except ValueError as exc:  # e.g. an unreachable pruning target: a weaker step may still apply
             notes.append(f"{attempt.kind.value} {attempt.config.to_dict()} cannot be applied: {exc}")
             candidate = None
-        if candidate is None:
-            metrics = {"accuracy": float("-inf")}
-        else:
-            metrics = _metrics(candidate, runner.val_data, runner.example_input)
+        metrics = {"accuracy": float("-inf")} if candidate is None else runner.metrics(candidate)
         status = "applied" if tries == 0 else "backed_off"
         recoverable = recipe.recovery_epochs and attempt.kind is not StepKind.DISTILL
         if candidate is not None and metrics["accuracy"] < floor and recoverable:
             notes.append(f"accuracy {metrics['accuracy']:.2f}% < budget {floor:.2f}%: KD recovery "
                          f"({recipe.recovery_epochs} epochs)")
             candidate = runner.recover(candidate)
-            metrics = _metrics(candidate, runner.val_data, runner.example_input)
+            metrics = runner.metrics(candidate)
             status = "recovered" if tries == 0 else "backed_off"
         if metrics["accuracy"] >= floor:
             return candidate, StepOutcome(attempt.kind.value, status, attempt.config.to_dict(),
@@ -185,7 +192,7 @@ def _run_step(runner: _Runner, step: Step, model: nn.Module, floor: float, recip
         if weaker is None:
             break
         attempt = weaker
-    metrics = _metrics(model, runner.val_data, runner.example_input)
+    metrics = runner.metrics(model)
     return model, StepOutcome(step.kind.value, "skipped", step.config.to_dict(), seconds=time.perf_counter() - start,
                               notes=[*notes, "step skipped: the model before it is kept"], **metrics)
 
@@ -234,6 +241,7 @@ def compress(
     *,
     example_input: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
+    test_data: Dataset | None = None,
     latency_batch_sizes: tuple[int, ...] = (1, 64),
     console: Console | None = None,
 ) -> CompressResult:
@@ -243,6 +251,8 @@ def compress(
         recipe: a ``Recipe``, a dict, a YAML path or a shipped recipe name (``fast-cpu``, ``tiny``, ``int8-only``).
         example_input: one input batch (default: the first validation example).
         teacher: for KD recovery and distill steps (default: a frozen copy of ``model``).
+        test_data: held-out data only reported (``test_accuracy``), never used for a decision; keep ``val_data``
+            apart from it (e.g. ``slimkit.data.split``) so that fine-tuning and the budget do not select on test.
     """
     recipe = Recipe.load(recipe)
     console = console or Console()
@@ -250,9 +260,9 @@ def compress(
         example_input = val_data[0][0].unsqueeze(0)
     original = copy.deepcopy(model).eval()
     teacher = teacher if teacher is not None else original
-    baseline = _metrics(original, val_data, example_input)
+    runner = _Runner(teacher, train_data, val_data, example_input, recipe, test_data)
+    baseline = runner.metrics(original)
     floor = baseline["accuracy"] - recipe.max_accuracy_drop
-    runner = _Runner(teacher, train_data, val_data, example_input, recipe)
     current, outcomes, exported, parity = copy.deepcopy(model), [], None, None
     export_dir = Path(tempfile.mkdtemp(prefix="slimkit-export-"))
     for i, step in enumerate(recipe.steps):
@@ -263,7 +273,7 @@ def compress(
                 exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor, export_notes)
                 console.print(export_notes[-1])
                 outcomes.append(StepOutcome("export", "applied", step.config.to_dict(), notes=export_notes,
-                                            seconds=0.0, **_metrics(current, val_data, example_input)))
+                                            seconds=0.0, **runner.metrics(current)))
             else:
                 exported = _export(current, step.config, example_input, export_dir)
             if step.config.parity and exported.suffix == ".onnx":
@@ -277,13 +287,15 @@ def compress(
         outcomes.append(outcome)
         console.print(f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
                       f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s")
-    final = _metrics(current, val_data, example_input)
+    final = runner.metrics(current)
     candidates: dict[str, Any] = {"PyTorch fp32 (before)": original}
     if exported is not None and exported.suffix == ".onnx":
         from slimkit.export.runtime import OrtModel
 
         deployed = OrtModel(exported, threads=2)
         final["deployed_accuracy"] = evaluate(deployed, val_data).accuracy
+        if test_data is not None:
+            final["deployed_test_accuracy"] = evaluate(deployed, test_data).accuracy
         final["deployed_bytes"] = exported.stat().st_size
         candidates["ONNX Runtime (after)"] = deployed
     elif not any(o.kind == "quantize" and o.status != "skipped" for o in outcomes):

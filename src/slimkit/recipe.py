@@ -107,14 +107,16 @@ class Step:
 class Recipe(Config):
     """Ordered steps and the global accuracy budget (points of top-1 accuracy).
 
-    ``recovery_epochs`` bounds the distillation run that repairs a step which broke the budget; ``max_backoffs``
-    is how many times a step's strength is halved before the step is skipped.
+    ``recovery_epochs`` bounds the distillation run that repairs a step which broke the budget (SGD at
+    ``recovery_lr``: on pruned LeNet-5, KD recovered more than labels with SGD but less with Adam, see
+    docs/distillation.md); ``max_backoffs`` is how many times a step's strength is halved before it is skipped.
     """
 
     steps: list[Step] = field(default_factory=list)
     max_accuracy_drop: float = 1.0
     name: str = "custom"
     recovery_epochs: int = 2
+    recovery_lr: float = 0.01
     max_backoffs: int = 2
 
     def __post_init__(self) -> None:
@@ -122,6 +124,7 @@ class Recipe(Config):
         check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         if self.recovery_epochs < 0 or self.max_backoffs < 0:
             raise ValueError("recovery_epochs and max_backoffs must be >= 0")
+        check_range("recovery_lr", self.recovery_lr, 0.0, 10.0, low_open=True)
         self._check_order()
 
     def _check_order(self) -> None:
@@ -140,7 +143,8 @@ class Recipe(Config):
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "max_accuracy_drop": self.max_accuracy_drop,
-                "recovery_epochs": self.recovery_epochs, "max_backoffs": self.max_backoffs,
+                "recovery_epochs": self.recovery_epochs, "recovery_lr": self.recovery_lr,
+                "max_backoffs": self.max_backoffs,
                 "steps": [s.to_dict() for s in self.steps]}
 
     def to_yaml(self) -> str:

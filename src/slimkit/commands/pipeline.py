@@ -36,6 +36,9 @@ def compress(
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help="Override the recipe's accuracy budget (points).")
     ] = None,
+    holdout: Annotated[float, typer.Option(
+        help="Fraction of the training split held out to check the budget and pick epochs; the test split is only "
+             "reported. 0 checks the budget on the test split itself.")] = 0.1,
 ) -> None:
     """Compress a trained model with a recipe under an accuracy budget; writes the artifact and its report."""
     from slimkit.export.artifact import save
@@ -44,12 +47,16 @@ def compress(
     from slimkit.report import write_report
 
     net = build_model(model, weights, model_args)
-    train_data, val_data = load_data(data, shape)
+    from slimkit.data import split
+
+    train_data, test_data = load_data(data, shape)
+    train_data, val_data = split(train_data, holdout) if holdout else (train_data, test_data)
     plan = Recipe.load(recipe)
     if max_accuracy_drop is not None:
         plan.max_accuracy_drop = max_accuracy_drop
     # the example input comes from the data itself (its shape is what the model will see)
-    result = run_compress(net, plan, train_data, val_data, console=console)
+    result = run_compress(net, plan, train_data, val_data, test_data=test_data if holdout else None,
+                          console=console)
     console.print(result.table())
     path = save(result, out / f"{model.replace(':', '_').replace('.', '_')}.slim")
     html = write_report(path)

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from slimkit.config import nearest
 from slimkit.data.arrays import ArrayDataset, arrays_to_datasets, load_npz, reshape_images
 
-__all__ = ["SPECS", "ArrayDataset", "DataError", "default_root", "load"]
+__all__ = ["SPECS", "ArrayDataset", "DataError", "default_root", "load", "split"]
 
 BUNDLED = Path(__file__).with_name("mnist10k.npz")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -138,6 +138,30 @@ def load(
             raise DataError(f"shape= works on in-memory specs (mnist10k, digits, npz:), not {spec!r}")
         train, test = reshape_images(train, shape), reshape_images(test, shape)
     return train, test
+
+
+def split(data: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split off ``fraction`` of ``data`` (seeded) as a validation set: ``(rest, held_out)``.
+
+    Use the held-out part for model selection and accuracy budgets, and keep the test split for reporting only.
+
+    Example:
+        >>> train, test = load("mnist10k")
+        >>> train, val = split(train, 0.125)          # 7,000 / 1,000
+        >>> len(train), len(val)
+        (7000, 1000)
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction={fraction} must be in (0, 1)")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    cut = len(data) - max(1, round(fraction * len(data)))
+    rest, held = order[:cut], order[cut:]
+    if isinstance(data, ArrayDataset):
+        return (ArrayDataset(data.images[rest], data.labels[rest], f"{data.name}/fit"),
+                ArrayDataset(data.images[held], data.labels[held], f"{data.name}/val"))
+    from torch.utils.data import Subset
+
+    return Subset(data, rest.tolist()), Subset(data, held.tolist())
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

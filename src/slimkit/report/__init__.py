@@ -72,13 +72,18 @@ def summary_rows(metrics: dict[str, Any]) -> list[list[str]]:
         return f"{b[key] / max(f[key], 1):.2f}x smaller"
 
     rows = [
-        ["accuracy (%)", f"{b['accuracy']:.2f}", f"{f['accuracy']:.2f}", f"{f['accuracy'] - b['accuracy']:+.2f} pt"],
+        ["validation accuracy (%)", f"{b['accuracy']:.2f}", f"{f['accuracy']:.2f}",
+         f"{f['accuracy'] - b['accuracy']:+.2f} pt"],
         ["params", human(b["params"]), human(f["params"]), ratio("params")],
         ["MACs", human(b["macs"]), human(f["macs"]), ratio("macs")],
         ["bytes on disk", human(b["size_bytes"], "B"), human(f["size_bytes"], "B"), ratio("size_bytes")],
     ]
+    if "test_accuracy" in b and "test_accuracy" in f:
+        after = f.get("deployed_test_accuracy", f["test_accuracy"])
+        rows.insert(1, ["test accuracy, deployed (%)", f"{b['test_accuracy']:.2f}", f"{after:.2f}",
+                        f"{after - b['test_accuracy']:+.2f} pt"])
     if "deployed_accuracy" in f:
-        rows.append(["accuracy of the deployed ONNX (%)", f"{b['accuracy']:.2f}", f"{f['deployed_accuracy']:.2f}",
+        rows.append(["validation accuracy, deployed ONNX (%)", f"{b['accuracy']:.2f}", f"{f['deployed_accuracy']:.2f}",
                      f"{f['deployed_accuracy'] - b['accuracy']:+.2f} pt"])
         rows.append(["deployed ONNX file", human(b["size_bytes"], "B"), human(f["deployed_bytes"], "B"),
                      f"{b['size_bytes'] / max(f['deployed_bytes'], 1):.2f}x smaller"])
