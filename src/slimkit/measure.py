@@ -262,6 +262,9 @@ def _as_callable(candidate: nn.Module | Callable) -> Callable:
     return candidate
 
 
+ROUNDS = 5  # blocks per candidate and batch size
+
+
 def benchmark_latency(
     candidates: Mapping[str, nn.Module | Callable[[torch.Tensor], object]],
     example_input: torch.Tensor,
@@ -274,9 +277,12 @@ def benchmark_latency(
 ) -> dict[str, dict[int, LatencyStats]]:
     """Time several models (or any callables taking a batch tensor) side by side in one process.
 
-    Calls are interleaved round-robin (a, b, c, a, b, c, ...) so drift in machine load hits every candidate
-    alike. ``max_seconds`` caps the time spent per batch size (the number of repeats shrinks, never below 5).
-    ONNX Runtime sessions fix their own thread count when created; pass the same number there.
+    Candidates take turns in short blocks (a a a, b b b, c c c, a a a, ...) over ``rounds`` rounds, so drift in
+    machine load hits every candidate alike. The first call of every block is not timed: runtimes keep their
+    worker threads spinning for a while after a call (ONNX Runtime and OpenMP both do), which would otherwise
+    steal the cores from whichever candidate runs next and make strict a/b alternation unfair. ``max_seconds``
+    caps the time per batch size (``repeats`` shrinks, never below 5). ONNX Runtime sessions fix their own
+    thread count when created; pass the same number there.
     """
     fns = {name: _as_callable(c) for name, c in candidates.items()}
     results: dict[str, dict[int, LatencyStats]] = {name: {} for name in fns}
@@ -291,12 +297,16 @@ def benchmark_latency(
                 fn(x)
             per_round = max(time.perf_counter() - start, 1e-9)
             runs = max(5, min(repeats, int(max_seconds / per_round)))
+            rounds = min(ROUNDS, runs)
             times: dict[str, list[float]] = {name: [] for name in fns}
-            for _ in range(runs):
+            for r in range(rounds):
+                block = runs // rounds + (1 if r < runs % rounds else 0)
                 for name, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times[name].append(time.perf_counter() - t0)
+                    fn(x)  # absorbs the previous candidate's spinning threads
+                    for _ in range(block):
+                        t0 = time.perf_counter()
+                        fn(x)
+                        times[name].append(time.perf_counter() - t0)
             for name, ts in times.items():
                 q = statistics.quantiles(ts, n=4)
                 results[name][bs] = LatencyStats(bs, statistics.median(ts), q[0], q[2], statistics.fmean(ts),

@@ -281,7 +281,8 @@ def compress(
                 from slimkit.export.runtime import parity as check_parity
 
                 parity = check_parity(current, OrtModel(exported, threads=2), val_data)
-                console.print(f"ONNX Runtime parity: {parity}")
+                console.print(f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, "
+                              f"top-1 agreement {100 * parity['top1_agreement']:.2f}%")
             continue
         current, outcome = _run_step(runner, step, current, floor, recipe, console)
         outcomes.append(outcome)

@@ -86,7 +86,7 @@ def export(
 
             result = parity(model, OrtModel(path, threads=2), load_data(data, shape)[1])
             console.print(f"parity vs PyTorch: max |diff| {result['max_abs_diff']:.3g}, "
-                          f"top-1 agreement {result['top1_agreement']:.2f}%")
+                          f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
         update(artifact, files={path.name: path})
     console.print(f"wrote {artifact / path.name}")
 

@@ -148,7 +148,7 @@ def write_report(path: str | os.PathLike) -> Path:
         title = f"slimkit report: {source['factory']} ({metrics.get('recipe', {}).get('name', 'custom')})"
         parity = metrics.get("parity")
         parity_line = (f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, top-1 agreement "
-                       f"{parity['top1_agreement']:.2f}%" if parity else "")
+                       f"{100 * parity['top1_agreement']:.2f}% of {parity['count']} inputs" if parity else "")
         md = [f"# {title}", "", _md_table(header, summary), "", "## Steps", "", _md_table(step_header, step_rows), "",
               parity_line, ""]
         md += [f"## {caption}\n\n![{caption}]({png.name})\n" for caption, png in charts]
