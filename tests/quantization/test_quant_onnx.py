@@ -49,3 +49,47 @@ def test_int8_export_errors(trained_lenet5, tmp_path, mnist):
     assert not (tmp_path / "g.onnx").exists()
     with pytest.raises(FileNotFoundError):
         OrtModel(tmp_path / "missing.onnx")
+
+
+@pytest.fixture(scope="module")
+def resnet_ptq():
+    from slimkit import data
+
+    train, test = data.load("mnist10k", shape=(3, 32, 32))
+    torch.manual_seed(0)
+    model = models.create("resnet20")
+    fit(model, train.subset(1024), None, TrainConfig(epochs=1, lr=0.05, optimizer="sgd", batch_size=64,
+                                                    progress=False))
+    calib = torch.stack([train[i][0] for i in range(256)])  # the batches quantize() calibrates on
+    return quantize(model.eval(), QuantConfig(calibration_batches=4), calib), test.subset(500), calib
+
+
+def test_residual_blocks_export_as_integer_convs_and_adds(resnet_ptq, tmp_path):
+    import onnxruntime as ort
+
+    result, test, _ = resnet_ptq
+    residual = result.record["stats"]["quantized_residual_outputs"]
+    assert "layer1.0.conv2" in residual and "layer2.0.downsample.0" in residual and "layer1.0.conv1" not in residual
+    path = export_onnx(result.model, torch.zeros(1, 3, 32, 32), tmp_path / "r20.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "r20-opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "r20-opt.onnx")).graph.node]
+    # every conv runs on integers; all residual adds but the last (its output feeds the float average pool)
+    assert ops.count("QLinearConv") == 21 and "Conv" not in ops and "FusedConv" not in ops
+    assert ops.count("QLinearAdd") == 8 and ops.count("Add") == 1
+    report = parity(result.model, OrtModel(path, threads=1), test)
+    assert report["top1_agreement"] >= 0.99, report
+
+
+def test_torch_x86_int8_agrees_with_fake_quant_model(resnet_ptq):
+    pytest.importorskip("torchao")
+    from slimkit.export.torch_int8 import to_torch_int8
+
+    result, test, calib = resnet_ptq
+    x = torch.stack([test[i][0] for i in range(8)])
+    int8 = to_torch_int8(result.model, calib, x)
+    ops = {str(n.target) for n in int8.lowered(tuple(x.shape)).graph.nodes}
+    assert any("qconv" in op for op in ops), ops  # oneDNN integer convolutions, not dequantize + float conv
+    report = parity(result.model, int8, test, batch_size=100)
+    assert report["top1_agreement"] >= 0.99, report

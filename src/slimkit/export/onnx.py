@@ -88,19 +88,33 @@ def _export_float(model: nn.Module, example_input: torch.Tensor):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _insert_qdq(graph, tensor: str, consumers: list, scale: float, zero_point: int, tag: str) -> None:
+def _insert_qdq(graph, tensor: str, consumers: list, scale: float, zero_point: int, tag: str,
+                done: dict[str, tuple[float, int, str]]) -> None:
+    """Route ``consumers`` of ``tensor`` through ``QuantizeLinear -> DequantizeLinear``; a tensor already quantized
+    with the same parameters reuses its pair (one ``Q`` per tensor, as ONNX Runtime's fusions expect)."""
     from onnx import helper, numpy_helper
 
-    s_name, z_name = f"{tag}.scale", f"{tag}.zero_point"
-    graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
-                              numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), z_name)])
-    q_out, dq_out = f"{tag}.q", f"{tag}.dq"
-    graph.node.extend([helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=f"{tag}.Q"),
-                       helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{tag}.DQ")])
+    previous = done.get(tensor)
+    if previous is not None and previous[:2] == (scale, zero_point):
+        dq_out = previous[2]
+    else:
+        s_name, z_name = f"{tag}.scale", f"{tag}.zero_point"
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
+                                  numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), z_name)])
+        q_out, dq_out = f"{tag}.q", f"{tag}.dq"
+        graph.node.extend([helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=f"{tag}.Q"),
+                           helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{tag}.DQ")])
+        done.setdefault(tensor, (scale, zero_point, dq_out))
     for node in consumers:
         for i, name in enumerate(node.input):
             if name == tensor:
                 node.input[i] = dq_out
+
+
+def _act_params(quantizer, name: str, where: str) -> tuple[float, int]:
+    if quantizer.bits != 8:
+        raise ValueError(f"export_onnx: layer {name!r} has {quantizer.bits}-bit {where}; QDQ int8 export needs 8")
+    return float(quantizer.scale.detach()), int(quantizer.zero_point)
 
 
 def _quantize_graph(proto, model: nn.Module):
@@ -115,6 +129,7 @@ def _quantize_graph(proto, model: nn.Module):
             consumers.setdefault(name, []).append(node)
         for name in node.output:
             producer[name] = node
+    done: dict[str, tuple[float, int, str]] = {}
     for name, layer in _quant_layers(model):
         iq, wq = _static_input(layer), layer.weight_quant
         weight_name = f"{name}.weight"
@@ -136,15 +151,12 @@ def _quantize_graph(proto, model: nn.Module):
             numpy_helper.from_array(scale, f"{weight_name}.scale"),
             numpy_helper.from_array(zero, f"{weight_name}.zero_point"),
         ])
-        axis = 0
         graph.node.append(helper.make_node("DequantizeLinear", [f"{weight_name}.int8", f"{weight_name}.scale",
                                                                 f"{weight_name}.zero_point"], [weight_name],
-                                           name=f"{weight_name}.DQ", axis=axis))
+                                           name=f"{weight_name}.DQ", axis=0))
         if iq is None:
             continue
-        if iq.bits != 8:
-            raise ValueError(f"export_onnx: layer {name!r} has {iq.bits}-bit activations; QDQ int8 export needs 8")
-        s_x, z_x = float(iq.scale.detach()), int(iq.zero_point)
+        s_x, z_x = _act_params(iq, name, "activations")
         if len(node.input) > 2 and node.input[2] in inits:
             bias_name = node.input[2]
             bias_scale = (np.float32(s_x) * scale).astype(np.float32)
@@ -158,10 +170,12 @@ def _quantize_graph(proto, model: nn.Module):
             graph.node.append(helper.make_node("DequantizeLinear", [f"{bias_name}.int32", f"{bias_name}.scale",
                                                                     f"{bias_name}.zero_point"], [bias_name],
                                                name=f"{bias_name}.DQ", axis=0))
-        # quantize the input for this layer, then again upstream through ops that commute with the quantizer
+        # The input: quantized for this layer and for residual Adds reading the same tensor (so ORT runs them as
+        # QLinearAdd), then again upstream through ops that commute with the quantizer.
         tensor, users, step = node.input[0], [node], 0
+        users += [n for n in consumers.get(tensor, []) if n.op_type == "Add"]
         while True:
-            _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}")
+            _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}", done)
             source = producer.get(tensor)
             if (source is None or source.op_type not in PASS_THROUGH or len(consumers.get(tensor, [])) != 1
                     or source.input[0] in inits):
@@ -169,6 +183,11 @@ def _quantize_graph(proto, model: nn.Module):
             tensor, users, step = source.input[0], [source], step + 1
             if len(consumers.get(tensor, [])) != 1:
                 break
+        oq = getattr(layer, "output_quant", None)
+        if oq is not None:  # the output feeds a residual Add: QLinearConv -> QLinearAdd
+            s_y, z_y = _act_params(oq, name, "outputs")
+            _insert_qdq(graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y,
+                        f"{name}.output", done)
     _toposort(graph)
     return proto
 

@@ -21,9 +21,11 @@ class OrtModel:
     """An ONNX Runtime CPU session callable on a torch tensor (returns a torch tensor).
 
     ``threads`` fixes intra-op threads (inter-op is 1) so latency compares fairly with ``torch.set_num_threads``.
+    Idle worker threads do not spin (ORT's default busy-waits after each run, which steals the cores from whatever
+    runs next, e.g. the PyTorch model a benchmark interleaves with it); ``spin=True`` restores it.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int = 2, optimize: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int = 2, optimize: bool = True, spin: bool = False) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -35,6 +37,7 @@ class OrtModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])

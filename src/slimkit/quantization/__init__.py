@@ -25,6 +25,7 @@ from slimkit.quantization.config import LayerSpec, Method, QuantConfig, Scheme, 
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
 from slimkit.quantization.ptq import (
+    attach_output_quant,
     calibrate,
     calibration_batches,
     correct_bias,
@@ -34,6 +35,7 @@ from slimkit.quantization.ptq import (
     layer_summary,
     prepare,
     quant_layers,
+    residual_feeders,
 )
 
 __all__ = ["Granularity", "LayerSpec", "Method", "ObserverKind", "QuantConfig", "QuantResult", "Scheme",
@@ -98,6 +100,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
         stats["qat_train_loss"] = history.train_loss
         stats["qat_val_accuracy"] = history.val_accuracy
         fold_bn(new, pairs)
+    stats["quantized_residual_outputs"] = _quantize_residual_outputs(new, specs, cfg, batches)
     new.eval()
     layers = []
     by_name = dict(quant_layers(new))
@@ -118,6 +121,22 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
     }
     record_step(new, model, "quantize", record)
     return QuantResult(new, record)
+
+
+def _quantize_residual_outputs(model: nn.Module, specs: list[LayerSpec], cfg: QuantConfig,
+                               batches: list[torch.Tensor]) -> list[str]:
+    """8-bit static models: quantize the outputs of layers feeding a residual add (calibrated on the same batches,
+    after bias correction / QAT and BN folding), so the runtime keeps the whole residual block in integers."""
+    if not batches:
+        return []
+    static8 = [s.name for s in specs if s.act_bits == 8 and not s.dynamic]
+    names = residual_feeders(model, static8)
+    for spec in specs:
+        if spec.name in names:
+            spec.output_act_bits = 8
+    if names:
+        calibrate(model, batches, only=attach_output_quant(model, names, cfg.observer.value))
+    return names
 
 
 def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:

@@ -49,7 +49,8 @@ class QuantConfig(Config):
         calibration_batches, batch_size: calibration data used (``batch_size`` also for QAT).
         bias_correction: PTQ removes the mean output shift caused by weight rounding.
         epochs, lr, max_batches: QAT training; ``lsq`` learns step sizes; BN statistics freeze from
-            ``freeze_bn_epoch`` on (0: frozen throughout).
+            ``freeze_bn_epoch`` on (0: frozen throughout); quantizer ranges (LSQ steps, min-max weight scales)
+            freeze from ``freeze_observer_epoch`` on (None: never).
 
     Example:
         >>> QuantConfig(weight_bits=2, scheme="ternary", method="qat", epochs=3).weight_bits
@@ -75,6 +76,7 @@ class QuantConfig(Config):
     max_batches: int | None = None
     lsq: bool = True
     freeze_bn_epoch: int = 1
+    freeze_observer_epoch: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +91,10 @@ class QuantConfig(Config):
         if self.epochs < 0:
             raise ValueError(f"epochs={self.epochs} must be >= 0")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        for name in ("freeze_bn_epoch", "freeze_observer_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (an epoch index)")
         for key, spec in self.overrides.items():
             if not isinstance(spec, dict):
                 raise ValueError(f"overrides[{key!r}] must be a dict like {{'weight_bits': 4}}, got {spec!r}")
@@ -123,6 +129,7 @@ class LayerSpec:
     group_size: int
     act_bits: int | None
     dynamic: bool
+    output_act_bits: int | None = None  # 8: the output is quantized too (it feeds a residual add)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

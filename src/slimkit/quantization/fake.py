@@ -65,6 +65,7 @@ class WeightQuantizer(nn.Module):
         self.zero_point = nn.Buffer(torch.zeros(param_shape))
         if scheme == "ternary":
             self.threshold = nn.Buffer(torch.zeros(param_shape))
+        self.frozen = False  # QAT's observer-freezing schedule: keep the current scale
 
     @property
     def symmetric(self) -> bool:
@@ -110,7 +111,7 @@ class WeightQuantizer(nn.Module):
         return ungroup((codes - self.zero_point) * self.scale.detach(), self.shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.training and not self.learnable:
+        if self.training and not self.learnable and not self.frozen:
             self.refresh(weight)
         if self.scheme == "ternary":
             rows = weight.reshape(weight.shape[0], -1)
@@ -146,6 +147,7 @@ class ActQuantizer(nn.Module):
         self.zero_point = nn.Buffer(torch.zeros(()))
         self.observer: Observer | None = None
         self.enabled = True
+        self.frozen = False  # QAT's observer-freezing schedule: the LSQ step stops learning
 
     def start_observing(self) -> None:
         self.observer = Observer(self.observer_kind, self.bits, self.symmetric)
@@ -192,6 +194,11 @@ class _QuantMixin:
         self.weight_quant = WeightQuantizer(tuple(self.weight.shape), bits, scheme, granularity, group_size,  # type: ignore[attr-defined]
                                             learnable)
         self.input_quant = input_quant
+        self.output_quant: ActQuantizer | None = None
+
+    def _quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        oq = getattr(self, "output_quant", None)
+        return y if oq is None else oq(y)
 
     def _quant_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         weight = self.weight_quant(self.weight)  # type: ignore[attr-defined]
@@ -215,7 +222,7 @@ class QuantLinear(nn.Linear, _QuantMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight, bias = self._quant_inputs(x)
-        return F.linear(x, weight, bias)
+        return self._quant_output(F.linear(x, weight, bias))
 
 
 class QuantConv2d(nn.Conv2d, _QuantMixin):
@@ -223,7 +230,7 @@ class QuantConv2d(nn.Conv2d, _QuantMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight, bias = self._quant_inputs(x)
-        return self._conv_forward(x, weight, bias)
+        return self._quant_output(self._conv_forward(x, weight, bias))
 
 
 def make_quant_layer(layer: nn.Module, bits: int, scheme: str, granularity: str, group_size: int,

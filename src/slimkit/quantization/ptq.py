@@ -4,6 +4,7 @@ calibration of activation observers, and bias correction."""
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit.quantization.config import LayerSpec
 from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, make_quant_layer
 
-__all__ = ["calibrate", "correct_bias", "find_conv_bn", "fold_bn", "prepare", "quant_layers"]
+__all__ = ["attach_output_quant", "calibrate", "correct_bias", "find_conv_bn", "fold_bn", "prepare", "quant_layers",
+           "residual_feeders"]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -96,6 +98,50 @@ def prepare(model: nn.Module, specs: list[LayerSpec], observer: str = "minmax", 
                                        learnable=learnable and not spec.dynamic)
         set_module(model, spec.name, make_quant_layer(layer, spec.weight_bits, spec.scheme, spec.granularity,
                                                       spec.group_size, learnable, input_quant))
+    attach_output_quant(model, [s.name for s in specs if s.output_act_bits], observer)
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def residual_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The layers among ``names`` whose output feeds a residual ``add`` (through ``Identity`` / ``BatchNorm`` /
+    ``Dropout`` modules), traced with torch.fx; ``[]`` when the model cannot be traced."""
+    wanted = set(names)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+            return qualname in wanted or super().is_leaf_module(module, qualname)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception:
+        return []
+    modules = dict(model.named_modules())
+
+    passthrough = nn.Identity | nn.BatchNorm2d | nn.BatchNorm1d | nn.Dropout
+
+    def reaches_add(node) -> bool:
+        for user in node.users:
+            is_add = (user.op == "call_function" and user.target in _ADDS) or (
+                user.op == "call_method" and user.target == "add")
+            if is_add or (user.op == "call_module" and isinstance(modules.get(user.target), passthrough)
+                          and reaches_add(user)):
+                return True
+        return False
+
+    return [str(n.target) for n in graph.nodes if n.op == "call_module" and n.target in wanted and reaches_add(n)]
+
+
+def attach_output_quant(model: nn.Module, names: Iterable[str], observer: str = "minmax") -> list[ActQuantizer]:
+    """Give each named quantized layer an 8-bit output quantizer (the residual ``Add`` then runs on integers in
+    the runtime: ``QLinearConv -> QLinearAdd``). Returns the new quantizers (not yet calibrated)."""
+    added = []
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.output_quant = ActQuantizer(8, symmetric=False, observer=observer)
+        added.append(layer.output_quant)
+    return added
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
@@ -132,9 +178,10 @@ def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
                                  f"{exc}") from exc
 
 
-def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Run the observers of every static activation quantizer over ``batches`` and freeze their ranges."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.dynamic]
+def calibrate(model: nn.Module, batches: list[torch.Tensor], only: list[ActQuantizer] | None = None) -> None:
+    """Run the observers of every static activation quantizer (or of ``only``) over ``batches`` and freeze their
+    ranges."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.dynamic] if only is None else only
     for q in quantizers:
         q.start_observing()
     was_training = model.training
