@@ -263,6 +263,7 @@ def _as_callable(candidate: nn.Module | Callable) -> Callable:
 
 
 ROUNDS = 5  # blocks per candidate and batch size
+IDLE_BETWEEN_BLOCKS = 0.05  # seconds; ONNX Runtime / OpenMP worker threads spin-wait for a while after a call
 
 
 def benchmark_latency(
@@ -278,9 +279,10 @@ def benchmark_latency(
     """Time several models (or any callables taking a batch tensor) side by side in one process.
 
     Candidates take turns in short blocks (a a a, b b b, c c c, a a a, ...) over ``rounds`` rounds, so drift in
-    machine load hits every candidate alike. The first call of every block is not timed: runtimes keep their
-    worker threads spinning for a while after a call (ONNX Runtime and OpenMP both do), which would otherwise
-    steal the cores from whichever candidate runs next and make strict a/b alternation unfair. ``max_seconds``
+    machine load hits every candidate alike. Between blocks the harness idles 50 ms and the first call of every
+    block is not timed: runtimes keep their worker threads spinning for a while after a call (ONNX Runtime and
+    OpenMP both do), which would otherwise steal the cores from whichever candidate runs next and make strict
+    a/b alternation unfair. ``max_seconds``
     caps the time per batch size (``repeats`` shrinks, never below 5). ONNX Runtime sessions fix their own
     thread count when created; pass the same number there.
     """
@@ -302,7 +304,8 @@ def benchmark_latency(
             for r in range(rounds):
                 block = runs // rounds + (1 if r < runs % rounds else 0)
                 for name, fn in fns.items():
-                    fn(x)  # absorbs the previous candidate's spinning threads
+                    time.sleep(IDLE_BETWEEN_BLOCKS)  # let the previous runtime's spinning threads park
+                    fn(x)  # untimed: wakes this runtime's own thread pool
                     for _ in range(block):
                         t0 = time.perf_counter()
                         fn(x)
