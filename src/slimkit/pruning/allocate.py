@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimkit.pruning.graph import CONVS, PruneGraph, Seg
+from slimkit.pruning.graph import CONVS, TRANSPOSED, PruneGraph, Seg
 
 __all__ = ["CostModel", "GroupLimits", "allocate", "matches", "measure", "module_macs"]
 
@@ -33,12 +33,15 @@ def matches(name: str, patterns) -> bool:
 
 
 def module_macs(model: nn.Module, example_input) -> tuple[dict[str, float], float]:
-    """MACs per (qualified) module name and in total, from PyTorch's FlopCounterMode."""
+    """MACs per (qualified) module name and in total, from PyTorch's FlopCounterMode (counted as
+    ``slimkit.profile`` counts them: with CPU scaled-dot-product attention)."""
+    from slimkit.measure import _CUSTOM_FLOPS
+
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -97,9 +100,11 @@ class CostModel:
                 entry = _Entry("dense", macs.get(name, 0.0), sum(params.values()) - bias, bias, 0,
                                group_index(graph.out_space[name]), parts, sum(c * b for _, c, b in parts))
             else:
-                entry = _Entry("through", macs.get(name, 0.0) if isinstance(module, CONVS) else 0.0,
+                entry = _Entry("through", macs.get(name, 0.0) if isinstance(module, CONVS + TRANSPOSED) else 0.0,
                                sum(params.values()), 0, 0, None, parts, sum(c * b for _, c, b in parts))
             self.entries.append(entry)
+        for space, op_macs in graph.head_ops:  # q @ k^T and attn @ v scale with the kept heads
+            self.entries.append(_Entry("heads", op_macs, 0, 0, 0, group_index(space), [], 1))
 
     def cost(self, keep: list[int]) -> tuple[float, float]:
         """``(macs, params)`` when group ``i`` keeps ``keep[i]`` channels."""

@@ -73,6 +73,10 @@ def _plan(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model: nn.M
     for name in dict.fromkeys([*graph.out_space, *graph.in_segs, *graph.heads_space]):
         space = graph.out_space.get(name, graph.heads_space.get(name))
         out = keep_of(space) if space is not None else None
+        copies = graph.out_copies.get(name, 1)
+        if out is not None and copies > 1:  # fused q/k/v: the same heads in every part
+            size = graph.group_of_space[graph.root(space)].size
+            out = torch.cat([out + part * size for part in range(copies)])
         parts, offset, changed = [], 0, False
         for seg in graph.in_segs.get(name, ()):
             keep = keep_of(seg.space)
@@ -87,6 +91,12 @@ def _plan(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model: nn.M
             plan[name] = {"type": type(model.get_submodule(name)).__name__,
                           "out": None if out is None else encode_indices(out),
                           "in": None if inn is None else encode_indices(inn)}
+    for group in graph.groups:  # head counts read by reshapes (num_heads...)
+        keep = keep_channels.get(id(group))
+        for module, attr, per in group.attrs if keep is not None else ():
+            edit = plan.setdefault(module, {"type": type(model.get_submodule(module)).__name__, "out": None,
+                                            "in": None})
+            edit.setdefault("attrs", {})[attr] = len(keep) // per
     return plan
 
 
@@ -211,6 +221,8 @@ def compose_records(first: dict | None, second: dict) -> dict:
         old = modules.get(name, {"type": edit["type"], "out": None, "in": None})
         modules[name] = {"type": old["type"], "out": _compose(old["out"], edit["out"]),
                          "in": _compose(old["in"], edit["in"])}
+        if "attrs" in old or "attrs" in edit:  # absolute values: the later step wins
+            modules[name]["attrs"] = {**old.get("attrs", {}), **edit.get("attrs", {})}
     groups = {g["id"]: g for g in first["groups"]}
     for g in second["groups"]:
         if g["id"] in groups:

@@ -33,17 +33,22 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-PASS_MODULES = (
+ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.MaxPool1d, nn.MaxPool2d,
-    nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
+    nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
 )
-PASS_FUNCTIONS = {
+PASS_MODULES = (
+    *ELEMENTWISE_MODULES, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.Upsample, nn.ZeroPad2d,
+)
+ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish,
-    F.dropout, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
-    F.avg_pool1d, F.max_pool1d, F.interpolate, torch.relu, torch.sigmoid, torch.tanh, torch.clone,
-    torch.nn.functional.pad,
+    F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.clone,
+}
+PASS_FUNCTIONS = ELEMENTWISE_FUNCTIONS | {
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
+    F.avg_pool1d, F.max_pool1d, F.interpolate, F.pad,
 }
 PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach",
                 "sigmoid_", "clamp", "clamp_", "hardtanh_", "exp", "abs", "neg"}
@@ -51,6 +56,8 @@ BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.i
           torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 SHAPE_QUERIES = {"size", "dim", "numel"}
+MATMUL = {operator.matmul, torch.matmul}
+HEAD_COUNT_NAMES = ("num_heads", "n_heads", "heads", "n_head", "nhead", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,20 @@ class Seg:
 
 @dataclass
 class Value:
+    """A tensor's channel layout. ``heads``: the channel dim was split by a reshape into heads (on ``chdim``) and
+    ``head_dim`` (on ``hdim``; ``None`` once contracted, e.g. attention scores) and, for a fused q/k/v projection,
+    a part dim ``pdim`` (q, k, v)."""
+
     chdim: int | None
     segs: tuple[Seg, ...]
+    heads: bool = False
+    hdim: int | None = None
+    pdim: int | None = None
+
+    def moved(self, where) -> Value:
+        """The same layout with every tracked dim ``d`` moved to ``where(d)``."""
+        return Value(where(self.chdim), self.segs, self.heads, None if self.hdim is None else where(self.hdim),
+                     None if self.pdim is None else where(self.pdim))
 
     @property
     def width(self) -> int:
@@ -82,6 +101,7 @@ class Member:
     role: str
     offset: int = 0
     block: int = 1
+    copies: int = 1  # a fused q/k/v producer: its output is ``copies`` stacked copies of the group's channels
 
 
 @dataclass
@@ -94,6 +114,7 @@ class Group:
     unit: int
     members: list[Member]
     modules: dict[str, nn.Module] = field(repr=False, default_factory=dict)
+    attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (module, int attribute, channels per count)
 
     @property
     def units(self) -> int:
@@ -115,6 +136,8 @@ class PruneGraph:
     heads_space: dict[str, int]
     group_of_space: dict[int, Group]
     root: callable = field(repr=False, default=None)
+    out_copies: dict[str, int] = field(default_factory=dict)  # fused q/k/v producers: copies of the group
+    head_ops: list[tuple[int, float]] = field(default_factory=list)  # (space, MACs) of q@k^T, attn@v matmuls
 
 
 class _Spaces:
@@ -174,6 +197,9 @@ class _Walker:
         self.in_segs: dict[str, tuple[Seg, ...]] = {}
         self.heads_space: dict[str, int] = {}
         self.order: dict[int, int] = {}
+        self.copies: dict[int, tuple[int, int]] = {}        # fused producer space -> (heads space, parts)
+        self.head_attrs: dict[int, set[tuple[str, str, int]]] = {}
+        self.head_ops: list[tuple[int, float]] = []
 
     # -- values -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -265,11 +291,12 @@ class _Walker:
         if x is None or x.chdim is None:
             return self.unknown(node, f"input to {kind} {name!r}")
         shape = self.shape(node.args[0])
+        if isinstance(module, nn.Softmax | nn.LogSoftmax):
+            return self.softmax(node, x, module.dim if module.dim is not None else -1)
+        if x.heads and not isinstance(module, ELEMENTWISE_MODULES):
+            return self.unknown(node, f"{kind} {name!r} on attention heads")
         if isinstance(module, PASS_MODULES):
             return x
-        if isinstance(module, nn.Softmax | nn.LogSoftmax):
-            dim = (module.dim if module.dim is not None else -1) % len(shape)
-            return self.unknown(node, f"softmax over channels in {name!r}") if dim == x.chdim else x
         if isinstance(module, nn.Flatten):
             return self.flatten(node, x, shape, module.start_dim, module.end_dim)
         if isinstance(module, BATCH_NORMS) or (isinstance(module, INSTANCE_NORMS) and module.affine):
@@ -319,10 +346,23 @@ class _Walker:
         if module.groups == 1:
             self.read(name, x, "in")
             return self.new_producer(name, module.out_channels, 1)
-        if module.groups == module.in_channels == module.out_channels and not isinstance(module, TRANSPOSED):
-            self.read(name, x, "through")  # depthwise: input and output channels are the same channels
-            return x
-        return self.unknown(node, f"grouped {kind} {name!r} (groups={module.groups}, kept intact)")
+        # Grouped (depthwise: one channel per group): whole groups are removed. Group k's input channels and
+        # output channels go together, so with in == out the conv passes its channels through, and the group
+        # of channels it belongs to moves in units of in_channels / groups (as for GroupNorm).
+        per = module.in_channels // module.groups
+        offsets = [0]
+        for seg in x.segs:
+            offsets.append(offsets[-1] + seg.channels * seg.block)
+        if module.in_channels != module.out_channels:
+            return self.unknown(node, f"grouped {kind} {name!r} with in_channels {module.in_channels} != "
+                                      f"out_channels {module.out_channels} (groups={module.groups}, kept intact)")
+        if per > 1 and any(s.block != 1 or s.channels % per or o % per for s, o in zip(x.segs, offsets)):
+            return self.unknown(node, f"grouped {kind} {name!r} whose groups straddle concatenated inputs")
+        self.read(name, x, "through")
+        for seg in x.segs:
+            root = self.sp.find(seg.space)
+            self.sp.unit[root] = math.lcm(self.sp.unit[root], per)
+        return x
 
     def attention(self, node, name: str, module: nn.Module):
         reason = f"embedding dim of MultiheadAttention {name!r} (residual stream kept)"
@@ -352,6 +392,8 @@ class _Walker:
     def reshape(self, node, x: Value, sizes):
         src, dst = self.shape(node.args[0]), self.shape(node)
         c = x.chdim
+        if x.heads:
+            return self.merge_heads(node, x, sizes, src, dst)
         literal = sizes[c] if len(sizes) > c else None
         if dst[:c + 1] == src[:c + 1]:
             if isinstance(literal, int) and literal != -1:
@@ -363,7 +405,8 @@ class _Walker:
                 if isinstance(literal, int) and literal != -1:
                     return self.unknown(node, f"reshape with a literal feature count {literal}")
                 return self.flatten(node, x, src, c, end)
-        return self.unknown(node, f"reshape {src} -> {dst} that splits channels")
+        split = self.split_heads(node, x, sizes, src, dst)
+        return split if split is not None else self.unknown(node, f"reshape {src} -> {dst} that splits channels")
 
     def binary(self, node: fx.Node, where: str):
         out_shape = self.shape(node)
@@ -373,6 +416,8 @@ class _Walker:
         tensors = [(a, v) for a, v in tensors if isinstance(v, Value)]
         if not tensors:
             return self.made(node)
+        if any(v.heads for _, v in tensors):
+            return self.heads_binary(node, tensors, out_shape, where)
         base = next((v for a, v in tensors if len(self.shape(a)) == len(out_shape) and v.chdim is not None), None)
         if base is None:
             return self.unknown(node, where)
@@ -390,9 +435,144 @@ class _Walker:
                 self.unify(base, value, f"{where} ({node.name})")
         return base
 
+    # -- attention heads (plain q/k/v Linear attention) ---------------------------------------------------------
+    def softmax(self, node, x: Value, dim):
+        dim = (-1 if dim is None else dim) % len(self.shape(node.args[0]))
+        if dim in (x.chdim, x.hdim, x.pdim):
+            return self.unknown(node, "softmax over channels")
+        return x
+
+    def unbind(self, node, x: Value, dim):
+        dim %= len(self.shape(node.args[0]))
+        if not x.heads or dim != x.pdim:
+            return self.unknown(node, "unbind of channels" if x.heads else "unbind")
+        part = x.moved(lambda d: d - (d > dim))
+        part.pdim = None
+        return tuple(Value(part.chdim, part.segs, True, part.hdim) for _ in range(self.shape(node.args[0])[dim]))
+
+    def head_count_attr(self, node: fx.Node, heads: int) -> tuple[str, str] | None:
+        """The int attribute (``num_heads``...) of the module that owns ``node`` whose value is the literal head
+        count of a reshape: updating it keeps the reshape right after heads are removed."""
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return None
+        owner = list(stack.values())[-1][0]
+        module = self.modules.get(owner)
+        if module is None:
+            return None
+        found = [k for k, v in vars(module).items() if type(v) is int and v == heads and not k.startswith("_")]
+        if len(found) > 1:
+            found = [k for k in found if k in HEAD_COUNT_NAMES]
+        return (owner, found[0]) if len(found) == 1 else None
+
+    def split_heads(self, node, x: Value, sizes, src, dst) -> Value | None:
+        """``reshape(B, N, [parts,] heads, head_dim)`` of a projection's output: a heads value, or None."""
+        c, k = x.chdim, len(dst) - len(src) + 1
+        if (k not in (2, 3) or len(x.segs) != 1 or x.segs[0].block != 1 or dst[:c] != src[:c]
+                or dst[c + k:] != src[c + 1:] or len(sizes) != len(dst)):
+            return None
+        parts, heads, head_dim = (dst[c] if k == 3 else 1), dst[c + k - 2], dst[c + k - 1]
+        p_arg, h_arg, d_arg = (sizes[c] if k == 3 else 1), sizes[c + k - 2], sizes[c + k - 1]
+        if any(isinstance(a, fx.Node) or not isinstance(a, int) for a in (p_arg, h_arg, d_arg)):
+            return self.unknown(node, f"reshape into attention heads with a computed size {sizes} (write the "
+                                      "head count and head_dim as module attributes or -1)")
+        if heads == 1 or head_dim == 1:
+            return None
+        attr = None
+        if h_arg != -1:
+            attr = self.head_count_attr(node, heads)
+            if attr is None:
+                return self.unknown(node, f"reshape with a literal head count {heads} that is no int attribute "
+                                          "of the module (cannot be rewritten)")
+        space = x.segs[0].space
+        if parts > 1:
+            target = self.sp.new(heads * head_dim, unit=head_dim)
+            self.copies[space] = (target, parts)
+        else:
+            target = self.sp.find(space)
+            self.sp.unit[target] = math.lcm(self.sp.unit[target], head_dim)
+        if attr is not None:
+            self.head_attrs.setdefault(target, set()).add((*attr, head_dim))
+        seg = (Seg(target, heads * head_dim),)
+        return Value(c + k - 2, seg, True, c + k - 1, c if k == 3 else None)
+
+    def merge_heads(self, node, x: Value, sizes, src, dst):
+        """``(..., heads, head_dim, ...) -> (..., heads * head_dim, ...)`` back into channels."""
+        c = x.chdim
+        if x.hdim != c + 1 or x.pdim is not None or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2:]):
+            return self.unknown(node, f"reshape {src} -> {dst} of attention heads")
+        arg = sizes[c] if len(sizes) > c else None
+        if arg != -1:
+            return self.unknown(node, f"reshape of attention heads back to a fixed width ({arg}); write -1 so "
+                                      "the width follows the kept heads")
+        return Value(c, x.segs)
+
+    def heads_binary(self, node, tensors, out_shape, where: str):
+        base = next((v for a, v in tensors if v.heads and len(self.shape(a)) == len(out_shape)), None)
+        if base is None:
+            return self.unknown(node, f"{where} broadcasting attention heads")
+        for arg, value in tensors:
+            shape = self.shape(arg)
+            if value is base:
+                continue
+            if value.heads and len(shape) == len(out_shape) and (value.chdim, value.hdim, value.pdim) == (
+                    base.chdim, base.hdim, base.pdim):
+                for a, b in zip(base.segs, value.segs):
+                    self.sp.union(a.space, b.space, f"{where} ({node.name})")
+                continue
+            lead = len(out_shape) - len(shape)
+            if value.heads or any(d is not None and d - lead >= 0 and shape[d - lead] != 1
+                                  for d in (base.chdim, base.hdim, base.pdim)):
+                return self.unknown(node, f"{where} mixing attention heads with other channels")
+        return base
+
+    def matmul(self, node, where: str):
+        a, b = self.arg_value(node, 0), self.arg_value(node, 1)
+        if a is None or b is None or not (a.heads and b.heads):
+            return self.unknown(node, f"{where} (only q @ k^T and attn @ v of attention heads are tracked)")
+        sa, sb, out = self.shape(node.args[0]), self.shape(node.args[1]), self.shape(node)
+        nd = len(out)
+        batch = nd - 2
+        ok = len(sa) == len(sb) == nd and a.chdim == b.chdim and a.chdim < batch and a.pdim is None is b.pdim
+        a_free = a.hdim == nd - 2       # head_dim survives on the rows of a
+        b_free = b.hdim == nd - 1       # ... or on the columns of b
+        contracted = (a.hdim == nd - 1, b.hdim == nd - 2)
+        if not ok or contracted[0] != contracted[1] or (a_free and b_free) or (
+                a.hdim is not None and not (a_free or contracted[0])) or (
+                b.hdim is not None and not (b_free or contracted[1])):
+            return self.unknown(node, f"{where} of attention heads in an unsupported layout")
+        for x, y in zip(a.segs, b.segs):
+            self.sp.union(x.space, y.space, f"{where} ({node.name})")
+        self.head_ops.append((a.segs[0].space, float(math.prod(out) * sa[-1])))
+        return Value(a.chdim, a.segs, True, nd - 2 if a_free else nd - 1 if b_free else None)
+
+    def sdpa(self, node):
+        values = [self.arg_value(node, i) for i in range(3)]
+        extra = [k for k, v in node.kwargs.items() if isinstance(v, fx.Node)] + [
+            i for i, v in enumerate(node.args[3:]) if isinstance(v, fx.Node)]
+        nd = len(self.shape(node))
+        if extra or any(v is None or not v.heads or v.hdim != nd - 1 or v.pdim is not None or
+                        v.chdim != values[0].chdim for v in values):
+            return self.unknown(node, "scaled_dot_product_attention (with a mask, or not on attention heads)")
+        for v in values[1:]:
+            self.sp.union(values[0].segs[0].space, v.segs[0].space, f"scaled_dot_product_attention ({node.name})")
+        q, k = self.shape(node.args[0]), self.shape(node.args[1])
+        self.head_ops.append((values[0].segs[0].space, float(2 * math.prod(q) * k[-2])))  # q @ k^T and attn @ v
+        return values[2]
+
     def call_function(self, node: fx.Node, fn, fname: str):
+        if fn is getattr and node.args[1:] == ("shape",):
+            return None
         if fn is operator.getitem:
             return self.getitem(node)
+        if fn in MATMUL:
+            return self.matmul(node, fname)
+        if fn is F.scaled_dot_product_attention:
+            return self.sdpa(node)
+        if any(v.heads for v in self.values_in(node) if isinstance(v, Value)) and fn not in (
+                BINARY | ELEMENTWISE_FUNCTIONS | {torch.reshape, torch.permute, torch.transpose, torch.softmax,
+                                                  F.softmax, torch.unbind}):
+            return self.unknown(node, f"function {fname} on attention heads")
         if fn in BINARY:
             return self.binary(node, fname)
         if fn is torch.cat or fn is torch.concat:
@@ -414,8 +594,9 @@ class _Walker:
         if fn in (torch.mean, torch.sum, torch.amax):
             return self.reduce(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
         if fn in (F.softmax, torch.softmax, F.log_softmax):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            return self.unknown(node, "softmax over channels") if dim % len(shape) == x.chdim else x
+            return self.softmax(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        if fn is torch.unbind:
+            return self.unbind(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
         return self.unknown(node, f"function {fname}")
 
     def call_method(self, node: fx.Node):
@@ -427,6 +608,11 @@ class _Walker:
             return self.made(node) if not self.values_in(node) else self.unknown(node, f"method .{method}()")
         if method in BINARY_METHODS:
             return self.binary(node, method)
+        if method == "matmul":
+            return self.matmul(node, method)
+        if x.heads and method not in PASS_METHODS | {"view", "reshape", "permute", "transpose", "softmax",
+                                                     "unbind"}:
+            return self.unknown(node, f"method .{method}() on attention heads")
         if method in PASS_METHODS:
             return x
         shape = self.shape(node.args[0])
@@ -443,8 +629,9 @@ class _Walker:
         if method in ("mean", "sum", "amax"):
             return self.reduce(node, x, rest[0] if rest else node.kwargs.get("dim"))
         if method == "softmax":
-            dim = rest[0] if rest else node.kwargs.get("dim")
-            return self.unknown(node, "softmax over channels") if dim % len(shape) == x.chdim else x
+            return self.softmax(node, x, rest[0] if rest else node.kwargs.get("dim"))
+        if method == "unbind":
+            return self.unbind(node, x, rest[0] if rest else node.kwargs.get("dim", 0))
         return self.unknown(node, f"method .{method}()")
 
     def getitem(self, node: fx.Node):
@@ -459,6 +646,15 @@ class _Walker:
         index = index if isinstance(index, tuple) else (index,)
         if any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in index):
             return self.unknown(node, "indexing")
+        if source.heads:
+            if any(i != slice(None) for pos, i in enumerate(index) if pos in (source.chdim, source.hdim)) or (
+                    source.pdim is not None and source.pdim < len(index) and not isinstance(index[source.pdim], int)):
+                return self.unknown(node, "indexing into attention heads")
+            dropped = [pos for pos, i in enumerate(index) if isinstance(i, int)]
+            out = source.moved(lambda d: d - sum(p < d for p in dropped))
+            if source.pdim in dropped:
+                out.pdim = None
+            return out
         if len(index) > source.chdim and index[source.chdim] != slice(None):
             return self.unknown(node, "indexing into channels")
         dropped = sum(isinstance(i, int) for i in index[:source.chdim])
@@ -484,11 +680,10 @@ class _Walker:
         ndim = len(self.shape(node))
         if how == "transpose":
             a, b = (int(args[0]) % ndim, int(args[1]) % ndim)
-            new = b if x.chdim == a else a if x.chdim == b else x.chdim
-            return Value(new, x.segs)
+            return x.moved(lambda d: b if d == a else a if d == b else d)
         dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
         dims = [d % ndim for d in dims]
-        return Value(dims.index(x.chdim), x.segs)
+        return x.moved(dims.index)
 
     def reduce(self, node: fx.Node, x: Value, dim):
         if dim is None:
@@ -539,6 +734,10 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
     walker = _Walker(model, gm)
     walker.run()
     sp = walker.sp
+    out_copies = _fuse_copies(walker)
+    for root in {sp.find(s) for s in walker.order}:
+        if sp.size[root] % sp.unit[root]:
+            sp.freeze(root, f"units of {sp.unit[root]} channels (groups, heads) do not tile {sp.size[root]} channels")
     groups, group_of_space, kept = [], {}, []
     roots = sorted({sp.find(s) for s in walker.order}, key=lambda r: min(
         walker.order[s] for s in walker.order if sp.find(s) == r))
@@ -550,12 +749,34 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
             kept.append({"group": gid, "modules": list(dict.fromkeys(m.module for m in members)),
                          "reasons": sp.frozen[root]})
             continue
+        attrs = sorted({a for space, found in walker.head_attrs.items() if sp.find(space) == root for a in found})
         group = Group(gid, sp.size[root], sp.unit[root], members,
-                      {m.module: walker.modules[m.module] for m in members})
+                      {m.module: walker.modules[m.module] for m in members}, attrs)
         groups.append(group)
         group_of_space[root] = group
     for root, reasons in sp.frozen.items():
         if root not in roots and any(not r.startswith(("model input", "model output", "embedding dim"))
                                      for r in reasons):
             kept.append({"group": None, "modules": [], "reasons": reasons})
-    return PruneGraph(groups, kept, walker.out_space, walker.in_segs, walker.heads_space, group_of_space, sp.find)
+    return PruneGraph(groups, kept, walker.out_space, walker.in_segs, walker.heads_space, group_of_space, sp.find,
+                      out_copies, walker.head_ops)
+
+
+def _fuse_copies(walker: _Walker) -> dict[str, int]:
+    """A fused q/k/v projection (output split into parts x heads x head_dim) becomes a producer of the heads
+    space with ``copies = parts``, when nothing else reads its output; otherwise both spaces are kept intact."""
+    sp, out = walker.sp, {}
+    for space, (target, parts) in walker.copies.items():
+        root = sp.find(space)
+        members = sp.members[root]
+        if root != space or root in sp.frozen or len(members) != 1 or members[0].role != "out":
+            reason = f"fused projection {members[0].module if members else '?'} read other than by its head split"
+            sp.freeze(root, reason)
+            sp.freeze(target, reason)
+            continue
+        name = members.pop().module
+        sp.members[sp.find(target)].append(Member(name, "out", copies=parts))
+        walker.out_space[name] = target
+        walker.order[target] = walker.order.pop(space)
+        out[name] = parts
+    return out

@@ -49,9 +49,10 @@ def _member_slices(module: nn.Module, member: Member, size: int, attr: str) -> l
         return out
     if member.role == "out":
         rows = weight.transpose(0, 1) if isinstance(module, TRANSPOSED) else weight
-        out = [rows.reshape(size, -1)]
+        copies = member.copies  # fused q/k/v: row c of every part belongs to channel c
+        out = [rows.reshape(copies, size, -1).transpose(0, 1).reshape(size, -1)]
         if bias is not None:
-            out.append(bias.view(size, 1))
+            out.append(bias.view(copies, size).t())
         return out
     if member.role == "in":
         if isinstance(module, TRANSPOSED):

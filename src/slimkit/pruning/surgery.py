@@ -44,14 +44,24 @@ def _take(param: torch.Tensor | None, index: torch.Tensor | None, dim: int) -> N
         param.data = new
 
 
+def _grouped(module, keep):
+    """Grouped conv with in == out channels (depthwise: one per group): ``keep`` holds whole groups, the same
+    indices for input and output; dim 0 of the weight is per channel for Conv and ConvTranspose alike."""
+    per = module.in_channels // module.groups
+    if len(keep) % per or not torch.equal(keep.view(-1, per) % per, torch.arange(per).expand(len(keep) // per, -1)):
+        raise ValueError(f"grouped {type(module).__name__} (groups={module.groups}) is pruned by whole groups of "
+                         f"{per} channels; got {len(keep)} kept channels that split a group")
+    _take(module.weight, keep, 0)
+    _take(module.bias, keep, 0)
+    module.in_channels = module.out_channels = len(keep)
+    module.groups = len(keep) // per
+    return module
+
+
 @register_surgery(*CONVS)
 def _conv(module, out_keep, in_keep):
-    if module.groups > 1:  # depthwise: one index set for input, output and groups
-        keep = in_keep if in_keep is not None else out_keep
-        _take(module.weight, keep, 0)
-        _take(module.bias, keep, 0)
-        module.in_channels = module.out_channels = module.groups = len(keep)
-        return module
+    if module.groups > 1:
+        return _grouped(module, in_keep if in_keep is not None else out_keep)
     _take(module.weight, out_keep, 0)
     _take(module.bias, out_keep, 0)
     _take(module.weight, in_keep, 1)
@@ -62,6 +72,8 @@ def _conv(module, out_keep, in_keep):
 
 @register_surgery(*TRANSPOSED)
 def _conv_transposed(module, out_keep, in_keep):
+    if module.groups > 1:
+        return _grouped(module, in_keep if in_keep is not None else out_keep)
     _take(module.weight, in_keep, 0)
     _take(module.weight, out_keep, 1)
     _take(module.bias, out_keep, 0)
@@ -138,13 +150,21 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
-    """Apply ``{module name: {"out": runs | None, "in": runs | None}}`` to ``model`` in place; returns it."""
+    """Apply ``{module name: {"out": runs | None, "in": runs | None[, "attrs": {name: int}]}}`` to ``model`` in
+    place (``attrs``: head counts the forward reads, e.g. ``num_heads``); returns it."""
     for name, edit in plan.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the pruning record names module {name!r}, which this model does not have: "
                              "apply the record to the same architecture it was made on") from None
+        for attr, value in (edit.get("attrs") or {}).items():
+            if not isinstance(getattr(module, attr, None), int):
+                raise ValueError(f"the pruning record sets {name}.{attr}, which is not an int attribute of "
+                                 f"{type(module).__name__}: apply the record to the same architecture")
+            setattr(module, attr, int(value))
+        if edit.get("out") is None and edit.get("in") is None:
+            continue
         handler = next((fn for cls, fn in SURGERY.items() if type(module) is cls), None)
         handler = handler or next((fn for cls, fn in SURGERY.items() if isinstance(module, cls)), None)
         if handler is None:
