@@ -277,3 +277,30 @@ def test_torchvision_resnext50_prunes_groups(tmp_path):
     assert torch.equal(fresh.eval()(x), y)
     path = export_onnx(result.model, x, tmp_path / "resnext.onnx", int8=False)
     torch.testing.assert_close(OrtModel(path, threads=1)(x), y, rtol=1e-3, atol=1e-4)
+
+
+def test_head_split_with_a_computed_head_dim_is_kept_intact():
+    class Computed(QKVAttention):  # the older timm idiom: head_dim = C // num_heads of the residual width
+        def forward(self, x):
+            B, N, C = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
+
+    graph = build_graph(Computed(32, 4, fused=True), torch.randn(2, 5, 32))
+    intact = [k for k in graph.kept_intact if k["group"] == "qkv:out"]
+    assert intact and any("computed size" in r for r in intact[0]["reasons"])
+    assert not any("qkv" in g.names for g in graph.groups)
+
+
+def test_iterative_steps_compose_head_counts():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, PruneConfig(amount=0.5, target="macs", steps=2), x)
+    heads = [b.attn.num_heads for b in result.model.blocks]
+    assert min(heads) < 4
+    fresh = replay(TinyViT(), json.loads(json.dumps(result.record)))
+    assert [b.attn.num_heads for b in fresh.blocks] == heads
+    fresh.load_state_dict(result.model.state_dict())
+    assert torch.equal(fresh.eval()(x), result.model(x))
