@@ -93,3 +93,16 @@ def test_torch_x86_int8_agrees_with_fake_quant_model(resnet_ptq):
     assert any("qconv" in op for op in ops), ops  # oneDNN integer convolutions, not dequantize + float conv
     report = parity(result.model, int8, test, batch_size=100)
     assert report["top1_agreement"] >= 0.99, report
+
+
+def test_residual_output_quantizers_survive_pack_and_replay(resnet_ptq):
+    from slimkit.quantization import pack_state_dict, replay, unpack_state_dict
+
+    result, test, _ = resnet_ptq
+    assert sum(layer["output_act_bits"] == 8 for layer in result.record["layers"]) == 11
+    tensors, meta = pack_state_dict(result.model)
+    fresh = replay(models.create("resnet20"), result.record)
+    fresh.load_state_dict(unpack_state_dict(tensors, meta))
+    assert fresh.layer1[0].conv2.output_quant is not None
+    x = torch.stack([test[i][0] for i in range(16)])
+    assert torch.equal(fresh(x), result.model(x))

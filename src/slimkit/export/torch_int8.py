@@ -37,11 +37,20 @@ class _Relu(nn.Module):
         return torch.relu(x)
 
 
-def _unshare_relus(model: nn.Module) -> None:
+class _Flatten(nn.Flatten):
+    """oneDNN returns channels-last activations, which ``view`` cannot flatten: make them contiguous first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x.clone(memory_format=torch.contiguous_format), self.start_dim, self.end_dim)
+
+
+def _adapt(model: nn.Module) -> None:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
                 setattr(module, name, _Relu())
+            elif type(child) is nn.Flatten:
+                setattr(module, name, _Flatten(child.start_dim, child.end_dim))
 
 
 def _quantizer():
@@ -105,7 +114,7 @@ def to_torch_int8(model: nn.Module, calib: list[torch.Tensor] | torch.Tensor,
     if not batches:
         raise ValueError("to_torch_int8: the calibration data is empty")
     twin = _float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval()
-    _unshare_relus(twin)
+    _adapt(twin)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batch = torch.export.Dim("batch", min=1)
