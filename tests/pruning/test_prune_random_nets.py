@@ -1,4 +1,4 @@
-"""Hypothesis: random residual / concat / depthwise networks prune correctly.
+"""Hypothesis: random residual / concat / depthwise / grouped-conv networks prune correctly.
 
 For a random network and ratio, prune with random importance, then zero (in a copy of the original) exactly the
 channels the record removes: the zeroed original and the pruned copy of it must compute the same outputs.
@@ -41,6 +41,11 @@ class Block(nn.Module):
             self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), _bn(c), nn.ReLU(),
                                    nn.Conv2d(c, width, 1, bias=False), _bn(width), nn.ReLU())
             self.out = width
+        elif kind == "grp":  # ResNeXt-style: grouped 3x3 with 2 channels per group, whole groups removed
+            self.a = nn.Sequential(nn.Conv2d(c, 2 * width, 1, bias=False), _bn(2 * width), nn.ReLU(),
+                                   nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=width, bias=False),
+                                   _bn(2 * width), nn.ReLU())
+            self.out = 2 * width
         else:
             self.a = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), _bn(width), nn.ReLU())
             self.out = width
@@ -74,7 +79,7 @@ def _zero_removed(model: nn.Module, record: dict) -> None:
         for name, edit in record["modules"].items():
             module = model.get_submodule(name)
             is_through = isinstance(module, nn.BatchNorm2d) or (
-                isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels)
+                isinstance(module, nn.Conv2d) and module.groups > 1)
             key = "in" if is_through else "out"
             if edit[key] is None:
                 continue
@@ -89,7 +94,7 @@ def _zero_removed(model: nn.Module, record: dict) -> None:
 
 @settings(max_examples=12, deadline=None)
 @given(stem=st.integers(4, 8),
-       blocks=st.lists(st.tuples(st.sampled_from(["res", "cat", "dw", "plain"]), st.integers(4, 8)),
+       blocks=st.lists(st.tuples(st.sampled_from(["res", "cat", "dw", "grp", "plain"]), st.integers(4, 8)),
                        min_size=1, max_size=4),
        ratio=st.floats(0.3, 0.8), seed=st.integers(0, 1000))
 def test_random_networks_prune_like_zeroing(stem, blocks, ratio, seed):
