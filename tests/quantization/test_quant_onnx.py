@@ -106,3 +106,29 @@ def test_residual_output_quantizers_survive_pack_and_replay(resnet_ptq):
     assert fresh.layer1[0].conv2.output_quant is not None
     x = torch.stack([test[i][0] for i in range(16)])
     assert torch.equal(fresh(x), result.model(x))
+
+
+class _TinyResidual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.bn0 = torch.nn.BatchNorm2d(8)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn(self.conv(x)) + x)
+        return self.fc(x.flatten(1))
+
+
+def test_qat_model_quantizes_residual_outputs_after_folding_and_exports(digits, tmp_path):
+    train, test = digits
+    torch.manual_seed(0)
+    result = quantize(_TinyResidual(), QuantConfig(method="qat", epochs=2, lr=5e-3, batch_size=32), train)
+    assert result.record["stats"]["quantized_residual_outputs"] == ["conv"]
+    assert result.model.conv.output_quant is not None and result.model.stem.output_quant is None
+    path = export_onnx(result.model, torch.zeros(1, 1, 8, 8), tmp_path / "res.onnx")
+    report = parity(result.model, OrtModel(path, threads=1), test)
+    assert report["top1_agreement"] >= 0.99, report
