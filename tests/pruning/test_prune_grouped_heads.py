@@ -259,6 +259,7 @@ def test_macs_target_replay_and_onnx(name, tmp_path):
     assert torch.equal(fresh.eval()(x), y)
     path = export_onnx(result.model, x, tmp_path / f"{name}.onnx", int8=False)
     torch.testing.assert_close(OrtModel(path, threads=1)(x), y, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.export.export(result.model, (x,)).module()(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_torchvision_resnext50_prunes_groups(tmp_path):
@@ -304,3 +305,18 @@ def test_iterative_steps_compose_head_counts():
     assert [b.attn.num_heads for b in fresh.blocks] == heads
     fresh.load_state_dict(result.model.state_dict())
     assert torch.equal(fresh.eval()(x), result.model(x))
+
+
+@pytest.mark.parametrize("head_dim", [-1, 8])
+def test_head_count_read_from_another_attribute_fails_clearly(head_dim):
+    class Chunks(QKVAttention):  # num_heads and chunks are both 4; the reshape reads chunks, not num_heads
+        def forward(self, x):
+            B, N, _ = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.chunks, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
+
+    model = Chunks(32, 4, fused=True)
+    model.chunks = 4
+    with pytest.raises(ValueError, match="reads is not that attribute"):
+        prune(model, PruneConfig(amount=0.5, target="channels"), torch.randn(2, 5, 32))
+    assert model.num_heads == 4 and model.qkv.out_features == 96  # the caller's model is untouched

@@ -12,7 +12,7 @@ from torch import nn
 
 from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, matches, measure
 from slimkit.pruning.config import PruneConfig
-from slimkit.pruning.graph import PruneGraph, build_graph
+from slimkit.pruning.graph import PruneGraph, build_graph, trace
 from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
 from slimkit.pruning.surgery import apply_plan, decode_indices, encode_indices
 
@@ -135,6 +135,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     plan = _plan(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
+    _check_head_splits(work, graph, keep_channels, example_input, cfg)
     after_cost = measure(work, example_input)
     record = {
         "format": RECORD_FORMAT,
@@ -157,6 +158,31 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
                              "the channel groups are too coarse; use allocation='global', a smaller round_to or a "
                              "larger max_sparsity")
     return work, record
+
+
+def _check_head_splits(model, graph: PruneGraph, keep_channels, example_input, cfg: PruneConfig) -> None:
+    """After rewriting head-count attributes, every head split must see the kept head count (the attribute was
+    matched by value, so prove it is the one the reshape reads)."""
+    expected = {}
+    for node, space, dim, shape in graph.head_splits:
+        group = graph.group_of_space.get(graph.root(space))
+        keep = None if group is None else keep_channels.get(id(group))
+        if keep is not None:
+            per = shape[dim + 1]
+            expected[node] = (*shape[:dim], len(keep) // per, *shape[dim + 1:]), group
+    if not expected:
+        return
+    try:
+        nodes = {n.name: n for n in trace(model, example_input, tuple(cfg.leaf_modules)).graph.nodes}
+    except ValueError as exc:
+        nodes, failure = {}, str(exc).split(":", 1)[-1].strip()[:200]
+    for name, (shape, group) in expected.items():
+        meta = nodes[name].meta.get("tensor_meta") if name in nodes else None
+        got = tuple(meta.shape) if meta is not None else f"an error ({failure})" if not nodes else None
+        if got != shape:
+            raise ValueError(f"after removing heads of {group.id!r} (attributes {group.attrs}), reshape {name!r} "
+                             f"gives {got} instead of {shape}: the head count it reads is not that attribute. Name "
+                             "the attention module in PruneConfig.leaf_modules or ignore it")
 
 
 def _ignored(group, cfg: PruneConfig) -> bool:

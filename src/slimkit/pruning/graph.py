@@ -138,6 +138,7 @@ class PruneGraph:
     root: callable = field(repr=False, default=None)
     out_copies: dict[str, int] = field(default_factory=dict)  # fused q/k/v producers: copies of the group
     head_ops: list[tuple[int, float]] = field(default_factory=list)  # (space, MACs) of q@k^T, attn@v matmuls
+    head_splits: list[tuple[str, int, int, tuple]] = field(default_factory=list)  # reshapes using a head count
 
 
 class _Spaces:
@@ -200,6 +201,7 @@ class _Walker:
         self.copies: dict[int, tuple[int, int]] = {}        # fused producer space -> (heads space, parts)
         self.head_attrs: dict[int, set[tuple[str, str, int]]] = {}
         self.head_ops: list[tuple[int, float]] = []
+        self.head_splits: list[tuple[str, int, int, tuple[int, ...]]] = []  # (node, space, heads dim, shape)
 
     # -- values -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -454,9 +456,7 @@ class _Walker:
         """The int attribute (``num_heads``...) of the module that owns ``node`` whose value is the literal head
         count of a reshape: updating it keeps the reshape right after heads are removed."""
         stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return None
-        owner = list(stack.values())[-1][0]
+        owner = list(stack.values())[-1][0] if stack else ""  # no stack: the root module's own forward
         module = self.modules.get(owner)
         if module is None:
             return None
@@ -493,6 +493,7 @@ class _Walker:
             self.sp.unit[target] = math.lcm(self.sp.unit[target], head_dim)
         if attr is not None:
             self.head_attrs.setdefault(target, set()).add((*attr, head_dim))
+            self.head_splits.append((node.name, target, c + k - 2, dst))
         seg = (Seg(target, heads * head_dim),)
         return Value(c + k - 2, seg, True, c + k - 1, c if k == 3 else None)
 
@@ -759,7 +760,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
                                      for r in reasons):
             kept.append({"group": None, "modules": [], "reasons": reasons})
     return PruneGraph(groups, kept, walker.out_space, walker.in_segs, walker.heads_space, group_of_space, sp.find,
-                      out_copies, walker.head_ops)
+                      out_copies, walker.head_ops, walker.head_splits)
 
 
 def _fuse_copies(walker: _Walker) -> dict[str, int]:
