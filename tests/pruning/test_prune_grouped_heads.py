@@ -320,3 +320,28 @@ def test_head_count_read_from_another_attribute_fails_clearly(head_dim):
     with pytest.raises(ValueError, match="reads is not that attribute"):
         prune(model, PruneConfig(amount=0.5, target="channels"), torch.randn(2, 5, 32))
     assert model.num_heads == 4 and model.qkv.out_features == 96  # the caller's model is untouched
+
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_reshape_sized_from_another_tensor_is_kept_intact(own):
+    class Sized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv1d(8, 4, 1)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            width = a.shape[1] if own else b.shape[1]  # b's width: right only while a and b keep the same width
+            return self.c(a.reshape(a.shape[0], width, -1)) + b.mean()
+
+    model, x = Sized().eval(), torch.randn(2, 3, 6, 6)
+    graph = build_graph(model, x)
+    prunable = [g.names for g in graph.groups]
+    if own:
+        assert prunable == [["a", "c"]]
+        assert prune(model, PruneConfig(amount=0.5, target="channels"), x).model(x).shape == (2, 4, 16)
+    else:
+        assert ["a", "c"] not in prunable
+        reasons = next(k["reasons"] for k in graph.kept_intact if k["group"] == "a:out")
+        assert any("computed elsewhere" in r for r in reasons)

@@ -400,6 +400,8 @@ class _Walker:
         if dst[:c + 1] == src[:c + 1]:
             if isinstance(literal, int) and literal != -1:
                 return self.unknown(node, f"reshape with a literal channel count {literal}")
+            if isinstance(literal, fx.Node) and not self.follows(literal, x):
+                return self.unknown(node, f"reshape with a channel count computed elsewhere ({literal.name})")
             return x
         # merge of dims [c, e] into one (a flatten written as view/reshape)
         for end in range(c + 1, len(src)):
@@ -409,6 +411,26 @@ class _Walker:
                 return self.flatten(node, x, src, c, end)
         split = self.split_heads(node, x, sizes, src, dst)
         return split if split is not None else self.unknown(node, f"reshape {src} -> {dst} that splits channels")
+
+    def follows(self, arg: fx.Node, x: Value) -> bool:
+        """``arg`` (a reshape size) is ``t.size(d)`` / ``t.shape[d]`` of a tensor whose channels on ``d`` are
+        ``x``'s channels, so it follows whatever is kept."""
+        src = idx = None
+        if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
+            src, idx = arg.args
+        elif arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
+            base = arg.args[0]
+            if (base.op == "call_function" and base.target is getattr and base.args[1:] == ("shape",)) or (
+                    base.op == "call_method" and base.target == "size" and len(base.args) == 1):
+                src, idx = base.args[0], arg.args[1]
+        value = self.env.get(src) if isinstance(src, fx.Node) else None
+        if not isinstance(value, Value) or value.heads or value.chdim is None or not isinstance(idx, int):
+            return False
+
+        def layout(v: Value):
+            return [(self.sp.find(seg.space), seg.channels, seg.block) for seg in v.segs]
+
+        return idx % len(self.shape(src)) == value.chdim and layout(value) == layout(x)
 
     def binary(self, node: fx.Node, where: str):
         out_shape = self.shape(node)
