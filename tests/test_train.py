@@ -7,6 +7,7 @@ from slimkit.train import TrainConfig, evaluate, fit
 
 def test_training_improves_accuracy_on_real_digits(mnist, tmp_path):
     train, test = mnist
+    torch.manual_seed(0)  # the result must not depend on which tests ran before in this worker
     model = models.create("mlp")
     before = evaluate(model, test).accuracy
     ckpt = tmp_path / "best.safetensors"
