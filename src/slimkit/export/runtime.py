@@ -21,11 +21,13 @@ class OrtModel:
     """An ONNX Runtime CPU session callable on a torch tensor (returns a torch tensor).
 
     ``threads`` fixes intra-op threads (inter-op is 1) so latency compares fairly with ``torch.set_num_threads``.
-    Idle worker threads do not spin (ORT's default busy-waits after each run, which steals the cores from whatever
-    runs next, e.g. the PyTorch model a benchmark interleaves with it); ``spin=True`` restores it.
+    ``spin`` keeps ORT's default: worker threads busy-wait briefly after each run, which is what a deployment gets
+    (and is worth ~1.7x on LeNet-5 at batch 64). Those spinning threads would steal the cores from whatever runs
+    right after; ``slimkit.measure.benchmark_latency`` therefore idles between candidates' blocks and does not time
+    their first call. Pass ``spin=False`` when something else must run on the same cores meanwhile.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int = 2, optimize: bool = True, spin: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int = 2, optimize: bool = True, spin: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
