@@ -44,6 +44,18 @@ def test_every_observer_calibrates_a_usable_model(digits_mlp, digits, observer):
     assert evaluate(result.model, test).accuracy >= evaluate(digits_mlp, test).accuracy - 3.0
 
 
+def test_histogram_observer_matches_minmax_accuracy_on_mnist(mnist):
+    train, test = mnist
+    torch.manual_seed(0)
+    model = models.create("lenet5")
+    fit(model, train.subset(3000), None, TrainConfig(epochs=5, lr=3e-3, progress=False))
+    assert evaluate(model, test).accuracy > 90
+    calib = train.subset(1024)
+    accuracy = {obs: evaluate(quantize(model, QuantConfig(observer=obs), calib).model, test).accuracy
+                for obs in ("minmax", "histogram")}
+    assert accuracy["histogram"] >= accuracy["minmax"] - 0.5, accuracy
+
+
 def test_bias_correction_removes_mean_output_shift(digits_mlp, digits):
     train, _ = digits
     x = torch.stack([train[i][0] for i in range(256)])

@@ -102,6 +102,32 @@ def test_observers_clip_outliers_but_minmax_does_not():
     assert obs.range()[1] == 60.0
 
 
+@pytest.mark.parametrize("tail", ["lognormal", "exponential", "pareto"])
+def test_kl_keeps_the_tail_of_a_relu_like_distribution(tail):
+    torch.manual_seed(0)
+    n = 200_000
+    values = {"lognormal": torch.distributions.LogNormal(0.0, 1.0).sample((n,)),
+              "exponential": torch.distributions.Exponential(1.0).sample((n,)),
+              "pareto": torch.distributions.Pareto(1.0, 3.0).sample((n,)) - 1}[tail]
+    x = torch.where(torch.rand(n) < 0.6, torch.zeros(n), values)  # 60 % exact zeros, as after a ReLU
+    lo, hi = kl_range(x, 8)
+    assert lo == 0.0
+    assert hi >= float(torch.quantile(x[:100_000], 0.999))
+    assert hi < float(x.max())  # still an entropy clip, not min-max
+
+
+def test_kl_covers_dominant_values_like_mnist_background():
+    torch.manual_seed(0)
+    n = 100_000
+    background, saturated = -0.4242, 2.8215
+    x = torch.full((n,), background)
+    strokes = torch.rand(n) < 0.2
+    x[strokes] = background + torch.rand(int(strokes.sum())) * (saturated - background)
+    x[torch.rand(n) < 0.05] = saturated
+    lo, hi = kl_range(x, 8)
+    assert (lo, hi) == (pytest.approx(background), pytest.approx(saturated))
+
+
 def test_moving_average_observer_tracks_ema():
     obs = Observer("moving_average", momentum=0.5)
     obs.update(torch.tensor([0.0, 1.0]))

@@ -28,6 +28,8 @@ CONFIGS = {
     "int8": QuantConfig(weight_bits=8, act_bits=8, keep_first_last_8bit=False),
     "int6-affine": QuantConfig(weight_bits=6, act_bits=8, scheme="affine", keep_first_last_8bit=False),
     "int4": QuantConfig(weight_bits=4, act_bits=8, keep_first_last_8bit=False),
+    "int4-adaround": QuantConfig(weight_bits=4, act_bits=8, keep_first_last_8bit=False, adaround=True,
+                                 adaround_iters=40),
     "int3-group": QuantConfig(weight_bits=3, act_bits=None, granularity="per_group", group_size=16,
                               keep_first_last_8bit=False),
     "int2": QuantConfig(weight_bits=2, act_bits=None, keep_first_last_8bit=False),

@@ -79,18 +79,23 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
         raise ValueError("quantize: no Linear or Conv2d layer left to quantize "
                          f"(skipped: {', '.join(skipped) or 'none'})")
     needs_data = cfg.method is Method.QAT or (cfg.method is Method.PTQ and (
-        cfg.bias_correction or any(s.act_bits is not None for s in specs)))
+        cfg.bias_correction or cfg.adaround or any(s.act_bits is not None for s in specs)))
     if needs_data and data is None:
         raise ValueError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
     pairs = find_conv_bn(new) if cfg.fold_bn else []
     qat = cfg.method is Method.QAT
     if not qat:
         fold_bn(new, pairs)
+    reference = copy.deepcopy(new) if cfg.adaround else None
     prepare(new, specs, cfg.observer.value, learnable=qat and cfg.lsq)
     stats: dict[str, Any] = {}
     batches = calibration_batches(data, cfg.batch_size, cfg.calibration_batches) if data is not None else []
     if batches:
         calibrate(new, batches)
+    if reference is not None and batches:
+        from slimkit.quantization.adaround import adaround
+
+        stats["adaround"] = adaround(new, reference, batches, cfg.adaround_iters, cfg.adaround_lr, seed=cfg.seed)
     if cfg.method is Method.PTQ and cfg.bias_correction and batches:
         stats["bias_correction_max_abs"] = correct_bias(new, batches)
     if qat:

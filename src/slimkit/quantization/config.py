@@ -48,6 +48,8 @@ class QuantConfig(Config):
         keep_first_last_8bit: first and last quantized layers use 8-bit symmetric weights (standard practice).
         calibration_batches, batch_size: calibration data used (``batch_size`` also for QAT).
         bias_correction: PTQ removes the mean output shift caused by weight rounding.
+        adaround, adaround_iters, adaround_lr: PTQ learns each uniform weight's rounding (up or down) layer by
+            layer to reconstruct the float layer's output on the calibration data (AdaRound; ``adaround.py``).
         epochs, lr, max_batches: QAT training; ``lsq`` learns step sizes; BN statistics freeze from
             ``freeze_bn_epoch`` on (0: frozen throughout); quantizer ranges (LSQ steps, min-max weight scales)
             freeze from ``freeze_observer_epoch`` on (None: never).
@@ -70,6 +72,9 @@ class QuantConfig(Config):
     calibration_batches: int = 16
     batch_size: int = 64
     bias_correction: bool = True
+    adaround: bool = False
+    adaround_iters: int = 300
+    adaround_lr: float = 1e-2
     fold_bn: bool = True
     epochs: int = 3
     lr: float = 1e-3
@@ -91,6 +96,12 @@ class QuantConfig(Config):
         if self.epochs < 0:
             raise ValueError(f"epochs={self.epochs} must be >= 0")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_range("adaround_lr", self.adaround_lr, 0.0, 10.0, low_open=True)
+        if self.adaround_iters < 1:
+            raise ValueError(f"adaround_iters={self.adaround_iters} must be >= 1")
+        if self.adaround and self.method is not Method.PTQ:
+            raise ValueError(f"adaround=True needs method='ptq' (got {self.method.value!r}); QAT learns the "
+                             "weights themselves")
         for name in ("freeze_bn_epoch", "freeze_observer_epoch"):
             value = getattr(self, name)
             if value is not None and value < 0:

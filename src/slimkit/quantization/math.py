@@ -153,32 +153,70 @@ def mse_range(x: torch.Tensor, bits: int, symmetric: bool, steps: int = 100) -> 
     return best
 
 
-def kl_range(x: torch.Tensor, bits: int, bins: int = 2048) -> tuple[float, float]:
-    """Entropy calibration (TensorRT): the threshold on |x| whose clipped, re-quantized histogram has the least
-    KL divergence from the original; returns ``(min(x) clipped to -t, t)``."""
+def _smooth(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Move ``eps`` of probability onto every empty bin (taken evenly from the non-empty ones) so that
+    ``KL(P || Q)`` stays finite where ``Q`` has an empty bin that ``P`` does not."""
+    zeros = p == 0
+    n_zero, n_nonzero = int(zeros.sum()), int((~zeros).sum())
+    if n_zero == 0 or n_nonzero == 0:
+        return p
+    return p + eps * zeros - (eps * n_zero / n_nonzero) * (~zeros)
+
+
+def kl_range(x: torch.Tensor, bits: int, bins: int = 2048, start_bins: int = 128,
+             atom_fraction: float = 0.01) -> tuple[float, float]:
+    """Entropy calibration (TensorRT / MXNet): the clipping threshold with the least ``KL(P || Q)``.
+
+    The histogram (``bins`` bins) is of ``x`` itself when ``x >= 0`` (post-ReLU: the unsigned range, ``2^bits``
+    levels) and of ``|x|`` otherwise (``2^(bits-1)`` levels per side). For each candidate of ``i >= start_bins``
+    bins: ``P`` is the first ``i`` bins with every outlier folded into the last one; ``Q`` merges the unfolded
+    ``i`` bins into ``levels`` buckets and spreads each bucket back evenly over its non-empty bins (empty bins stay
+    empty); both are normalised and smoothed (``_smooth``). Returns ``(max(min x, -t), min(max x, t))``.
+
+    Atoms -- single values holding at least ``atom_fraction`` of the samples (ReLU's zeros, MNIST's background and
+    saturated pixels) -- are left out of the histogram and the threshold is kept at or above the largest one:
+    an atom quantizes to one grid point whatever the threshold, but smeared over its bucket it would dominate
+    the KL and push the threshold far below the real signal (the classic failure on post-ReLU tensors).
+    """
     flat = x.detach().flatten().float()
-    top = float(flat.abs().max())
+    lo, hi = float(flat.min()), float(flat.max())
+    unsigned = lo >= 0
+    mags = flat if unsigned else flat.abs()
+    top = float(mags.max())
     if top <= EPS:
-        return 0.0, 0.0
-    hist = torch.histc(flat.abs(), bins=bins, min=0.0, max=top).double()
-    levels = 2 ** (bits - 1) if float(flat.min()) < 0 else 2**bits
+        return lo, hi
+    values, counts = torch.unique(mags, return_counts=True)
+    atoms = values[counts >= atom_fraction * mags.numel()]
+    floor_t = float(atoms.max()) if atoms.numel() else 0.0
+    rest = mags[~torch.isin(mags, atoms)] if atoms.numel() else mags
+    if rest.numel() == 0:
+        return lo, hi
+    hist = torch.histc(rest, bins=bins, min=0.0, max=top).double()
+    levels = 2**bits if unsigned else 2 ** (bits - 1)
+    width = top / bins
     best_i, best_kl = bins, math.inf
-    for i in range(max(levels, 8), bins + 1, max(1, bins // 256)):
-        p = hist[:i].clone()
+    stride = max(1, bins // 512)
+    for i in [*range(min(start_bins, bins), bins, stride), bins]:
+        if i * width < floor_t:
+            continue
+        sliced = hist[:i]
+        p = sliced.clone()
         p[-1] += hist[i:].sum()
-        # merge i bins into `levels` buckets and spread each bucket back over its non-empty bins
-        idx = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
-        nonzero = (hist[:i] > 0).double()
-        bucket_sum = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, hist[:i])
-        bucket_cnt = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, nonzero)
-        q = torch.where(nonzero > 0, bucket_sum[idx] / bucket_cnt[idx].clamp_min(1), torch.zeros_like(p))
-        p, q = p / p.sum(), q / q.sum().clamp_min(EPS)
+        nonzero = p > 0
+        buckets = min(levels, i)
+        idx = torch.div(torch.arange(i) * buckets, i, rounding_mode="floor")
+        bucket_sum = torch.zeros(buckets, dtype=torch.float64).index_add_(0, idx, sliced)
+        bucket_cnt = torch.zeros(buckets, dtype=torch.float64).index_add_(0, idx, nonzero.double())
+        q = torch.where(nonzero, bucket_sum[idx] / bucket_cnt[idx].clamp_min(1), torch.zeros_like(p))
+        if q.sum() <= 0:
+            continue
+        p, q = _smooth(p / p.sum()), _smooth(q / q.sum())
         mask = p > 0
         kl = float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(EPS))).sum())
         if kl < best_kl:
             best_i, best_kl = i, kl
-    threshold = (best_i + 0.5) * top / bins
-    return max(float(flat.min()), -threshold), min(float(flat.max()), threshold)
+    threshold = max(best_i * width, floor_t)
+    return max(lo, -threshold), min(hi, threshold)
 
 
 class Observer:
