@@ -35,6 +35,7 @@ def quantize(
     observer: Annotated[str, typer.Option(help="minmax, moving_average, percentile, mse or histogram.")] = "minmax",
     epochs: Annotated[int, typer.Option(help="QAT epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="QAT learning rate.")] = 1e-3,
+    adaround: Annotated[bool, typer.Option(help="PTQ: learn each weight's rounding (AdaRound).")] = False,
     onnx: Annotated[Path | None, typer.Option(help="Also write an ONNX file (QDQ int8 when possible).")] = None,
 ) -> None:
     """Quantize a trained model, compare accuracy and size with the float model, save the artifact."""
@@ -48,7 +49,7 @@ def quantize(
     if bits == 1 and scheme == "symmetric":
         scheme = "binary"
     cfg = QuantConfig(weight_bits=bits, act_bits=act_bits or None, method=method, scheme=scheme, observer=observer,
-                      epochs=epochs, lr=lr)
+                      epochs=epochs, lr=lr, adaround=adaround)
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
     result = run_quantize(net, cfg, train_data, val_data=test_data if method == "qat" else None)
