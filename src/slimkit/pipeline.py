@@ -33,6 +33,8 @@ from slimkit.train import evaluate
 
 __all__ = ["CompressResult", "StepOutcome", "compress", "deployed_size"]
 
+AUTO_SLACK = 0.10  # onnx-auto: a variant this much slower than the fastest still ships if its file is smaller
+
 
 @dataclass
 class StepOutcome:
@@ -199,21 +201,28 @@ def _run_step(runner: _Runner, step: Step, model: nn.Module, floor: float, recip
 
 def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path, val_data: Dataset,
                floor: float, notes: list[str]) -> Path:
-    """``onnx-auto``: time int8 and fp32 ONNX side by side; keep the faster one that stays inside the budget."""
+    """``onnx-auto``: time fp32, int8 and (for nets with both) int8-fully-connected-only ONNX side by side; among
+    the variants inside the budget whose latency is within ``AUTO_SLACK`` of the fastest, ship the smallest file."""
     from slimkit.export.onnx import export_onnx, is_int8_model
     from slimkit.export.runtime import OrtModel
 
     variants = {"fp32": export_onnx(model, example_input, folder / "model-fp32.onnx", int8=False)}
     if is_int8_model(model):
         variants["int8"] = export_onnx(model, example_input, folder / "model-int8.onnx", int8=True)
+        kinds = {type(m).__name__ for m in model.modules()}
+        if any("Conv" in k for k in kinds) and any("Linear" in k for k in kinds):
+            variants["int8-fc"] = export_onnx(model, example_input, folder / "model-int8-fc.onnx", int8=True,
+                                              int8_ops=("Gemm",))
     sessions = {name: OrtModel(path, threads=2) for name, path in variants.items()}
     timings = benchmark_latency(sessions, example_input, (cfg.auto_batch_size,), threads=2)
     accuracy = {name: evaluate(session, val_data).accuracy for name, session in sessions.items()}
     ms = {name: t[cfg.auto_batch_size].median * 1e3 for name, t in timings.items()}
+    size = {name: path.stat().st_size for name, path in variants.items()}
     inside = [n for n in variants if accuracy[n] >= floor] or list(variants)
-    chosen = min(inside, key=lambda n: ms[n])
-    notes.append("onnx-auto at batch {}: {}; shipped {}".format(
-        cfg.auto_batch_size, ", ".join(f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}%" for n in variants), chosen))
+    fastest = min(ms[n] for n in inside)
+    chosen = min((n for n in inside if ms[n] <= fastest * (1 + AUTO_SLACK)), key=lambda n: size[n])
+    notes.append("onnx-auto at batch {}: {}; shipped {}".format(cfg.auto_batch_size, ", ".join(
+        f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}% / {size[n] / 1e3:.1f} KB" for n in variants), chosen))
     final = folder / "model.onnx"
     variants[chosen].rename(final)
     return final

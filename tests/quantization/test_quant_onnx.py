@@ -132,3 +132,16 @@ def test_qat_model_quantizes_residual_outputs_after_folding_and_exports(digits, 
     path = export_onnx(result.model, torch.zeros(1, 1, 8, 8), tmp_path / "res.onnx")
     report = parity(result.model, OrtModel(path, threads=1), test)
     assert report["top1_agreement"] >= 0.99, report
+
+
+def test_int8_for_fully_connected_layers_only(trained_lenet5, mnist, tmp_path):
+    train, test = mnist
+    result = quantize(trained_lenet5, QuantConfig(calibration_batches=8), train)
+    path = export_onnx(result.model, torch.zeros(1, 1, 28, 28), tmp_path / "fc.onnx", int8=True, int8_ops=("Gemm",))
+    weights = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    assert weights["features.0.weight"].data_type == onnx.TensorProto.FLOAT  # convolutions stay float
+    assert weights["classifier.1.weight.int8"].data_type == onnx.TensorProto.INT8
+    assert path.stat().st_size < 0.4 * export_onnx(result.model, torch.zeros(1, 1, 28, 28), tmp_path / "f.onnx",
+                                                   int8=False).stat().st_size
+    # the convolutions see float activations here, so agreement with the simulated model is close, not exact
+    assert parity(result.model, OrtModel(path, threads=1), test)["top1_agreement"] >= 0.98

@@ -117,7 +117,7 @@ def _act_params(quantizer, name: str, where: str) -> tuple[float, int]:
     return float(quantizer.scale.detach()), int(quantizer.zero_point)
 
 
-def _quantize_graph(proto, model: nn.Module):
+def _quantize_graph(proto, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Gemm")):
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -140,6 +140,8 @@ def _quantize_graph(proto, model: nn.Module):
             raise ValueError(f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
                              "export fp32 (int8=False) or quantize per channel")
         node = nodes[0]
+        if node.op_type not in ops:  # left in float (with the dequantized weights of the simulated model)
+            continue
         codes = wq.codes(layer.weight).reshape(layer.weight.shape)
         signed = bool(wq.symmetric)
         dtype = np.int8 if signed else np.uint8
@@ -208,12 +210,14 @@ def _toposort(graph) -> None:
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
-                int8: bool | None = None) -> Path:
+                int8: bool | None = None, int8_ops: tuple[str, ...] = ("Conv", "Gemm")) -> Path:
     """Write ``model`` as ONNX (batch dimension dynamic), atomically.
 
     Args:
         int8: QDQ int8 from the model's own scales (default: when ``model`` is a slimkit fake-quant model with
             static activation quantization); False writes the simulated model in fp32.
+        int8_ops: which ONNX ops of quantized layers get QDQ int8 (``("Gemm",)``: fully connected layers only,
+            convolutions stay float - for nets whose thin convolutions run slower on int8 kernels).
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
@@ -225,7 +229,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     proto = _export_float(_float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval(),
                           example_input)
     if int8:
-        proto = _quantize_graph(proto, model)
+        proto = _quantize_graph(proto, model, tuple(int8_ops))
     import onnx
 
     onnx.checker.check_model(proto)
