@@ -33,7 +33,6 @@ from slimkit.train import evaluate
 
 __all__ = ["CompressResult", "StepOutcome", "compress", "deployed_size"]
 
-AUTO_SLACK = 0.10  # onnx-auto: a variant this much slower than the fastest still ships if its file is smaller
 
 
 @dataclass
@@ -202,7 +201,7 @@ def _run_step(runner: _Runner, step: Step, model: nn.Module, floor: float, recip
 def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path, val_data: Dataset,
                floor: float, notes: list[str]) -> Path:
     """``onnx-auto``: time fp32, int8 and (for nets with both) int8-fully-connected-only ONNX side by side; among
-    the variants inside the budget whose latency is within ``AUTO_SLACK`` of the fastest, ship the smallest file."""
+    the variants inside the budget whose latency is within ``cfg.size_slack`` of the fastest, ship the smallest."""
     from slimkit.export.onnx import export_onnx, is_int8_model
     from slimkit.export.runtime import OrtModel
 
@@ -220,7 +219,7 @@ def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor,
     size = {name: path.stat().st_size for name, path in variants.items()}
     inside = [n for n in variants if accuracy[n] >= floor] or list(variants)
     fastest = min(ms[n] for n in inside)
-    chosen = min((n for n in inside if ms[n] <= fastest * (1 + AUTO_SLACK)), key=lambda n: size[n])
+    chosen = min((n for n in inside if ms[n] <= fastest * (1 + cfg.size_slack)), key=lambda n: size[n])
     notes.append("onnx-auto at batch {}: {}; shipped {}".format(cfg.auto_batch_size, ", ".join(
         f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}% / {size[n] / 1e3:.1f} KB" for n in variants), chosen))
     final = folder / "model.onnx"
