@@ -27,11 +27,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimkit._text import human, make_table, render
+from slimkit.export.artifact import weights_size
 from slimkit.measure import benchmark_latency, profile
 from slimkit.recipe import ExportConfig, ExportFormat, Recipe, Step, StepKind
 from slimkit.train import evaluate
 
-__all__ = ["CompressResult", "StepOutcome", "compress", "deployed_size"]
+__all__ = ["CompressResult", "StepOutcome", "compress"]
 
 
 
@@ -80,26 +81,12 @@ class CompressResult:
         return render(self.table())
 
 
-def deployed_size(model: nn.Module) -> int:
-    """Bytes of the artifact's weight file for ``model`` (packed integer codes for quantized layers)."""
-    from safetensors.torch import save_file
-
-    from slimkit.export.artifact import _packed_state
-    from slimkit.history import history_of
-
-    tensors, _ = _packed_state(model, history_of(model))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "w.safetensors"
-        save_file(tensors, str(path))
-        return path.stat().st_size
-
-
 def _metrics(model: nn.Module, val_data: Dataset, example_input: torch.Tensor,
              test_data: Dataset | None = None) -> dict[str, Any]:
     """Accuracy on the validation data (what the budget is checked on), size and cost; test accuracy if given."""
     prof = profile(model, example_input)
     metrics = {"accuracy": evaluate(model, val_data).accuracy, "params": prof.params, "macs": prof.macs,
-               "size_bytes": deployed_size(model)}
+               "size_bytes": weights_size(model)}
     if test_data is not None:
         metrics["test_accuracy"] = evaluate(model, test_data).accuracy
     return metrics

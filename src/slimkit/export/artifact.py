@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 MANIFEST = "slimkit.json"
 WEIGHTS = "model.safetensors"
 
-__all__ = ["ArtifactError", "load", "read_manifest", "save", "update"]
+__all__ = ["ArtifactError", "load", "read_manifest", "save", "update", "weights_size"]
 
 
 class ArtifactError(ValueError):
@@ -68,6 +68,21 @@ def _packed_state(model: nn.Module, history: list[dict]) -> tuple[dict[str, torc
 
         return pack_state_dict(model)
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, None
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": FORMAT})
+
+
+def weights_size(model: nn.Module) -> int:
+    """Bytes of the ``model.safetensors`` that ``save`` would write (quantized layers as packed codes)."""
+    import tempfile
+
+    tensors, _ = _packed_state(model, history_of(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS
+        _write_weights(tensors, path)
+        return path.stat().st_size
 
 
 def save(
@@ -102,7 +117,7 @@ def save(
     final = Path(path)
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        _write_weights(tensors, tmp / WEIGHTS)
         for name, src in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -152,20 +152,10 @@ class Measurer:
 
 
 def model_size(model: nn.Module) -> int:
-    """Bytes on disk: the saved artifact when ``slimkit.save`` exists (packed low-bit codes), else safetensors."""
-    import importlib.util
-    import tempfile
-
-    if importlib.util.find_spec("slimkit.export.artifact") is not None:
-        from slimkit.export.artifact import ArtifactError, save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "m"
-            try:
-                save(model, folder)
-                return (folder / "model.safetensors").stat().st_size
-            except ArtifactError:  # no factory to rebuild it: plain safetensors of the state_dict
-                pass
+    """Bytes on disk: the artifact's weight file (packed low-bit codes) when the model can be saved as an artifact,
+    else the safetensors of its state_dict (what the search saves for models without a factory)."""
+    from slimkit.export.artifact import weights_size
+    from slimkit.history import source_of
     from slimkit.measure import size_on_disk
 
-    return size_on_disk(model)
+    return weights_size(model) if source_of(model) is not None else size_on_disk(model)
