@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit.config import Config, check_range
 
 __all__ = ["EvalResult", "FitResult", "LossFn", "Optimizer", "Schedule", "TrainConfig", "evaluate", "fit",
-           "seed_everything"]
+           "make_loader", "predict", "progress_bar", "seed_everything"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(outputs, targets, inputs) -> scalar loss``; ``inputs`` lets a loss run a teacher on the batch."""
@@ -103,7 +103,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader over ``data`` (returned as is if it already is one), shuffled by a seeded generator."""
     if isinstance(data, DataLoader):
         return data
     if len(data) == 0:  # type: ignore[arg-type]
@@ -125,7 +126,8 @@ def default_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Ten
     return F.cross_entropy(outputs, targets)
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
+    """slimkit's transient rich progress bar (off when ``enabled`` is False or $SLIMKIT_NO_PROGRESS is set)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                     disable=not enabled or bool(os.environ.get("SLIMKIT_NO_PROGRESS")),
@@ -154,7 +156,7 @@ def fit(
     cfg = config or TrainConfig()
     seed_everything(cfg.seed)
     loss_fn = loss_fn or default_loss
-    loader = _loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed)
     optimizer = _optimizer([*model.parameters(), *extra_parameters], cfg)
     steps_per_epoch = min(len(loader), cfg.max_batches or len(loader))
     total_steps = max(1, cfg.epochs * steps_per_epoch)
@@ -165,7 +167,7 @@ def fit(
         )
     history = FitResult()
     best_state = None
-    with _progress(cfg.progress) as bar:
+    with progress_bar(cfg.progress) as bar:
         task = bar.add_task("train", total=total_steps, info="")
         for epoch in range(cfg.epochs):
             model.train()
@@ -219,7 +221,7 @@ def predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 512)
     model.eval()
     logits, targets = [], []
     try:
-        for inputs, labels in _loader(data, batch_size, shuffle=False):
+        for inputs, labels in make_loader(data, batch_size, shuffle=False):
             logits.append(model(inputs))
             targets.append(labels)
     finally:
@@ -235,7 +237,7 @@ def evaluate(model: nn.Module | Callable, data: Dataset | DataLoader, batch_size
     if isinstance(model, nn.Module):
         logits, targets = predict(model, data, batch_size)
     else:
-        pairs = [(torch.as_tensor(model(x)), y) for x, y in _loader(data, batch_size, shuffle=False)]
+        pairs = [(torch.as_tensor(model(x)), y) for x, y in make_loader(data, batch_size, shuffle=False)]
         logits, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"evaluate: expected logits (N, classes) for {targets.shape[0]} targets, "

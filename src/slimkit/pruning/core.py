@@ -32,13 +32,13 @@ class PruneResult:
 
 
 def _gradients(model: nn.Module, train_data, loss_fn, batches: int) -> None:
-    from slimkit.train import _loader, default_loss
+    from slimkit.train import default_loss, make_loader
 
     if train_data is None:
         raise ValueError("importance='taylor' needs gradients: pass train_data= to prune (a few batches are used)")
     loss_fn = loss_fn or default_loss
     model.zero_grad(set_to_none=True)
-    for i, (inputs, targets) in enumerate(_loader(train_data, 64, shuffle=False)):
+    for i, (inputs, targets) in enumerate(make_loader(train_data, 64, shuffle=False)):
         if i >= batches:
             break
         loss_fn(model(inputs), targets, inputs).backward()

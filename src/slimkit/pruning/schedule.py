@@ -72,7 +72,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, *,
 
 def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn) -> PruneResult:
     from slimkit.models.weights import load_weights, save_weights
-    from slimkit.train import TrainConfig, _progress, evaluate, fit
+    from slimkit.train import TrainConfig, evaluate, fit, progress_bar
 
     finetune = cfg.finetune or TrainConfig(epochs=1)
     folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -92,7 +92,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
     targets = step_amounts(cfg.amount, cfg.steps)
     best_record = state["record"] if state["best"] == state["done"] else None
     stopped = False
-    with _progress(finetune.progress) as bar:
+    with progress_bar(finetune.progress) as bar:
         task = bar.add_task("prune", total=cfg.steps, info="", completed=state["done"])
         for index in range(state["done"], cfg.steps):
             done = 0.0 if not state["record"] else (
