@@ -32,7 +32,7 @@ from slimkit.measure import benchmark_latency, profile
 from slimkit.recipe import ExportConfig, ExportFormat, Recipe, Step, StepKind
 from slimkit.train import evaluate
 
-__all__ = ["CompressResult", "StepOutcome", "compress"]
+__all__ = ["CompressResult", "StepOutcome", "compress", "export_model"]
 
 
 
@@ -214,7 +214,8 @@ def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor,
     return final
 
 
-def _export(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path) -> Path:
+def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path) -> Path:
+    """Write ``model`` in ``cfg.format`` (onnx, onnx-int8 or torch-export) into ``folder``; returns the file."""
     if cfg.format is ExportFormat.TORCH_EXPORT:
         program = torch.export.export(model.eval(), (example_input,))
         path = folder / "model.pt2"
@@ -270,7 +271,7 @@ def compress(
                 outcomes.append(StepOutcome("export", "applied", step.config.to_dict(), notes=export_notes,
                                             seconds=0.0, **runner.metrics(current)))
             else:
-                exported = _export(current, step.config, example_input, export_dir)
+                exported = export_model(current, step.config, example_input, export_dir)
             if step.config.parity and exported.suffix == ".onnx":
                 from slimkit.export.runtime import OrtModel
                 from slimkit.export.runtime import parity as check_parity

@@ -72,7 +72,7 @@ def export(
 ) -> None:
     """Export an artifact to ONNX (fp32 / QDQ int8) or a torch.export program, inside the artifact folder."""
     from slimkit.export.artifact import load, update
-    from slimkit.pipeline import _export
+    from slimkit.pipeline import export_model
     from slimkit.recipe import ExportConfig
 
     model = load(artifact)
@@ -80,7 +80,7 @@ def export(
     source = model.slimkit_source
     x = example(source["factory"], shape, None) if data is None else load_data(data, shape)[1][0][0].unsqueeze(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = _export(model, cfg, x, Path(tmp))
+        path = export_model(model, cfg, x, Path(tmp))
         if data is not None and path.suffix == ".onnx":
             from slimkit.export.runtime import OrtModel, parity
 
