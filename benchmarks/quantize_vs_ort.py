@@ -1,14 +1,13 @@
 """Why slimkit's int8 PTQ and ONNX Runtime's ``quantize_static`` differ: tensor-by-tensor scales, the set of
 quantized tensors, and fidelity to the fp32 model on digits no model trained on (accuracy only, no latency).
 
-Both sides use the calibration batches of benchmarks/quantize.py (the first 16 x 64 training digits; ORT: QDQ,
-per-channel int8 weights, uint8 activations, MinMax). slimkit variants: the default (bias correction on),
-``bias_correction=False`` and AdaRound (as in benchmarks/quantize.py). The ResNets of benchmarks/quantize.py train
-on the first 3,000 training digits only, so the other 5,000 are a held-out set 2.5x larger than the test split;
-LeNet-5 trained on all 8,000 (test split only).
+Both sides use the models and the first calibration draw of benchmarks/quantize.py (16 x 64 training digits;
+ORT: QDQ, per-channel int8 weights, uint8 activations, MinMax). slimkit variants: the default (bias correction on),
+``bias_correction=False`` and AdaRound (as in benchmarks/quantize.py). Fidelity is measured on the 2,000 test digits
+and on the 1,000 held-out training digits no model trained on (they only chose the best fp32 epoch).
 
-Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_vs_ort.py`` (needs the cached checkpoints
-of benchmarks/quantize.py; writes benchmarks/results/quantize_vs_ort.{json,md}; about 3 minutes).
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_vs_ort.py`` (trains or reuses the
+checkpoints of benchmarks/quantize.py; writes benchmarks/results/quantize_vs_ort.{json,md}; about 3 minutes cached).
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quantize import CACHE, THREADS, ort_static, resnet_trained  # benchmarks/quantize.py: same models and ORT call
+from quantize import THREADS, calibration_draws, logits, mnist_model, ort_static  # benchmarks/quantize.py
 
-from slimkit import data
-from slimkit.demo import trained
 from slimkit.export.onnx import export_onnx
 from slimkit.export.runtime import OrtModel
 from slimkit.quantization import QuantConfig, quantize
@@ -71,11 +68,6 @@ def compare_scales(ours: Path, theirs: Path) -> dict:
                 wa[k].shape == wb[k].shape and (wa[k] == wb[k]).all() for k in wa)}
 
 
-def logits(model, xs: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([torch.as_tensor(np.asarray(model(x))) for x in xs.split(250)])
-
-
 def mcnemar_p(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for b vs c discordant pairs."""
     n = b + c
@@ -101,12 +93,8 @@ def fidelity(runtimes: dict, xs: torch.Tensor, ys: torch.Tensor, ref: torch.Tens
 
 
 def run_model(name: str, folder: Path) -> dict:
-    resnet = name.startswith("resnet")
-    train, test = data.load("mnist10k", shape=(3, 32, 32) if resnet else None)
-    model = (resnet_trained(name, train, test) if resnet else trained(name, CACHE, train, test)).eval()
-    cfg = QuantConfig()
-    calib = [torch.stack([train[i][0] for i in range(j, j + cfg.batch_size)])
-             for j in range(0, cfg.batch_size * cfg.calibration_batches, cfg.batch_size)]
+    model, train, val, test = mnist_model(name)
+    calib = list(calibration_draws(train, 1)[0].split(QuantConfig().batch_size))
     x1 = torch.zeros(1, *test[0][0].shape)
     fp32 = export_onnx(model, x1, folder / f"{name}-fp32.onnx")
     paths = {ORT: ort_static(fp32, folder / f"{name}-ort.onnx", calib)}
@@ -114,11 +102,8 @@ def run_model(name: str, folder: Path) -> dict:
         q = quantize(model, QuantConfig(**kw), torch.cat(calib)).model
         paths[label] = export_onnx(q, x1, folder / f"{name}-slimkit{i}.onnx")
     runtimes = {label: OrtModel(path, THREADS) for label, path in paths.items()}
-    sets = {"test": (torch.stack([x for x, _ in test]), torch.tensor([int(y) for _, y in test]))}
-    if resnet:
-        idx = range(3000, len(train))
-        sets["held-out train[3000:]"] = (torch.stack([train[i][0] for i in idx]),
-                                         torch.tensor([int(train[i][1]) for i in idx]))
+    sets = {split: (torch.stack([x for x, _ in digits]), torch.tensor([int(y) for _, y in digits]))
+            for split, digits in (("test", test), ("held-out 1,000", val))}
     result = {"scales": compare_scales(paths[next(iter(VARIANTS))], paths[ORT])}
     for split, (xs, ys) in sets.items():
         result[split] = fidelity(runtimes, xs, ys, logits(model, xs))
