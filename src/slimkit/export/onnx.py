@@ -28,7 +28,7 @@ from torch import nn
 
 from slimkit._io import atomic_path
 
-__all__ = ["export_onnx", "is_int8_model"]
+__all__ = ["export_onnx", "is_dynamic_model", "is_int8_model"]
 
 OPSET = 17
 PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
@@ -42,6 +42,11 @@ def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _static_input(layer: nn.Module):
     iq = getattr(layer, "input_quant", None)
     return iq if iq is not None and not iq.dynamic and iq.enabled else None
+
+
+def is_dynamic_model(model: nn.Module) -> bool:
+    """True when ``model`` is a slimkit fake-quant model with dynamic (per-call) activation quantization."""
+    return any(getattr(m, "input_quant", None) is not None and m.input_quant.dynamic for _, m in _quant_layers(model))
 
 
 def is_int8_model(model: nn.Module) -> bool:
@@ -194,6 +199,68 @@ def _quantize_graph(proto, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Ge
     return proto
 
 
+def _dynamic_graph(proto, model: nn.Module):
+    """Dynamic int8: each ``MatMul`` / ``Gemm`` of a quantized layer becomes ``DynamicQuantizeLinear(x) ->
+    MatMulInteger(x_q, int8 codes) -> Cast -> Mul(s_x * s_w)`` (+ its bias), the pattern ONNX Runtime fuses into
+    ``DynamicQuantizeMatMul``. Weight codes and per-channel scales are slimkit's own; a layer called several times (an
+    LSTM's hidden-state gates, once per step) shares one int8 weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    by_weight: dict[tuple, tuple[str, nn.Module]] = {}
+    for name, layer in _quant_layers(model):
+        wq = layer.weight_quant
+        if wq.bits != 8 or not wq.symmetric or wq.granularity == "per_group":
+            raise ValueError(f"export_onnx: dynamic layer {name!r} needs symmetric 8-bit per-channel or per-tensor "
+                             f"weights for MatMulInteger (has {wq.bits}-bit {wq.scheme} {wq.granularity})")
+        with torch.no_grad():
+            weight = wq.eval()(layer.weight).numpy().astype(np.float32)  # as the float twin stored it
+        by_weight[(weight.shape, weight.tobytes())] = (name, layer)
+        by_weight[(weight.T.shape, np.ascontiguousarray(weight.T).tobytes())] = (name, layer)
+    added: set[str] = set()
+    for node in list(graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        array = numpy_helper.to_array(inits[node.input[1]])
+        hit = by_weight.get((array.shape, np.ascontiguousarray(array).tobytes()))
+        if hit is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                       or attrs.get("beta", 1.0) != 1.0 or not attrs.get("transB", 0)):
+            raise ValueError(f"export_onnx: cannot map Gemm {node.name!r} of layer {hit[0]!r} to MatMulInteger")
+        name, layer = hit
+        tag = f"{name}.dyn"
+        if tag not in added:
+            wq = layer.weight_quant
+            codes = wq.codes(layer.weight).reshape(layer.weight.shape).numpy().astype(np.int8)
+            scale = np.broadcast_to(wq.scale.detach().reshape(-1).numpy(), (codes.shape[0],)).astype(np.float32)
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{tag}.codes"),
+                                      numpy_helper.from_array(np.array(0, np.int8), f"{tag}.zero_point"),
+                                      numpy_helper.from_array(scale, f"{tag}.scale")])
+            added.add(tag)
+        out, x = node.output[0], node.input[0]
+        t = f"{node.name or out}.dyn"
+        graph.node.remove(node)
+        result = f"{t}.y" if node.op_type == "Gemm" and len(node.input) > 2 else out
+        graph.node.extend([
+            helper.make_node("DynamicQuantizeLinear", [x], [f"{t}.xq", f"{t}.xs", f"{t}.xz"], name=f"{t}.Q"),
+            helper.make_node("MatMulInteger", [f"{t}.xq", f"{tag}.codes", f"{t}.xz", f"{tag}.zero_point"],
+                             [f"{t}.i32"], name=f"{t}.MatMulInteger"),
+            helper.make_node("Cast", [f"{t}.i32"], [f"{t}.f32"], name=f"{t}.Cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{t}.xs", f"{tag}.scale"], [f"{t}.s"], name=f"{t}.Scale"),
+            helper.make_node("Mul", [f"{t}.f32", f"{t}.s"], [result], name=f"{t}.Mul"),
+        ])
+        if result != out:
+            graph.node.append(helper.make_node("Add", [result, node.input[2]], [out], name=f"{t}.Bias"))
+    used = {name for n in graph.node for name in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:  # the float weights the int8 codes replaced
+        graph.initializer.remove(init)
+    _toposort(graph)
+    return proto
+
+
 def _toposort(graph) -> None:
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
@@ -214,22 +281,23 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     """Write ``model`` as ONNX (batch dimension dynamic), atomically.
 
     Args:
-        int8: QDQ int8 from the model's own scales (default: when ``model`` is a slimkit fake-quant model with
-            static activation quantization); False writes the simulated model in fp32.
+        int8: integer ONNX from the model's own weight codes and scales (default: for slimkit fake-quant models):
+            QDQ for static activation quantization, ``DynamicQuantizeLinear -> MatMulInteger`` for
+            ``method="dynamic"``; False writes the simulated model in fp32.
         int8_ops: which ONNX ops of quantized layers get QDQ int8 (``("Gemm",)``: fully connected layers only,
             convolutions stay float - for nets whose thin convolutions run slower on int8 kernels).
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
-    quantized = is_int8_model(model)
-    int8 = quantized if int8 is None else int8
-    if int8 and not quantized:
-        raise ValueError("export_onnx: int8=True needs a slimkit fake-quant model with static activation "
-                         "quantization (slimkit.quantize(..., QuantConfig(act_bits=8, method='ptq' or 'qat')))")
+    quantized, dynamic = is_int8_model(model), is_dynamic_model(model)
+    int8 = (quantized or dynamic) if int8 is None else int8
+    if int8 and not (quantized or dynamic):
+        raise ValueError("export_onnx: int8=True needs a slimkit fake-quant model (slimkit.quantize(..., "
+                         "QuantConfig(act_bits=8, method='ptq', 'qat' or 'dynamic')))")
     proto = _export_float(_float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval(),
                           example_input)
     if int8:
-        proto = _quantize_graph(proto, model, tuple(int8_ops))
+        proto = _quantize_graph(proto, model, tuple(int8_ops)) if quantized else _dynamic_graph(proto, model)
     import onnx
 
     onnx.checker.check_model(proto)

@@ -22,6 +22,7 @@ from torch import nn
 
 from slimkit.history import record_step
 from slimkit.quantization.config import LayerSpec, Method, QuantConfig, Scheme, plan_layers
+from slimkit.quantization.dynamic import decompose
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
 from slimkit.quantization.ptq import (
@@ -74,6 +75,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     _check_finite(model)
     new = copy.deepcopy(model).eval()
+    decomposed = decompose(new) if cfg.method is Method.DYNAMIC else []  # LSTM / GRU / attention as Linear layers
     specs, skipped = plan_layers(new, cfg)
     if not specs:
         raise ValueError("quantize: no Linear or Conv2d layer left to quantize "
@@ -118,6 +120,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
         "config": cfg.to_dict(),
         "method": cfg.method.value,
         "folded": [list(p) for p in pairs],
+        "decomposed": decomposed,
         "learnable": qat and cfg.lsq,
         "observer": cfg.observer.value,
         "layers": layers,
@@ -156,6 +159,11 @@ def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     if version != RECORD_VERSION:
         raise ValueError(f"quantization record version {version!r} is not supported (expected {RECORD_VERSION})")
     fold_structure(model, [tuple(p) for p in record["folded"]])
+    if record.get("decomposed"):
+        names = decompose(model)
+        if names != record["decomposed"]:
+            raise ValueError(f"replay: the record's LSTM / GRU / attention layers {record['decomposed']} do not match "
+                             f"the model's {names}")
     fields = LayerSpec.__dataclass_fields__
     specs = [LayerSpec(**{k: v for k, v in layer.items() if k in fields}) for layer in record["layers"]]
     for spec in specs:

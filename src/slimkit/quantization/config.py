@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from slimkit.config import Config, check_range
+from slimkit.quantization.dynamic import unsupported
 from slimkit.quantization.math import Granularity, ObserverKind
 
 __all__ = ["LayerSpec", "Method", "QuantConfig", "Scheme", "plan_layers"]
@@ -161,7 +162,9 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
             continue
         if isinstance(module, nn.MultiheadAttention | nn.LSTM | nn.GRU | nn.RNN):
             inside_mha.append(name)
-            skipped[name] = f"{type(module).__name__} is not supported; kept in float"
+            reason = unsupported(module) or (f"{type(module).__name__} is not supported by static quantization "
+                                             "(method='dynamic' quantizes it)")
+            skipped[name] = f"{reason}; kept in float"
         elif isinstance(module, nn.Linear | nn.Conv2d):
             layers.append((name, module))
         elif isinstance(module, nn.Conv1d | nn.Conv3d | nn.ConvTranspose2d | nn.Embedding):
