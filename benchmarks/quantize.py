@@ -346,16 +346,22 @@ def markdown(results: dict, sizes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def run_models(run, names) -> tuple[dict, float]:
+    """``{name: run(name, folder)}`` with fixed threads in a scratch folder, and the seconds it took."""
     torch.set_num_threads(THREADS)
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        results = {name: run_model(name, folder) for name in ("mlp", "lenet5", "resnet20", "resnet56")}
-        sizes = lenet300_sizes(folder)
+        results = {name: run(name, Path(tmp)) for name in names}
+    return results, time.perf_counter() - start
+
+
+def main() -> None:
+    results, seconds = run_models(run_model, ("mlp", "lenet5", "resnet20", "resnet56"))
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = lenet300_sizes(Path(tmp))
     payload = {"results": results, "lenet300_size_ratio": sizes, "threads": THREADS,
-               "seconds": time.perf_counter() - start, "quick": QUICK}
+               "seconds": seconds, "quick": QUICK}
     (OUT / "quantize.json").write_text(json.dumps(payload, indent=2))
     (OUT / "quantize.md").write_text(markdown(results, sizes))
     print(markdown(results, sizes))

@@ -118,8 +118,9 @@ def test_dynamic_lstm_keeps_accuracy_and_runs_on_integer_kernels(trained_lstm, m
     assert codes.abs().max() <= 127 and torch.equal(codes, codes.round())
     path = export_onnx(result.model, torch.zeros(1, 1, 28, 28), tmp_path / "lstm-int8.onnx")
     graph = onnx.load(str(path)).graph
-    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 1 + 28 + 1  # input gates, 28 steps, head
-    assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DynamicQuantizeLSTM") == 1 and ops.count("MatMulInteger") == 1  # the LSTM, the head
+    assert not {"LSTM", "MatMul", "Gemm"} & set(ops)
     assert {i.data_type for i in graph.initializer if i.name.endswith(".codes")} == {onnx.TensorProto.INT8}
     fp32_path = export_onnx(trained_lstm, torch.zeros(1, 1, 28, 28), tmp_path / "lstm-fp32.onnx")
     weight_bytes = [sum(len(i.raw_data) for i in onnx.load(str(p)).graph.initializer) for p in (fp32_path, path)]
@@ -151,3 +152,25 @@ def test_dynamic_vit_round_trips_through_the_artifact(mnist, tmp_path):
     out = np.asarray(OrtModel(path, threads=1)(x))
     assert (out.argmax(1) == reference.argmax(1).numpy()).mean() >= 0.98
     assert np.abs(out - reference.numpy()).max() < 0.05
+
+
+def test_dynamic_gru_exports_one_integer_matmul_per_step(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(6, 12, batch_first=True, bidirectional=True)
+            self.fc = nn.Linear(24, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    result = quantize(model, QuantConfig(method="dynamic"))
+    path = export_onnx(result.model, torch.zeros(1, 5, 6), tmp_path / "gru.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulInteger") == 2 * (1 + 5) + 1 and "GRU" not in ops  # per direction: inputs + 5 steps
+    x = torch.randn(32, 5, 6)
+    with torch.no_grad():
+        simulated = result.model(x).numpy()
+    assert np.abs(np.asarray(OrtModel(path, threads=1)(x)) - simulated).max() < 1e-2

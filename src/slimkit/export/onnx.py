@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from slimkit._io import atomic_path
+from slimkit.quantization.dynamic import LinearRNN
 
 __all__ = ["export_onnx", "is_dynamic_model", "is_int8_model"]
 
@@ -72,6 +73,10 @@ def _float_twin(model: nn.Module) -> nn.Module:
                 plain.bias.copy_(bias)
         parent_name, _, attr = name.rpartition(".")
         setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, plain)
+    for name, module in list(twin.named_modules()):  # dynamic int8 LSTMs export as the fused ONNX LSTM op
+        if isinstance(module, LinearRNN) and module.mode == "LSTM":
+            parent_name, _, attr = name.rpartition(".")
+            setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, module.to_rnn())
     return twin
 
 
@@ -199,6 +204,33 @@ def _quantize_graph(proto, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Ge
     return proto
 
 
+def _dynamic_lstm(graph, node, inits: dict) -> None:
+    """An ONNX ``LSTM`` (from a dynamic int8 slimkit LSTM: its weights sit on slimkit's per-channel int8 grid) becomes
+    ONNX Runtime's ``com.microsoft.DynamicQuantizeLSTM`` with the same int8 codes and per-channel scales."""
+    from onnx import helper, numpy_helper
+
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+    quantized = []
+    for weight_name in inputs[1:3]:  # W [dirs, 4H, in], R [dirs, 4H, H]; rows in ONNX gate order (i, o, f, c)
+        weight = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
+        scale = np.abs(weight).max(axis=2) / 127.0
+        scale[scale == 0] = 1.0
+        codes = np.clip(np.round(weight / scale[..., None]), -127, 127).astype(np.int8)
+        tag = f"{weight_name}.dyn"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(codes.transpose(0, 2, 1)), f"{tag}.codes"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{tag}.scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{tag}.zero_point")])
+        quantized.append(tag)
+    w, r = quantized
+    new = helper.make_node("DynamicQuantizeLSTM", [inputs[0], f"{w}.codes", f"{r}.codes", *inputs[3:8], f"{w}.scale",
+                                                   f"{w}.zero_point", f"{r}.scale", f"{r}.zero_point"],
+                           list(node.output), name=f"{node.name}.dyn", domain="com.microsoft")
+    new.attribute.extend(node.attribute)
+    graph.node.remove(node)
+    graph.node.append(new)
+
+
 def _dynamic_graph(proto, model: nn.Module):
     """Dynamic int8: each ``MatMul`` / ``Gemm`` of a quantized layer becomes ``DynamicQuantizeLinear(x) ->
     MatMulInteger(x_q, int8 codes) -> Cast -> Mul(s_x * s_w)`` (+ its bias), the pattern ONNX Runtime fuses into
@@ -208,7 +240,7 @@ def _dynamic_graph(proto, model: nn.Module):
 
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
-    by_weight: dict[tuple, tuple[str, nn.Module]] = {}
+    by_weight: dict[tuple, list[tuple[str, nn.Module]]] = {}
     for name, layer in _quant_layers(model):
         wq = layer.weight_quant
         if wq.bits != 8 or not wq.symmetric or wq.granularity == "per_group":
@@ -216,9 +248,13 @@ def _dynamic_graph(proto, model: nn.Module):
                              f"weights for MatMulInteger (has {wq.bits}-bit {wq.scheme} {wq.granularity})")
         with torch.no_grad():
             weight = wq.eval()(layer.weight).numpy().astype(np.float32)  # as the float twin stored it
-        by_weight[(weight.shape, weight.tobytes())] = (name, layer)
-        by_weight[(weight.T.shape, np.ascontiguousarray(weight.T).tobytes())] = (name, layer)
+        for key in ((weight.shape, weight.tobytes()), (weight.T.shape, np.ascontiguousarray(weight.T).tobytes())):
+            by_weight.setdefault(key, []).append((name, layer))  # equal weights (fresh copies) share codes
     added: set[str] = set()
+    lstms = [n for n, m in model.named_modules() if isinstance(m, LinearRNN) and m.mode == "LSTM"]
+    matched = {n for n, _ in _quant_layers(model) if any(n.startswith(f"{p}.") for p in lstms)}
+    for node in [n for n in graph.node if n.op_type == "LSTM"]:
+        _dynamic_lstm(graph, node, inits)
     for node in list(graph.node):
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
             continue
@@ -229,8 +265,9 @@ def _dynamic_graph(proto, model: nn.Module):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
                                        or attrs.get("beta", 1.0) != 1.0 or not attrs.get("transB", 0)):
-            raise ValueError(f"export_onnx: cannot map Gemm {node.name!r} of layer {hit[0]!r} to MatMulInteger")
-        name, layer = hit
+            raise ValueError(f"export_onnx: cannot map Gemm {node.name!r} of layer {hit[0][0]!r} to MatMulInteger")
+        name, layer = hit[0]
+        matched.update(n for n, _ in hit)
         tag = f"{name}.dyn"
         if tag not in added:
             wq = layer.weight_quant
@@ -254,6 +291,11 @@ def _dynamic_graph(proto, model: nn.Module):
         ])
         if result != out:
             graph.node.append(helper.make_node("Add", [result, node.input[2]], [out], name=f"{t}.Bias"))
+    missing = [n for n, _ in _quant_layers(model) if n not in matched]
+    if missing:
+        raise ValueError(f"export_onnx: cannot find the ONNX MatMul / Gemm of dynamic layer(s) {missing}")
+    if any(n.domain == "com.microsoft" for n in graph.node):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     used = {name for n in graph.node for name in n.input}
     for init in [i for i in graph.initializer if i.name not in used]:  # the float weights the int8 codes replaced
         graph.initializer.remove(init)

@@ -68,6 +68,22 @@ class LinearRNN(nn.Module):
                     self.add_module(f"{kind}_l{layer}{sfx}", _linear(getattr(rnn, f"weight_{kind}_l{layer}{sfx}"),
                                                                      bias))
 
+    def to_rnn(self) -> nn.LSTM | nn.GRU:
+        """The fused ``nn.LSTM`` / ``nn.GRU`` with the current gate weights (export uses it for the ONNX LSTM op)."""
+        first = self.ih_l0
+        rnn = (nn.LSTM if self.mode == "LSTM" else nn.GRU)(
+            first.in_features, self.hidden_size, self.num_layers, bias=first.bias is not None,
+            batch_first=self.batch_first, dropout=self.dropout, bidirectional=len(self.suffixes) == 2)
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                for sfx in self.suffixes:
+                    for kind in ("ih", "hh"):
+                        gate = getattr(self, f"{kind}_l{layer}{sfx}")
+                        getattr(rnn, f"weight_{kind}_l{layer}{sfx}").copy_(gate.weight)
+                        if gate.bias is not None:
+                            getattr(rnn, f"bias_{kind}_l{layer}{sfx}").copy_(gate.bias)
+        return rnn.train(self.training)
+
     def _run(self, layer: int, sfx: str, seq: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
         gates_x = getattr(self, f"ih_l{layer}{sfx}")(seq)  # (T, B, gates * H)
         hh = getattr(self, f"hh_l{layer}{sfx}")
