@@ -33,13 +33,19 @@ def quantize(
     method: Annotated[str, typer.Option(help="dynamic, ptq or qat.")] = "ptq",
     scheme: Annotated[str, typer.Option(help="symmetric, affine, ternary or binary.")] = "symmetric",
     observer: Annotated[str, typer.Option(help="minmax, moving_average, percentile, mse or histogram.")] = "minmax",
-    epochs: Annotated[int, typer.Option(help="QAT epochs.")] = 3,
+    epochs: Annotated[int, typer.Option(help="QAT epochs (the best one on 1/8 of the training split, held out, "
+                                             "is kept; the test split is only reported).")] = 3,
     lr: Annotated[float, typer.Option(help="QAT learning rate.")] = 1e-3,
     adaround: Annotated[bool, typer.Option(help="PTQ: learn each weight's rounding (AdaRound).")] = False,
-    onnx: Annotated[Path | None, typer.Option(help="Also write an ONNX file (QDQ int8 when possible).")] = None,
+    onnx: Annotated[Path | None, typer.Option(
+        help="Also write an ONNX file, int8 when possible (QDQ for ptq / qat with 8-bit activations, "
+             "DynamicQuantizeLinear -> MatMulInteger for dynamic), else fp32; also stored in the artifact as "
+             "model.onnx.")] = None,
 ) -> None:
     """Quantize a trained model, compare accuracy and size with the float model, save the artifact."""
+    from slimkit._io import atomic_path
     from slimkit._text import human, make_table
+    from slimkit.data import split
     from slimkit.export.artifact import save
     from slimkit.measure import size_on_disk
     from slimkit.quantization import QuantConfig
@@ -48,13 +54,40 @@ def quantize(
 
     if bits == 1 and scheme == "symmetric":
         scheme = "binary"
+    if onnx is not None and onnx.is_dir():
+        raise ValueError(f"--onnx {onnx} is a directory; give the path of the .onnx file to write")
+    if onnx is not None and onnx.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
+                         "anyway; give a path outside it")
     cfg = QuantConfig(weight_bits=bits, act_bits=act_bits or None, method=method, scheme=scheme, observer=observer,
                       epochs=epochs, lr=lr, adaround=adaround)
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
-    result = run_quantize(net, cfg, train_data, val_data=test_data if method == "qat" else None)
+    val_data = None
+    if method == "qat":  # pick the epoch on held-out training data; the test split is only reported
+        train_data, val_data = split(train_data, 0.125)
+    result = run_quantize(net, cfg, train_data, val_data=val_data)
     before, after = evaluate(net, test_data).accuracy, evaluate(result.model, test_data).accuracy
-    path = save(result, out, metrics={"accuracy_fp32": before, "accuracy_quantized": after})
+    metrics = {"accuracy_fp32": before, "accuracy_quantized": after}
+    if onnx is None:
+        path = save(result, out, metrics=metrics)
+    else:
+        from slimkit.export.onnx import export_onnx, is_dynamic_model, is_int8_model
+
+        int8: bool | None = None  # export_onnx picks QDQ (static) or MatMulInteger (dynamic)
+        if not is_dynamic_model(result.model) and not (is_int8_model(result.model) and act_bits == 8):
+            int8 = False
+            why = f"{act_bits}-bit activations" if act_bits else "weight-only quantization"
+            console.print(f"note: {why} cannot be written as int8 ONNX; writing the simulated model in fp32")
+        x = next(iter(test_data))[0].unsqueeze(0)
+        # all or nothing: the ONNX file is written beside its final name, then the artifact (holding a copy of it);
+        # the ONNX file takes its final name only once the artifact is saved, and is removed if anything fails
+        try:
+            with atomic_path(onnx) as tmp_onnx:  # renamed onto --onnx only if the artifact is saved too
+                export_onnx(result.model, x, tmp_onnx, int8=int8)
+                path = save(result, out, metrics=metrics, extra_files={"model.onnx": tmp_onnx})
+        except OSError as exc:  # e.g. an unwritable --onnx folder: one clean line, not a traceback
+            raise ValueError(f"could not write the ONNX file or the artifact, so neither was written: {exc}") from exc
     packed = (path / "model.safetensors").stat().st_size
     fp32 = size_on_disk(net)
     rows = [["fp32", f"{before:.2f}%", human(fp32, "B")],
@@ -64,10 +97,6 @@ def quantize(
     if skipped:
         console.print("kept in float: " + ", ".join(f"{k} ({v})" for k, v in skipped.items()))
     if onnx is not None:
-        from slimkit.export.onnx import export_onnx, is_int8_model
-
-        x = next(iter(test_data))[0].unsqueeze(0)
-        export_onnx(result.model, x, onnx, int8=is_int8_model(result.model) and (act_bits == 8))
         console.print(f"onnx: {onnx}")
     console.print(f"artifact: {path} ({fp32 / packed:.2f}x smaller weights)")
 
