@@ -119,7 +119,8 @@ def test_ptq_on_resnet_folds_and_replays():
 @pytest.mark.parametrize("bad, match", [
     (dict(weight_bits=9), "weight_bits"),
     (dict(act_bits=1), "act_bits"),
-    (dict(weight_bits=1), "binary"),
+    (dict(weight_bits=1, scheme="affine"), "binary"),
+    (dict(method="dynamic", weight_bits=4), "dynamic"),
     (dict(scheme="ternary"), "ternary"),
     (dict(granularity="per_group"), "group_size"),
     (dict(method="int8"), "method"),
@@ -148,6 +149,31 @@ def test_bad_input_errors(digits_mlp, digits):
         quantize(broken, QuantConfig(), train)
     with pytest.raises(ValueError, match="record version"):
         replay(models.create("mlp"), {"version": 99})
+    overflowing = copy.deepcopy(digits_mlp)  # finite weights whose activations overflow
+    overflowing[1].weight.data.fill_(3e38)
+    for cfg in (QuantConfig(), QuantConfig(act_bits=None), QuantConfig(method="dynamic")):
+        with pytest.raises(ValueError, match=r"NaN( or |/)inf"):
+            quantize(overflowing, cfg, train)
+
+
+def test_a_configured_layer_that_cannot_be_quantized_is_an_error():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.conv, self.fc = nn.LSTM(8, 8, batch_first=True), nn.Conv1d(5, 5, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(self.conv(x))[0][:, -1])
+
+    x = torch.randn(16, 5, 8)
+    for pattern, reason in [("rnn", "method='dynamic' quantizes it"), ("re:rnn.*", "LSTM"), ("conv", "Conv1d")]:
+        with pytest.raises(ValueError, match=reason):
+            quantize(Net(), QuantConfig(overrides={pattern: {"weight_bits": 4}}), x)
+    with pytest.raises(ValueError, match="method='dynamic' needs 8-bit"):
+        quantize(Net(), QuantConfig(method="dynamic", overrides={"rnn.ih_l0": {"weight_bits": 4}}))
+    result = quantize(Net(), QuantConfig(ignore=("rnn",), overrides={"fc": {"weight_bits": 1}}, act_bits=None), x)
+    assert [(layer["name"], layer["scheme"]) for layer in result.record["layers"]] == [("fc", "binary")]
+    assert QuantConfig(weight_bits=1).scheme.value == "binary"
 
 
 def test_qat_reduces_loss_of_ternary_model_on_real_digits(mnist):

@@ -26,7 +26,9 @@ def test_pack_bits_rejects_out_of_range():
 
 CONFIGS = {
     "int8": QuantConfig(weight_bits=8, act_bits=8, keep_first_last_8bit=False),
+    "int7-affine": QuantConfig(weight_bits=7, act_bits=8, scheme="affine", keep_first_last_8bit=False),
     "int6-affine": QuantConfig(weight_bits=6, act_bits=8, scheme="affine", keep_first_last_8bit=False),
+    "int5": QuantConfig(weight_bits=5, act_bits=None, keep_first_last_8bit=False),
     "int4": QuantConfig(weight_bits=4, act_bits=8, keep_first_last_8bit=False),
     "int4-adaround": QuantConfig(weight_bits=4, act_bits=8, keep_first_last_8bit=False, adaround=True,
                                  adaround_iters=40),

@@ -56,7 +56,8 @@ class QuantResult:
 def _check_finite(model: nn.Module) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"quantize: {name} contains NaN or inf; fix the weights before quantizing")
+            raise ValueError(f"quantize: {name} contains NaN or inf; fix the weights (or, if it appeared while "
+                             "quantizing, the activations) before quantizing")
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, val_data=None,
@@ -107,8 +108,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
         stats["qat_train_loss"] = history.train_loss
         stats["qat_val_accuracy"] = history.val_accuracy
         fold_bn(new, pairs)
+        grids = {name: layer.weight_quant.granularity for name, layer in quant_layers(new)}
+        for spec in specs:  # folding a BN into a per-tensor learned grid makes it per-channel
+            spec.granularity = grids.get(spec.name, spec.granularity)
     stats["quantized_residual_outputs"] = _quantize_residual_outputs(new, specs, cfg, batches)
     new.eval()
+    _check_finite(new)
     layers = []
     by_name = dict(quant_layers(new))
     for spec in specs:

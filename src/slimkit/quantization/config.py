@@ -87,7 +87,13 @@ class QuantConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.weight_bits == 1 and self.scheme is Scheme.SYMMETRIC:
+            self.scheme = Scheme.BINARY  # 1 bit means binary (scaled sign)
         _check_bits(self.weight_bits, self.act_bits, self.scheme, "QuantConfig")
+        if self.method is Method.DYNAMIC and (self.weight_bits, self.act_bits, self.scheme) != (8, 8, Scheme.SYMMETRIC):
+            raise ValueError("method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8 and "
+                             f"scheme='symmetric' (got {self.weight_bits}, {self.act_bits}, {self.scheme.value!r}); "
+                             "use method='ptq' or 'qat' for other bit widths")
         if self.granularity is Granularity.PER_GROUP and self.group_size < 1:
             raise ValueError(f"granularity='per_group' needs group_size >= 1, got {self.group_size}")
         if self.calibration_batches < 1:
@@ -176,16 +182,16 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], di
     """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides)."""
     layers, skipped = quantizable(model)
     for pattern in [*cfg.ignore, *cfg.overrides]:
-        if not any(matches(n, pattern) for n, _ in layers) and pattern not in skipped:
+        if not any(matches(n, pattern) for n in [*(n for n, _ in layers), *skipped]):
             names = ", ".join(n for n, _ in layers[:8])
             raise ValueError(f"quantize: {pattern!r} matches no Linear/Conv2d layer; layers are: {names}")
+    dynamic = cfg.method is Method.DYNAMIC
     specs = []
     ends = {layers[0][0], layers[-1][0]} if layers else set()
     for name, module in layers:
         if any(matches(name, p) for p in cfg.ignore):
             skipped[name] = "ignored by config"
             continue
-        dynamic = cfg.method is Method.DYNAMIC
         if dynamic and not isinstance(module, nn.Linear):
             skipped[name] = "dynamic quantization covers Linear layers only; kept in float"
             continue
@@ -200,7 +206,18 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], di
         for pattern, override in cfg.overrides.items():
             if matches(name, pattern):
                 spec.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in override.items()})
+        if spec["weight_bits"] == 1 and spec["scheme"] == "symmetric":
+            spec["scheme"] = "binary"
+        if dynamic and (spec["weight_bits"], spec["act_bits"], spec["scheme"]) != (8, 8, "symmetric"):
+            raise ValueError(f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric weights and 8-bit "
+                             "activations; drop the override or use method='ptq' / 'qat'")
         _check_bits(spec["weight_bits"], spec["act_bits"], spec["scheme"], f"layer {name!r}")
         specs.append(LayerSpec(name, type(module).__name__, spec["weight_bits"], spec["scheme"],
                                spec["granularity"], spec["group_size"], spec["act_bits"], dynamic))
+    planned = {spec.name for spec in specs}
+    for pattern in cfg.overrides:  # a layer the user configured must be quantized, or the reason is an error
+        hit = [n for n in skipped if matches(n, pattern) and skipped[n] != "ignored by config"]
+        if hit and not any(matches(n, pattern) for n in planned):
+            raise ValueError(f"quantize: overrides[{pattern!r}] targets {hit[0]!r}, which cannot be quantized here: "
+                             f"{skipped[hit[0]]}")
     return specs, skipped

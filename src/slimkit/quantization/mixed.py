@@ -53,7 +53,15 @@ def mixed_precision(model: nn.Module, data, size_ratio: float, candidates: tuple
     candidates = tuple(sorted(set(candidates), reverse=True))
     if not candidates or min(candidates) < 2 or max(candidates) > 8:
         raise ValueError(f"candidates={candidates} must be bit widths in 2..8")
-    model = model.eval()
+    was_training = model.training
+    try:
+        return _plan(model.eval(), data, size_ratio, candidates, batches, batch_size, ignore)
+    finally:
+        model.train(was_training)
+
+
+def _plan(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...], batches: int, batch_size: int,
+          ignore: tuple[str, ...]) -> MixedPlan:
     layers = [(n, m) for n, m in quantizable(model)[0] if not any(matches(n, p) for p in ignore)]
     xs = calibration_batches(data, batch_size, batches)
     with torch.no_grad():

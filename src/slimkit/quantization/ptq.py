@@ -73,10 +73,29 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
             if isinstance(conv, QuantConv2d):
                 wq = conv.weight_quant
                 if wq.learnable:
-                    wq.scale.mul_(k.abs().reshape(-1, *([1] * (wq.scale.ndim - 1))))
+                    _fold_learned_scale(wq, k)
                 else:
                     wq.refresh(conv.weight)
         set_module(model, bn_name, nn.Identity())
+
+
+def _fold_learned_scale(wq, k: torch.Tensor) -> None:
+    """Carry a learned (LSQ) weight grid through ``w' = k w`` exactly: per-channel scales ``|k| s``; where ``k < 0``
+    the codes mirror, so an affine zero point becomes ``qmin + qmax - z``. A per-tensor grid becomes per-channel
+    (each channel has its own ``k``)."""
+    from slimkit.quantization.math import Granularity
+
+    channels = k.numel()
+    if wq.scale.numel() == 1 and channels > 1:
+        shape = (channels, *wq.scale.shape[1:])
+        wq.scale = nn.Parameter(wq.scale.detach().expand(shape).clone())
+        wq.zero_point = wq.zero_point.expand(shape).clone()
+        wq.granularity = Granularity.PER_CHANNEL.value
+    view = (-1, *([1] * (wq.scale.ndim - 1)))
+    wq.scale.mul_(k.abs().reshape(view))
+    qmin, qmax = wq.int_range()
+    flip = (k < 0).reshape(view).expand_as(wq.zero_point)
+    wq.zero_point.copy_(torch.where(flip, qmin + qmax - wq.zero_point, wq.zero_point))
 
 
 def fold_structure(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
@@ -170,12 +189,16 @@ def calibration_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: i
 
 def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        for x in batches:
+        for i, x in enumerate(batches):
             try:
-                model(x)
+                out = model(x)
             except RuntimeError as exc:
                 raise ValueError(f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: "
                                  f"{exc}") from exc
+            outputs = out if isinstance(out, tuple | list) else (out,)
+            if any(isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in outputs):
+                raise ValueError(f"quantize: the model's output is NaN or inf on calibration batch {i} (shape "
+                                 f"{tuple(x.shape)}); check the weights' magnitudes and the input scaling")
 
 
 def calibrate(model: nn.Module, batches: list[torch.Tensor], only: list[ActQuantizer] | None = None) -> None:
