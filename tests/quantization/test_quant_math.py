@@ -67,17 +67,24 @@ def test_bits_out_of_range():
         qrange(1, True)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 9), st.integers(1, 40), st.sampled_from(["per_tensor", "per_channel", "per_group"]),
-       st.integers(1, 8))
-def test_group_view_round_trip_and_per_row_error(channels, k, granularity, group_size):
+       st.integers(1, 8), st.integers(2, 8), st.booleans())
+def test_weight_grids_bound_error_by_half_step_and_are_idempotent(channels, k, granularity, group_size, bits,
+                                                                  symmetric):
+    """Per tensor, per channel and per group, 2-8 bits, symmetric and affine: codes in range, error <= s/2 per
+    element, and quantizing the dequantized weight again changes nothing."""
     w = torch.randn(channels, k)
     g = group_view(w, granularity, group_size)
     assert torch.equal(ungroup(g, w.shape), w)
-    codes, scale, zp = quantize_weight(w, 4, True, granularity, group_size)
+    codes, scale, zp = quantize_weight(w, bits, symmetric, granularity, group_size)
+    qmin, qmax = qrange(bits, symmetric)
+    assert torch.equal(codes, codes.round()) and codes.min() >= qmin and codes.max() <= qmax
     w_hat = ungroup(dequantize(codes, scale, zp), w.shape)
     step = ungroup((scale.expand_as(codes)), w.shape)
     assert ((w_hat - w).abs() <= step / 2 * (1 + 1e-4) + 1e-7).all()
+    again, scale2, zp2 = quantize_weight(w_hat, bits, symmetric, granularity, group_size)
+    torch.testing.assert_close(ungroup(dequantize(again, scale2, zp2), w.shape), w_hat, atol=1e-6, rtol=1e-5)
 
 
 def test_finer_granularity_is_more_accurate():

@@ -3,7 +3,7 @@
 Sensitivity of layer ``l`` at ``b`` bits is measured, not estimated: only that layer's weights are quantized
 (per channel, symmetric) and the KL divergence of the model's outputs from the float outputs is averaged over
 the calibration batches. A greedy allocation starts with every layer at the highest candidate and repeatedly
-lowers the layer with the smallest sensitivity increase per byte saved until the weights fit the budget.
+lowers the layer with the smallest sensitivity increase per byte saved until the packed model fits the budget.
 
 Example:
     >>> plan = mixed_precision(model, calib, size_ratio=6.0)                           # doctest: +SKIP
@@ -27,11 +27,12 @@ __all__ = ["MixedPlan", "mixed_precision"]
 
 @dataclass
 class MixedPlan:
-    """``overrides`` feeds ``QuantConfig(overrides=...)``; ``sensitivity[layer][bits]`` is the measured KL."""
+    """``overrides`` feeds ``QuantConfig(overrides=...)``; ``sensitivity[layer][bits]`` is the measured KL;
+    ``size_bytes`` estimates the packed weights file (<= ``budget_bytes``, the fp32 state over ``size_ratio``)."""
 
     bits: dict[str, int]
     sensitivity: dict[str, dict[int, float]]
-    weight_bytes: int
+    size_bytes: int
     budget_bytes: int
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -47,7 +48,8 @@ def _kl(model: nn.Module, batches: list[torch.Tensor], reference: list[torch.Ten
 
 def mixed_precision(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...] = (8, 4, 2),
                     batches: int = 4, batch_size: int = 64, ignore: tuple[str, ...] = ()) -> MixedPlan:
-    """Choose weight bits per Linear/Conv2d layer so the weights are ``size_ratio`` times smaller than fp32."""
+    """Choose weight bits per Linear/Conv2d layer so the packed model is ``size_ratio`` times smaller than its fp32
+    state (biases, norms and per-channel scales included)."""
     if size_ratio < 1:
         raise ValueError(f"size_ratio={size_ratio} must be >= 1 (fp32 size / quantized size)")
     candidates = tuple(sorted(set(candidates), reverse=True))
@@ -78,13 +80,17 @@ def _plan(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...]
         with torch.no_grad():
             layer.weight.copy_(original)
     sizes = {name: layer.weight.numel() for name, layer in layers}
-    budget = int(sum(sizes.values()) * 32 / size_ratio / 8)
+    # the budget is on the packed file: everything but the planned weights stays float, plus a float32 scale per
+    # output channel (BN statistics are counted as they are, so folding only makes the real file smaller)
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.is_floating_point())
+    fixed = total - 4 * sum(sizes.values()) + 4 * sum(layer.weight.shape[0] for _, layer in layers)
+    budget = int(total / size_ratio)
     bits = {name: candidates[0] for name, _ in layers}
 
-    def weight_bytes() -> int:
-        return sum(sizes[n] * b for n, b in bits.items()) // 8
+    def size_bytes() -> int:
+        return fixed + sum(sizes[n] * b for n, b in bits.items()) // 8
 
-    while weight_bytes() > budget:
+    while size_bytes() > budget:
         best, best_cost = None, float("inf")
         for name in bits:
             lower = [b for b in candidates if b < bits[name]]
@@ -96,8 +102,8 @@ def _plan(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...]
             if cost < best_cost:
                 best, best_cost = (name, nxt), cost
         if best is None:
-            raise ValueError(f"mixed_precision: even {candidates[-1]}-bit everywhere ({weight_bytes()} bytes) "
+            raise ValueError(f"mixed_precision: even {candidates[-1]}-bit everywhere ({size_bytes()} bytes) "
                              f"exceeds the budget of {budget} bytes; lower size_ratio or add smaller candidates")
         bits[best[0]] = best[1]
     overrides = {name: {"weight_bits": b} for name, b in bits.items()}
-    return MixedPlan(bits, sensitivity, weight_bytes(), budget, overrides)
+    return MixedPlan(bits, sensitivity, size_bytes(), budget, overrides)
