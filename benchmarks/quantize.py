@@ -14,7 +14,8 @@ accuracy differences by chance; the mean over draws and the logit error vs fp32 
 packed safetensors vs fp32 safetensors (and LeNet-300-100 with every layer low-bit). Latency at batch 1 and 64,
 2 threads, median of interleaved repeats in one process: PyTorch fp32 eager, PyTorch fp32 ``torch.compile``
 (inductor, frozen weights), ONNX Runtime fp32, ONNX Runtime int8 (slimkit's QDQ export), ONNX Runtime int8
-(quantize_static), PyTorch int8 x86 (torchao PT2E lowered to oneDNN kernels, from slimkit's PTQ model) and, for
+(quantize_static), PyTorch int8 x86 (torchao PT2E lowered to oneDNN kernels, from slimkit's PTQ model), the same
+PT2E graph under ``torch.compile`` (inductor) and, for
 the Linear-only models, PyTorch int8 dynamic (torch.ao dynamic int8 Linear kernels).
 
 Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`` (writes
@@ -174,17 +175,19 @@ def fp32_control(model, train, val, test) -> float:
     return evaluate(control.eval(), test).accuracy
 
 
-def compiled_fp32(model, shapes: list[torch.Size]):
-    """``torch.compile`` (inductor, weights frozen) warmed up on each batch shape; None when it cannot compile."""
+def compiled(model, shapes: list[torch.Size], exported: bool = False):
+    """``torch.compile`` (inductor, weights frozen) warmed up on each batch shape; None when it cannot compile.
+    ``exported``: a PT2E-converted int8 graph (compiled in place; inductor fuses its quantize / dequantize pairs
+    into oneDNN int8 kernels)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
     try:
-        compiled = torch.compile(copy.deepcopy(model).eval())
+        fn = torch.compile(model if exported else copy.deepcopy(model).eval())
         with torch.no_grad():
             for shape in shapes:
-                compiled(torch.zeros(shape))
-        return compiled
+                fn(torch.zeros(shape))
+        return (lambda x: fn(x)) if exported else fn  # an exported graph refuses .eval()
     except Exception as exc:  # reported, not fatal: the other runtimes are still measured
         print(f"torch.compile failed: {type(exc).__name__}: {exc}", flush=True)
         return None
@@ -239,11 +242,14 @@ def run_model(name: str, folder: Path) -> dict:
                 "slimkit int8 on ORT": runtimes["ort int8 (slimkit QDQ)"],
                 "slimkit int8 on torch x86 (oneDNN)": torch_int8}
     candidates = {"torch fp32": model}
-    compiled = compiled_fp32(model, [x1.shape, x64.shape])
-    if compiled is not None:
-        candidates["torch fp32 compiled"] = compiled
+    fp32_compiled = compiled(model, [x1.shape, x64.shape])
+    if fp32_compiled is not None:
+        candidates["torch fp32 compiled"] = fp32_compiled
     candidates.update(runtimes)
     candidates["torch int8 x86 (slimkit PTQ)"] = torch_int8
+    int8_compiled = compiled(torch_int8.converted, [x1.shape, x64.shape], exported=True)
+    if int8_compiled is not None:
+        candidates["torch int8 x86 compiled (PT2E + inductor)"] = int8_compiled
     if not resnet:  # dynamic int8 only covers Linear layers: for the ResNets it is the fp32 convs again
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
