@@ -125,7 +125,10 @@ def test_training_preset_with_a_teacher_searches_distillation(tmp_path, digits):
 @pytest.mark.slow
 def test_workers_argument_spawns_processes_that_share_the_study(tmp_path, digits):
     train, test = digits
-    study = search(tiny_model(), config(tmp_path, n_trials=30, workers=2, storage=f"journal:{tmp_path / 'j.log'}"),
+    # enough trials that the spawned worker (a fresh interpreter importing torch) joins before they run out: with
+    # 30 the in-process worker sometimes finished them all first
+    study = search(tiny_model(), config(tmp_path, n_trials=80, epochs=3, workers=2,
+                                        storage=f"journal:{tmp_path / 'j.log'}"),
                    train, test)
     numbers = [t.number for t in study.study.trials]
     assert len(numbers) == len(set(numbers))
