@@ -174,3 +174,41 @@ def test_dynamic_gru_exports_one_integer_matmul_per_step(tmp_path):
     with torch.no_grad():
         simulated = result.model(x).numpy()
     assert np.abs(np.asarray(OrtModel(path, threads=1)(x)) - simulated).max() < 1e-2
+
+
+class _RowNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(6, 12, batch_first=True)
+        self.a, self.b, self.head = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+        self.b.load_state_dict(self.a.state_dict())  # equal weights: the exporter shares one initializer
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(self.rnn(x)[0][:, -1]))))
+
+
+@pytest.mark.parametrize("config, expect", [
+    (QuantConfig(method="dynamic"), {"DynamicQuantizeLSTM": 1, "MatMulInteger": 3}),
+    (QuantConfig(method="dynamic", ignore=("rnn",)), {"LSTM": 1, "MatMulInteger": 3}),  # kept whole, in float
+    (QuantConfig(method="dynamic", overrides={"rnn": {"granularity": "per_tensor"}}),  # unrolled per step
+     {"MatMulInteger": 1 + 5 + 3}),
+])
+def test_dynamic_export_follows_the_plan_and_matches_the_simulation(config, expect, tmp_path):
+    model = _RowNet().eval()
+    result = quantize(model, config)
+    path = export_onnx(result.model, torch.zeros(1, 5, 6), tmp_path / "net.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert {op: ops.count(op) for op in expect} == expect
+    assert "Gemm" not in ops and "MatMul" not in ops
+    x = torch.randn(64, 5, 6)
+    with torch.no_grad():
+        simulated = result.model(x).numpy()
+    assert np.abs(np.asarray(OrtModel(path, threads=1)(x)) - simulated).max() < 1e-4
+
+
+def test_dynamic_rejects_what_its_kernels_cannot_run():
+    with pytest.raises(ValueError, match="per-channel or per-tensor"):
+        QuantConfig(method="dynamic", granularity="per_group", group_size=4)
+    with pytest.raises(TypeError, match="tuple"):
+        LinearRNN(nn.LSTM(6, 12)).eval()(torch.randn(5, 2, 6), torch.zeros(2, 1, 2, 12))

@@ -55,8 +55,17 @@ def is_int8_model(model: nn.Module) -> bool:
     return any(_static_input(m) is not None for _, m in _quant_layers(model))
 
 
+def _fused_lstms(model: nn.Module) -> list[str]:
+    """Dynamic int8 LSTMs that export as ONNX Runtime's fused ``DynamicQuantizeLSTM``: every gate quantized with
+    per-channel scales (the others stay unrolled into one matrix product per step)."""
+    return [name for name, m in model.named_modules() if isinstance(m, LinearRNN) and m.mode == "LSTM"
+            and all(getattr(g, "weight_quant", None) is not None and g.weight_quant.granularity == "per_channel"
+                    for n, g in m.named_children() if n.startswith(("ih_", "hh_")))]
+
+
 def _float_twin(model: nn.Module) -> nn.Module:
     """A plain float copy whose quantized layers carry the dequantized weight (and simulated bias)."""
+    fused = _fused_lstms(model)
     twin = copy.deepcopy(model).eval()
     for name, layer in _quant_layers(twin):
         with torch.no_grad():
@@ -74,7 +83,7 @@ def _float_twin(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, plain)
     for name, module in list(twin.named_modules()):  # dynamic int8 LSTMs export as the fused ONNX LSTM op
-        if isinstance(module, LinearRNN) and module.mode == "LSTM":
+        if name in fused:
             parent_name, _, attr = name.rpartition(".")
             setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, module.to_rnn())
     return twin
@@ -251,14 +260,26 @@ def _dynamic_graph(proto, model: nn.Module):
         for key in ((weight.shape, weight.tobytes()), (weight.T.shape, np.ascontiguousarray(weight.T).tobytes())):
             by_weight.setdefault(key, []).append((name, layer))  # equal weights (fresh copies) share codes
     added: set[str] = set()
-    lstms = [n for n, m in model.named_modules() if isinstance(m, LinearRNN) and m.mode == "LSTM"]
+    lstms = _fused_lstms(model)
     matched = {n for n, _ in _quant_layers(model) if any(n.startswith(f"{p}.") for p in lstms)}
-    for node in [n for n in graph.node if n.op_type == "LSTM"]:
-        _dynamic_lstm(graph, node, inits)
+    identity = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    fused_inputs = set()  # each fused LSTM layer's input weights (all directions), as sorted rows
+    for name in lstms:
+        rnn = model.get_submodule(name)
+        for k in range(rnn.num_layers):
+            gates = [getattr(rnn, f"ih_l{k}{sfx}") for sfx in rnn.suffixes]
+            with torch.no_grad():
+                rows = [r.tobytes() for g in gates for r in g.weight_quant.eval()(g.weight).numpy().astype(np.float32)]
+            fused_inputs.add(tuple(sorted(rows)))
+    for node in [n for n in graph.node if n.op_type == "LSTM"]:  # an LSTM kept in float is left alone
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if tuple(sorted(r.tobytes() for r in w.reshape(-1, w.shape[-1]))) in fused_inputs:
+            _dynamic_lstm(graph, node, inits)
     for node in list(graph.node):
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        weight = identity.get(node.input[1], node.input[1]) if len(node.input) > 1 else ""  # shared (equal) weights
+        if node.op_type not in ("MatMul", "Gemm") or weight not in inits:
             continue
-        array = numpy_helper.to_array(inits[node.input[1]])
+        array = numpy_helper.to_array(inits[weight])
         hit = by_weight.get((array.shape, np.ascontiguousarray(array).tobytes()))
         if hit is None:
             continue

@@ -76,8 +76,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     _check_finite(model)
     new = copy.deepcopy(model).eval()
-    decomposed = decompose(new) if cfg.method is Method.DYNAMIC else []  # LSTM / GRU / attention as Linear layers
-    specs, skipped = plan_layers(new, cfg)
+    # LSTM / GRU / attention as Linear layers (those the user keeps in float stay whole)
+    decomposed = decompose(new, skip=cfg.ignore) if cfg.method is Method.DYNAMIC else []
+    specs, skipped = plan_layers(new, cfg, decomposed)
     if not specs:
         raise ValueError("quantize: no Linear or Conv2d layer left to quantize "
                          f"(skipped: {', '.join(skipped) or 'none'})")
@@ -165,7 +166,7 @@ def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         raise ValueError(f"quantization record version {version!r} is not supported (expected {RECORD_VERSION})")
     fold_structure(model, [tuple(p) for p in record["folded"]])
     if record.get("decomposed"):
-        names = decompose(model)
+        names = decompose(model, only=record["decomposed"])
         if names != record["decomposed"]:
             raise ValueError(f"replay: the record's LSTM / GRU / attention layers {record['decomposed']} do not match "
                              f"the model's {names}")

@@ -90,10 +90,13 @@ class QuantConfig(Config):
         if self.weight_bits == 1 and self.scheme is Scheme.SYMMETRIC:
             self.scheme = Scheme.BINARY  # 1 bit means binary (scaled sign)
         _check_bits(self.weight_bits, self.act_bits, self.scheme, "QuantConfig")
-        if self.method is Method.DYNAMIC and (self.weight_bits, self.act_bits, self.scheme) != (8, 8, Scheme.SYMMETRIC):
-            raise ValueError("method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8 and "
-                             f"scheme='symmetric' (got {self.weight_bits}, {self.act_bits}, {self.scheme.value!r}); "
-                             "use method='ptq' or 'qat' for other bit widths")
+        if self.method is Method.DYNAMIC and ((self.weight_bits, self.act_bits, self.scheme) != (8, 8, Scheme.SYMMETRIC)
+                                              or self.granularity is Granularity.PER_GROUP):
+            raise ValueError("method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8, "
+                             "scheme='symmetric' and per-channel or per-tensor scales (got "
+                             f"{self.weight_bits}, {self.act_bits}, {self.scheme.value!r}, "
+                             f"{self.granularity.value!r}); "
+                             "use method='ptq' or 'qat' for other settings")
         if self.granularity is Granularity.PER_GROUP and self.group_size < 1:
             raise ValueError(f"granularity='per_group' needs group_size >= 1, got {self.group_size}")
         if self.calibration_batches < 1:
@@ -154,9 +157,13 @@ class LayerSpec:
 
 
 def matches(name: str, pattern: str) -> bool:
+    """``name`` equals ``pattern``, or fully matches the regular expression after ``re:``."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return name == pattern
+
+
+_matches = matches
 
 
 def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
@@ -178,8 +185,14 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
     return layers, skipped
 
 
-def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], dict[str, str]]:
-    """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides)."""
+def plan_layers(model: nn.Module, cfg: QuantConfig,
+                decomposed: list[str] | tuple[str, ...] = ()) -> tuple[list[LayerSpec], dict[str, str]]:
+    """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides). A pattern that
+    names a ``decomposed`` LSTM / GRU / attention module applies to its Linear pieces."""
+
+    def matches(name: str, pattern: str) -> bool:
+        return _matches(name, pattern) or any(name.startswith(f"{d}.") and _matches(d, pattern) for d in decomposed)
+
     layers, skipped = quantizable(model)
     for pattern in [*cfg.ignore, *cfg.overrides]:
         if not any(matches(n, pattern) for n in [*(n for n, _ in layers), *skipped]):
@@ -208,9 +221,10 @@ def plan_layers(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], di
                 spec.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in override.items()})
         if spec["weight_bits"] == 1 and spec["scheme"] == "symmetric":
             spec["scheme"] = "binary"
-        if dynamic and (spec["weight_bits"], spec["act_bits"], spec["scheme"]) != (8, 8, "symmetric"):
-            raise ValueError(f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric weights and 8-bit "
-                             "activations; drop the override or use method='ptq' / 'qat'")
+        if dynamic and ((spec["weight_bits"], spec["act_bits"], spec["scheme"]) != (8, 8, "symmetric")
+                        or spec["granularity"] == "per_group"):
+            raise ValueError(f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric per-channel or "
+                             "per-tensor weights and 8-bit activations; drop the override or use method='ptq' / 'qat'")
         _check_bits(spec["weight_bits"], spec["act_bits"], spec["scheme"], f"layer {name!r}")
         specs.append(LayerSpec(name, type(module).__name__, spec["weight_bits"], spec["scheme"],
                                spec["granularity"], spec["group_size"], spec["act_bits"], dynamic))

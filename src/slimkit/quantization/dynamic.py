@@ -113,6 +113,8 @@ class LinearRNN(nn.Module):
         if hx is None:
             h0, c0 = zeros, zeros
         else:
+            if self.mode == "LSTM" and not isinstance(hx, tuple | list):
+                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
             h0, c0 = hx if self.mode == "LSTM" else (hx, zeros)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
@@ -202,14 +204,18 @@ class LinearMultiheadAttention(nn.Module):
         return out, weights.squeeze(0) if unbatched else weights
 
 
-def decompose(model: nn.Module) -> list[str]:
+def decompose(model: nn.Module, skip: tuple[str, ...] = (), only: list[str] | None = None) -> list[str]:
     """Replace every ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` of ``model`` (in place) by its Linear
-    form; returns their names. Modules the Linear forms do not cover are left alone (``quantize`` lists them)."""
+    form; returns their names. Modules the Linear forms do not cover are left alone (``quantize`` lists them), as
+    are those matching a name or ``re:`` pattern in ``skip``; ``only`` limits it to the given names (replay)."""
+    from slimkit.quantization.config import matches
     from slimkit.quantization.ptq import set_module
 
     names = []
     for name, module in list(model.named_modules()):
-        if not name or unsupported(module):
+        if not name or unsupported(module) or any(matches(name, p) for p in skip):
+            continue
+        if only is not None and name not in only:
             continue
         rebuilt = LinearRNN(module) if isinstance(module, nn.LSTM | nn.GRU) else LinearMultiheadAttention(module)
         set_module(model, name, rebuilt.train(module.training))
