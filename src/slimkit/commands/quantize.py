@@ -52,8 +52,6 @@ def quantize(
     from slimkit.quantization import quantize as run_quantize
     from slimkit.train import evaluate
 
-    if bits == 1 and scheme == "symmetric":
-        scheme = "binary"
     if onnx is not None and onnx.is_dir():
         raise ValueError(f"--onnx {onnx} is a directory; give the path of the .onnx file to write")
     if onnx is not None and onnx.resolve().is_relative_to(out.resolve()):

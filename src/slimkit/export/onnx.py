@@ -250,13 +250,14 @@ def _dynamic_graph(proto, model: nn.Module):
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     by_weight: dict[tuple, list[tuple[str, nn.Module]]] = {}
+    dequantized: dict[str, np.ndarray] = {}  # each layer's weight as the float twin stored it
     for name, layer in _quant_layers(model):
         wq = layer.weight_quant
         if wq.bits != 8 or not wq.symmetric or wq.granularity == "per_group":
             raise ValueError(f"export_onnx: dynamic layer {name!r} needs symmetric 8-bit per-channel or per-tensor "
                              f"weights for MatMulInteger (has {wq.bits}-bit {wq.scheme} {wq.granularity})")
         with torch.no_grad():
-            weight = wq.eval()(layer.weight).numpy().astype(np.float32)  # as the float twin stored it
+            weight = dequantized[name] = wq.eval()(layer.weight).numpy().astype(np.float32)
         for key in ((weight.shape, weight.tobytes()), (weight.T.shape, np.ascontiguousarray(weight.T).tobytes())):
             by_weight.setdefault(key, []).append((name, layer))  # equal weights (fresh copies) share codes
     added: set[str] = set()
@@ -267,9 +268,7 @@ def _dynamic_graph(proto, model: nn.Module):
     for name in lstms:
         rnn = model.get_submodule(name)
         for k in range(rnn.num_layers):
-            gates = [getattr(rnn, f"ih_l{k}{sfx}") for sfx in rnn.suffixes]
-            with torch.no_grad():
-                rows = [r.tobytes() for g in gates for r in g.weight_quant.eval()(g.weight).numpy().astype(np.float32)]
+            rows = [r.tobytes() for sfx in rnn.suffixes for r in dequantized[f"{name}.ih_l{k}{sfx}"]]
             fused_inputs.add(tuple(sorted(rows)))
     for node in [n for n in graph.node if n.op_type == "LSTM"]:  # an LSTM kept in float is left alone
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)

@@ -163,9 +163,6 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern
 
 
-_matches = matches
-
-
 def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """``(Linear/Conv2d layers in module order, {name: reason} for layers left in float)``."""
     layers, skipped = [], {}
@@ -190,19 +187,19 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
     """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides). A pattern that
     names a ``decomposed`` LSTM / GRU / attention module applies to its Linear pieces."""
 
-    def matches(name: str, pattern: str) -> bool:
-        return _matches(name, pattern) or any(name.startswith(f"{d}.") and _matches(d, pattern) for d in decomposed)
+    def hits(name: str, pattern: str) -> bool:
+        return matches(name, pattern) or any(name.startswith(f"{d}.") and matches(d, pattern) for d in decomposed)
 
     layers, skipped = quantizable(model)
     for pattern in [*cfg.ignore, *cfg.overrides]:
-        if not any(matches(n, pattern) for n in [*(n for n, _ in layers), *skipped]):
+        if not any(hits(n, pattern) for n in [*(n for n, _ in layers), *skipped]):
             names = ", ".join(n for n, _ in layers[:8])
             raise ValueError(f"quantize: {pattern!r} matches no Linear/Conv2d layer; layers are: {names}")
     dynamic = cfg.method is Method.DYNAMIC
     specs = []
     ends = {layers[0][0], layers[-1][0]} if layers else set()
     for name, module in layers:
-        if any(matches(name, p) for p in cfg.ignore):
+        if any(hits(name, p) for p in cfg.ignore):
             skipped[name] = "ignored by config"
             continue
         if dynamic and not isinstance(module, nn.Linear):
@@ -210,14 +207,12 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
             continue
         spec = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "scheme": cfg.scheme.value,
                 "granularity": cfg.granularity.value, "group_size": cfg.group_size}
-        if dynamic:
-            spec.update(weight_bits=8, act_bits=8, scheme="symmetric")
-        elif cfg.keep_first_last_8bit and name in ends and (cfg.weight_bits < 8 or cfg.scheme.value != "symmetric"):
+        if cfg.keep_first_last_8bit and name in ends and (cfg.weight_bits < 8 or cfg.scheme.value != "symmetric"):
             spec.update(weight_bits=8, scheme="symmetric", granularity="per_channel")
             if spec["act_bits"] is not None:
                 spec["act_bits"] = max(spec["act_bits"], 8)
         for pattern, override in cfg.overrides.items():
-            if matches(name, pattern):
+            if hits(name, pattern):
                 spec.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in override.items()})
         if spec["weight_bits"] == 1 and spec["scheme"] == "symmetric":
             spec["scheme"] = "binary"
@@ -230,8 +225,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
                                spec["granularity"], spec["group_size"], spec["act_bits"], dynamic))
     planned = {spec.name for spec in specs}
     for pattern in cfg.overrides:  # a layer the user configured must be quantized, or the reason is an error
-        hit = [n for n in skipped if matches(n, pattern) and skipped[n] != "ignored by config"]
-        if hit and not any(matches(n, pattern) for n in planned):
+        hit = [n for n in skipped if hits(n, pattern) and skipped[n] != "ignored by config"]
+        if hit and not any(hits(n, pattern) for n in planned):
             raise ValueError(f"quantize: overrides[{pattern!r}] targets {hit[0]!r}, which cannot be quantized here: "
                              f"{skipped[hit[0]]}")
     return specs, skipped

@@ -15,6 +15,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def kept_channels(rows: list[tuple[str, int, int]], path: Path) -> Path:
     """Bar chart of output channels per layer, before vs after."""
     plt = _pyplot()
@@ -27,10 +34,7 @@ def kept_channels(rows: list[tuple[str, int, int]], path: Path) -> Path:
     ax.set_ylabel("output channels / features")
     ax.set_title("kept channels per layer")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bit_widths(bits: dict[str, float], path: Path) -> Path:
@@ -41,10 +45,7 @@ def bit_widths(bits: dict[str, float], path: Path) -> Path:
     ax.set_xticks(range(len(bits)), list(bits), rotation=90, fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title("bit width per layer (32 = float)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def sensitivity(curves: dict[str, list[tuple[float, float]]], path: Path) -> Path:
@@ -58,10 +59,7 @@ def sensitivity(curves: dict[str, list[tuple[float, float]]], path: Path) -> Pat
     ax.set_title("sensitivity per group")
     if len(curves) <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def trade_off(points: list[dict[str, Any]], path: Path) -> Path:
@@ -78,7 +76,4 @@ def trade_off(points: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("bytes on disk (KB, log)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs size after each step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
