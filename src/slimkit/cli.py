@@ -21,6 +21,15 @@ app = typer.Typer(
 COMMAND_MODULES = ["slimkit.commands.core", "slimkit.commands.pipeline", "slimkit.commands.distill",
                    "slimkit.commands.prune", "slimkit.commands.quantize", "slimkit.commands.search"]
 
+
+@app.callback()
+def main(traceback: bool = typer.Option(False, "--traceback", help="Show the full traceback of an error.")) -> None:
+    """Make trained PyTorch models smaller and faster, and measure it."""
+    from slimkit.commands._common import TRACEBACK
+
+    TRACEBACK["on"] = traceback
+
+
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 

@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from slimkit.errors import UsageError
+
 T = TypeVar("T", bound="Config")
 
 
@@ -34,7 +36,7 @@ def to_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enu
         return enum_type(value)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in enum_type)
-        raise ValueError(f"{field_name}={value!r} is not valid; choose one of {allowed}") from None
+        raise UsageError(f"{field_name}={value!r} is not valid; choose one of {allowed}") from None
 
 
 def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -42,7 +44,7 @@ def check_range(name: str, value: float, low: float, high: float, *, low_open: b
     below = value <= low if low_open else value < low
     if below or value > high:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name}={value!r} is out of range; allowed {bracket}{low}, {high}]")
+        raise UsageError(f"{name}={value!r} is out of range; allowed {bracket}{low}, {high}]")
 
 
 def _enum_type(annotation: Any) -> type[enum.Enum] | None:
@@ -91,7 +93,7 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         for key in data:
             if key not in names:
-                raise ValueError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
+                raise UsageError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
         hints = typing.get_type_hints(cls)
         for key, value in list(data.items()):
             nested = hints.get(key)

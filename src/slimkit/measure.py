@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from slimkit._text import human, make_table, render
+from slimkit.errors import UsageError
 
 __all__ = [
     "LatencyStats", "LayerProfile", "Profile", "benchmark_latency", "compare_latency", "count_params",
@@ -148,7 +149,7 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
             model(*inputs)
     except Exception as exc:
         shape = [tuple(t.shape) for t in inputs]
-        raise ValueError(f"profile: the model failed on an example input of shape {shape}: {exc}") from exc
+        raise UsageError(f"profile: the model failed on an example input of shape {shape}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimkit._text import human, make_table, render
+from slimkit.errors import UsageError
 from slimkit.export.artifact import weights_size
 from slimkit.measure import benchmark_latency, profile
 from slimkit.recipe import ExportConfig, ExportFormat, Recipe, Step, StepKind
@@ -139,7 +140,7 @@ class _Runner:
         if step.kind is StepKind.QUANTIZE:
             return slimkit.quantize(model, step.config, self.train_data, val_data=self.val_data,
                                     loss_fn=self.kd_loss()).model
-        raise ValueError(f"step {step.kind.value!r} does not transform the model")
+        raise UsageError(f"step {step.kind.value!r} does not transform the model")
 
     def recover(self, model: nn.Module) -> nn.Module:
         import slimkit
@@ -222,7 +223,7 @@ def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tenso
         torch.export.save(program, str(path))
         return path
     if cfg.format is ExportFormat.ONNX_AUTO:
-        raise ValueError("onnx-auto chooses between int8 and fp32 by measured speed and accuracy: use it as a recipe "
+        raise UsageError("onnx-auto chooses between int8 and fp32 by measured speed and accuracy: use it as a recipe "
                          "step (slimkit compress), or export onnx / onnx-int8 here")
     from slimkit.export.onnx import export_onnx
 

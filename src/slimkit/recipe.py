@@ -32,6 +32,7 @@ import yaml
 
 from slimkit._io import write_text
 from slimkit.config import Config, check_range, nearest, to_enum
+from slimkit.errors import UsageError
 
 SHIPPED = Path(__file__).with_name("recipes")
 
@@ -70,7 +71,7 @@ class ExportConfig(Config):
         super().__post_init__()
         check_range("size_slack", self.size_slack, 0.0, 10.0)
         if self.auto_batch_size < 1:
-            raise ValueError(f"auto_batch_size={self.auto_batch_size} must be >= 1")
+            raise UsageError(f"auto_batch_size={self.auto_batch_size} must be >= 1")
 
 
 CONFIG_CLASSES = {
@@ -97,18 +98,18 @@ class Step:
     @classmethod
     def from_dict(cls, data: Any, where: str = "step") -> Step:
         if not isinstance(data, dict) or len(data) != 1:
-            raise ValueError(f"{where}: a step is a mapping with one key (prune, distill, quantize or export), "
+            raise UsageError(f"{where}: a step is a mapping with one key (prune, distill, quantize or export), "
                              f"got {data!r}")
         (key, body), = data.items()
         if key not in {k.value for k in StepKind}:
-            raise ValueError(f"{where}: unknown step {key!r}; {nearest(key, [k.value for k in StepKind])}")
+            raise UsageError(f"{where}: unknown step {key!r}; {nearest(key, [k.value for k in StepKind])}")
         kind = StepKind(key)
         if body is not None and not isinstance(body, dict):
-            raise ValueError(f"{where}: the settings of {key!r} must be a mapping, got {body!r}")
+            raise UsageError(f"{where}: the settings of {key!r} must be a mapping, got {body!r}")
         try:
             config = config_class(kind).from_dict(body or {})
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{where} ({key}): {exc}") from exc
+            raise UsageError(f"{where} ({key}): {exc}") from exc
         return cls(kind, config)
 
 
@@ -132,22 +133,22 @@ class Recipe(Config):
         self.steps = [s if isinstance(s, Step) else Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(self.steps)]
         check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         if self.recovery_epochs < 0 or self.max_backoffs < 0:
-            raise ValueError("recovery_epochs and max_backoffs must be >= 0")
+            raise UsageError("recovery_epochs and max_backoffs must be >= 0")
         check_range("recovery_lr", self.recovery_lr, 0.0, 10.0, low_open=True)
         self._check_order()
 
     def _check_order(self) -> None:
         kinds = [s.kind for s in self.steps]
         if not kinds:
-            raise ValueError("a recipe needs at least one step (prune, distill, quantize or export)")
+            raise UsageError("a recipe needs at least one step (prune, distill, quantize or export)")
         if StepKind.EXPORT in kinds[:-1]:
-            raise ValueError("steps in an impossible order: 'export' must be the last step, "
+            raise UsageError("steps in an impossible order: 'export' must be the last step, "
                              f"got {[k.value for k in kinds]}")
         if StepKind.QUANTIZE in kinds:
             first_q = kinds.index(StepKind.QUANTIZE)
             late = [k.value for k in kinds[first_q + 1:] if k in (StepKind.PRUNE, StepKind.QUANTIZE)]
             if late:
-                raise ValueError(f"steps in an impossible order: {late[0]!r} after 'quantize' (prune before you "
+                raise UsageError(f"steps in an impossible order: {late[0]!r} after 'quantize' (prune before you "
                                  f"quantize, and quantize once); got {[k.value for k in kinds]}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,13 +170,13 @@ class Recipe(Config):
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-            raise ValueError(f"{source}: malformed YAML at {where}: {exc.problem}") from None
+            raise UsageError(f"{source}: malformed YAML at {where}: {exc.problem}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), got {data!r}")
+            raise UsageError(f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), got {data!r}")
         try:
             return cls.from_dict(data)
         except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from None
+            raise UsageError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, spec: Recipe | dict | str | os.PathLike) -> Recipe:
@@ -190,7 +191,7 @@ class Recipe(Config):
         shipped = SHIPPED / f"{spec}.yaml"
         if shipped.is_file():
             return cls.from_yaml(shipped.read_text(), str(shipped))
-        raise ValueError(f"recipe {str(spec)!r} is neither a file nor a shipped recipe; "
+        raise UsageError(f"recipe {str(spec)!r} is neither a file nor a shipped recipe; "
                          f"{nearest(str(spec), shipped_recipes())}")
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from slimkit.config import Config, check_range
+from slimkit.errors import TrainingDiverged, UsageError
 
 __all__ = ["EvalResult", "FitResult", "LossFn", "Optimizer", "Schedule", "TrainConfig", "evaluate", "fit",
            "make_loader", "predict", "progress_bar", "seed_everything"]
@@ -70,12 +71,12 @@ class TrainConfig(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs} must be >= 0")
+            raise UsageError(f"epochs={self.epochs} must be >= 0")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+            raise UsageError(f"batch_size={self.batch_size} must be >= 1")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+            raise UsageError(f"weight_decay={self.weight_decay} must be >= 0")
 
 
 @dataclass
@@ -108,7 +109,7 @@ def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed
     if isinstance(data, DataLoader):
         return data
     if len(data) == 0:  # type: ignore[arg-type]
-        raise ValueError("the dataset is empty")
+        raise UsageError("the dataset is empty")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
@@ -178,7 +179,7 @@ def fit(
                 outputs = model(inputs)
                 loss = loss_fn(outputs, targets, inputs)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
+                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
                                              "lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -240,7 +241,7 @@ def evaluate(model: nn.Module | Callable, data: Dataset | DataLoader, batch_size
         pairs = [(torch.as_tensor(model(x)), y) for x, y in make_loader(data, batch_size, shuffle=False)]
         logits, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"evaluate: expected logits (N, classes) for {targets.shape[0]} targets, "
+        raise UsageError(f"evaluate: expected logits (N, classes) for {targets.shape[0]} targets, "
                          f"got {tuple(logits.shape)}")
     accuracy = (logits.argmax(1) == targets).float().mean().item() * 100.0
     return EvalResult(accuracy, F.cross_entropy(logits.float(), targets).item(), len(targets))

@@ -1,5 +1,6 @@
 """``slimkit quantize`` end to end on sklearn digits."""
 
+import errno
 import json
 
 from typer.testing import CliRunner
@@ -43,13 +44,13 @@ def test_quantize_cli_failed_save_removes_the_onnx_file(tmp_path, monkeypatch):
     import slimkit.export.artifact as artifact
 
     def broken_save(*args, **kwargs):
-        raise RuntimeError("disk full (simulated)")
+        raise OSError(errno.ENOSPC, "No space left on device", "q.slim")  # what a full disk raises
 
     monkeypatch.setattr(artifact, "save", broken_save)
     out, onnx_path = tmp_path / "q.slim", tmp_path / "q.onnx"
     result = CliRunner().invoke(app, ["quantize", *DIGITS_MLP, "--out", str(out), "--onnx", str(onnx_path)])
     assert result.exit_code == 2, result.output
-    assert "disk full" in result.output
+    assert "neither was written" in result.output and "No space left on device" in result.output
     assert list(tmp_path.iterdir()) == []  # no ONNX file, no temporary beside it, no artifact
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -13,6 +14,8 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from slimkit.errors import SlimkitError, UsageError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -35,19 +38,41 @@ ArgsOpt = Annotated[
 ]
 
 
+TRACEBACK = {"on": False}  # set by the global ``--traceback`` option (slimkit/cli.py)
+
+
 def fail_cleanly(fn: Callable) -> Callable:
-    """Turn slimkit's user-facing errors into one red line and exit code 2 (no traceback)."""
+    """Turn slimkit's user-facing errors into one red line and exit code 2 (no traceback).
+
+    Caught: ``SlimkitError`` (bad input, a failed check), ``OSError`` (a missing or unwritable path, a full disk)
+    and Ctrl-C. Anything else is a bug and keeps its traceback; ``slimkit --traceback CMD`` shows it for all.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, TypeError, ImportError, RuntimeError) as exc:
+        except (SlimkitError, OSError, KeyboardInterrupt) as exc:
+            if TRACEBACK["on"]:
+                raise
             # soft_wrap: never break a path or a name in two; escape: messages may contain [brackets]
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(one_line(exc))}", soft_wrap=True)
             sys.exit(2)
 
     return wrapper
+
+
+def one_line(exc: BaseException) -> str:
+    """The message the CLI prints for ``exc``."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); outputs are written atomically, so nothing half-written was left behind"
+    if isinstance(exc, OSError) and not isinstance(exc, SlimkitError):
+        if exc.errno == errno.ENOSPC:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            return f"the disk is full{where}; free some space and run the command again"
+        if exc.filename and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def model_kwargs(model_args: str | None) -> dict[str, Any]:
@@ -56,9 +81,9 @@ def model_kwargs(model_args: str | None) -> dict[str, Any]:
     try:
         value = json.loads(model_args)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--model-args is not valid JSON: {exc}") from exc
+        raise UsageError(f"--model-args is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise ValueError("--model-args must be a JSON object")
+        raise UsageError("--model-args must be a JSON object")
     return value
 
 

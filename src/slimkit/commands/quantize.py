@@ -18,6 +18,7 @@ from slimkit.commands._common import (
     fail_cleanly,
     load_data,
 )
+from slimkit.errors import UsageError
 
 
 @fail_cleanly
@@ -53,9 +54,9 @@ def quantize(
     from slimkit.train import evaluate
 
     if onnx is not None and onnx.is_dir():
-        raise ValueError(f"--onnx {onnx} is a directory; give the path of the .onnx file to write")
+        raise UsageError(f"--onnx {onnx} is a directory; give the path of the .onnx file to write")
     if onnx is not None and onnx.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
+        raise UsageError(f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
                          "anyway; give a path outside it")
     cfg = QuantConfig(weight_bits=bits, act_bits=act_bits or None, method=method, scheme=scheme, observer=observer,
                       epochs=epochs, lr=lr, adaround=adaround)
@@ -85,7 +86,7 @@ def quantize(
                 export_onnx(result.model, x, tmp_onnx, int8=int8)
                 path = save(result, out, metrics=metrics, extra_files={"model.onnx": tmp_onnx})
         except OSError as exc:  # e.g. an unwritable --onnx folder: one clean line, not a traceback
-            raise ValueError(f"could not write the ONNX file or the artifact, so neither was written: {exc}") from exc
+            raise UsageError(f"could not write the ONNX file or the artifact, so neither was written: {exc}") from exc
     packed = (path / "model.safetensors").stat().st_size
     fp32 = size_on_disk(net)
     rows = [["fp32", f"{before:.2f}%", human(fp32, "B")],

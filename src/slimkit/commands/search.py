@@ -18,6 +18,7 @@ from slimkit.commands._common import (
     fail_cleanly,
     load_data,
 )
+from slimkit.errors import MissingFileError, UsageError
 
 
 def read_space(space: str) -> dict | str:
@@ -26,15 +27,15 @@ def read_space(space: str) -> dict | str:
     if path.suffix.lower() not in (".json", ".yaml", ".yml"):
         return space
     if not path.is_file():
-        raise FileNotFoundError(f"search space file {path} does not exist")
+        raise MissingFileError(f"search space file {path} does not exist")
     import yaml
 
     try:
         value = yaml.safe_load(path.read_text())  # JSON is YAML
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML/JSON ({exc})") from exc
+        raise UsageError(f"{path}: not valid YAML/JSON ({exc})") from exc
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter name -> spec, got {type(value).__name__}")
+        raise UsageError(f"{path}: expected a mapping of parameter name -> spec, got {type(value).__name__}")
     return value
 
 
@@ -81,7 +82,7 @@ def search(
         from slimkit.data import ArrayDataset
 
         if not isinstance(train_data, ArrayDataset) or not 0 < holdout < len(train_data):
-            raise ValueError(f"--holdout {holdout}: needs in-memory data with more than {holdout} training examples")
+            raise UsageError(f"--holdout {holdout}: needs in-memory data with more than {holdout} training examples")
         x, y = train_data.images, train_data.labels
         train_data, val_data = ArrayDataset(x[:-holdout], y[:-holdout]), ArrayDataset(x[-holdout:], y[-holdout:])
     study = run_search(net, cfg, train_data, val_data)

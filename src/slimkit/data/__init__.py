@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from slimkit.config import nearest
 from slimkit.data.arrays import ArrayDataset, arrays_to_datasets, load_npz, reshape_images
+from slimkit.errors import UsageError
 
 __all__ = ["SPECS", "ArrayDataset", "DataError", "default_root", "load", "split"]
 
@@ -35,7 +36,7 @@ BUNDLED = Path(__file__).with_name("mnist10k.npz")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data spec that cannot be loaded; the message says what exists or how to get the data."""
 
 
@@ -152,7 +153,7 @@ def split(data: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Datas
         (7000, 1000)
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction={fraction} must be in (0, 1)")
+        raise UsageError(f"fraction={fraction} must be in (0, 1)")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     cut = len(data) - max(1, round(fraction * len(data)))
     rest, held = order[:cut], order[cut:]

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from slimkit.errors import MissingFileError, UsageError
+
 
 class ArrayDataset(TensorDataset):
     """A ``TensorDataset`` of images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64, with a name."""
@@ -41,7 +43,7 @@ def _as_nchw(x: np.ndarray, source: str) -> torch.Tensor:
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
-        raise ValueError(f"{source}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W); got shape {x.shape}")
+        raise UsageError(f"{source}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W); got shape {x.shape}")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
 
@@ -51,7 +53,7 @@ def arrays_to_datasets(
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Wrap arrays as datasets; without a test set, split 80/20 with a generator seeded by ``seed``."""
     if len(x) != len(y):
-        raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
+        raise UsageError(f"{name}: {len(x)} images but {len(y)} labels")
     images, labels = _as_nchw(np.asarray(x), name), torch.as_tensor(np.asarray(y), dtype=torch.int64)
     if x_test is None:
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
@@ -69,11 +71,11 @@ def arrays_to_datasets(
 def load_npz(path: Path, *, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """Read ``x_train, y_train[, x_test, y_test]`` or ``x|images, y|labels`` from an ``.npz`` file."""
     if not path.is_file():
-        raise FileNotFoundError(f"npz data file {path} does not exist")
+        raise MissingFileError(f"npz data file {path} does not exist")
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+        raise UsageError(f"{path}: not a readable .npz file ({exc})") from exc
     with npz:
         keys = set(npz.files)
         if {"x_train", "y_train"} <= keys:
@@ -86,7 +88,7 @@ def load_npz(path: Path, *, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
         x_key = next((k for k in ("x", "images", "X") if k in keys), None)
         y_key = next((k for k in ("y", "labels", "Y") if k in keys), None)
         if x_key is None or y_key is None:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: expected arrays x_train/y_train[/x_test/y_test] or x/y or images/labels; "
                 f"found {sorted(keys)}"
             )
@@ -98,11 +100,11 @@ def reshape_images(data: ArrayDataset, shape: tuple[int, int, int]) -> ArrayData
     channels, height, width = shape
     x = data.images
     if x.ndim != 4:
-        raise ValueError(f"{data.name}: shape= needs image data (N,C,H,W), got {tuple(x.shape)}")
+        raise UsageError(f"{data.name}: shape= needs image data (N,C,H,W), got {tuple(x.shape)}")
     if tuple(x.shape[2:]) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     if x.shape[1] != channels:
         if x.shape[1] != 1:
-            raise ValueError(f"{data.name}: cannot turn {x.shape[1]} channels into {channels}")
+            raise UsageError(f"{data.name}: cannot turn {x.shape[1]} channels into {channels}")
         x = x.repeat(1, channels, 1, 1)
     return ArrayDataset(x.contiguous(), data.labels, f"{data.name}@{channels}x{height}x{width}")

@@ -7,15 +7,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from slimkit.errors import MissingFileError, UsageError
+
 
 def load_folder(path: Path, *, seed: int) -> tuple[Dataset, Dataset]:
     """``PATH/train`` + ``PATH/test`` (or ``PATH/val``) when present, else one class-per-folder tree split 80/20."""
     try:
         from torchvision import datasets, transforms
     except ImportError as exc:
-        raise ValueError("folder: data specs need torchvision: pip install 'slimkit[vision]'") from exc
+        raise UsageError("folder: data specs need torchvision: pip install 'slimkit[vision]'") from exc
     if not path.is_dir():
-        raise FileNotFoundError(f"image folder {path} does not exist")
+        raise MissingFileError(f"image folder {path} does not exist")
     transform = transforms.ToTensor()
     test_dir = next((path / d for d in ("test", "val") if (path / d).is_dir()), None)
     if (path / "train").is_dir() and test_dir is not None:

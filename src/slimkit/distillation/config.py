@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from slimkit.config import Config, check_range
+from slimkit.errors import UsageError
 from slimkit.train import Optimizer, Schedule, TrainConfig
 
 LayerPairs = tuple[tuple[str, str], ...]
@@ -15,7 +16,7 @@ def _layer_pairs(name: str, value) -> LayerPairs:
     pairs = []
     for item in value or ():
         if isinstance(item, str) or len(item) != 2 or not all(isinstance(n, str) for n in item):
-            raise ValueError(f"{name}: each entry must be a (student_layer, teacher_layer) pair of module names, "
+            raise UsageError(f"{name}: each entry must be a (student_layer, teacher_layer) pair of module names, "
                              f"e.g. [['features.3', 'features.3']]; got {item!r}")
         pairs.append((item[0], item[1]))
     return tuple(pairs)
@@ -70,17 +71,17 @@ class DistillConfig(Config):
         super().__post_init__()
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be a number > 0 (typical values: 1 to 20)")
+            raise UsageError(f"temperature={self.temperature!r} must be a number > 0 (typical values: 1 to 20)")
         check_range("alpha", self.alpha, 0.0, 1.0)
         if self.focal_gamma < 0:
-            raise ValueError(f"focal_gamma={self.focal_gamma!r} must be >= 0 (0: plain cross-entropy)")
+            raise UsageError(f"focal_gamma={self.focal_gamma!r} must be >= 0 (0: plain cross-entropy)")
         if self.hint_weight < 0 or self.attention_weight < 0:
-            raise ValueError(f"hint_weight={self.hint_weight!r} and attention_weight={self.attention_weight!r} "
+            raise UsageError(f"hint_weight={self.hint_weight!r} and attention_weight={self.attention_weight!r} "
                              "must be >= 0")
         self.hints = _layer_pairs("hints", self.hints)
         self.attention = _layer_pairs("attention", self.attention)
         if self.cache_teacher and (self.hints or self.attention):
-            raise ValueError("cache_teacher=True caches the teacher's logits only; hints and attention transfer "
+            raise UsageError("cache_teacher=True caches the teacher's logits only; hints and attention transfer "
                              "need its features on every batch: set cache_teacher=False or drop hints/attention")
         self.train_config()  # validates epochs, lr, batch size, weight decay with TrainConfig's messages
 

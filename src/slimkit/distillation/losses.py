@@ -17,19 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.errors import UsageError
+
 __all__ = ["attention_map", "attention_transfer_loss", "focal_loss", "hint_adapter", "hint_loss", "hinton_loss",
            "kd_loss"]
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+        raise UsageError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape: the two models must share one output space")
 
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0 (typical values: 1 to 20)")
+        raise UsageError(f"temperature={temperature!r} must be > 0 (typical values: 1 to 20)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,7 +54,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Lin et al. 2017 focal loss ``-(1 - p_t)^γ · log p_t``, averaged; ``gamma=0`` is plain cross-entropy."""
     if gamma < 0:
-        raise ValueError(f"focal gamma={gamma!r} must be >= 0 (0 is plain cross-entropy)")
+        raise UsageError(f"focal gamma={gamma!r} must be >= 0 (0 is plain cross-entropy)")
     log_p = F.log_softmax(logits.float(), dim=-1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
     if gamma == 0:
         return -log_p.mean()
@@ -63,7 +65,7 @@ def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
                 temperature: float, alpha: float, focal_gamma: float = 0.0) -> torch.Tensor:
     """``alpha · kd_loss + (1 - alpha) · CE(student, targets)`` (focal loss for the hard term when ``focal_gamma``)."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha!r} is out of range; allowed [0, 1] (weight of the soft KD term)")
+        raise UsageError(f"alpha={alpha!r} is out of range; allowed [0, 1] (weight of the soft KD term)")
     loss = alpha * kd_loss(student_logits, teacher_logits, temperature) if alpha > 0 else 0.0
     if alpha < 1:
         loss = loss + (1 - alpha) * focal_loss(student_logits, targets, focal_gamma)
@@ -79,7 +81,7 @@ def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...])
     """
     s_dims, t_dims = len(student_shape), len(teacher_shape)
     if s_dims != t_dims or s_dims not in (2, 4):
-        raise ValueError(f"hint features must both be (N, C) or both (N, C, H, W); got student {tuple(student_shape)}"
+        raise UsageError(f"hint features must both be (N, C) or both (N, C, H, W); got student {tuple(student_shape)}"
                          f" and teacher {tuple(teacher_shape)}")
     c_student, c_teacher = student_shape[1], teacher_shape[1]
     if c_student == c_teacher:
@@ -100,7 +102,7 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     if projected.ndim == 4 and projected.shape[2:] != teacher_features.shape[2:]:
         projected = F.adaptive_avg_pool2d(projected, teacher_features.shape[2:])
     if projected.shape != teacher_features.shape:
-        raise ValueError(f"hint: student features {tuple(student_features.shape)} (after the adapter "
+        raise UsageError(f"hint: student features {tuple(student_features.shape)} (after the adapter "
                          f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
                          "build the adapter with hint_adapter(student_shape, teacher_shape)")
     return F.mse_loss(projected.float(), teacher_features.float())
@@ -109,7 +111,7 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
 def attention_map(features: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Zagoruyko & Komodakis 2017 spatial attention: ``mean_c |A_c|^p`` flattened and L2-normalized, ``(N, H·W)``."""
     if features.ndim != 4:
-        raise ValueError(f"attention transfer needs convolutional feature maps (N, C, H, W); got "
+        raise UsageError(f"attention transfer needs convolutional feature maps (N, C, H, W); got "
                          f"{tuple(features.shape)}")
     return F.normalize(features.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
 

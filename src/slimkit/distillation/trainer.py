@@ -27,6 +27,7 @@ from slimkit.distillation.losses import (
     hinton_loss,
     kd_loss,
 )
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 from slimkit.train import FitResult, LossFn, evaluate, fit, predict
 
@@ -58,10 +59,10 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
         >>> slimkit.train.fit(pruned, train, val, TrainConfig(epochs=3), loss_fn=loss_fn)  # doctest: +SKIP
     """
     if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        raise InputTypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if isinstance(config, DistillConfig):
         if alpha is not None:
-            raise TypeError("kd_loss_fn: give alpha either in the DistillConfig or as a number, not both")
+            raise InputTypeError("kd_loss_fn: give alpha either in the DistillConfig or as a number, not both")
         cfg = config
     elif config is None or (isinstance(config, (int, float)) and not isinstance(config, bool)):
         settings: dict[str, Any] = {} if config is None else {"temperature": float(config)}
@@ -69,7 +70,8 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
             settings["alpha"] = alpha
         cfg = DistillConfig(**settings)
     else:
-        raise TypeError(f"kd_loss_fn: config must be a DistillConfig or a temperature, got {type(config).__name__}")
+        raise InputTypeError(f"kd_loss_fn: config must be a DistillConfig or a temperature, "
+                             f"got {type(config).__name__}")
     temperature, weight, gamma = cfg.temperature, cfg.alpha, cfg.focal_gamma
     teacher.eval()
 
@@ -88,7 +90,7 @@ def _layers(model: nn.Module, names: list[str], role: str) -> dict[str, nn.Modul
     missing = [n for n in names if n not in modules]
     if missing:
         name = missing[0]
-        raise ValueError(f"{role} has no layer {name!r}; {nearest(name, [n for n in modules if n])}")
+        raise UsageError(f"{role} has no layer {name!r}; {nearest(name, [n for n in modules if n])}")
     return {n: modules[n] for n in names}
 
 
@@ -135,16 +137,16 @@ def _probe_inputs(data: Dataset | DataLoader, n: int = 8) -> torch.Tensor:
     if isinstance(data, DataLoader):
         return next(iter(data))[0][:n]
     if len(data) == 0:  # type: ignore[arg-type]
-        raise ValueError("distill: the training data is empty")
+        raise UsageError("distill: the training data is empty")
     return torch.stack([data[i][0] for i in range(min(n, len(data)))])  # type: ignore[arg-type]
 
 
 def _check_cacheable(data: Dataset | DataLoader) -> None:
     if isinstance(data, DataLoader):
-        raise ValueError("cache_teacher=True needs a Dataset (the logits are stored per example), not a DataLoader")
+        raise UsageError("cache_teacher=True needs a Dataset (the logits are stored per example), not a DataLoader")
     for i in range(min(2, len(data))):  # type: ignore[arg-type]
         if not torch.equal(data[i][0], data[i][0]):
-            raise ValueError(f"cache_teacher=True needs data without augmentation, but example {i} of the training "
+            raise UsageError(f"cache_teacher=True needs data without augmentation, but example {i} of the training "
                              "data differs between two reads: set cache_teacher=False")
 
 
@@ -192,12 +194,12 @@ def distill(
     """
     cfg = config if config is not None else DistillConfig()
     if not isinstance(cfg, DistillConfig):
-        raise TypeError(f"config must be a DistillConfig, got {type(cfg).__name__}")
+        raise InputTypeError(f"config must be a DistillConfig, got {type(cfg).__name__}")
     for role, module in (("student", student), ("teacher", teacher)):
         if not isinstance(module, nn.Module):
-            raise TypeError(f"{role} must be a torch.nn.Module, got {type(module).__name__}")
+            raise InputTypeError(f"{role} must be a torch.nn.Module, got {type(module).__name__}")
     if train_data is None:
-        raise ValueError("distill needs train_data (a Dataset or DataLoader of (inputs, labels))")
+        raise UsageError("distill needs train_data (a Dataset or DataLoader of (inputs, labels))")
     model = copy.deepcopy(student)
     teacher_was_training = teacher.training
     teacher.eval()
@@ -239,7 +241,7 @@ def _run(role: str, model: nn.Module, inputs: torch.Tensor):
         return model(inputs)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"the {role} cannot run on the training data (inputs of shape {tuple(inputs.shape)}): "
+        raise UsageError(f"the {role} cannot run on the training data (inputs of shape {tuple(inputs.shape)}): "
                          f"{first}") from exc
 
 
@@ -259,9 +261,9 @@ def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, t
     for role, out in (("student", student_out), ("teacher", teacher_out)):
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the {role} must return logits of shape (batch, classes); got {shape}")
+            raise UsageError(f"the {role} must return logits of shape (batch, classes); got {shape}")
     if student_out.shape[1] != teacher_out.shape[1]:
-        raise ValueError(f"output sizes differ: the student predicts {student_out.shape[1]} classes, the teacher "
+        raise UsageError(f"output sizes differ: the student predicts {student_out.shape[1]} classes, the teacher "
                          f"{teacher_out.shape[1]}; distillation needs one output space (same num_classes)")
     adapters = nn.ModuleDict()
     for i, (s_name, t_name) in enumerate(cfg.hints):
@@ -269,13 +271,13 @@ def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, t
         try:
             adapters[f"hint{i}"] = hint_adapter(tuple(s_feat.shape), tuple(t_feat.shape))
         except ValueError as exc:
-            raise ValueError(f"hint ({s_name!r}, {t_name!r}): {exc}") from None
+            raise UsageError(f"hint ({s_name!r}, {t_name!r}): {exc}") from None
     for s_name, t_name in cfg.attention:
         for role, name, feats in (("student", s_name, student_features), ("teacher", t_name, teacher_features)):
             try:
                 attention_map(feats.features[name][:1])
             except ValueError as exc:
-                raise ValueError(f"attention ({s_name!r}, {t_name!r}): {role} layer {name!r}: {exc}") from None
+                raise UsageError(f"attention ({s_name!r}, {t_name!r}): {role} layer {name!r}: {exc}") from None
     student_features.features.clear()
     teacher_features.features.clear()
     return adapters

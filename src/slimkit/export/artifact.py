@@ -33,6 +33,7 @@ from torch import nn
 
 from slimkit import __version__
 from slimkit._io import atomic_path
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import history_of, replay, source_of
 
 FORMAT = "slimkit-artifact"
@@ -43,7 +44,7 @@ WEIGHTS = "model.safetensors"
 __all__ = ["ArtifactError", "load", "read_manifest", "save", "update", "weights_size"]
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UsageError):
     """An artifact folder that cannot be written or trusted; the message names the file."""
 
 
@@ -58,7 +59,7 @@ def sha256(path: Path) -> str:
 def _model_of(obj: Any) -> nn.Module:
     model = getattr(obj, "model", obj)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save: expected an nn.Module or a slimkit result with .model, got {type(obj).__name__}")
+        raise InputTypeError(f"save: expected an nn.Module or a slimkit result with .model, got {type(obj).__name__}")
     return model
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from slimkit._io import atomic_path
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.quantization.dynamic import LinearRNN
 
 __all__ = ["export_onnx", "is_dynamic_model", "is_int8_model"]
@@ -132,7 +133,7 @@ def _insert_qdq(graph, tensor: str, consumers: list, scale: float, zero_point: i
 
 def _act_params(quantizer, name: str, where: str) -> tuple[float, int]:
     if quantizer.bits != 8:
-        raise ValueError(f"export_onnx: layer {name!r} has {quantizer.bits}-bit {where}; QDQ int8 export needs 8")
+        raise UsageError(f"export_onnx: layer {name!r} has {quantizer.bits}-bit {where}; QDQ int8 export needs 8")
     return float(quantizer.scale.detach()), int(quantizer.zero_point)
 
 
@@ -154,9 +155,9 @@ def _quantize_graph(proto, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Ge
         weight_name = f"{name}.weight"
         nodes = [n for n in consumers.get(weight_name, []) if n.op_type in ("Conv", "Gemm")]
         if weight_name not in inits or len(nodes) != 1:
-            raise ValueError(f"export_onnx: cannot find the ONNX Conv/Gemm of layer {name!r} (weight {weight_name})")
+            raise UsageError(f"export_onnx: cannot find the ONNX Conv/Gemm of layer {name!r} (weight {weight_name})")
         if wq.granularity == "per_group":
-            raise ValueError(f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
+            raise UsageError(f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
                              "export fp32 (int8=False) or quantize per channel")
         node = nodes[0]
         if node.op_type not in ops:  # left in float (with the dequantized weights of the simulated model)
@@ -254,7 +255,7 @@ def _dynamic_graph(proto, model: nn.Module):
     for name, layer in _quant_layers(model):
         wq = layer.weight_quant
         if wq.bits != 8 or not wq.symmetric or wq.granularity == "per_group":
-            raise ValueError(f"export_onnx: dynamic layer {name!r} needs symmetric 8-bit per-channel or per-tensor "
+            raise UsageError(f"export_onnx: dynamic layer {name!r} needs symmetric 8-bit per-channel or per-tensor "
                              f"weights for MatMulInteger (has {wq.bits}-bit {wq.scheme} {wq.granularity})")
         with torch.no_grad():
             weight = dequantized[name] = wq.eval()(layer.weight).numpy().astype(np.float32)
@@ -285,7 +286,7 @@ def _dynamic_graph(proto, model: nn.Module):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
                                        or attrs.get("beta", 1.0) != 1.0 or not attrs.get("transB", 0)):
-            raise ValueError(f"export_onnx: cannot map Gemm {node.name!r} of layer {hit[0][0]!r} to MatMulInteger")
+            raise UsageError(f"export_onnx: cannot map Gemm {node.name!r} of layer {hit[0][0]!r} to MatMulInteger")
         name, layer = hit[0]
         matched.update(n for n, _ in hit)
         tag = f"{name}.dyn"
@@ -313,7 +314,7 @@ def _dynamic_graph(proto, model: nn.Module):
             graph.node.append(helper.make_node("Add", [result, node.input[2]], [out], name=f"{t}.Bias"))
     missing = [n for n, _ in _quant_layers(model) if n not in matched]
     if missing:
-        raise ValueError(f"export_onnx: cannot find the ONNX MatMul / Gemm of dynamic layer(s) {missing}")
+        raise UsageError(f"export_onnx: cannot find the ONNX MatMul / Gemm of dynamic layer(s) {missing}")
     if any(n.domain == "com.microsoft" for n in graph.node):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     used = {name for n in graph.node for name in n.input}
@@ -329,7 +330,7 @@ def _toposort(graph) -> None:
     while pending:
         ready = [n for n in pending if all(i in available for i in n.input)]
         if not ready:
-            raise ValueError("export_onnx: the quantized graph has a cycle or a dangling input")
+            raise UsageError("export_onnx: the quantized graph has a cycle or a dangling input")
         for n in ready:
             ordered.append(n)
             available.update(n.output)
@@ -350,11 +351,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
             convolutions stay float - for nets whose thin convolutions run slower on int8 kernels).
     """
     if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
+        raise InputTypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
     quantized, dynamic = is_int8_model(model), is_dynamic_model(model)
     int8 = (quantized or dynamic) if int8 is None else int8
     if int8 and not (quantized or dynamic):
-        raise ValueError("export_onnx: int8=True needs a slimkit fake-quant model (slimkit.quantize(..., "
+        raise UsageError("export_onnx: int8=True needs a slimkit fake-quant model (slimkit.quantize(..., "
                          "QuantConfig(act_bits=8, method='ptq', 'qat' or 'dynamic')))")
     proto = _export_float(_float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval(),
                           example_input)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimkit.errors import DependencyError, MissingFileError, UsageError
+
 __all__ = ["OrtModel", "parity"]
 
 
@@ -31,10 +33,10 @@ class OrtModel:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ImportError("OrtModel needs onnxruntime: pip install 'slimkit[onnx]'") from exc
+            raise DependencyError("OrtModel needs onnxruntime: pip install 'slimkit[onnx]'") from exc
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {self.path} does not exist")
+            raise MissingFileError(f"ONNX model {self.path} does not exist")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -70,10 +72,10 @@ def parity(torch_model: nn.Module, ort_model, data, batch_size: int = 256) -> di
     for x in batches:
         a, b = torch_model(x), torch.as_tensor(ort_model(x))
         if a.shape != b.shape:
-            raise ValueError(f"parity: output shapes differ: torch {tuple(a.shape)} vs runtime {tuple(b.shape)}")
+            raise UsageError(f"parity: output shapes differ: torch {tuple(a.shape)} vs runtime {tuple(b.shape)}")
         max_diff = max(max_diff, float((a - b).abs().max()))
         agree += int((a.argmax(1) == b.argmax(1)).sum())
         count += len(x)
     if count == 0:
-        raise ValueError("parity: no data")
+        raise UsageError("parity: no data")
     return {"max_abs_diff": max_diff, "top1_agreement": agree / count, "count": count}

@@ -26,6 +26,8 @@ import warnings
 import torch
 from torch import nn
 
+from slimkit.errors import DependencyError, UsageError
+
 __all__ = ["TorchInt8Model", "to_torch_int8"]
 
 
@@ -107,12 +109,12 @@ def to_torch_int8(model: nn.Module, calib: list[torch.Tensor] | torch.Tensor,
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
-        raise ImportError("to_torch_int8 needs torchao: pip install 'slimkit[bench]' (torchao)") from exc
+        raise DependencyError("to_torch_int8 needs torchao: pip install 'slimkit[bench]' (torchao)") from exc
     from slimkit.export.onnx import _float_twin, _quant_layers
 
     batches = list(calib.split(64)) if isinstance(calib, torch.Tensor) else list(calib)
     if not batches:
-        raise ValueError("to_torch_int8: the calibration data is empty")
+        raise UsageError("to_torch_int8: the calibration data is empty")
     twin = _float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval()
     _adapt(twin)
     with torch.no_grad(), warnings.catch_warnings():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slimkit.config import nearest
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import set_source
 from slimkit.models.weights import WeightsError, load_weights, save_weights
 
@@ -55,13 +56,13 @@ def _resolve(spec: str) -> Callable[..., nn.Module]:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ValueError(f"model spec {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+            raise UsageError(f"model spec {spec!r}: cannot import module {module_name!r} ({exc})") from exc
         factory = getattr(module, attr, None)
         if not callable(factory):
             public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-            raise ValueError(f"model spec {spec!r}: {module_name} has no callable {attr!r}; {nearest(attr, public)}")
+            raise UsageError(f"model spec {spec!r}: {module_name} has no callable {attr!r}; {nearest(attr, public)}")
         return factory
-    raise ValueError(f"unknown model {spec!r}; {nearest(spec, ZOO)} (or give 'package.module:function')")
+    raise UsageError(f"unknown model {spec!r}; {nearest(spec, ZOO)} (or give 'package.module:function')")
 
 
 def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.Module:
@@ -74,7 +75,7 @@ def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
     """
     model = _resolve(spec)(**kwargs)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputTypeError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_weights(model, weights)
     set_source(model, spec, kwargs)  # lets slimkit.save/load rebuild the architecture without pickle
@@ -84,7 +85,7 @@ def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
 def input_shape(spec: str, **kwargs) -> tuple[int, ...]:
     """The (C, H, W) a zoo model expects; ``in_channels``/``image_size`` kwargs are honoured."""
     if spec not in ZOO:
-        raise ValueError(f"no default input shape for {spec!r}: pass the input shape explicitly (e.g. 3x32x32)")
+        raise UsageError(f"no default input shape for {spec!r}: pass the input shape explicitly (e.g. 3x32x32)")
     c, h, _ = ZOO[spec].input_shape
     size = kwargs.get("image_size", h)
     return (kwargs.get("in_channels", c), size, size)

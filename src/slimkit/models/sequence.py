@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
+
 
 class RowLSTM(nn.Module):
     """Each image row is one time step; the last hidden state classifies."""
@@ -39,7 +41,7 @@ class TinyViT(nn.Module):
                  in_channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
         if image_size % patch:
-            raise ValueError(f"TinyViT: image_size={image_size} is not a multiple of patch={patch}")
+            raise UsageError(f"TinyViT: image_size={image_size} is not a multiple of patch={patch}")
         self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim) * 0.02)

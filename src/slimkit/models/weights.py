@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimkit._io import atomic_path
+from slimkit.errors import UsageError
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """A weights file that cannot be used; the message names the file and the problem."""
 
 

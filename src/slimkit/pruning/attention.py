@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.errors import UsageError
+
 __all__ = ["PrunedMultiheadAttention", "prune_heads"]
 
 
@@ -84,7 +86,7 @@ def prune_heads(module: nn.Module, keep: torch.Tensor) -> nn.Module:
         return module
     head_dim = module.head_dim
     if len(keep) % head_dim:
-        raise ValueError(f"attention heads are pruned whole: {len(keep)} kept channels is not a multiple of "
+        raise UsageError(f"attention heads are pruned whole: {len(keep)} kept channels is not a multiple of "
                          f"head_dim={head_dim}")
     inner = module.in_proj_weight.shape[0] // 3
     rows = torch.cat([keep + i * inner for i in range(3)])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slimkit.config import Config, check_range, to_enum
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.train import TrainConfig
 
 __all__ = ["Allocation", "Importance", "PruneConfig", "Target"]
@@ -86,7 +87,7 @@ class PruneConfig(Config):
         if self.sensitivity is not None and not isinstance(self.sensitivity, dict):
             curves = getattr(self.sensitivity, "curves", None)
             if not isinstance(curves, dict):
-                raise TypeError(f"sensitivity={type(self.sensitivity).__name__}: give the result of "
+                raise InputTypeError(f"sensitivity={type(self.sensitivity).__name__}: give the result of "
                                 "slimkit.pruning.sensitivity(...) or {group: [[ratio, accuracy], ...]}")
             self.sensitivity = curves
         if isinstance(self.ignore, str):
@@ -94,18 +95,18 @@ class PruneConfig(Config):
         for name, ratio in self.overrides.items():
             check_range(f"overrides[{name!r}]", ratio, 0.0, 0.999)
         if self.round_to < 1:
-            raise ValueError(f"round_to={self.round_to} must be >= 1")
+            raise UsageError(f"round_to={self.round_to} must be >= 1")
         if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
+            raise UsageError(f"steps={self.steps} must be >= 1")
         if isinstance(self.finetune, dict):
             self.finetune = TrainConfig.from_dict(self.finetune)
         elif isinstance(self.finetune, int) and not isinstance(self.finetune, bool):
             self.finetune = TrainConfig(epochs=self.finetune)
         elif self.finetune is not None and not isinstance(self.finetune, TrainConfig):
-            raise TypeError(f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
+            raise InputTypeError(f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
                             "or a number of epochs")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
-            raise ValueError(f"max_accuracy_drop={self.max_accuracy_drop} must be >= 0 (accuracy points)")
+            raise UsageError(f"max_accuracy_drop={self.max_accuracy_drop} must be >= 0 (accuracy points)")
 
     @property
     def importance_name(self) -> str:

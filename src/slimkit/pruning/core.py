@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, matches, measure
 from slimkit.pruning.config import PruneConfig
 from slimkit.pruning.graph import PruneGraph, build_graph, trace
@@ -35,7 +36,7 @@ def _gradients(model: nn.Module, train_data, loss_fn, batches: int) -> None:
     from slimkit.train import default_loss, make_loader
 
     if train_data is None:
-        raise ValueError("importance='taylor' needs gradients: pass train_data= to prune (a few batches are used)")
+        raise UsageError("importance='taylor' needs gradients: pass train_data= to prune (a few batches are used)")
     loss_fn = loss_fn or default_loss
     model.zero_grad(set_to_none=True)
     for i, (inputs, targets) in enumerate(make_loader(train_data, 64, shuffle=False)):
@@ -117,7 +118,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     if cfg.amount > 0:
         if not graph.groups:
             reasons = "; ".join(dict.fromkeys(r for k in kept_intact for r in k["reasons"][:1]))
-            raise ValueError(f"cannot remove {cfg.amount:.0%} of the {target}: nothing to prune, every channel "
+            raise UsageError(f"cannot remove {cfg.amount:.0%} of the {target}: nothing to prune, every channel "
                              f"group is ignored or kept intact ({reasons}). Ignore fewer layers")
         criterion = resolve(cfg.importance, cfg.seed)
         if cfg.importance_name in NEEDS_GRADIENTS:
@@ -154,7 +155,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     if cfg.amount > 0 and target != "channels":
         achieved = record["reduction"][target]
         if abs(achieved - cfg.amount) > cfg.tolerance:
-            raise ValueError(f"could only reach {achieved:.1%} {target} reduction instead of {cfg.amount:.1%}: "
+            raise UsageError(f"could only reach {achieved:.1%} {target} reduction instead of {cfg.amount:.1%}: "
                              "the channel groups are too coarse; use allocation='global', a smaller round_to or a "
                              "larger max_sparsity")
     return work, record
@@ -180,7 +181,7 @@ def _check_head_splits(model, graph: PruneGraph, keep_channels, example_input, c
         meta = nodes[name].meta.get("tensor_meta") if name in nodes else None
         got = tuple(meta.shape) if meta is not None else f"an error ({failure})" if not nodes else None
         if got != shape:
-            raise ValueError(f"after removing heads of {group.id!r} (attributes {group.attrs}), reshape {name!r} "
+            raise UsageError(f"after removing heads of {group.id!r} (attributes {group.attrs}), reshape {name!r} "
                              f"gives {got} instead of {shape}: the head count it reads is not that attribute. Name "
                              "the attention module in PruneConfig.leaf_modules or ignore it")
 
@@ -193,7 +194,7 @@ def _ignored(group, cfg: PruneConfig) -> bool:
 def _scores(criterion, group) -> torch.Tensor:
     scores = torch.as_tensor(criterion(group), dtype=torch.float32).flatten()
     if scores.numel() != group.units or not torch.isfinite(scores).all():
-        raise ValueError(f"importance criterion returned {scores.numel()} scores (finite: "
+        raise UsageError(f"importance criterion returned {scores.numel()} scores (finite: "
                          f"{bool(torch.isfinite(scores).all())}) for group {group.id!r}, which has {group.units} "
                          "units: return one finite score per unit")
     return scores
@@ -207,7 +208,7 @@ def _check_reachable(graph, limits, cost, cfg, kept_intact) -> None:
     best = 1 - (macs / cost.total_macs if cfg.target.value == "macs" else params / cost.total_params)
     if best < cfg.amount - cfg.tolerance:
         intact = ", ".join(dict.fromkeys(m for k in kept_intact for m in k["modules"][:2]))[:300]
-        raise ValueError(f"cannot remove {cfg.amount:.0%} of the {cfg.target.value}: with max_sparsity="
+        raise UsageError(f"cannot remove {cfg.amount:.0%} of the {cfg.target.value}: with max_sparsity="
                          f"{cfg.max_sparsity} and the ignored/intact layers ({intact or 'none'}) at most "
                          f"{best:.1%} can go. Lower amount, raise max_sparsity or ignore fewer layers")
 
@@ -217,16 +218,16 @@ def _sensitivity_curves(graph, cfg: PruneConfig):
     if cfg.allocation.value != "sensitivity":
         return None
     if not cfg.sensitivity:
-        raise ValueError("allocation='sensitivity' needs PruneConfig.sensitivity (the result of "
+        raise UsageError("allocation='sensitivity' needs PruneConfig.sensitivity (the result of "
                          "slimkit.pruning.sensitivity(...)) or val_data passed to prune")
     curves = []
     for group in graph.groups:
         if group.id not in cfg.sensitivity:
-            raise ValueError(f"sensitivity table has no entry for group {group.id!r}; rerun the analysis on "
+            raise UsageError(f"sensitivity table has no entry for group {group.id!r}; rerun the analysis on "
                              "this model")
         points = sorted((float(r), float(a)) for r, a in cfg.sensitivity[group.id])
         if not points or points[0][0] != 0.0:
-            raise ValueError(f"sensitivity curve of group {group.id!r} lacks the [0, baseline accuracy] point; "
+            raise UsageError(f"sensitivity curve of group {group.id!r} lacks the [0, baseline accuracy] point; "
                              "use slimkit.pruning.sensitivity(...)")
         curves.append([(r, points[0][1] - a) for r, a in points])
     return curves
@@ -268,9 +269,9 @@ def apply_record(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
         >>> clone.load_state_dict(pruned.model.state_dict())                           # doctest: +SKIP
     """
     if not isinstance(record, dict) or "modules" not in record:
-        raise ValueError("not a pruning record: expected a dict with 'modules' (PruneResult.record)")
+        raise UsageError("not a pruning record: expected a dict with 'modules' (PruneResult.record)")
     if record.get("format", RECORD_FORMAT) > RECORD_FORMAT:
-        raise ValueError(f"pruning record format {record['format']} is newer than this slimkit understands "
+        raise UsageError(f"pruning record format {record['format']} is newer than this slimkit understands "
                          f"({RECORD_FORMAT}); upgrade slimkit")
     with torch.no_grad():
         return apply_plan(fresh_model, record["modules"])

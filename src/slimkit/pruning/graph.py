@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from slimkit.errors import UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention
 
 __all__ = ["Group", "Member", "PruneGraph", "Seg", "build_graph"]
@@ -735,7 +736,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...]
     try:
         graph = _Tracer(tuple(leaves)).trace(model)
     except Exception as exc:
-        raise ValueError(
+        raise UsageError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). Make the control "
             "flow independent of tensor values, or name the offending submodule in PruneConfig.leaf_modules "
             "so it is kept intact") from exc
@@ -746,7 +747,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...]
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         shapes = [tuple(t.shape) for t in inputs]
-        raise ValueError(f"the model fails on the example input of shape {shapes}: {exc}. Pass an input of "
+        raise UsageError(f"the model fails on the example input of shape {shapes}: {exc}. Pass an input of "
                          "the shape the model expects") from exc
     return gm
 

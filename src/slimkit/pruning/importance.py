@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.pruning.graph import CONVS, TRANSPOSED, Group, Member
 
 __all__ = ["CRITERIA", "Criterion", "group_slices", "register", "resolve"]
@@ -151,7 +152,7 @@ def resolve(importance: str | Criterion, seed: int = 0) -> Criterion:
     if name == "random":
         return RandomImportance(seed)
     if name not in CRITERIA:
-        raise ValueError(f"importance={name!r} is not known; choose one of {', '.join(sorted(CRITERIA))} "
+        raise UsageError(f"importance={name!r} is not known; choose one of {', '.join(sorted(CRITERIA))} "
                          "or pass a callable (group) -> scores")
     return CRITERIA[name]
 

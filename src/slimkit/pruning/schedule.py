@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slimkit._io import write_text
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 from slimkit.pruning.config import PruneConfig
 from slimkit.pruning.core import PruneResult, apply_record, compose_records, prune_once
@@ -33,11 +34,11 @@ def step_amounts(amount: float, steps: int) -> list[float]:
 
 def _check_input(model: nn.Module, config: PruneConfig, example_input) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, PruneConfig):
-        raise TypeError(f"prune: config must be a slimkit.PruneConfig, got {type(config).__name__}")
+        raise InputTypeError(f"prune: config must be a slimkit.PruneConfig, got {type(config).__name__}")
     if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"prune: example_input must be a tensor batch (e.g. torch.zeros(1, 3, 32, 32)), got "
+        raise InputTypeError(f"prune: example_input must be a tensor batch (e.g. torch.zeros(1, 3, 32, 32)), got "
                         f"{type(example_input).__name__}")
 
 
@@ -83,7 +84,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
     if folder is not None and (folder / "state.json").exists():
         state = json.loads((folder / "state.json").read_text())
         if state.get("config") != _fingerprint(cfg):
-            raise ValueError(f"checkpoint folder {folder} belongs to a different PruneConfig; use another "
+            raise UsageError(f"checkpoint folder {folder} belongs to a different PruneConfig; use another "
                              "checkpoint_dir or delete it")
         if state["record"] is not None:
             current = apply_record(copy.deepcopy(model), state["record"])

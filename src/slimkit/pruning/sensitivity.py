@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.pruning.config import PruneConfig
 from slimkit.pruning.core import _gradients, _ignored, _plan, _scores
 from slimkit.pruning.graph import build_graph
@@ -91,7 +92,7 @@ def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=
 
     ratios = sorted(float(r) for r in ratios)
     if not ratios or ratios[0] <= 0 or ratios[-1] >= 1:
-        raise ValueError(f"sensitivity: ratios={ratios} must be fractions strictly between 0 and 1")
+        raise UsageError(f"sensitivity: ratios={ratios} must be fractions strictly between 0 and 1")
     cfg = PruneConfig(importance=importance, ignore=tuple(ignore), leaf_modules=tuple(leaf_modules))
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example_input, cfg.leaf_modules)
@@ -100,7 +101,7 @@ def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=
         known = {g.id for g in candidates}
         unknown = [g for g in groups if g not in known]
         if unknown:
-            raise ValueError(f"sensitivity: unknown or ignored group(s) {unknown}; prunable groups: {sorted(known)}")
+            raise UsageError(f"sensitivity: unknown or ignored group(s) {unknown}; prunable groups: {sorted(known)}")
         candidates = [g for g in candidates if g.id in set(groups)]
     if cfg.importance_name in NEEDS_GRADIENTS:
         _gradients(work, train_data, None, cfg.taylor_batches)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slimkit.config import Config, check_range, to_enum
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 from slimkit.pruning.allocate import matches
 
@@ -55,7 +56,7 @@ class SparsityConfig(Config):
         self.mode = to_enum(SparsityMode, self.mode, "mode")
         check_range("amount", self.amount, 0.0, 0.999)
         if not 0 < self.n < self.m:
-            raise ValueError(f"n={self.n}, m={self.m}: need 0 < n < m (e.g. n=2, m=4)")
+            raise UsageError(f"n={self.n}, m={self.m}: need 0 < n < m (e.g. n=2, m=4)")
         if isinstance(self.ignore, str):
             self.ignore = (self.ignore,)
 
@@ -83,9 +84,9 @@ def sparsify(model: nn.Module, config: SparsityConfig) -> SparseResult:
         >>> packed = slimkit.pruning.pack_sparse(res.model.state_dict())                    # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"sparsify: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, SparsityConfig):
-        raise TypeError(f"sparsify: config must be a SparsityConfig, got {type(config).__name__}")
+        raise InputTypeError(f"sparsify: config must be a SparsityConfig, got {type(config).__name__}")
     new = copy.deepcopy(model)
     layers = {name: m for name, m in new.named_modules()
               if isinstance(m, LAYERS) and not matches(name, config.ignore)}
@@ -97,7 +98,7 @@ def sparsify(model: nn.Module, config: SparsityConfig) -> SparseResult:
                 skipped[name] = f"{inputs} inputs per output are not a multiple of m={config.m}"
                 del layers[name]
     if not layers:
-        raise ValueError("sparsify: no Conv/Linear layer left to sparsify (all ignored or incompatible: "
+        raise UsageError("sparsify: no Conv/Linear layer left to sparsify (all ignored or incompatible: "
                          f"{skipped or config.ignore}); ignore fewer layers")
     with torch.no_grad():
         if config.mode is SparsityMode.GLOBAL:
@@ -165,13 +166,13 @@ def unpack_sparse(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             try:
                 values, shape = packed[base + VALUES], torch.Size(packed[base + SHAPE].tolist())
             except KeyError as err:
-                raise ValueError(f"unpack_sparse: {base!r} has a mask but no {err.args[0]!r}: the file is not "
+                raise UsageError(f"unpack_sparse: {base!r} has a mask but no {err.args[0]!r}: the file is not "
                                  "from pack_sparse or is truncated") from None
             numel = shape.numel()
             bits = (t[:, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
             nonzero = bits.flatten()[:numel].bool()
             if int(nonzero.sum()) != values.numel():
-                raise ValueError(f"unpack_sparse: {base!r} mask has {int(nonzero.sum())} bits set but "
+                raise UsageError(f"unpack_sparse: {base!r} mask has {int(nonzero.sum())} bits set but "
                                  f"{values.numel()} values are stored: corrupted file")
             dense = torch.zeros(numel, dtype=values.dtype)
             dense[nonzero] = values

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention, prune_heads
 from slimkit.pruning.graph import CONVS, TRANSPOSED
 
@@ -49,7 +50,7 @@ def _grouped(module, keep):
     indices for input and output; dim 0 of the weight is per channel for Conv and ConvTranspose alike."""
     per = module.in_channels // module.groups
     if len(keep) % per or not torch.equal(keep.view(-1, per) % per, torch.arange(per).expand(len(keep) // per, -1)):
-        raise ValueError(f"grouped {type(module).__name__} (groups={module.groups}) is pruned by whole groups of "
+        raise UsageError(f"grouped {type(module).__name__} (groups={module.groups}) is pruned by whole groups of "
                          f"{per} channels; got {len(keep)} kept channels that split a group")
     _take(module.weight, keep, 0)
     _take(module.bias, keep, 0)
@@ -156,11 +157,11 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"the pruning record names module {name!r}, which this model does not have: "
+            raise UsageError(f"the pruning record names module {name!r}, which this model does not have: "
                              "apply the record to the same architecture it was made on") from None
         for attr, value in (edit.get("attrs") or {}).items():
             if not isinstance(getattr(module, attr, None), int):
-                raise ValueError(f"the pruning record sets {name}.{attr}, which is not an int attribute of "
+                raise UsageError(f"the pruning record sets {name}.{attr}, which is not an int attribute of "
                                  f"{type(module).__name__}: apply the record to the same architecture")
             setattr(module, attr, int(value))
         if edit.get("out") is None and edit.get("in") is None:
@@ -168,7 +169,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
         handler = next((fn for cls, fn in SURGERY.items() if type(module) is cls), None)
         handler = handler or next((fn for cls, fn in SURGERY.items() if isinstance(module, cls)), None)
         if handler is None:
-            raise TypeError(f"no channel surgery for {type(module).__name__} ({name!r}); register one with "
+            raise InputTypeError(f"no channel surgery for {type(module).__name__} ({name!r}); register one with "
                             "slimkit.pruning.surgery.register_surgery")
         out_keep = decode_indices(edit["out"]) if edit.get("out") is not None else None
         in_keep = decode_indices(edit["in"]) if edit.get("in") is not None else None

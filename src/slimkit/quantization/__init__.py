@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 from slimkit.quantization.config import LayerSpec, Method, QuantConfig, Scheme, plan_layers
 from slimkit.quantization.dynamic import decompose
@@ -56,7 +57,7 @@ class QuantResult:
 def _check_finite(model: nn.Module) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"quantize: {name} contains NaN or inf; fix the weights (or, if it appeared while "
+            raise UsageError(f"quantize: {name} contains NaN or inf; fix the weights (or, if it appeared while "
                              "quantizing, the activations) before quantizing")
 
 
@@ -73,19 +74,19 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, 
     """
     cfg = config or QuantConfig()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     _check_finite(model)
     new = copy.deepcopy(model).eval()
     # LSTM / GRU / attention as Linear layers (those the user keeps in float stay whole)
     decomposed = decompose(new, skip=cfg.ignore) if cfg.method is Method.DYNAMIC else []
     specs, skipped = plan_layers(new, cfg, decomposed)
     if not specs:
-        raise ValueError("quantize: no Linear or Conv2d layer left to quantize "
+        raise UsageError("quantize: no Linear or Conv2d layer left to quantize "
                          f"(skipped: {', '.join(skipped) or 'none'})")
     needs_data = cfg.method is Method.QAT or (cfg.method is Method.PTQ and (
         cfg.bias_correction or cfg.adaround or any(s.act_bits is not None for s in specs)))
     if needs_data and data is None:
-        raise ValueError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
+        raise UsageError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
     pairs = find_conv_bn(new) if cfg.fold_bn else []
     qat = cfg.method is Method.QAT
     if not qat:
@@ -163,12 +164,12 @@ def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """
     version = record.get("version")
     if version != RECORD_VERSION:
-        raise ValueError(f"quantization record version {version!r} is not supported (expected {RECORD_VERSION})")
+        raise UsageError(f"quantization record version {version!r} is not supported (expected {RECORD_VERSION})")
     fold_structure(model, [tuple(p) for p in record["folded"]])
     if record.get("decomposed"):
         names = decompose(model, only=record["decomposed"])
         if names != record["decomposed"]:
-            raise ValueError(f"replay: the record's LSTM / GRU / attention layers {record['decomposed']} do not match "
+            raise UsageError(f"replay: the record's LSTM / GRU / attention layers {record['decomposed']} do not match "
                              f"the model's {names}")
     fields = LayerSpec.__dataclass_fields__
     specs = [LayerSpec(**{k: v for k, v in layer.items() if k in fields}) for layer in record["layers"]]
@@ -176,7 +177,7 @@ def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         try:
             model.get_submodule(spec.name)
         except AttributeError:
-            raise ValueError(f"replay: the model has no layer {spec.name!r} named in the quantization record") from None
+            raise UsageError(f"replay: the model has no layer {spec.name!r} named in the quantization record") from None
     prepare(model, specs, record.get("observer", "minmax"), learnable=bool(record.get("learnable")))
     for _, layer in quant_layers(model):
         if layer.input_quant is not None:

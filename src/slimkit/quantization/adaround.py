@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.quantization.math import group_view, ungroup
 
 __all__ = ["GAMMA", "ZETA", "adaround", "rectified_sigmoid"]
@@ -142,7 +143,7 @@ def adaround(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor]
     from slimkit.quantization.ptq import quant_layers
 
     if iters < 1:
-        raise ValueError(f"adaround: iters={iters} must be >= 1")
+        raise UsageError(f"adaround: iters={iters} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
     stats: dict[str, dict[str, Any]] = {}
     was_training = model.training

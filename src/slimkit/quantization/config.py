@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from slimkit.config import Config, check_range
+from slimkit.errors import UsageError
 from slimkit.quantization.dynamic import unsupported
 from slimkit.quantization.math import Granularity, ObserverKind
 
@@ -92,36 +93,36 @@ class QuantConfig(Config):
         _check_bits(self.weight_bits, self.act_bits, self.scheme, "QuantConfig")
         if self.method is Method.DYNAMIC and ((self.weight_bits, self.act_bits, self.scheme) != (8, 8, Scheme.SYMMETRIC)
                                               or self.granularity is Granularity.PER_GROUP):
-            raise ValueError("method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8, "
+            raise UsageError("method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8, "
                              "scheme='symmetric' and per-channel or per-tensor scales (got "
                              f"{self.weight_bits}, {self.act_bits}, {self.scheme.value!r}, "
                              f"{self.granularity.value!r}); "
                              "use method='ptq' or 'qat' for other settings")
         if self.granularity is Granularity.PER_GROUP and self.group_size < 1:
-            raise ValueError(f"granularity='per_group' needs group_size >= 1, got {self.group_size}")
+            raise UsageError(f"granularity='per_group' needs group_size >= 1, got {self.group_size}")
         if self.calibration_batches < 1:
-            raise ValueError(f"calibration_batches={self.calibration_batches} must be >= 1")
+            raise UsageError(f"calibration_batches={self.calibration_batches} must be >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+            raise UsageError(f"batch_size={self.batch_size} must be >= 1")
         if self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs} must be >= 0")
+            raise UsageError(f"epochs={self.epochs} must be >= 0")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         check_range("adaround_lr", self.adaround_lr, 0.0, 10.0, low_open=True)
         if self.adaround_iters < 1:
-            raise ValueError(f"adaround_iters={self.adaround_iters} must be >= 1")
+            raise UsageError(f"adaround_iters={self.adaround_iters} must be >= 1")
         if self.adaround and self.method is not Method.PTQ:
-            raise ValueError(f"adaround=True needs method='ptq' (got {self.method.value!r}); QAT learns the "
+            raise UsageError(f"adaround=True needs method='ptq' (got {self.method.value!r}); QAT learns the "
                              "weights themselves")
         for name in ("freeze_bn_epoch", "freeze_observer_epoch"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name}={value} must be >= 0 (an epoch index)")
+                raise UsageError(f"{name}={value} must be >= 0 (an epoch index)")
         for key, spec in self.overrides.items():
             if not isinstance(spec, dict):
-                raise ValueError(f"overrides[{key!r}] must be a dict like {{'weight_bits': 4}}, got {spec!r}")
+                raise UsageError(f"overrides[{key!r}] must be a dict like {{'weight_bits': 4}}, got {spec!r}")
             unknown = set(spec) - OVERRIDE_KEYS
             if unknown:
-                raise ValueError(f"overrides[{key!r}]: unknown keys {sorted(unknown)}; allowed {sorted(OVERRIDE_KEYS)}")
+                raise UsageError(f"overrides[{key!r}]: unknown keys {sorted(unknown)}; allowed {sorted(OVERRIDE_KEYS)}")
         self.ignore = tuple(self.ignore)
 
 
@@ -131,11 +132,11 @@ def _check_bits(weight_bits: int, act_bits: int | None, scheme: Scheme | str, wh
     if act_bits is not None:
         check_range(f"{where}: act_bits", act_bits, 2, 8)
     if weight_bits == 1 and scheme is not Scheme.BINARY:
-        raise ValueError(f"{where}: weight_bits=1 needs scheme='binary' (got {scheme.value!r})")
+        raise UsageError(f"{where}: weight_bits=1 needs scheme='binary' (got {scheme.value!r})")
     if scheme is Scheme.BINARY and weight_bits != 1:
-        raise ValueError(f"{where}: scheme='binary' needs weight_bits=1 (got {weight_bits})")
+        raise UsageError(f"{where}: scheme='binary' needs weight_bits=1 (got {weight_bits})")
     if scheme is Scheme.TERNARY and weight_bits != 2:
-        raise ValueError(f"{where}: scheme='ternary' needs weight_bits=2 (got {weight_bits})")
+        raise UsageError(f"{where}: scheme='ternary' needs weight_bits=2 (got {weight_bits})")
 
 
 @dataclass
@@ -194,7 +195,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
     for pattern in [*cfg.ignore, *cfg.overrides]:
         if not any(hits(n, pattern) for n in [*(n for n, _ in layers), *skipped]):
             names = ", ".join(n for n, _ in layers[:8])
-            raise ValueError(f"quantize: {pattern!r} matches no Linear/Conv2d layer; layers are: {names}")
+            raise UsageError(f"quantize: {pattern!r} matches no Linear/Conv2d layer; layers are: {names}")
     dynamic = cfg.method is Method.DYNAMIC
     specs = []
     ends = {layers[0][0], layers[-1][0]} if layers else set()
@@ -218,7 +219,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
             spec["scheme"] = "binary"
         if dynamic and ((spec["weight_bits"], spec["act_bits"], spec["scheme"]) != (8, 8, "symmetric")
                         or spec["granularity"] == "per_group"):
-            raise ValueError(f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric per-channel or "
+            raise UsageError(f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric per-channel or "
                              "per-tensor weights and 8-bit activations; drop the override or use method='ptq' / 'qat'")
         _check_bits(spec["weight_bits"], spec["act_bits"], spec["scheme"], f"layer {name!r}")
         specs.append(LayerSpec(name, type(module).__name__, spec["weight_bits"], spec["scheme"],
@@ -227,6 +228,6 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
     for pattern in cfg.overrides:  # a layer the user configured must be quantized, or the reason is an error
         hit = [n for n in skipped if hits(n, pattern) and skipped[n] != "ignored by config"]
         if hit and not any(hits(n, pattern) for n in planned):
-            raise ValueError(f"quantize: overrides[{pattern!r}] targets {hit[0]!r}, which cannot be quantized here: "
+            raise UsageError(f"quantize: overrides[{pattern!r}] targets {hit[0]!r}, which cannot be quantized here: "
                              f"{skipped[hit[0]]}")
     return specs, skipped

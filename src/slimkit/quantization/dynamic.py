@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from slimkit.errors import InputTypeError, UsageError
+
 __all__ = ["LinearMultiheadAttention", "LinearRNN", "decompose", "unsupported"]
 
 
@@ -56,7 +58,7 @@ class LinearRNN(nn.Module):
     def __init__(self, rnn: nn.LSTM | nn.GRU) -> None:
         super().__init__()
         if unsupported(rnn) or not isinstance(rnn, nn.LSTM | nn.GRU):
-            raise ValueError(f"LinearRNN: {unsupported(rnn) or 'expected an LSTM or GRU'}")
+            raise UsageError(f"LinearRNN: {unsupported(rnn) or 'expected an LSTM or GRU'}")
         self.mode = "LSTM" if isinstance(rnn, nn.LSTM) else "GRU"
         self.hidden_size, self.num_layers = rnn.hidden_size, rnn.num_layers
         self.batch_first, self.dropout = rnn.batch_first, float(rnn.dropout)
@@ -104,7 +106,7 @@ class LinearRNN(nn.Module):
 
     def forward(self, input: torch.Tensor, hx=None):
         if isinstance(input, PackedSequence):
-            raise TypeError(f"{self.mode} (slimkit dynamic int8): PackedSequence input is not supported; pass a "
+            raise InputTypeError(f"{self.mode} (slimkit dynamic int8): PackedSequence input is not supported; pass a "
                             "padded tensor")
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
@@ -114,7 +116,7 @@ class LinearRNN(nn.Module):
             h0, c0 = zeros, zeros
         else:
             if self.mode == "LSTM" and not isinstance(hx, tuple | list):
-                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+                raise InputTypeError("LSTM: hx must be a tuple (h_0, c_0)")
             h0, c0 = hx if self.mode == "LSTM" else (hx, zeros)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
@@ -152,7 +154,7 @@ class LinearMultiheadAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
         if unsupported(mha) or not isinstance(mha, nn.MultiheadAttention):
-            raise ValueError(f"LinearMultiheadAttention: {unsupported(mha) or 'expected a MultiheadAttention'}")
+            raise UsageError(f"LinearMultiheadAttention: {unsupported(mha) or 'expected a MultiheadAttention'}")
         e = mha.embed_dim
         self.num_heads, self.batch_first, self.dropout = mha.num_heads, mha.batch_first, float(mha.dropout)
         bias = mha.in_proj_bias

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.quantization import lowbit
 from slimkit.quantization.math import Granularity, Observer, group_view, qparams, qrange, ungroup
 
@@ -51,7 +52,7 @@ class WeightQuantizer(nn.Module):
                  granularity: str = "per_channel", group_size: int = 0, learnable: bool = False) -> None:
         super().__init__()
         if scheme not in WEIGHT_SCHEMES:
-            raise ValueError(f"weight scheme {scheme!r} is not valid; choose one of {WEIGHT_SCHEMES}")
+            raise UsageError(f"weight scheme {scheme!r} is not valid; choose one of {WEIGHT_SCHEMES}")
         self.bits, self.scheme, self.group_size = bits, scheme, group_size
         self.granularity = Granularity(granularity).value
         if scheme in ("ternary", "binary"):
@@ -244,7 +245,7 @@ def make_quant_layer(layer: nn.Module, bits: int, scheme: str, granularity: str,
                           padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=has_bias,
                           padding_mode=layer.padding_mode)
     else:
-        raise TypeError(f"cannot quantize {type(layer).__name__}: only Linear and Conv2d are supported")
+        raise InputTypeError(f"cannot quantize {type(layer).__name__}: only Linear and Conv2d are supported")
     with torch.no_grad():
         new.weight.copy_(layer.weight)
         if has_bias:

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from slimkit.errors import UsageError
+
 __all__ = [
     "Granularity", "Observer", "ObserverKind", "dequantize", "fake_quantize", "group_view", "kl_range",
     "mse_range", "percentile_range", "qparams", "qrange", "quantize", "quantize_weight", "sqnr", "ungroup",
@@ -50,7 +52,7 @@ class ObserverKind(str, enum.Enum):
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer range: narrow signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` if symmetric else unsigned ``[0, 2^b-1]``."""
     if not 2 <= bits <= 16:
-        raise ValueError(f"bits={bits} is out of range; affine quantization supports 2..16 bits")
+        raise UsageError(f"bits={bits} is out of range; affine quantization supports 2..16 bits")
     if symmetric:
         top = 2 ** (bits - 1) - 1
         return -top, top
@@ -99,7 +101,7 @@ def group_view(w: torch.Tensor, granularity: Granularity | str, group_size: int 
     if granularity is Granularity.PER_CHANNEL:
         return rows
     if group_size < 1:
-        raise ValueError(f"group_size={group_size} must be >= 1 for per-group quantization")
+        raise UsageError(f"group_size={group_size} must be >= 1 for per-group quantization")
     pad = (-rows.shape[1]) % group_size
     if pad:
         rows = torch.nn.functional.pad(rows, (0, pad))
@@ -240,9 +242,9 @@ class Observer:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         if x.numel() == 0:
-            raise ValueError("observer got an empty tensor: the calibration batch is empty")
+            raise UsageError("observer got an empty tensor: the calibration batch is empty")
         if not torch.isfinite(x).all():
-            raise ValueError("observer got NaN/inf activations: check the calibration data and the model weights")
+            raise UsageError("observer got NaN/inf activations: check the calibration data and the model weights")
         lo, hi = float(x.min()), float(x.max())
         if self.lo is None or self.hi is None:
             self.lo, self.hi = lo, hi
@@ -263,7 +265,7 @@ class Observer:
 
     def range(self) -> tuple[float, float]:
         if self.lo is None or self.hi is None:
-            raise ValueError("observer saw no data: run at least one calibration batch")
+            raise UsageError("observer saw no data: run at least one calibration batch")
         if self.kind in (ObserverKind.MINMAX, ObserverKind.MOVING_AVERAGE):
             return self.lo, self.hi
         sample = torch.cat(self.samples)

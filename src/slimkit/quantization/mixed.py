@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.quantization.config import matches, quantizable
 from slimkit.quantization.math import dequantize, quantize_weight, ungroup
 from slimkit.quantization.ptq import calibration_batches
@@ -51,10 +52,10 @@ def mixed_precision(model: nn.Module, data, size_ratio: float, candidates: tuple
     """Choose weight bits per Linear/Conv2d layer so the packed model is ``size_ratio`` times smaller than its fp32
     state (biases, norms and per-channel scales included)."""
     if size_ratio < 1:
-        raise ValueError(f"size_ratio={size_ratio} must be >= 1 (fp32 size / quantized size)")
+        raise UsageError(f"size_ratio={size_ratio} must be >= 1 (fp32 size / quantized size)")
     candidates = tuple(sorted(set(candidates), reverse=True))
     if not candidates or min(candidates) < 2 or max(candidates) > 8:
-        raise ValueError(f"candidates={candidates} must be bit widths in 2..8")
+        raise UsageError(f"candidates={candidates} must be bit widths in 2..8")
     was_training = model.training
     try:
         return _plan(model.eval(), data, size_ratio, candidates, batches, batch_size, ignore)
@@ -102,7 +103,7 @@ def _plan(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...]
             if cost < best_cost:
                 best, best_cost = (name, nxt), cost
         if best is None:
-            raise ValueError(f"mixed_precision: even {candidates[-1]}-bit everywhere ({size_bytes()} bytes) "
+            raise UsageError(f"mixed_precision: even {candidates[-1]}-bit everywhere ({size_bytes()} bytes) "
                              f"exceeds the budget of {budget} bytes; lower size_ratio or add smaller candidates")
         bits[best[0]] = best[1]
     overrides = {name: {"weight_bits": b} for name, b in bits.items()}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.quantization.math import ungroup
 
 __all__ = ["pack_bits", "pack_state_dict", "storage_bits", "unpack_bits", "unpack_state_dict"]
@@ -33,14 +34,14 @@ def storage_bits(bits: int) -> int:
     for width in (1, 2, 4, 8):
         if bits <= width:
             return width
-    raise ValueError(f"cannot pack {bits}-bit codes (1..8 supported)")
+    raise UsageError(f"cannot pack {bits}-bit codes (1..8 supported)")
 
 
 def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
     """Pack non-negative integer codes ``< 2**width`` into a flat uint8 tensor, ``8 // width`` per byte."""
     flat = codes.flatten().to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**width):
-        raise ValueError(f"codes out of range for {width}-bit packing: [{int(flat.min())}, {int(flat.max())}]")
+        raise UsageError(f"codes out of range for {width}-bit packing: [{int(flat.min())}, {int(flat.max())}]")
     per_byte = 8 // width
     pad = (-flat.numel()) % per_byte
     flat = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, per_byte)
@@ -82,14 +83,14 @@ def pack_state_dict(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 def unpack_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Restore the full state_dict (dequantized weights ``(q - z) * s``) from ``pack_state_dict``'s output."""
     if meta.get("version") != PACK_VERSION:
-        raise ValueError(f"packed weights version {meta.get('version')!r} is not supported (expected {PACK_VERSION})")
+        raise UsageError(f"packed weights version {meta.get('version')!r} is not supported (expected {PACK_VERSION})")
     state = dict(tensors)
     for key, shape in meta["zeros"].items():
         state[key] = torch.zeros(shape)
     for name, info in meta["layers"].items():
         packed_key = f"{name}.weight.codes"
         if packed_key not in state:
-            raise ValueError(f"packed weights: missing tensor {packed_key!r} for layer {name!r}")
+            raise UsageError(f"packed weights: missing tensor {packed_key!r} for layer {name!r}")
         count = math.prod(info["codes_shape"])
         stored = unpack_bits(state.pop(packed_key), info["width"], count).float()
         codes = stored * info.get("step", 1) + info["offset"]

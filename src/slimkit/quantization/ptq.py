@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit.errors import UsageError
 from slimkit.quantization.config import LayerSpec
 from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, make_quant_layer
 
@@ -174,16 +175,16 @@ def calibration_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: i
     else:
         if not isinstance(data, DataLoader):
             if len(data) == 0:  # type: ignore[arg-type]
-                raise ValueError("quantize: the calibration data is empty")
+                raise UsageError("quantize: the calibration data is empty")
             data = DataLoader(data, batch_size=batch_size, shuffle=False)
         chunks = []
         for batch in itertools.islice(data, batches):
             chunks.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
     if not chunks or chunks[0].numel() == 0:
-        raise ValueError("quantize: the calibration data is empty")
+        raise UsageError("quantize: the calibration data is empty")
     for x in chunks:
         if not torch.isfinite(x).all():
-            raise ValueError("quantize: the calibration data contains NaN or inf")
+            raise UsageError("quantize: the calibration data contains NaN or inf")
     return chunks
 
 
@@ -193,11 +194,11 @@ def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
             try:
                 out = model(x)
             except RuntimeError as exc:
-                raise ValueError(f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: "
+                raise UsageError(f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: "
                                  f"{exc}") from exc
             outputs = out if isinstance(out, tuple | list) else (out,)
             if any(isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in outputs):
-                raise ValueError(f"quantize: the model's output is NaN or inf on calibration batch {i} (shape "
+                raise UsageError(f"quantize: the model's output is NaN or inf on calibration batch {i} (shape "
                                  f"{tuple(x.shape)}); check the weights' magnitudes and the input scaling")
 
 

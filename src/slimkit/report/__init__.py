@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from slimkit._text import human
+from slimkit.errors import UsageError
 from slimkit.report import plots
 
 __all__ = ["summary_rows", "write_report"]
@@ -121,7 +122,7 @@ def write_report(path: str | os.PathLike) -> Path:
     manifest = read_manifest(folder)
     metrics = manifest.get("metrics") or {}
     if "baseline" not in metrics or "final" not in metrics:
-        raise ValueError(f"{folder}: the artifact has no before/after metrics; write it from slimkit.compress(...)")
+        raise UsageError(f"{folder}: the artifact has no before/after metrics; write it from slimkit.compress(...)")
     model = load(folder)
     source = manifest["source"]
     fresh = create(source["factory"], **source.get("kwargs", {}))

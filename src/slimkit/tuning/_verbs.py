@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.train import fit
 
 __all__ = ["apply_plan", "bit_overrides", "prune_choices"]
@@ -52,7 +53,7 @@ def bit_overrides(model: nn.Module, plan: dict[str, Any]) -> tuple[int | None, d
             if name == prefix or name.startswith(prefix + ".") or prefix == "":
                 bits = value
         if bits not in (32, *SCHEMES):
-            raise ValueError(f"plan: bits={bits} for layer {name!r} is not valid; choose 32, 8, 4, 2 or 1")
+            raise UsageError(f"plan: bits={bits} for layer {name!r} is not valid; choose 32, 8, 4, 2 or 1")
         per_layer[name] = bits
     ends = {layers[0], layers[-1]} if len(layers) > 1 else set()
     quantized = {n: b for n, b in per_layer.items() if b < 32}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.config import Config, check_range
+from slimkit.errors import InputTypeError, UsageError
 
 __all__ = ["Pruner", "Sampler", "SearchConfig"]
 
@@ -81,19 +82,20 @@ class SearchConfig(Config):
         if self.max_accuracy_drop is not None:
             check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         if self.n_trials < 1:
-            raise ValueError(f"n_trials={self.n_trials} must be >= 1")
+            raise UsageError(f"n_trials={self.n_trials} must be >= 1")
         if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout={self.timeout} must be > 0 seconds (or None)")
+            raise UsageError(f"timeout={self.timeout} must be > 0 seconds (or None)")
         if self.workers < 1:
-            raise ValueError(f"workers={self.workers} must be >= 1")
+            raise UsageError(f"workers={self.workers} must be >= 1")
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
+            raise UsageError(f"epochs={self.epochs} must be >= 1")
         if self.latency_batch < 1 or self.threads < 1:
-            raise ValueError(f"latency_batch={self.latency_batch} and threads={self.threads} must be >= 1")
+            raise UsageError(f"latency_batch={self.latency_batch} and threads={self.threads} must be >= 1")
         if not self.study_name:
-            raise ValueError("study_name must not be empty")
+            raise UsageError("study_name must not be empty")
         if not isinstance(self.space, (dict, str)):
-            raise TypeError(f"space must be a dict of name -> spec or a preset name, got {type(self.space).__name__}")
+            raise InputTypeError(f"space must be a dict of name -> spec or a preset name, "
+                                 f"got {type(self.space).__name__}")
         self.out = str(self.out)
 
     @property

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from slimkit.config import nearest
+from slimkit.errors import UsageError
 
 __all__ = ["OBJECTIVES", "LatencyCache", "Measurer", "accuracy_threshold", "architecture_signature",
            "check_objectives"]
@@ -38,13 +39,13 @@ def check_objectives(names: Sequence[str]) -> tuple[str, ...]:
     """Validate objective names (non-empty, known, no repeats)."""
     names = tuple(names)
     if not names:
-        raise ValueError(f"objectives is empty; choose from {', '.join(OBJECTIVES)}")
+        raise UsageError(f"objectives is empty; choose from {', '.join(OBJECTIVES)}")
     for name in names:
         if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; {nearest(str(name), OBJECTIVES)} "
+            raise UsageError(f"unknown objective {name!r}; {nearest(str(name), OBJECTIVES)} "
                              f"(objectives: {', '.join(OBJECTIVES)})")
     if len(set(names)) != len(names):
-        raise ValueError(f"objectives {names} repeat a name")
+        raise UsageError(f"objectives {names} repeat a name")
     return names
 
 

@@ -14,17 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimkit.errors import UsageError
+
 __all__ = ["Candidate", "best_index", "dominates", "feasible_front", "pareto_front"]
 
 
 def _oriented(values: Sequence[float], directions: Sequence[str]) -> tuple[float, ...]:
     """Values turned into "smaller is better" numbers."""
     if len(values) != len(directions):
-        raise ValueError(f"{len(values)} values for {len(directions)} objectives")
+        raise UsageError(f"{len(values)} values for {len(directions)} objectives")
     out = []
     for v, d in zip(values, directions):
         if d not in ("maximize", "minimize"):
-            raise ValueError(f"direction {d!r} is not valid; choose 'maximize' or 'minimize'")
+            raise UsageError(f"direction {d!r} is not valid; choose 'maximize' or 'minimize'")
         out.append(-float(v) if d == "maximize" else float(v))
     return tuple(out)
 

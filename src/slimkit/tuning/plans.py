@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.train import FitResult, TrainConfig, fit
 from slimkit.tuning.spaces import is_plan_param
 
@@ -79,7 +80,7 @@ def run_params(params: dict[str, Any], ctx: TrialContext, on_epoch_end: EpochHoo
 def compression_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(pruning criteria, allocations) offered by ``slimkit.pruning``."""
     if not available("pruning"):
-        raise ValueError("the 'compression' space needs slimkit.pruning, which is not installed in this build")
+        raise UsageError("the 'compression' space needs slimkit.pruning, which is not installed in this build")
     from slimkit.tuning._verbs import prune_choices
 
     return prune_choices()

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from slimkit._text import human, make_table, render
+from slimkit.errors import MissingFileError
 from slimkit.tuning.objectives import OBJECTIVES
 from slimkit.tuning.pareto import Candidate
 
@@ -54,7 +55,7 @@ class SearchResult:
     def model(self) -> nn.Module:
         if self._model is None:
             if self.path is None:
-                raise FileNotFoundError(f"trial {self.trial}: its model was not saved (it never improved the best "
+                raise MissingFileError(f"trial {self.trial}: its model was not saved (it never improved the best "
                                         "result or the Pareto set)")
             from slimkit.tuning.saving import load_model
 

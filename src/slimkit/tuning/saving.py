@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from slimkit._io import atomic_path
+from slimkit.errors import MissingFileError, UsageError
 
 __all__ = ["RESULT_FILE", "load_model", "read_result", "save_result"]
 
@@ -50,7 +51,7 @@ def copy_result(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def read_result(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / RESULT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {folder} is not a saved search result")
+        raise MissingFileError(f"{path} does not exist: {folder} is not a saved search result")
     return json.loads(path.read_text())
 
 
@@ -63,7 +64,7 @@ def load_model(folder: str | os.PathLike, template: nn.Module | None = None) -> 
 
         return load(folder / "model")
     if template is None:
-        raise ValueError(f"{folder}: the model was saved as weights only (it has no slimkit factory); pass the "
+        raise UsageError(f"{folder}: the model was saved as weights only (it has no slimkit factory); pass the "
                          "original model as template to load it")
     from slimkit.models.weights import load_weights
 

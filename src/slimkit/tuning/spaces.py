@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from slimkit.config import nearest
+from slimkit.errors import InputTypeError, UsageError
 
 __all__ = [
     "PLAN_PARAMS",
@@ -80,10 +81,10 @@ class ParamSpec:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"search space: parameter names must be non-empty strings, got {name!r}")
+        raise UsageError(f"search space: parameter names must be non-empty strings, got {name!r}")
     if name in TRAINING_PARAMS or is_plan_param(name):
         return
-    raise ValueError(f"search space: unknown parameter {name!r}; {nearest(name, [*TRAINING_PARAMS, *PLAN_PARAMS])}"
+    raise UsageError(f"search space: unknown parameter {name!r}; {nearest(name, [*TRAINING_PARAMS, *PLAN_PARAMS])}"
                      " (or 'bits/<module prefix>')")
 
 
@@ -93,36 +94,36 @@ def _parse_one(name: str, spec: Any) -> ParamSpec:
         return ParamSpec(name, "constant", constant=spec)
     kind = spec.get("type")
     if kind not in _KEYS:
-        raise ValueError(f"search space {name!r}: type={kind!r} is not valid; choose 'float', 'int' or "
+        raise UsageError(f"search space {name!r}: type={kind!r} is not valid; choose 'float', 'int' or "
                          "'categorical'")
     unknown = set(spec) - _KEYS[kind]
     if unknown:
-        raise ValueError(f"search space {name!r}: unknown key {sorted(unknown)[0]!r} for type {kind!r}; "
+        raise UsageError(f"search space {name!r}: unknown key {sorted(unknown)[0]!r} for type {kind!r}; "
                          f"allowed {sorted(_KEYS[kind])}")
     if kind == "categorical":
         choices = tuple(spec.get("choices") or ())
         if not choices:
-            raise ValueError(f"search space {name!r}: 'choices' must be a non-empty list")
+            raise UsageError(f"search space {name!r}: 'choices' must be a non-empty list")
         if len(choices) == 1:
             return ParamSpec(name, "constant", constant=choices[0])
         return ParamSpec(name, "categorical", choices=choices)
     if "low" not in spec or "high" not in spec:
-        raise ValueError(f"search space {name!r}: type {kind!r} needs 'low' and 'high'")
+        raise UsageError(f"search space {name!r}: type {kind!r} needs 'low' and 'high'")
     low, high = spec["low"], spec["high"]
     cast = int if kind == "int" else float
     try:
         low, high = cast(low), cast(high)
     except (TypeError, ValueError):
-        raise ValueError(f"search space {name!r}: low={spec['low']!r} and high={spec['high']!r} "
+        raise UsageError(f"search space {name!r}: low={spec['low']!r} and high={spec['high']!r} "
                          "must be numbers") from None
     if low > high:
-        raise ValueError(f"search space {name!r}: low={low} is above high={high}")
+        raise UsageError(f"search space {name!r}: low={low} is above high={high}")
     log = bool(spec.get("log", False))
     if log and low <= 0:
-        raise ValueError(f"search space {name!r}: log=True needs low > 0, got low={low}")
+        raise UsageError(f"search space {name!r}: log=True needs low > 0, got low={low}")
     step = spec.get("step")
     if step is not None and log:
-        raise ValueError(f"search space {name!r}: 'step' and 'log' cannot be combined")
+        raise UsageError(f"search space {name!r}: 'step' and 'log' cannot be combined")
     if low == high:
         return ParamSpec(name, "constant", constant=low)
     return ParamSpec(name, kind, low=low, high=high, log=log, step=None if step is None else cast(step))
@@ -131,11 +132,11 @@ def _parse_one(name: str, spec: Any) -> ParamSpec:
 def parse_space(space: Mapping[str, Any]) -> dict[str, ParamSpec]:
     """Validate a declared space. Raises ``ValueError`` for an empty space (nothing to search) or a bad spec."""
     if not isinstance(space, Mapping):
-        raise TypeError(f"search space must be a dict of name -> spec or a preset name {PRESETS}, "
+        raise InputTypeError(f"search space must be a dict of name -> spec or a preset name {PRESETS}, "
                         f"got {type(space).__name__}")
     parsed = {name: _parse_one(name, spec) for name, spec in space.items()}
     if not any(p.kind != "constant" for p in parsed.values()):
-        raise ValueError("the search space is empty: declare at least one parameter with a range or several "
+        raise UsageError("the search space is empty: declare at least one parameter with a range or several "
                          f"choices (or use a preset: {', '.join(PRESETS)})")
     return parsed
 
@@ -182,7 +183,7 @@ def preset(name: str, model: nn.Module, *, epochs: int, teacher: bool = False,
         if distill_available:
             space["distill"] = {"type": "categorical", "choices": [False, True]}
         return space
-    raise ValueError(f"unknown search space preset {name!r}; choose one of {', '.join(PRESETS)} or give a dict")
+    raise UsageError(f"unknown search space preset {name!r}; choose one of {', '.join(PRESETS)} or give a dict")
 
 
 def suggest(trial: Any, space: Mapping[str, ParamSpec]) -> dict[str, Any]:

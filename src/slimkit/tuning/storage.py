@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from slimkit.errors import UsageError
+
 __all__ = ["open_storage", "redact"]
 
 HEARTBEAT_S = 10
@@ -49,19 +51,19 @@ def open_storage(url: str) -> Any:
 
             return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
         except OSError as exc:
-            raise ValueError(f"cannot open journal storage {shown}: {exc}") from exc
+            raise UsageError(f"cannot open journal storage {shown}: {exc}") from exc
     if url.startswith("redis://"):
         try:
             from optuna.storages.journal import JournalRedisBackend
 
             storage = optuna.storages.JournalStorage(JournalRedisBackend(url))
         except ImportError as exc:
-            raise ValueError(f"storage {shown} needs the 'redis' package: pip install redis") from exc
+            raise UsageError(f"storage {shown} needs the 'redis' package: pip install redis") from exc
         except Exception as exc:
-            raise ValueError(f"cannot reach storage {shown}: {type(exc).__name__}: {exc}") from exc
+            raise UsageError(f"cannot reach storage {shown}: {type(exc).__name__}: {exc}") from exc
         return storage
     if "://" not in url:
-        raise ValueError(f"storage {shown!r} is not a URL; use sqlite:///PATH.db, postgresql://USER@HOST/DB, "
+        raise UsageError(f"storage {shown!r} is not a URL; use sqlite:///PATH.db, postgresql://USER@HOST/DB, "
                          "journal:PATH or redis://HOST:PORT")
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
@@ -70,17 +72,17 @@ def open_storage(url: str) -> Any:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ValueError(f"cannot create the folder of storage {shown}: {exc}") from exc
+                raise UsageError(f"cannot create the folder of storage {shown}: {exc}") from exc
         engine_kwargs["connect_args"] = {"timeout": 60}  # workers wait for each other's writes
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
         return _rdb(url, engine_kwargs)
     except ImportError as exc:
-        raise ValueError(f"storage {shown} needs a database driver that is not installed: {exc}") from exc
+        raise UsageError(f"storage {shown} needs a database driver that is not installed: {exc}") from exc
     except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot reach storage {shown}: {first}. Check the URL, the server and the "
+        raise UsageError(f"cannot reach storage {shown}: {first}. Check the URL, the server and the "
                          "credentials, or use the default SQLite file (omit --storage)") from exc
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.train import evaluate
 from slimkit.tuning import spaces
 from slimkit.tuning.config import Pruner, Sampler, SearchConfig
@@ -44,10 +45,10 @@ def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | N
     for name in parsed:
         for prefix, package in needs.items():
             if name.startswith(prefix) and not available(package):
-                raise ValueError(f"search space parameter {name!r} needs slimkit.{package}, which is not installed")
+                raise UsageError(f"search space parameter {name!r} needs slimkit.{package}, which is not installed")
     if teacher is None and not any(spaces.is_plan_param(n) for n in parsed) \
             and ("temperature" in parsed or "alpha" in parsed):
-        raise ValueError("search space has 'temperature'/'alpha' (distillation) but no teacher was given: pass "
+        raise UsageError("search space has 'temperature'/'alpha' (distillation) but no teacher was given: pass "
                          "teacher=... or drop them")
     return parsed
 
@@ -58,7 +59,7 @@ def example_from(data: Any) -> torch.Tensor:
         inputs = next(iter(data))[0]
         return inputs[:1]
     if len(data) == 0:
-        raise ValueError("val_data is empty")
+        raise UsageError("val_data is empty")
     return data[0][0].unsqueeze(0)
 
 
@@ -105,7 +106,7 @@ def _open_study(config: SearchConfig, worker: int) -> Any:
                                    sampler=_sampler(config, worker, n_startup), pruner=_pruner(config, config.epochs),
                                    load_if_exists=True)
     except ValueError as exc:
-        raise ValueError(f"study {config.study_name!r} in {config.storage_url}: {exc}") from exc
+        raise UsageError(f"study {config.study_name!r} in {config.storage_url}: {exc}") from exc
 
 
 def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchConfig) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchCon
         return settings
     for key in ("objectives", "space", "max_accuracy_drop", "relative"):
         if stored.get(key) != settings.get(key):
-            raise ValueError(f"study {config.study_name!r} in {config.storage_url} was created with {key}="
+            raise UsageError(f"study {config.study_name!r} in {config.storage_url} was created with {key}="
                              f"{stored.get(key)!r}, not {settings.get(key)!r}: rerun with the same settings to "
                              "continue it, or pick a new study_name (--study-name)")
     return stored
@@ -251,11 +252,11 @@ def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any
     """
     config = config or SearchConfig()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"search: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"search: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, SearchConfig):
-        raise TypeError(f"search: config must be a SearchConfig, got {type(config).__name__}")
+        raise InputTypeError(f"search: config must be a SearchConfig, got {type(config).__name__}")
     if train_data is None or val_data is None:
-        raise ValueError("search needs train_data and val_data (Datasets or DataLoaders of (inputs, labels))")
+        raise UsageError("search needs train_data and val_data (Datasets or DataLoaders of (inputs, labels))")
     space = resolve_space(config, model, teacher)  # bad spaces fail before anything is written
     Path(config.out).mkdir(parents=True, exist_ok=True)
     study = _open_study(config, 0)
