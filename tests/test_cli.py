@@ -35,7 +35,18 @@ def test_bad_input_is_one_clear_line():
     assert result.exit_code == 2 and "unknown data spec" in result.output
 
 
-def test_help_lists_commands():
+def test_help_lists_every_command_and_each_has_help():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands  # what typer really registered
+    expected = {"models", "profile", "train", "eval", "demo", "compress", "export", "report", "recipes", "prune",
+                "quantize", "distill", "search"}
+    assert expected <= set(commands)
     result = runner.invoke(app, ["--help"])
-    for command in ("profile", "train", "eval", "demo", "models"):
-        assert command in result.output
+    assert result.exit_code == 0
+    listed = {line.split()[1] for line in result.output.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert set(commands) <= listed, set(commands) - listed
+    for name, command in commands.items():
+        assert command.help, f"{name} has no help text"
+        sub = runner.invoke(app, [name, "--help"])
+        assert sub.exit_code == 0 and f"slimkit {name}" in sub.output, name

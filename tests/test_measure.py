@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -48,15 +49,32 @@ def test_peak_memory_counts_activations():
     assert small >= 440 and big - small >= 4096 * 10 * 4 * 0.9
 
 
-def test_latency_harness_orders_models():
-    fast = nn.Linear(8, 8)
-    slow = nn.Sequential(*[nn.Linear(256, 256) for _ in range(12)], nn.Linear(256, 8))
-    x = torch.zeros(1, 8)
-    cmp = measure.compare_latency(nn.Sequential(nn.Linear(8, 256), slow), fast, x, batch_sizes=(1, 16), repeats=7,
+def test_latency_harness_reports_the_ratio_of_medians(monkeypatch):
+    """A fake clock makes every call cost a known time: the harness must report exactly those medians."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(measure.time, "sleep", lambda s: None)
+
+    def costs(ms_per_sample):
+        def run(x):
+            clock["now"] += ms_per_sample * 1e-3 * x.shape[0]
+        return run
+
+    cmp = measure.compare_latency(costs(3.0), costs(1.0), torch.zeros(1, 8), batch_sizes=(1, 16), repeats=7,
                                   warmup=1, threads=1)
-    assert set(cmp.speedup) == {1, 16}
-    assert all(s > 1 for s in cmp.speedup.values())  # the single Linear beats 14 wide layers
+    assert cmp.speedup == {1: pytest.approx(3.0), 16: pytest.approx(3.0)}
     stats = cmp.b[16]
-    assert stats.runs >= 5 and stats.p25 <= stats.median <= stats.p75 and stats.throughput > 0
+    assert stats.runs == 7 and stats.median == pytest.approx(16e-3) and stats.stdev == pytest.approx(0, abs=1e-12)
+    assert stats.throughput == pytest.approx(1000.0)
+
+
+def test_latency_harness_times_real_models():
+    """The same harness on real modules: every batch size timed, spread ordered (no claim about which is faster)."""
+    x = torch.zeros(1, 8)
+    cmp = measure.compare_latency(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 8)), x,
+                                  batch_sizes=(1, 16), repeats=5, warmup=1, threads=1)
+    assert set(cmp.a) == set(cmp.b) == {1, 16}
+    for stats in (*cmp.a.values(), *cmp.b.values()):
+        assert stats.runs >= 5 and 0 < stats.p25 <= stats.median <= stats.p75
     assert "speed-up" in str(cmp)
     assert torch.get_num_threads() == 1  # restored

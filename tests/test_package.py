@@ -10,9 +10,19 @@ def test_import_stays_lean():
     assert out.strip() == "[]"
 
 
-def test_public_api_resolves():
+def test_public_api_resolves_to_the_implementing_objects():
+    import importlib
+    import inspect
+
     import slimkit
 
-    for name in ("profile", "prune", "PruneConfig", "quantize", "QuantConfig", "distill", "DistillConfig", "search",
-                 "SearchConfig", "compress", "Recipe", "save", "load"):
-        assert callable(getattr(slimkit, name)), name
+    for name, (module, attr) in slimkit._LAZY.items():
+        value = getattr(slimkit, name)
+        assert value is getattr(importlib.import_module(module), attr), name
+        assert inspect.getdoc(value), f"slimkit.{name} has no docstring"
+    for verb in ("profile", "prune", "quantize", "distill", "search", "compress", "save"):
+        first = next(iter(inspect.signature(getattr(slimkit, verb)).parameters))
+        assert first in ("model", "result", "student"), (verb, first)  # model in, config second
+    assert set(slimkit.__all__) == {*slimkit._LAZY, *slimkit._SUBMODULES, "__version__"}
+    for sub in slimkit._SUBMODULES:
+        assert getattr(slimkit, sub).__name__ == f"slimkit.{sub}"
