@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimkit-installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow test-docs lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+test-docs: install
+	$(BIN)/python -m pytest -q -m docs tests/docs
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

