@@ -92,6 +92,10 @@ def _plan(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model: nn.M
             plan[name] = {"type": type(model.get_submodule(name)).__name__,
                           "out": None if out is None else encode_indices(out),
                           "in": None if inn is None else encode_indices(inn)}
+    for name, (space, dim) in graph.params.items():  # per-channel parameters used in forward (x * self.scale)
+        keep = keep_of(space)
+        if keep is not None:
+            plan[name] = {"type": "Parameter", "out": None, "in": encode_indices(keep), "dim": dim}
     for group in graph.groups:  # head counts read by reshapes (num_heads...)
         keep = keep_channels.get(id(group))
         for module, attr, per in group.attrs if keep is not None else ():
@@ -137,13 +141,22 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     with torch.no_grad():
         apply_plan(work, plan)
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
-    after_cost = measure(work, example_input)
+    try:
+        after_cost = measure(work, example_input)
+    except Exception as exc:  # a tensor the trace could not follow (one computed from a buffer) kept its width
+        if not keep_channels:
+            raise
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UsageError(f"the pruned {type(model).__name__} fails on the example input ({first}): a tensor the "
+                         "trace could not follow depends on pruned channels. Name the layers around it in "
+                         "PruneConfig.ignore or PruneConfig.leaf_modules") from exc
     record = {
         "format": RECORD_FORMAT,
         "config": cfg.to_dict(),
         "modules": plan,
         "groups": [{"id": g.id, "size": g.size, "unit": g.unit, "kept": len(keep_channels.get(id(g), range(g.size))),
-                    "keep": encode_indices(keep_channels.get(id(g), torch.arange(g.size))), "members": g.names}
+                    "keep": encode_indices(keep_channels.get(id(g), torch.arange(g.size))), "members": g.names,
+                    **({"params": [name for name, _ in g.params]} if g.params else {})}
                    for g in graph.groups],
         "kept_intact": kept_intact,
         "before": before,
@@ -250,6 +263,8 @@ def compose_records(first: dict | None, second: dict) -> dict:
                          "in": _compose(old["in"], edit["in"])}
         if "attrs" in old or "attrs" in edit:  # absolute values: the later step wins
             modules[name]["attrs"] = {**old.get("attrs", {}), **edit.get("attrs", {})}
+        if "dim" in old or "dim" in edit:  # a per-channel parameter: cut along the same dim every time
+            modules[name]["dim"] = old.get("dim", edit.get("dim"))
     groups = {g["id"]: g for g in first["groups"]}
     for g in second["groups"]:
         if g["id"] in groups:

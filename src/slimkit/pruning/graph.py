@@ -16,6 +16,8 @@ never pruned wrongly.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -116,6 +118,7 @@ class Group:
     members: list[Member]
     modules: dict[str, nn.Module] = field(repr=False, default_factory=dict)
     attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (module, int attribute, channels per count)
+    params: list[tuple[str, int]] = field(default_factory=list)  # (parameter/buffer used in forward, channel dim)
 
     @property
     def units(self) -> int:
@@ -140,6 +143,7 @@ class PruneGraph:
     out_copies: dict[str, int] = field(default_factory=dict)  # fused q/k/v producers: copies of the group
     head_ops: list[tuple[int, float]] = field(default_factory=list)  # (space, MACs) of q@k^T, attn@v matmuls
     head_splits: list[tuple[str, int, int, tuple]] = field(default_factory=list)  # reshapes using a head count
+    params: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor used in forward -> (space, dim)
 
 
 class _Spaces:
@@ -203,6 +207,8 @@ class _Walker:
         self.head_attrs: dict[int, set[tuple[str, str, int]]] = {}
         self.head_ops: list[tuple[int, float]] = []
         self.head_splits: list[tuple[str, int, int, tuple[int, ...]]] = []  # (node, space, heads dim, shape)
+        self.params: dict[str, tuple[int, int]] = {}  # per-channel parameter read in forward -> (space, dim)
+        self.attr_uses: dict[str, dict[int, tuple[Seg, ...]] | None] = {}  # get_attr target -> segs per dim
 
     # -- values -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -252,13 +258,17 @@ class _Walker:
         sid = self.sp.new(size, unit=unit)
         self.sp.members[sid].append(Member(name, role))
         self.order[sid] = len(self.order)
-        if role == "heads":
-            self.heads_space[name] = sid
+        spaces = self.heads_space if role == "heads" else self.out_space
+        if name in spaces:  # a module called twice has one weight: both calls keep the same channels
+            self.sp.union(spaces[name], sid, f"module {name!r} called more than once")
         else:
-            self.out_space[name] = sid
+            spaces[name] = sid
         return Value(chdim, (Seg(sid, size),))
 
     def read(self, name: str, value: Value, role: str) -> None:
+        if name in self.in_segs:  # a module called twice reads the same channels both times
+            self.unify(Value(0, self.in_segs[name]), value, f"module {name!r} called more than once")
+            return
         offset = 0
         for seg in value.segs:
             self.sp.members[self.sp.find(seg.space)].append(Member(name, role, offset, seg.block))
@@ -271,7 +281,7 @@ class _Walker:
             if node.op == "placeholder":
                 self.env[node] = self.fresh(node, "model input")
             elif node.op == "get_attr":
-                self.env[node] = self.fresh(node, f"parameter/buffer used directly ({node.target})")
+                self.env[node] = self.attr_value(node)
             elif node.op == "output":
                 for value in self.values_in(node):
                     self.freeze(value, "model output")
@@ -281,6 +291,31 @@ class _Walker:
                 self.env[node] = self.call_function(node, node.target, getattr(node.target, "__name__", "fn"))
             else:  # call_method
                 self.env[node] = self.call_method(node)
+
+    def attr_value(self, node: fx.Node) -> Value | None:
+        """A parameter read in forward (``x * self.scale.view(1, -1, 1, 1)``): with one dim wider than 1 it is a
+        per-channel tensor, sliced with the channels it broadcasts onto; anything wider, and buffers (torch.fx
+        bakes what is computed from a buffer into constants it cannot follow), are kept intact."""
+        shape = self.shape(node)
+        if shape is None:
+            return None
+        try:
+            tensor = self.model.get_parameter(node.target)
+        except AttributeError:
+            tensor = None
+        wide = [d for d, n in enumerate(shape) if n > 1]
+        if tensor is None or len(wide) > 1 or not tensor.is_floating_point():
+            self.attr_uses[node.target] = None
+            return self.fresh(node, f"parameter/buffer used directly ({node.target})")
+        if not wide:
+            self.attr_uses[node.target] = {}
+            return Value(None, ())
+        dim = wide[0]
+        if node.target not in self.params:
+            self.params[node.target] = (self.sp.new(shape[dim]), dim)
+        segs = (Seg(self.params[node.target][0], shape[dim]),)
+        self.attr_uses[node.target] = {dim: segs}
+        return Value(dim, segs)
 
     def arg_value(self, node: fx.Node, index: int = 0) -> Value | None:
         arg = node.args[index] if len(node.args) > index else None
@@ -410,8 +445,25 @@ class _Walker:
                 if isinstance(literal, int) and literal != -1:
                     return self.unknown(node, f"reshape with a literal feature count {literal}")
                 return self.flatten(node, x, src, c, end)
+        moved = self.unit_dims(node, x, sizes, src, dst)
+        if moved is not None:
+            return moved
         split = self.split_heads(node, x, sizes, src, dst)
         return split if split is not None else self.unknown(node, f"reshape {src} -> {dst} that splits channels")
+
+    def unit_dims(self, node, x: Value, sizes, src, dst) -> Value | None:
+        """A reshape that only adds or removes dims of size 1 (``scale.view(1, -1, 1, 1)``): the channels move to
+        the matching dim. ``None`` when the reshape does more."""
+        if src[x.chdim] == 1 or [n for n in src if n != 1] != [n for n in dst if n != 1]:
+            return None
+        rank = sum(n != 1 for n in src[:x.chdim])
+        c = [d for d, n in enumerate(dst) if n != 1][rank]
+        literal = sizes[c] if len(sizes) == len(dst) else None
+        if isinstance(literal, int) and literal != -1:
+            return self.unknown(node, f"reshape with a literal channel count {literal}")
+        if isinstance(literal, fx.Node) and not self.follows(literal, x):
+            return self.unknown(node, f"reshape with a channel count computed elsewhere ({literal.name})")
+        return Value(c, x.segs)
 
     def follows(self, arg: fx.Node, x: Value) -> bool:
         """``arg`` (a reshape size) is ``t.size(d)`` / ``t.shape[d]`` of a tensor whose channels on ``d`` are
@@ -604,6 +656,8 @@ class _Walker:
         x = self.arg_value(node)
         if x is None:
             return self.made(node) if not self.values_in(node) else self.unknown(node, f"function {fname}")
+        if x.chdim is None:  # a tensor without channels (a scalar parameter): what comes of it has none either
+            return Value(None, ()) if len(self.values_in(node)) == 1 else self.unknown(node, f"function {fname}")
         if fn in PASS_FUNCTIONS:
             return x
         shape = self.shape(node.args[0])
@@ -621,6 +675,8 @@ class _Walker:
             return self.softmax(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
         if fn is torch.unbind:
             return self.unbind(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+        if fn is torch.unsqueeze:
+            return self.unsqueeze(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
         return self.unknown(node, f"function {fname}")
 
     def call_method(self, node: fx.Node):
@@ -634,6 +690,8 @@ class _Walker:
             return self.binary(node, method)
         if method == "matmul":
             return self.matmul(node, method)
+        if x.chdim is None:
+            return Value(None, ()) if len(self.values_in(node)) == 1 else self.unknown(node, f"method .{method}()")
         if x.heads and method not in PASS_METHODS | {"view", "reshape", "permute", "transpose", "softmax",
                                                      "unbind"}:
             return self.unknown(node, f"method .{method}() on attention heads")
@@ -656,7 +714,15 @@ class _Walker:
             return self.softmax(node, x, rest[0] if rest else node.kwargs.get("dim"))
         if method == "unbind":
             return self.unbind(node, x, rest[0] if rest else node.kwargs.get("dim", 0))
+        if method == "unsqueeze":
+            return self.unsqueeze(node, x, rest[0] if rest else node.kwargs.get("dim"))
         return self.unknown(node, f"method .{method}()")
+
+    def unsqueeze(self, node: fx.Node, x: Value, dim):
+        if not isinstance(dim, int):
+            return self.unknown(node, "unsqueeze at a computed dim")
+        dim %= len(self.shape(node))
+        return Value(x.chdim + (dim <= x.chdim), x.segs)
 
     def getitem(self, node: fx.Node):
         source = self.env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
@@ -668,7 +734,7 @@ class _Walker:
         if source.chdim is None:
             return self.made(node)
         index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in index):
+        if any(i is Ellipsis or isinstance(i, fx.Node) or (i is None and source.heads) for i in index):
             return self.unknown(node, "indexing")
         if source.heads:
             if any(i != slice(None) for pos, i in enumerate(index) if pos in (source.chdim, source.hdim)) or (
@@ -679,10 +745,18 @@ class _Walker:
             if source.pdim in dropped:
                 out.pdim = None
             return out
-        if len(index) > source.chdim and index[source.chdim] != slice(None):
-            return self.unknown(node, "indexing into channels")
-        dropped = sum(isinstance(i, int) for i in index[:source.chdim])
-        return Value(source.chdim - dropped, source.segs)
+        out_dim = src_dim = 0  # walk the index: None adds a dim, an int drops one, a slice keeps one
+        for i in index:
+            if i is None:
+                out_dim += 1
+                continue
+            if src_dim == source.chdim:
+                if i != slice(None):
+                    return self.unknown(node, "indexing into channels")
+                return Value(out_dim, source.segs)
+            out_dim += not isinstance(i, int)
+            src_dim += 1
+        return Value(out_dim + source.chdim - src_dim, source.segs)
 
     def cat(self, node: fx.Node):
         tensors = node.args[0]
@@ -737,19 +811,48 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...]
         graph = _Tracer(tuple(leaves)).trace(model)
     except Exception as exc:
         raise UsageError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). Make the control "
-            "flow independent of tensor values, or name the offending submodule in PruneConfig.leaf_modules "
-            "so it is kept intact") from exc
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {_first_line(exc)}). Make the "
+            "control flow independent of tensor values, or name the offending submodule in "
+            "PruneConfig.leaf_modules so it is kept intact") from exc
     gm = fx.GraphModule(model, graph)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    prop = _ShapeProp(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback itself
+            prop.propagate(*inputs)
     except Exception as exc:
-        shapes = [tuple(t.shape) for t in inputs]
-        raise UsageError(f"the model fails on the example input of shape {shapes}: {exc}. Pass an input of "
-                         "the shape the model expects") from exc
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
+        raise UsageError(f"{type(model).__name__} fails on the example input of shape "
+                         f"{shapes[0] if len(shapes) == 1 else shapes}{_where(model, prop.current)}: "
+                         f"{_first_line(exc.__cause__ or exc)}. Pass an input of the shape the model expects") from exc
     return gm
+
+
+class _ShapeProp(ShapeProp):
+    """``ShapeProp`` that remembers the node it is running (to name the layer that fails)."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        return super().run_node(n)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _where(model: nn.Module, node: fx.Node | None) -> str:
+    """`` at layer 'features.0' (Conv2d)`` / `` at op add (add_1) in 'layer1.0'``: where a traced run failed."""
+    if node is None or node.op in ("placeholder", "output"):
+        return ""
+    if node.op == "call_module":
+        return f" at layer {node.target!r} ({type(model.get_submodule(node.target)).__name__})"
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1][0] if stack else ""
+    op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f" at op {op} ({node.name})" + (f" in {owner!r}" if owner else "")
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...] = ()) -> PruneGraph:
@@ -759,6 +862,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
     walker.run()
     sp = walker.sp
     out_copies = _fuse_copies(walker)
+    _tie_shared(walker, out_copies, _Tracer(tuple(leaves)).is_leaf_module)
     for root in {sp.find(s) for s in walker.order}:
         if sp.size[root] % sp.unit[root]:
             sp.freeze(root, f"units of {sp.unit[root]} channels (groups, heads) do not tile {sp.size[root]} channels")
@@ -769,21 +873,89 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
         members = sp.members[root]
         producers = [m for m in members if m.role in ("out", "heads")]
         gid = f"{producers[0].module}:{producers[0].role}"
+        params = [(name, dim) for name, (space, dim) in walker.params.items() if sp.find(space) == root]
         if root in sp.frozen:
             kept.append({"group": gid, "modules": list(dict.fromkeys(m.module for m in members)),
-                         "reasons": sp.frozen[root]})
+                         "reasons": sp.frozen[root], **({"params": [p for p, _ in params]} if params else {})})
             continue
         attrs = sorted({a for space, found in walker.head_attrs.items() if sp.find(space) == root for a in found})
         group = Group(gid, sp.size[root], sp.unit[root], members,
-                      {m.module: walker.modules[m.module] for m in members}, attrs)
+                      {m.module: walker.modules[m.module] for m in members}, attrs, params)
         groups.append(group)
         group_of_space[root] = group
     for root, reasons in sp.frozen.items():
-        if root not in roots and any(not r.startswith(("model input", "model output", "embedding dim"))
-                                     for r in reasons):
-            kept.append({"group": None, "modules": [], "reasons": reasons})
+        params = [name for name, (space, _) in walker.params.items() if sp.find(space) == root]
+        if root not in roots and (params or any(not r.startswith(("model input", "model output", "embedding dim"))
+                                                for r in reasons)):
+            kept.append({"group": None, "modules": [], "reasons": reasons, **({"params": params} if params else {})})
     return PruneGraph(groups, kept, walker.out_space, walker.in_segs, walker.heads_space, group_of_space, sp.find,
-                      out_copies, walker.head_ops, walker.head_splits)
+                      out_copies, walker.head_ops, walker.head_splits, walker.params)
+
+
+def _tensor_dims(walker: _Walker, owner: str, attr: str, fused: dict[str, int]) -> dict[int, tuple[Seg, ...]] | None:
+    """Which channel segments lie along each dim of layer ``owner``'s tensor ``attr`` as the walk used it;
+    ``None`` when unknown (a layer without channel surgery, one the walk never reached, attention, a fused
+    projection)."""
+    sp = walker.sp
+    module = walker.modules.get(owner)
+    out, ins = walker.out_space.get(owner), walker.in_segs.get(owner)
+    if module is None or owner in walker.heads_space or owner in fused or (out is None and ins is None):
+        return None
+    outs = None if out is None else (Seg(out, sp.size[sp.find(out)]),)
+    dense = isinstance(module, nn.Linear) or (isinstance(module, CONVS + TRANSPOSED) and module.groups == 1)
+    if dense and outs is not None and ins is not None:
+        if attr == "weight":
+            return {0: ins, 1: outs} if isinstance(module, TRANSPOSED) else {0: outs, 1: ins}
+        return {0: outs} if attr == "bias" else None
+    if out is None and attr in ("weight", "bias", "running_mean", "running_var"):  # norms, PReLU, depthwise
+        return {0: ins}
+    return None
+
+
+def _tie_shared(walker: _Walker, fused: dict[str, int], is_leaf) -> None:
+    """A tensor used in several places (``b.weight = a.weight``, tied weights, a layer's weight also read in
+    forward) is cut once, so every use must cut it the same way: the channel spaces along each of its dims are
+    unified; where one use is unknown, all of them are kept intact."""
+    uses: dict[int, list[tuple[str, dict | None]]] = {}
+    for owner, module in walker.model.named_modules():
+        if not is_leaf(module, owner):  # its tensors are read in forward: the get_attr uses below
+            continue
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                uses.setdefault(id(tensor), []).append((f"{owner}.{attr}" if owner else attr,
+                                                        _tensor_dims(walker, owner, attr, fused)))
+    for target, found in walker.attr_uses.items():
+        try:
+            tensor = walker.model.get_parameter(target)
+        except AttributeError:
+            try:
+                tensor = walker.model.get_buffer(target)
+            except AttributeError:
+                continue
+        uses.setdefault(id(tensor), []).append((f"{target} (read in forward)", found))
+    for used in (u for u in uses.values() if len(u) > 1):
+        where = f"tensor shared by {', '.join(dict.fromkeys(name for name, _ in used))}"
+        dims = [found for _, found in used]
+        if any(found is None for found in dims):
+            for name, found in used:
+                for segs in (found or {}).values():
+                    walker.freeze(Value(0, segs), f"{where} (kept intact)")
+                owner = name.rpartition(".")[0]
+                spaces = [walker.out_space.get(owner), walker.heads_space.get(owner),
+                          *(s.space for s in walker.in_segs.get(owner, ()))]
+                for space in (s for s in spaces if s is not None):
+                    walker.sp.freeze(space, f"{where} (kept intact)")
+            continue
+        for dim in sorted({d for found in dims for d in found}):
+            along = [found.get(dim) for found in dims]
+            if any(segs is None for segs in along):
+                walker.freeze([Value(0, segs) for segs in along if segs is not None], f"{where} (dim {dim})")
+                continue
+            for segs in along[1:]:
+                walker.unify(Value(0, along[0]), Value(0, segs), where)
+            for seg in along[0]:
+                if walker.sp.find(seg.space) in walker.sp.frozen:  # say why the sharers are kept with the rest
+                    walker.sp.freeze(seg.space, f"{where} (tied to channels kept intact)")
 
 
 def _fuse_copies(walker: _Walker) -> dict[str, int]:

@@ -150,10 +150,67 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _slots(module: nn.Module):
+    """``(holder, store, attr, tensor)`` for every parameter and buffer of ``module`` and its submodules."""
+    for _, holder in module.named_modules(remove_duplicate=False):
+        for store in (holder._parameters, holder._buffers):
+            for attr, tensor in store.items():
+                if tensor is not None:
+                    yield holder, store, attr, tensor
+
+
+def _shared_ids(model: nn.Module, plan: dict[str, dict]) -> set[int]:
+    """Tensors cut by more than one edit: held by several modules, or a module's tensor also cut on its own."""
+    seen: dict[int, int] = {}
+    for owner in model.modules():
+        for store in (owner._parameters, owner._buffers):
+            for tensor in store.values():
+                if tensor is not None:
+                    seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    direct = {id(_tensor_at(model, name)) for name, edit in plan.items() if "dim" in edit}
+    return {key for key, count in seen.items() if count > 1} | direct
+
+
+def _tensor_at(model: nn.Module, name: str) -> torch.Tensor | None:
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return None
+    return owner._parameters.get(attr, owner._buffers.get(attr))
+
+
+def _cut_tensor(model: nn.Module, name: str, edit: dict, cut: dict[int, torch.Tensor]) -> None:
+    """A per-channel parameter used in forward (``x * self.scale``): keep ``edit["in"]`` along ``edit["dim"]``."""
+    tensor = _tensor_at(model, name)
+    dim = edit.get("dim")
+    if tensor is None or not isinstance(dim, int) or not 0 <= dim < tensor.ndim or edit.get("in") is None:
+        raise UsageError(f"the pruning record cuts tensor {name!r} along dim {dim!r}, which this model does not "
+                         "have: apply the record to the same architecture it was made on")
+    keep = decode_indices(edit["in"])
+    size = cut[id(tensor)].shape[dim] if id(tensor) in cut else tensor.shape[dim]
+    if keep.numel() and int(keep.max()) >= size:
+        raise UsageError(f"the pruning record keeps index {int(keep.max())} of {name!r}, which has {size} along "
+                         f"dim {dim}: apply the record to the same architecture it was made on")
+    if id(tensor) in cut:  # shared with a layer cut before: it must have been cut the same way
+        if not torch.equal(cut[id(tensor)].index_select(dim, keep), tensor):
+            raise UsageError(f"tensor {name!r} is shared with a layer that was pruned differently; keep them "
+                             "intact (PruneConfig.ignore)")
+        return
+    cut[id(tensor)] = tensor.detach().clone()
+    _take(tensor, keep, dim)
+
+
 def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """Apply ``{module name: {"out": runs | None, "in": runs | None[, "attrs": {name: int}]}}`` to ``model`` in
-    place (``attrs``: head counts the forward reads, e.g. ``num_heads``); returns it."""
+    place (``attrs``: head counts the forward reads, e.g. ``num_heads``); returns it. An entry with ``"dim"``
+    names a parameter/buffer kept at ``in`` along that dim. A tensor shared by several layers is cut once."""
+    shared = _shared_ids(model, plan)
+    cut: dict[int, torch.Tensor] = {}  # shared tensors already cut -> their original value
     for name, edit in plan.items():
+        if "dim" in edit:
+            _cut_tensor(model, name, edit, cut)
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -173,7 +230,24 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
                             "slimkit.pruning.surgery.register_surgery")
         out_keep = decode_indices(edit["out"]) if edit.get("out") is not None else None
         in_keep = decode_indices(edit["in"]) if edit.get("in") is not None else None
+        # a shared tensor already cut by another layer: this layer's surgery cuts a stand-in copy of the original,
+        # which must come out equal to the shared one, and the layer gets the shared tensor back
+        stand_ins = []
+        for _, store, attr, tensor in list(_slots(module)):
+            if id(tensor) in cut:
+                stand_in = cut[id(tensor)].clone()
+                if isinstance(tensor, nn.Parameter):
+                    stand_in = nn.Parameter(stand_in, tensor.requires_grad)
+                store[attr] = stand_in
+                stand_ins.append((store, attr, tensor, stand_in))
+            elif id(tensor) in shared:
+                cut[id(tensor)] = tensor.detach().clone()
         new = handler(module, out_keep, in_keep)
+        for store, attr, tensor, stand_in in stand_ins:
+            if store.get(attr) is not stand_in or not torch.equal(stand_in, tensor):
+                raise UsageError(f"{name}.{attr} is shared with a layer that was pruned differently; keep them intact "
+                                 "(PruneConfig.ignore) or untie them")
+            store[attr] = tensor
         if new is not module:
             _set_module(model, name, new)
     return model

@@ -42,7 +42,8 @@ def unsupported(module: nn.Module) -> str | None:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                      device=weight.device)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:

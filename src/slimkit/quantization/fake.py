@@ -246,6 +246,7 @@ def make_quant_layer(layer: nn.Module, bits: int, scheme: str, granularity: str,
                           padding_mode=layer.padding_mode)
     else:
         raise InputTypeError(f"cannot quantize {type(layer).__name__}: only Linear and Conv2d are supported")
+    new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)  # a float64 model stays float64
     with torch.no_grad():
         new.weight.copy_(layer.weight)
         if has_bias:

@@ -104,7 +104,7 @@ def fold_structure(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
         set_module(model, bn_name, nn.Identity())
 
 
