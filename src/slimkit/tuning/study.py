@@ -10,9 +10,16 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +31,17 @@ from slimkit.train import evaluate
 from slimkit.tuning import spaces
 from slimkit.tuning.config import Pruner, Sampler, SearchConfig
 from slimkit.tuning.objectives import OBJECTIVES, LatencyCache, Measurer, accuracy_threshold
-from slimkit.tuning.pareto import best_index, feasible_front
+from slimkit.tuning.pareto import Candidate, best_index, feasible_front
 from slimkit.tuning.plans import TrialContext, available, run_params
 from slimkit.tuning.results import SearchResult, SearchStudy, candidate_of, format_metrics
-from slimkit.tuning.saving import copy_result, save_result
+from slimkit.tuning.saving import copy_result, read_result, save_result
+from slimkit.tuning.storage import HOST_ATTR, WORKER_ATTR
 
 __all__ = ["search"]
 
 ATTR = "slimkit"  # study user attribute: the settings the study was created with, and the baseline
+SKIPPED = "skipped"  # trial user attribute: the trial never ran, n_trials was taken by other workers' trials
+BEST_LOCK = ".best.lock"  # in <out>: held while deciding whether a trial replaces <out>/best, and replacing it
 
 
 def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | None) -> dict[str, spaces.ParamSpec]:
@@ -141,13 +151,28 @@ class _Worker:
                                 macs=any(spaces.is_plan_param(n) for n in self.space))
         self.measure._baseline_ms = self.settings.get("baseline", {}).get("latency_ms")
         self.progress: Any = None
+        self.quiet = _QuietFailures()
 
     def objective(self, trial: Any) -> tuple[float, ...] | float:
+        from slimkit.tuning.storage import trial_over_budget
+
+        trial.set_user_attr(WORKER_ATTR, f"{self.worker}:{os.getpid()}")  # first: this trial is alive, and whose
+        trial.set_user_attr(HOST_ATTR, socket.gethostname())
+        if trial_over_budget(self.study, trial.number, self.config.n_trials):
+            trial.set_user_attr(SKIPPED, f"n_trials={self.config.n_trials} was taken by other workers' trials")
+            self.quiet.numbers.add(trial.number)
+            raise _BudgetTaken(trial.number)
+        try:
+            return self._evaluate(trial)
+        except KeyboardInterrupt:  # Optuna marks the trial failed; its traceback is not news to whoever pressed it
+            self.quiet.numbers.add(trial.number)
+            raise
+
+    def _evaluate(self, trial: Any) -> tuple[float, ...] | float:
         import optuna
 
         params = spaces.suggest(trial, self.space)
         trial.set_user_attr("plan", params)
-        trial.set_user_attr("worker", f"{self.worker}:{os.getpid()}")
         single = len(self.config.objectives) == 1
 
         def report(epoch: int, model: nn.Module, history: Any) -> None:
@@ -185,10 +210,8 @@ class _Worker:
                            model: nn.Module) -> None:
         import optuna
 
-        from slimkit.tuning.pareto import Candidate
-
-        done = [candidate_of(t) for t in self.study.get_trials(deepcopy=False,
-                                                                states=(optuna.trial.TrialState.COMPLETE,))]
+        trials = self.study.get_trials(deepcopy=False)
+        done = [candidate_of(t) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         current = Candidate(number, values, violation)
         pool = [*done, current]
         is_best = best_index(pool, self.config.objectives, self.config.directions) == len(pool) - 1
@@ -197,31 +220,128 @@ class _Worker:
             return
         info = {"trial": number, "plan": params, "metrics": metrics, "objectives": list(self.config.objectives),
                 "values": list(values), "violation": violation, "feasible": violation <= 0,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "study": self.config.study_name}
         folder = save_result(model, self.out / "pareto" / f"trial-{number:04d}", info)
-        if is_best:
-            copy_result(folder, self.out / "best")
+        if is_best:  # other workers may have saved a better one meanwhile: decided again under the lock
+            failed = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
+            promote_best(folder, current, self.config, replaceable=failed)
 
-    def run(self, n_finished: int) -> None:
-        import optuna
-        from optuna.study import MaxTrialsCallback
+    def run(self) -> None:
+        """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials, or the timeout.
 
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        remaining = self.config.n_trials - n_finished
-        if remaining <= 0:
-            return
-        callbacks = [MaxTrialsCallback(self.config.n_trials, states=states)]
-        if self.progress is not None:
-            callbacks.append(self.progress)
-        self.study.optimize(self.objective, n_trials=remaining, timeout=self.config.timeout, callbacks=callbacks)
+        Before each trial, trials of dead workers are failed and queued again. When the trials of other workers
+        fill the budget, an SQL storage's worker waits for them (it retries theirs if they die); a journal's stops.
+        """
+        from slimkit.tuning.storage import budget_state, has_heartbeat, heartbeat_seconds, reap_dead_trials
+
+        n_trials, timeout = self.config.n_trials, self.config.timeout
+        wait_for_others = has_heartbeat(self.config.storage_url)
+        poll = min(1.0, heartbeat_seconds()[0] / 2)
+        start = time.monotonic()
+        optuna_log = logging.getLogger("optuna.study._optimize")
+        optuna_log.addFilter(self.quiet)
+        try:
+            while timeout is None or time.monotonic() - start < timeout:
+                for number in reap_dead_trials(self.study):
+                    self._say(f"trial {number}: its worker stopped responding; marked failed and queued again")
+                finished, running, waiting = budget_state(self.study)
+                if finished >= n_trials:
+                    return
+                if finished + running >= n_trials or (finished + running + waiting >= n_trials and not waiting):
+                    if not wait_for_others:
+                        return
+                    time.sleep(poll)
+                    continue
+                self.study.optimize(self.objective, n_trials=1, catch=(_BudgetTaken,), callbacks=[self._after_trial])
+        finally:
+            optuna_log.removeFilter(self.quiet)
+
+    def _after_trial(self, study: Any, trial: Any) -> None:
+        if self.progress is not None and SKIPPED not in trial.user_attrs:
+            self.progress(study, trial)
+
+    def _say(self, text: str) -> None:
+        if self.progress is not None and self.progress.enabled:
+            self.progress.bar.console.print(text, highlight=False)
+
+
+class _BudgetTaken(Exception):
+    """The trial was created after other workers' trials took the study's n_trials: it does not run."""
+
+
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's "Trial N failed" warnings (with a traceback) for trials slimkit ends on purpose: turned away
+    by the budget, or interrupted by Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed") for n in self.numbers)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created), shared by every process, local or over NFS."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; workers there should not share one out folder
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _saved_candidate(folder: Path, config: SearchConfig) -> Candidate | None:
+    """The result saved in ``folder`` as a candidate of this study; None when absent or from another study."""
+    try:
+        info = read_result(folder)
+        if info.get("study") != config.study_name or info.get("objectives") != list(config.objectives):
+            return None
+        return Candidate(int(info["trial"]), tuple(info["values"]), float(info["violation"]))
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return None
+
+
+def promote_best(folder: Path, candidate: Candidate, config: SearchConfig,
+                 replaceable: set[int] | frozenset[int] = frozenset()) -> bool:
+    """Copy the saved result ``folder`` to ``<out>/best`` unless what is there is at least as good.
+
+    The comparison and the copy happen under one lock, so of two workers finishing at once the worse never
+    overwrites the better. ``replaceable``: trials whose saved copy is replaced regardless (they failed)."""
+    best = Path(config.out) / "best"
+    with _locked(Path(config.out) / BEST_LOCK):
+        saved = _saved_candidate(best, config)
+        if saved is not None and saved.number == candidate.number:
+            return False
+        if saved is not None and saved.number not in replaceable \
+                and best_index([saved, candidate], config.objectives, config.directions) == 0:
+            return False
+        copy_result(folder, best)
+        return True
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:  # pragma: no cover - subprocess
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+    raise KeyboardInterrupt
 
 
 def _worker_main(model, config_dict, train_data, val_data, teacher, worker) -> None:  # pragma: no cover - subprocess
-    torch.set_num_threads(1)
-    os.environ["SLIMKIT_NO_PROGRESS"] = "1"
-    config = SearchConfig.from_dict(config_dict)
-    w = _Worker(model, config, train_data, val_data, teacher, worker)
-    w.run(_count_finished(w.study))
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        torch.set_num_threads(1)
+        os.environ["SLIMKIT_NO_PROGRESS"] = "1"
+        config = SearchConfig.from_dict(config_dict)
+        _Worker(model, config, train_data, val_data, teacher, worker).run()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it, once
+        sys.exit(130)
 
 
 def _count_finished(study: Any) -> int:
@@ -280,10 +400,9 @@ def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any
     with SearchProgress(config, finished, settings.get("threshold")) as progress:
         worker.progress = progress
         try:
-            worker.run(finished)
+            worker.run()
         except BaseException:  # Ctrl-C or an error: stop the helpers too (finished trials stay in storage)
-            for p in procs:
-                p.terminate()
+            _stop_workers(procs)
             raise
         finally:
             for p in procs:
@@ -293,6 +412,30 @@ def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any
     if failed:
         result.message += f"\n{len(failed)} worker process(es) failed (exit codes {failed}); see their output."
     return result
+
+
+def _stop_workers(procs: list, wait_s: float = 10.0) -> None:
+    """Interrupt the helper processes (their running trials are marked failed), then end any that linger."""
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C waits too
+    try:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + wait_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _start_workers(model, config, train_data, val_data, teacher) -> list:
@@ -318,7 +461,8 @@ def summarize(study: Any, config: SearchConfig, template: nn.Module | None, sett
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs]
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
-    failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    failed_numbers = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
+    failed = sum(SKIPPED not in t.user_attrs for t in trials if t.number in failed_numbers)
     cands = [candidate_of(t) for t in done]
     directions = config.directions
 
@@ -341,8 +485,8 @@ def summarize(study: Any, config: SearchConfig, template: nn.Module | None, sett
     if bi is not None:
         best_dir = out / "best"
         src = pareto_dir / f"trial-{cands[bi].number:04d}"
-        if src.is_dir() and _saved_trial(best_dir) != cands[bi].number:
-            copy_result(src, best_dir)
+        if src.is_dir():  # a better saved model can only come from a trial still running elsewhere, or a failed one
+            promote_best(src, cands[bi], config, replaceable=failed_numbers)
         best = result(bi, best_dir if _saved_trial(best_dir) == cands[bi].number else None)
     threshold = settings.get("threshold")
     message = _message(best, threshold, config, len(done))
