@@ -98,3 +98,39 @@ def test_two_workers_share_one_study_without_duplicate_numbers(tmp_path, kind):
     assert len(finished) >= 8
     workers = {t.user_attrs["worker"].split(":")[1] for t in trials if "worker" in t.user_attrs}
     assert len(workers) == 2  # both processes ran trials
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_prints_one_line_and_leaves_no_worker_running(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 0.001, high: 0.3, log: true}\nbatch_size: 64\n")
+    out = tmp_path / "run"
+    cli = [os.path.join(os.path.dirname(sys.executable), "slimkit")]
+    args = [*cli, "search", "--model", "mlp", "--model-args", '{"in_features": 64, "hidden": 16}', "--data", "digits",
+            "--space", str(space), "--epochs", "1", "--n-trials", "500", "--workers", "2", "--pruner", "none",
+            "--out", str(out)]
+    env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    # its own session: Ctrl-C reaches the whole foreground process group, the CLI and its spawned worker
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    url, helpers = f"sqlite:///{out / 'study.db'}", set()
+    deadline = time.time() + 120
+    while not helpers and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if (out / "best").exists():
+            study = optuna.load_study(study_name="slimkit-search", storage=open_storage(url))
+            helpers = {int(t.user_attrs["worker"].split(":")[1]) for t in study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("worker", "").startswith("1:")}
+    assert helpers, f"the spawned worker never ran a trial: {proc.communicate()[1].decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    output = (stdout + stderr).decode()
+    assert proc.returncode == 2, output[-3000:]
+    assert "interrupted (Ctrl-C)" in output and "Traceback" not in output, output[-3000:]
+    assert not [pid for pid in helpers if _alive(pid)]

@@ -152,6 +152,9 @@ class _Worker:
         self.measure._baseline_ms = self.settings.get("baseline", {}).get("latency_ms")
         self.progress: Any = None
         self.quiet = _QuietFailures()
+        # Ctrl-C interrupts training and measuring at once; during a storage call it waits for the call to end
+        # (an interrupted database call can leave the trial RUNNING and Optuna in an inconsistent state)
+        self._interruptible = self._interrupted = False
 
     def objective(self, trial: Any) -> tuple[float, ...] | float:
         from slimkit.tuning.storage import trial_over_budget
@@ -163,6 +166,7 @@ class _Worker:
             self.quiet.numbers.add(trial.number)
             raise _BudgetTaken(trial.number)
         try:
+            self._check_interrupt()
             return self._evaluate(trial)
         except KeyboardInterrupt:  # Optuna marks the trial failed; its traceback is not news to whoever pressed it
             self.quiet.numbers.add(trial.number)
@@ -185,7 +189,8 @@ class _Worker:
 
         plan = any(spaces.is_plan_param(n) for n in params)
         try:
-            model = run_params(params, self.ctx, report)
+            with self._interruptible_section():
+                model = run_params(params, self.ctx, report)
         except FloatingPointError as exc:  # diverged (learning rate too high): hopeless, not a bug
             trial.set_user_attr("pruned_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from exc
@@ -196,7 +201,8 @@ class _Worker:
             # is out of reach, the search goes on; the summary counts and quotes these
             trial.set_user_attr("pruned_reason", f"plan not applicable: {exc}")
             raise optuna.TrialPruned(str(exc)) from exc
-        metrics = self.measure(model)
+        with self._interruptible_section():
+            metrics = self.measure(model)
         violation = 0.0 if self.threshold is None else self.threshold - metrics["accuracy"]
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("violation", violation)
@@ -240,8 +246,10 @@ class _Worker:
         start = time.monotonic()
         optuna_log = logging.getLogger("optuna.study._optimize")
         optuna_log.addFilter(self.quiet)
+        previous = self._catch_sigint()
         try:
             while timeout is None or time.monotonic() - start < timeout:
+                self._check_interrupt()
                 for number in reap_dead_trials(self.study):
                     self._say(f"trial {number}: its worker stopped responding; marked failed and queued again")
                 finished, running, waiting = budget_state(self.study)
@@ -255,6 +263,35 @@ class _Worker:
                 self.study.optimize(self.objective, n_trials=1, catch=(_BudgetTaken,), callbacks=[self._after_trial])
         finally:
             optuna_log.removeFilter(self.quiet)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _catch_sigint(self) -> Any:
+        """Route Ctrl-C through ``_on_sigint``; the previous handler (None off the main thread)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._interrupted = True
+        if self._interruptible:
+            self._interruptible = False
+            raise KeyboardInterrupt
+
+    def _check_interrupt(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def _interruptible_section(self) -> Iterator[None]:
+        self._check_interrupt()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def _after_trial(self, study: Any, trial: Any) -> None:
         if self.progress is not None and SKIPPED not in trial.user_attrs:
