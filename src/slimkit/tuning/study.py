@@ -252,10 +252,10 @@ class _Worker:
                 self._check_interrupt()
                 for number in reap_dead_trials(self.study):
                     self._say(f"trial {number}: its worker stopped responding; marked failed and queued again")
-                finished, running, waiting = budget_state(self.study)
+                finished, running, _ = budget_state(self.study)
                 if finished >= n_trials:
                     return
-                if finished + running >= n_trials or (finished + running + waiting >= n_trials and not waiting):
+                if finished + running >= n_trials:  # others hold every slot (a queued retry is run by the next ask)
                     if not wait_for_others:
                         return
                     time.sleep(poll)
