@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ class CompressResult:
     final: dict[str, Any]
     steps: list[StepOutcome]
     latency: dict[str, dict[int, float]] = field(default_factory=dict)
-    exported: Path | None = None
+    exported: Path | None = None  # in a temporary folder removed when this result is garbage-collected
     parity: dict[str, float] | None = None
 
     @property
@@ -262,44 +264,54 @@ def compress(
     floor = baseline["accuracy"] - recipe.max_accuracy_drop
     current, outcomes, exported, parity = copy.deepcopy(model), [], None, None
     export_dir = Path(tempfile.mkdtemp(prefix="slimkit-export-"))
-    for i, step in enumerate(recipe.steps):
-        console.rule(f"step {i + 1}/{len(recipe.steps)}: {step.kind.value}")
-        if step.kind is StepKind.EXPORT:
-            if step.config.format is ExportFormat.ONNX_AUTO:
-                export_notes: list[str] = []
-                exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor, export_notes)
-                console.print(export_notes[-1])
-                outcomes.append(StepOutcome("export", "applied", step.config.to_dict(), notes=export_notes,
-                                            seconds=0.0, **runner.metrics(current)))
-            else:
-                exported = export_model(current, step.config, example_input, export_dir)
-            if step.config.parity and exported.suffix == ".onnx":
-                from slimkit.export.runtime import OrtModel
-                from slimkit.export.runtime import parity as check_parity
+    try:  # the folder lives as long as the result that names its file (see CompressResult.exported)
+        for i, step in enumerate(recipe.steps):
+            console.rule(f"step {i + 1}/{len(recipe.steps)}: {step.kind.value}")
+            if step.kind is StepKind.EXPORT:
+                if step.config.format is ExportFormat.ONNX_AUTO:
+                    export_notes: list[str] = []
+                    exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor,
+                                          export_notes)
+                    console.print(export_notes[-1])
+                    outcomes.append(StepOutcome("export", "applied", step.config.to_dict(), notes=export_notes,
+                                                seconds=0.0, **runner.metrics(current)))
+                else:
+                    exported = export_model(current, step.config, example_input, export_dir)
+                if step.config.parity and exported.suffix == ".onnx":
+                    from slimkit.export.runtime import OrtModel
+                    from slimkit.export.runtime import parity as check_parity
 
-                parity = check_parity(current, OrtModel(exported, threads=2), val_data)
-                console.print(f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, "
-                              f"top-1 agreement {100 * parity['top1_agreement']:.2f}%")
-            continue
-        current, outcome = _run_step(runner, step, current, floor, recipe, console)
-        outcomes.append(outcome)
-        console.print(f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
-                      f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s")
-    final = runner.metrics(current)
-    candidates: dict[str, Any] = {"PyTorch fp32 (before)": original}
-    if exported is not None and exported.suffix == ".onnx":
-        from slimkit.export.runtime import OrtModel
+                    parity = check_parity(current, OrtModel(exported, threads=2), val_data)
+                    console.print(f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, "
+                                  f"top-1 agreement {100 * parity['top1_agreement']:.2f}%")
+                continue
+            current, outcome = _run_step(runner, step, current, floor, recipe, console)
+            outcomes.append(outcome)
+            console.print(f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
+                          f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s")
+        final = runner.metrics(current)
+        candidates: dict[str, Any] = {"PyTorch fp32 (before)": original}
+        if exported is not None and exported.suffix == ".onnx":
+            from slimkit.export.runtime import OrtModel
 
-        deployed = OrtModel(exported, threads=2)
-        final["deployed_accuracy"] = evaluate(deployed, val_data).accuracy
-        if test_data is not None:
-            final["deployed_test_accuracy"] = evaluate(deployed, test_data).accuracy
-        final["deployed_bytes"] = exported.stat().st_size
-        candidates["ONNX Runtime (after)"] = deployed
-    elif not any(o.kind == "quantize" and o.status != "skipped" for o in outcomes):
-        candidates["PyTorch (after)"] = current
-    timings = benchmark_latency(candidates, example_input, latency_batch_sizes, threads=2)
-    latency = {name: {bs: s.median for bs, s in per.items()} for name, per in timings.items()}
-    final["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[list(latency)[-1]].items()}
-    baseline["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[next(iter(latency))].items()}
-    return CompressResult(current, recipe, baseline, final, outcomes, latency, exported, parity)
+            deployed = OrtModel(exported, threads=2)
+            final["deployed_accuracy"] = evaluate(deployed, val_data).accuracy
+            if test_data is not None:
+                final["deployed_test_accuracy"] = evaluate(deployed, test_data).accuracy
+            final["deployed_bytes"] = exported.stat().st_size
+            candidates["ONNX Runtime (after)"] = deployed
+        elif not any(o.kind == "quantize" and o.status != "skipped" for o in outcomes):
+            candidates["PyTorch (after)"] = current
+        timings = benchmark_latency(candidates, example_input, latency_batch_sizes, threads=2)
+        latency = {name: {bs: s.median for bs, s in per.items()} for name, per in timings.items()}
+        final["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[list(latency)[-1]].items()}
+        baseline["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[next(iter(latency))].items()}
+    except BaseException:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        raise
+    result = CompressResult(current, recipe, baseline, final, outcomes, latency, exported, parity)
+    if exported is None:
+        shutil.rmtree(export_dir, ignore_errors=True)
+    else:  # removed when the result is garbage-collected, or at interpreter exit
+        weakref.finalize(result, shutil.rmtree, str(export_dir), True)
+    return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -108,3 +109,43 @@ def load_data(data: str, shape: str | None):
     from slimkit.data import load, parse_shape
 
     return load(data, shape=parse_shape(shape) if shape else None)
+
+
+# what a folder written by `slimkit search` holds (any one marks it as a search folder that may be continued)
+SEARCH_OUTPUTS = ("study.db", "results.json", "report.md", "pareto", "best", "latency_cache.json")
+
+
+def check_out(path: Path, kind: str, option: str = "--out") -> Path:
+    """Refuse an output path before any work starts: one ``UsageError`` line, nothing touched.
+
+    ``kind``: ``"file"`` (a weights file), ``"artifact"`` / ``"prune"`` (a folder replaced whole, only over an older
+    one of its kind or an empty folder), ``"folder"`` (a folder written into) or ``"search"`` (a folder written
+    into: new, empty, or an earlier search's). Its nearest existing folder must be writable.
+
+    Example:
+        >>> check_out(Path("runs/lenet5.safetensors"), "file")   # doctest: +SKIP
+    """
+    from slimkit._io import check_replaceable, kind_of
+
+    existing = kind_of(path)
+    container = kind in ("folder", "search")
+    try:
+        if not container:
+            check_replaceable(path, kind)
+        elif existing == "file":
+            raise UsageError(f"{path} is a file, but a folder is needed; give a folder path; nothing was changed")
+        elif kind == "search" and existing not in (None, "empty") and not any(
+                os.path.lexists(path / name) for name in SEARCH_OUTPUTS):
+            raise UsageError(f"{path} is a folder of other files, not a slimkit search folder (no study.db, best/ "
+                             "or results.json); give a new or empty folder; nothing was changed")
+    except UsageError as exc:
+        raise UsageError(f"{option} {exc}") from None
+    anchor = path if container and existing else path.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UsageError(f"{option} {path}: {anchor} is a file, so no folder can be made there; give another path")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: the folder {anchor} is not writable (permission denied); give another "
+                         "path")
+    return path

@@ -14,6 +14,7 @@ from slimkit.commands._common import (
     ShapeOpt,
     WeightsOpt,
     build_model,
+    check_out,
     console,
     example,
     fail_cleanly,
@@ -59,6 +60,7 @@ def train(
     """Train a model on a data spec; the best epoch's weights are saved."""
     from slimkit.train import TrainConfig, evaluate, fit
 
+    check_out(out, "file")
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
     cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, batch_size=batch_size,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slimkit.commands._common import DataOpt, ShapeOpt, build_model, console, fail_cleanly, load_data
+from slimkit.commands._common import DataOpt, ShapeOpt, build_model, check_out, console, fail_cleanly, load_data
 
 
 @fail_cleanly
@@ -36,6 +36,7 @@ def distill(
     from slimkit.distillation import distill as run_distill
     from slimkit.models import save_weights
 
+    check_out(out, "file")
     cfg = DistillConfig(temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, optimizer=optimizer,
                         batch_size=batch_size, seed=seed, cache_teacher=cache_teacher)
     student_model = build_model(student, student_weights, student_args)

@@ -41,11 +41,15 @@ def compress(
              "reported. 0 checks the budget on the test split itself.")] = 0.1,
 ) -> None:
     """Compress a trained model with a recipe under an accuracy budget; writes the artifact and its report."""
+    from slimkit.commands._common import check_out
     from slimkit.export.artifact import save
     from slimkit.pipeline import compress as run_compress
     from slimkit.recipe import Recipe
     from slimkit.report import write_report
 
+    artifact = out / f"{model.replace(':', '_').replace('.', '_')}.slim"
+    check_out(out, "folder")
+    check_out(artifact, "artifact")
     net = build_model(model, weights, model_args)
     from slimkit.data import split
 
@@ -58,7 +62,7 @@ def compress(
     result = run_compress(net, plan, train_data, val_data, test_data=test_data if holdout else None,
                           console=console)
     console.print(result.table())
-    path = save(result, out / f"{model.replace(':', '_').replace('.', '_')}.slim")
+    path = save(result, artifact)
     html = write_report(path)
     console.print(f"artifact: {path}\nreport:   {html}")
 

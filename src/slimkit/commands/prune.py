@@ -14,6 +14,7 @@ from slimkit.commands._common import (
     ShapeOpt,
     WeightsOpt,
     build_model,
+    check_out,
     console,
     example,
     fail_cleanly,
@@ -23,7 +24,8 @@ from slimkit.commands._common import (
 @fail_cleanly
 def prune(
     model: ModelOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pruned weights + record.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pruned weights + record.json (an older one "
+                                                            "is replaced whole).")],
     weights: WeightsOpt = None,
     shape: ShapeOpt = None,
     model_args: ArgsOpt = None,
@@ -36,16 +38,19 @@ def prune(
     max_sparsity: Annotated[float, typer.Option(help="Cap on the fraction removed from any one group.")] = 0.9,
 ) -> None:
     """Prune channels of a model to a MACs/params/channels target; writes weights and the replayable record."""
+    from slimkit._io import atomic_path
     from slimkit.models.weights import save_weights
     from slimkit.pruning import PruneConfig
     from slimkit.pruning import prune as run_prune
 
+    check_out(out, "prune")
     cfg = PruneConfig(amount=amount, target=target, importance=importance, allocation=allocation,
                       ignore=tuple(ignore or ()), round_to=round_to, max_sparsity=max_sparsity)
     result = run_prune(build_model(model, weights, model_args), cfg, example(model, shape, model_args))
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(result.model, out / "model.safetensors")
-    (out / "record.json").write_text(json.dumps(result.record, indent=1))
+    with atomic_path(out, kind="prune") as tmp:  # weights and record appear together, or not at all
+        tmp.mkdir()
+        save_weights(result.model, tmp / "model.safetensors")
+        (tmp / "record.json").write_text(json.dumps(result.record, indent=1))
     before, after = result.record["before"], result.record["after"]
     console.print(f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,.0f} -> "
                   f"{after['macs']:,.0f} ({result.record['reduction']['macs']:.1%} fewer); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from slimkit.commands._common import (
     ShapeOpt,
     WeightsOpt,
     build_model,
+    check_out,
     console,
     fail_cleanly,
     load_data,
@@ -53,8 +55,9 @@ def quantize(
     from slimkit.quantization import quantize as run_quantize
     from slimkit.train import evaluate
 
-    if onnx is not None and onnx.is_dir():
-        raise UsageError(f"--onnx {onnx} is a directory; give the path of the .onnx file to write")
+    check_out(out, "artifact")
+    if onnx is not None:
+        check_out(onnx, "file", option="--onnx")
     if onnx is not None and onnx.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
                          "anyway; give a path outside it")
@@ -82,10 +85,12 @@ def quantize(
         # all or nothing: the ONNX file is written beside its final name, then the artifact (holding a copy of it);
         # the ONNX file takes its final name only once the artifact is saved, and is removed if anything fails
         try:
-            with atomic_path(onnx) as tmp_onnx:  # renamed onto --onnx only if the artifact is saved too
+            with atomic_path(onnx, kind="file") as tmp_onnx:  # renamed onto --onnx only if the artifact is saved too
                 export_onnx(result.model, x, tmp_onnx, int8=int8)
                 path = save(result, out, metrics=metrics, extra_files={"model.onnx": tmp_onnx})
         except OSError as exc:  # e.g. an unwritable --onnx folder: one clean line, not a traceback
+            if exc.errno == errno.ENOSPC:  # fail_cleanly names a full disk itself
+                raise
             raise UsageError(f"could not write the ONNX file or the artifact, so neither was written: {exc}") from exc
     packed = (path / "model.safetensors").stat().st_size
     fp32 = size_on_disk(net)

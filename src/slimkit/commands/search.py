@@ -14,6 +14,7 @@ from slimkit.commands._common import (
     ShapeOpt,
     WeightsOpt,
     build_model,
+    check_out,
     console,
     fail_cleanly,
     load_data,
@@ -72,6 +73,7 @@ def search(
     from slimkit.tuning import SearchConfig
     from slimkit.tuning import search as run_search
 
+    check_out(out, "search")
     cfg = SearchConfig(objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
                        max_accuracy_drop=max_accuracy_drop, relative=relative, n_trials=n_trials, timeout=timeout,
                        storage=storage, study_name=study_name, workers=workers, sampler=sampler, pruner=pruner,

@@ -70,8 +70,12 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Save ``model.state_dict()`` to ``path`` as safetensors, atomically."""
+    """Save ``model.state_dict()`` to ``path`` as safetensors, atomically; an existing folder at ``path`` is refused.
+
+    Example:
+        >>> save_weights(slimkit.models.create("mlp"), "mlp.safetensors")   # doctest: +SKIP
+    """
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind="file") as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return Path(path)

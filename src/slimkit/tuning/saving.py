@@ -21,11 +21,12 @@ RESULT_FILE = "result.json"
 
 
 def save_result(model: nn.Module, folder: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Write ``model`` and ``info`` (JSON-safe) to ``folder`` atomically; an older folder is replaced whole."""
+    """Write ``model`` and ``info`` (JSON-safe) to ``folder`` atomically; an older result folder is replaced whole,
+    any other existing folder is refused (``UsageError``)."""
     from slimkit.export.artifact import ArtifactError, save
 
     final = Path(folder)
-    with atomic_path(final) as tmp:
+    with atomic_path(final, kind="result") as tmp:
         tmp.mkdir()
         try:
             save(model, tmp / "model", metrics=info.get("metrics"))
@@ -42,8 +43,8 @@ def save_result(model: nn.Module, folder: str | os.PathLike, info: dict[str, Any
 
 
 def copy_result(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a saved result folder atomically."""
-    with atomic_path(dst) as tmp:
+    """Copy a saved result folder atomically (replacing an older result at ``dst``, never another folder)."""
+    with atomic_path(dst, kind="result") as tmp:
         shutil.copytree(src, tmp)
     return Path(dst)
 
