@@ -121,7 +121,7 @@ def atomic_path(path: str | os.PathLike, kind: str | None = None) -> Iterator[Pa
         check_replaceable(final, "artifact")  # raises: not ours, whatever is written
     final.parent.mkdir(parents=True, exist_ok=True)
     work: Path | None = None
-    guard: int | None = None
+    guard: tuple[int, tuple[int, int]] | None = None
     try:
         # a cleaner holds the parent's lock: it never sees our folder before we lock it
         with _locked(final.parent), _signals_deferred():
@@ -147,7 +147,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def _new_work_folder(final: Path) -> tuple[Path, int | None]:
+def _new_work_folder(final: Path) -> tuple[Path, tuple[int, tuple[int, int]] | None]:
     """Create and lock ``.NAME.XXXXXXXX.tmp`` beside ``final``."""
     while True:
         work = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
@@ -162,7 +162,7 @@ def _new_work_folder(final: Path) -> tuple[Path, int | None]:
             raise
 
 
-def _discard(work: Path | None, guard: int | None) -> None:
+def _discard(work: Path | None, guard: tuple[int, tuple[int, int]] | None) -> None:
     """Remove our work folder and drop its lock, even when Ctrl-C or SIGTERM arrives meanwhile (its exception is
     raised once the folder is gone)."""
     pending: BaseException | None = None
@@ -172,7 +172,9 @@ def _discard(work: Path | None, guard: int | None) -> None:
                 if work is not None:
                     shutil.rmtree(work, ignore_errors=True)
                 if guard is not None:
-                    os.close(guard)
+                    fd, key = guard
+                    _release(key)
+                    os.close(fd)
                     guard = None
             break
         except (KeyboardInterrupt, SystemExit) as exc:  # raised before the deferral began or as it ended
@@ -254,27 +256,70 @@ def _renameat2():
     return fn
 
 
+# Locks this process holds, by (device, inode) of the folder: ``flock`` locks taken through two descriptors of one
+# folder exclude each other even inside one process, so a write nested in another write to the same folder
+# (``slimkit quantize --onnx`` exports into the work folder of the ONNX file it is writing) would wait for itself.
+# A per-folder RLock keeps threads apart and lets the thread that holds the folder enter again.
+_GUARD = threading.Lock()
+_THREAD_LOCKS: dict[tuple[int, int], threading.RLock] = {}
+_DEPTH: dict[tuple[int, int], int] = {}
+
+
+def _acquire(fd: int) -> tuple[int, int]:
+    """Lock the folder open as ``fd`` for this thread (re-entrant); returns the key for ``_release``."""
+    stat = os.fstat(fd)
+    key = (stat.st_dev, stat.st_ino)
+    with _GUARD:
+        rlock = _THREAD_LOCKS.setdefault(key, threading.RLock())
+    rlock.acquire()
+    with _GUARD:
+        depth = _DEPTH.get(key, 0)
+        _DEPTH[key] = depth + 1
+    if depth == 0:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            _release(key)
+            raise
+    return key
+
+
+def _release(key: tuple[int, int]) -> None:
+    with _GUARD:
+        _DEPTH[key] -= 1
+        if not _DEPTH[key]:
+            del _DEPTH[key]
+        rlock = _THREAD_LOCKS[key]
+    rlock.release()
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``folder`` (advisory: only slimkit's writers take it)."""
+    """Hold an exclusive ``flock`` on ``folder`` (advisory: only slimkit's writers take it); re-entrant."""
     if fcntl is None:  # pragma: no cover
         yield
         return
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        key = _acquire(fd)
+        try:
+            yield
+        finally:
+            _release(key)
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)  # releases the flock when this descriptor took it (the outermost holder closes last)
 
 
-def _hold(work: Path) -> int | None:
+def _hold(work: Path) -> tuple[int, tuple[int, int]] | None:
     """Lock our work folder for as long as we live (the kernel drops the lock when the process dies)."""
     if fcntl is None:  # pragma: no cover
         return None
     fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    try:
+        return fd, _acquire(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _remove_stale(final: Path, keep: Path) -> None:
