@@ -87,3 +87,79 @@ def test_split_holds_out_a_seeded_fraction(mnist):
         torch.unique(train.images.flatten(1), dim=0))
     with pytest.raises(ValueError, match="fraction=1"):
         data.split(train, 1)
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize(("arrays", "expected"), [
+    ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, 2, -1, 0, 1])}, r"bad.npz y: row 3: label -1 is not a class"),
+    ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, 1.5, 0, 1, 0])}, r"bad.npz y: row 2: label 1.5 is not an integer"),
+    ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, np.nan, 0, 1, 0])}, r"bad.npz y: row 2: label nan"),
+    ({"x": np.zeros((6, 4, 4)), "y": np.array(list("abcabc"))}, r"bad.npz y: labels must be integer class indices"),
+    ({"x": np.zeros((6, 4, 4)), "y": np.eye(6)}, r"bad.npz y: labels must be one class index per image"),
+    ({"x_train": np.zeros((4, 4, 4)), "y_train": np.array([0, 1, 2, 0]),
+      "x_test": np.zeros((3, 4, 4)), "y_test": np.array([0, 3, 1])}, r"bad.npz y_test: row 1: label 3 .* in \[0, 3\)"),
+    ({"x": np.where(np.arange(6)[:, None, None] == 4, np.inf, np.zeros((6, 4, 4))), "y": np.zeros(6, dtype=int)},
+     r"bad.npz x: row 4: the image holds NaN or infinity"),
+    ({"x": np.zeros((6, 4, 4)), "y": np.zeros(5, dtype=int)}, r"bad.npz: 6 images but 5 labels"),
+])
+def test_npz_labels_and_images_are_checked_naming_the_row(tmp_path, arrays, expected):
+    spec = save_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(data.DataError, match=expected) as info:
+        data.load(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_npz_that_is_not_an_archive_of_plain_arrays(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(data.DataError, match="a single array, not an .npz archive"):
+        data.load(f"npz:{tmp_path / 'one.npz'}")
+    spec = save_npz(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=int))
+    with pytest.raises(data.DataError, match="array 'x' cannot be read"):
+        data.load(spec)
+
+
+def test_npz_labels_as_a_column_and_float_integers_are_fine(tmp_path):
+    spec = save_npz(tmp_path / "ok.npz", x=np.zeros((10, 4, 4), np.float32), y=np.arange(10.0).reshape(10, 1) % 3)
+    train, test = data.load(spec)
+    assert train.labels.dtype == torch.int64 and train.labels.ndim == 1
+    assert sorted(torch.cat([train.labels, test.labels]).tolist()) == sorted((np.arange(10) % 3).tolist())
+
+
+def make_tree(root, classes=("cat", "dog")):
+    from PIL import Image
+
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / cls / f"{i}.png")
+
+
+def test_folder_corrupt_image_names_the_file(tmp_path):
+    make_tree(tmp_path)
+    broken = tmp_path / "dog" / "broken.png"
+    broken.write_bytes((tmp_path / "dog" / "0.png").read_bytes()[:40])  # a PNG header, then nothing
+    train, test = data.load(f"folder:{tmp_path}")
+    both = torch.utils.data.ConcatDataset([train, test])
+    with pytest.raises(data.DataError, match=r"broken.png: not a readable image") as info:
+        for i in range(len(both)):
+            both[i]
+    assert "\n" not in str(info.value)
+
+
+def test_folder_test_classes_follow_the_training_indices(tmp_path):
+    make_tree(tmp_path / "train", ("ant", "bee", "cat"))
+    make_tree(tmp_path / "test", ("ant", "cat"))
+    train, test = data.load(f"folder:{tmp_path}")
+    assert sorted({label for _, label in test}) == [0, 2] and test.classes == train.classes
+    make_tree(tmp_path / "val2" / "train", ("ant",))
+    make_tree(tmp_path / "val2" / "val", ("ant", "owl"))
+    with pytest.raises(data.DataError, match="owl: class 'owl' has no folder in the training tree"):
+        data.load(f"folder:{tmp_path / 'val2'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="not an image tree of one folder per class"):
+        data.load(f"folder:{tmp_path / 'empty'}")

@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
+import math
+import numbers
+import pathlib
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -40,11 +45,39 @@ def to_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enu
 
 
 def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    """Raise ``ValueError`` naming the field when ``value`` is outside ``[low, high]`` (or ``(low, high]``)."""
+    """Raise ``UsageError`` naming the field when ``value`` is not a number in ``[low, high]`` (or ``(low, high]``)."""
+    bracket = "(" if low_open else "["
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # NaN != NaN
+        raise UsageError(f"{name}={short_repr(value)} is not a number; allowed {bracket}{low}, {high}]")
     below = value <= low if low_open else value < low
     if below or value > high:
-        bracket = "(" if low_open else "["
-        raise UsageError(f"{name}={value!r} is out of range; allowed {bracket}{low}, {high}]")
+        raise UsageError(f"{name}={short_repr(value)} is out of range; allowed {bracket}{low}, {high}]")
+
+
+def check_patterns(where: str, patterns: typing.Iterable[Any]) -> None:
+    """Raise ``UsageError`` naming the first ``re:`` pattern among ``patterns`` that does not compile."""
+    for pattern in patterns:
+        if isinstance(pattern, str) and pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except (re.error, OverflowError, RecursionError) as exc:
+                raise UsageError(f"{where}: {short_repr(pattern)} is not a valid regular expression ({exc}); "
+                                 "escape special characters with a backslash, or drop the 're:' prefix to match "
+                                 "a name exactly") from None
+
+
+def check_type(where: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against a type hint (as config fields are); ``UsageError`` naming ``where`` if it fails."""
+    try:
+        return _coerce(value, annotation)
+    except _Mismatch:
+        raise UsageError(f"{where}={short_repr(value)}: expected {_type_name(annotation)}") from None
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (error messages stay one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def _enum_type(annotation: Any) -> type[enum.Enum] | None:
@@ -68,19 +101,150 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _Mismatch(Exception):
+    """A value that does not conform to a type hint (turned into a ``UsageError`` naming the field)."""
+
+
+def _type_name(annotation: Any, nonfinite: bool = False) -> str:
+    """A readable name of a type hint: ``int``, ``list of str``, ``mapping of str to float``, ``... or null``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a, nonfinite) for a in args)
+    if annotation is float:
+        return "float" if nonfinite else "finite float"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Config):
+        return f"{annotation.__name__} or a mapping of its fields"
+    if origin is tuple and args:
+        if args[-1] is Ellipsis:
+            return f"list of {_type_name(args[0], nonfinite)}"
+        return "[" + ", ".join(_type_name(a, nonfinite) for a in args) + "]"
+    if origin is list and args:
+        return f"list of {_type_name(args[0], nonfinite)}"
+    if origin is dict and args:
+        return f"mapping of {_type_name(args[0], nonfinite)} to {_type_name(args[1], nonfinite)}"
+    if annotation in (list, tuple):
+        return "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, nonfinite: bool = False) -> Any:
+    """``value`` checked against ``annotation``: numpy scalars become Python ones, lists become tuples where a tuple
+    is expected, mappings become nested configs; raises ``_Mismatch`` when it does not conform."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any or annotation is None or isinstance(annotation, TypeVar):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, nonfinite)
+                except _Mismatch:
+                    continue
+        raise _Mismatch
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if annotation is bool:
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            return bool(value)
+        raise _Mismatch
+    if annotation is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+            return int(value)
+        raise _Mismatch
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+            raise _Mismatch
+        if not nonfinite and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            raise _Mismatch
+        return value if type(value) in (int, float) else float(value)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, pathlib.PurePath):
+            return str(value)
+        raise _Mismatch
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if isinstance(value, annotation):
+            return value
+        try:
+            return annotation(value)
+        except (ValueError, TypeError):
+            raise _Mismatch from None
+    if isinstance(annotation, type) and issubclass(annotation, Config):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            return annotation.from_dict(value)
+        raise _Mismatch
+    if origin is tuple or annotation is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if not args:
+            return tuple(value)
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], nonfinite) for v in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_coerce(v, a, nonfinite) for v, a in zip(value, args))
+    if origin is list or annotation is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, args[0], nonfinite) for v in value] if args else list(value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if not args:
+            return value
+        return {_coerce(k, args[0], nonfinite): _coerce(v, args[1], nonfinite) for k, v in value.items()}
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        raise _Mismatch
+    return value  # Callable and other hints slimkit does not check
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 class Config:
-    """Mixin for slimkit's dataclass configs: ``to_dict`` / ``from_dict`` with strict keys and enum coercion."""
+    """Mixin for slimkit's dataclass configs: ``to_dict`` / ``from_dict`` with strict keys and enum coercion.
+
+    ``__post_init__`` checks every field against its type hint: ``int`` rejects floats and bools, ``float`` accepts
+    ints but rejects NaN and infinity (unless the field's metadata has ``nonfinite=True``), ``str`` rejects other
+    types, ``tuple[str, ...]`` takes a list (or one string) of strings, ``Optional`` takes ``None``; nested configs
+    accept a mapping of their fields. Every ``re:`` pattern in a list of names or in the keys of a mapping must
+    compile.
+    """
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            enum_type = _enum_type(hints.get(field.name))
-            value = getattr(self, field.name)
-            if enum_type is not None and value is not None and not isinstance(value, enum_type):
-                object.__setattr__(self, field.name, to_enum(enum_type, value, field.name))
             annotation = hints.get(field.name)
-            if isinstance(value, list) and _is_tuple(annotation):
-                object.__setattr__(self, field.name, tuple(value))
+            value = given = getattr(self, field.name)
+            enum_type = _enum_type(annotation)
+            if enum_type is not None and value is not None and not isinstance(value, enum_type):
+                value = to_enum(enum_type, value, field.name)
+            if isinstance(value, str) and _is_tuple(annotation):
+                value = (value,)  # one name where a list of names is expected
+            nonfinite = bool(field.metadata.get("nonfinite"))
+            try:
+                value = _coerce(value, annotation, nonfinite)
+            except _Mismatch:
+                raise UsageError(f"{type(self).__name__}.{field.name}={short_repr(given)}: expected "
+                                 f"{_type_name(annotation, nonfinite)}") from None
+            except UsageError as exc:  # a nested config given as a mapping
+                raise UsageError(f"{type(self).__name__}.{field.name}: {exc}") from None
+            object.__setattr__(self, field.name, value)
+            if isinstance(value, dict) or (isinstance(value, tuple) and _is_tuple(annotation)):
+                check_patterns(f"{type(self).__name__}.{field.name}", value)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (enums as their string values)."""
@@ -89,12 +253,16 @@ class Config:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
         """Build from a dict, rejecting unknown keys with the nearest valid name."""
+        if data is not None and not isinstance(data, dict):
+            raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
         data = dict(data or {})
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         for key in data:
+            if not isinstance(key, str):
+                raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")
             if key not in names:
                 raise UsageError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for key, value in list(data.items()):
             nested = hints.get(key)
             if isinstance(nested, type) and issubclass(nested, Config) and isinstance(value, dict):

@@ -26,15 +26,113 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from slimkit._io import write_text
-from slimkit.config import Config, check_range, nearest, to_enum
-from slimkit.errors import UsageError
+from slimkit.config import Config, check_range, nearest, short_repr, to_enum
+from slimkit.errors import MissingFileError, UsageError
 
 SHIPPED = Path(__file__).with_name("recipes")
+MAX_YAML_CHARS = 1_000_000  # recipes and search spaces are a few hundred bytes
+MAX_YAML_DEPTH = 32
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML feature slimkit does not read (aliases, duplicate keys, deep nesting, non-plain types)."""
+
+
+def _refuse(node: yaml.Node, problem: str) -> None:
+    raise _Refused(problem=problem, problem_mark=node.start_mark)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses aliases, duplicate keys, nesting deeper than ``MAX_YAML_DEPTH`` and tags beyond
+    null, bool, int, float, str, list and mapping (dates stay strings)."""
+
+    yaml_implicit_resolvers: ClassVar[dict] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(problem=f"YAML aliases (*{event.anchor}) are not allowed; write the value out",
+                           problem_mark=event.start_mark)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise _Refused(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                           problem_mark=self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    _refuse(key_node, f"duplicate key {short_repr(key)}; keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+for _tag in ("timestamp", "binary", "omap", "pairs", "set"):
+    _StrictLoader.add_constructor(
+        f"tag:yaml.org,2002:{_tag}",
+        lambda loader, node: _refuse(node, f"the YAML tag {node.tag!r} is not allowed; use plain values"))
+
+
+def load_yaml(text: str, source: str = "<yaml>") -> Any:
+    """Parse YAML from a stranger safely: at most ``MAX_YAML_CHARS``, no aliases (a billion-laughs bomb fails at
+    once), no duplicate keys, only null/bool/int/float/str/list/mapping. Errors are one-line ``UsageError``s naming
+    ``source`` and the line."""
+    if not isinstance(text, str):
+        raise UsageError(f"{source}: expected YAML text, got {type(text).__name__}")
+    if len(text) > MAX_YAML_CHARS:
+        raise UsageError(f"{source}: {len(text):,} characters; slimkit reads YAML files of at most "
+                         f"{MAX_YAML_CHARS:,}")
+    loader = None
+    try:
+        loader = _StrictLoader(text)
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        kind = "refused YAML" if isinstance(exc, _Refused) else "malformed YAML"
+        problem = " ".join(str(exc.problem or exc.context or "").split())
+        raise UsageError(f"{source}: {kind} at {where}: {problem}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: ints beyond Python's digit limit
+        raise UsageError(f"{source}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """``load_yaml`` of a file, refusing files over ``MAX_YAML_CHARS`` bytes before reading them."""
+    return load_yaml(_read_text(Path(path)), str(path))
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise MissingFileError(f"YAML file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_YAML_CHARS:
+        raise UsageError(f"{path}: {size:,} bytes; slimkit reads YAML files of at most {MAX_YAML_CHARS:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return text
 
 
 class StepKind(str, enum.Enum):
@@ -99,13 +197,14 @@ class Step:
     def from_dict(cls, data: Any, where: str = "step") -> Step:
         if not isinstance(data, dict) or len(data) != 1:
             raise UsageError(f"{where}: a step is a mapping with one key (prune, distill, quantize or export), "
-                             f"got {data!r}")
+                             f"got {short_repr(data)}")
         (key, body), = data.items()
-        if key not in {k.value for k in StepKind}:
-            raise UsageError(f"{where}: unknown step {key!r}; {nearest(key, [k.value for k in StepKind])}")
+        if not isinstance(key, str) or key not in {k.value for k in StepKind}:
+            raise UsageError(f"{where}: unknown step {short_repr(key)}; "
+                             f"{nearest(str(key), [k.value for k in StepKind])}")
         kind = StepKind(key)
         if body is not None and not isinstance(body, dict):
-            raise UsageError(f"{where}: the settings of {key!r} must be a mapping, got {body!r}")
+            raise UsageError(f"{where}: the settings of {key!r} must be a mapping, got {short_repr(body)}")
         try:
             config = config_class(kind).from_dict(body or {})
         except (ValueError, TypeError) as exc:
@@ -130,7 +229,11 @@ class Recipe(Config):
     max_backoffs: int = 2
 
     def __post_init__(self) -> None:
+        if not isinstance(self.steps, (list, tuple)):
+            raise UsageError(f"steps={short_repr(self.steps)}: expected a list of steps, e.g. "
+                             "[{prune: {amount: 0.5}}, {quantize: {method: ptq}}]")
         self.steps = [s if isinstance(s, Step) else Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(self.steps)]
+        super().__post_init__()
         check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
         if self.recovery_epochs < 0 or self.max_backoffs < 0:
             raise UsageError("recovery_epochs and max_backoffs must be >= 0")
@@ -165,14 +268,11 @@ class Recipe(Config):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<recipe>") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-            raise UsageError(f"{source}: malformed YAML at {where}: {exc.problem}") from None
+        """Parse a recipe with ``load_yaml`` (size limit, no aliases, no duplicate keys, plain types only)."""
+        data = load_yaml(text, source)
         if not isinstance(data, dict):
-            raise UsageError(f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), got {data!r}")
+            raise UsageError(f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), "
+                             f"got {short_repr(data)}")
         try:
             return cls.from_dict(data)
         except ValueError as exc:
@@ -187,12 +287,17 @@ class Recipe(Config):
             return cls.from_dict(spec)
         path = Path(spec)
         if path.is_file():
-            return cls.from_yaml(path.read_text(), str(path))
+            return cls._from_file(path)
         shipped = SHIPPED / f"{spec}.yaml"
         if shipped.is_file():
-            return cls.from_yaml(shipped.read_text(), str(shipped))
+            return cls._from_file(shipped)
         raise UsageError(f"recipe {str(spec)!r} is neither a file nor a shipped recipe; "
                          f"{nearest(str(spec), shipped_recipes())}")
+
+
+    @classmethod
+    def _from_file(cls, path: Path) -> Recipe:
+        return cls.from_yaml(_read_text(path), str(path))
 
 
 def shipped_recipes() -> list[str]:
@@ -200,4 +305,5 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
 
 
-__all__ = ["ExportConfig", "ExportFormat", "Recipe", "Step", "StepKind", "shipped_recipes", "to_enum"]
+__all__ = ["ExportConfig", "ExportFormat", "Recipe", "Step", "StepKind", "load_yaml", "read_yaml",
+           "shipped_recipes", "to_enum"]

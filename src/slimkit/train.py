@@ -70,13 +70,19 @@ class TrainConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.epochs < 0:
-            raise UsageError(f"epochs={self.epochs} must be >= 0")
+        if self.epochs < 1:
+            raise UsageError(f"epochs={self.epochs} must be >= 1")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         if self.batch_size < 1:
             raise UsageError(f"batch_size={self.batch_size} must be >= 1")
         if self.weight_decay < 0:
             raise UsageError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.momentum < 0:
+            raise UsageError(f"momentum={self.momentum} must be >= 0")
+        if self.patience < 0:
+            raise UsageError(f"patience={self.patience} must be >= 0 (0: never stop early)")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise UsageError(f"max_batches={self.max_batches} must be >= 1 (or None: every batch)")
 
 
 @dataclass
@@ -177,10 +183,18 @@ def fit(
                 if step >= steps_per_epoch:
                     break
                 outputs = model(inputs)
-                loss = loss_fn(outputs, targets, inputs)
+                try:
+                    loss = loss_fn(outputs, targets, inputs)
+                except IndexError:
+                    _check_labels(outputs, targets, "training data")
+                    raise
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
-                                             "lower the learning rate")
+                    where = f"loss became {loss.item()} at epoch {epoch + 1}, step {step}"
+                    row = _first_nonfinite_row(inputs)
+                    if row is not None:
+                        raise TrainingDiverged(f"{where}: the input batch holds NaN or infinity (row {row} of the "
+                                               "batch); clean the data or fix the transform that produces it")
+                    raise TrainingDiverged(f"{where}: lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -244,4 +258,33 @@ def evaluate(model: nn.Module | Callable, data: Dataset | DataLoader, batch_size
         raise UsageError(f"evaluate: expected logits (N, classes) for {targets.shape[0]} targets, "
                          f"got {tuple(logits.shape)}")
     accuracy = (logits.argmax(1) == targets).float().mean().item() * 100.0
-    return EvalResult(accuracy, F.cross_entropy(logits.float(), targets).item(), len(targets))
+    try:
+        loss = F.cross_entropy(logits.float(), targets).item()
+    except IndexError:
+        _check_labels(logits, targets, "evaluation data")
+        raise
+    return EvalResult(accuracy, loss, len(targets))
+
+
+def _check_labels(outputs: object, targets: object, where: str) -> None:
+    """``UsageError`` when integer class labels fall outside the model's output classes."""
+    if not (isinstance(outputs, torch.Tensor) and outputs.ndim == 2 and isinstance(targets, torch.Tensor)
+            and targets.ndim == 1 and len(targets) and not targets.is_floating_point()):
+        return
+    classes, low, high = outputs.shape[1], int(targets.min()), int(targets.max())
+    if low < 0:
+        raise UsageError(f"{where}: label {low} is negative; labels are class indices in [0, {classes})")
+    if high >= classes:
+        raise UsageError(f"{where}: label {high} is outside the model's {classes} output classes [0, {classes}); "
+                         f"relabel the data or build the model with num_classes={high + 1}")
+
+
+def _first_nonfinite_row(inputs: object) -> int | None:
+    """The first row of a batch (tensor, tuple/list or dict of tensors) holding NaN or infinity, if any."""
+    parts = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    for part in parts:
+        if isinstance(part, torch.Tensor) and part.is_floating_point() and part.ndim and len(part):
+            bad = ~torch.isfinite(part.detach()).reshape(len(part), -1).all(1)
+            if bad.any():
+                return int(bad.nonzero()[0])
+    return None

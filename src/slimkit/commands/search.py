@@ -29,12 +29,9 @@ def read_space(space: str) -> dict | str:
         return space
     if not path.is_file():
         raise MissingFileError(f"search space file {path} does not exist")
-    import yaml
+    from slimkit.recipe import read_yaml
 
-    try:
-        value = yaml.safe_load(path.read_text())  # JSON is YAML
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML/JSON ({exc})") from exc
+    value = read_yaml(path)  # JSON is YAML; size-limited, no aliases or duplicate keys
     if not isinstance(value, dict):
         raise UsageError(f"{path}: expected a mapping of parameter name -> spec, got {type(value).__name__}")
     return value

@@ -27,17 +27,13 @@ import torch
 from torch.utils.data import Dataset
 
 from slimkit.config import nearest
-from slimkit.data.arrays import ArrayDataset, arrays_to_datasets, load_npz, reshape_images
+from slimkit.data.arrays import ArrayDataset, DataError, arrays_to_datasets, check_labels, load_npz, reshape_images
 from slimkit.errors import UsageError
 
 __all__ = ["SPECS", "ArrayDataset", "DataError", "default_root", "load", "split"]
 
 BUNDLED = Path(__file__).with_name("mnist10k.npz")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-class DataError(UsageError):
-    """A data spec that cannot be loaded; the message says what exists or how to get the data."""
 
 
 def default_root() -> Path:
@@ -50,7 +46,7 @@ def _mnist10k(seed: int, **_: object) -> tuple[ArrayDataset, ArrayDataset]:
         images, labels = npz["images"], npz["labels"]
     x = (images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
     x = torch.from_numpy(x).unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64))
+    y = check_labels(labels, f"{BUNDLED.name} labels", 10)
     return ArrayDataset(x[:8000], y[:8000], "mnist10k/train"), ArrayDataset(x[8000:], y[8000:], "mnist10k/test")
 
 
@@ -60,7 +56,8 @@ def _digits(seed: int, **_: object) -> tuple[ArrayDataset, ArrayDataset]:
     bunch = load_digits()
     x = bunch.images.astype(np.float32) / 16.0
     x = (x - x.mean()) / x.std()
-    return arrays_to_datasets(x, bunch.target, None, None, seed=seed, name="digits")
+    return arrays_to_datasets(x, bunch.target, None, None, seed=seed, name="digits", keys=("images", "target", "", ""),
+                              num_classes=10)
 
 
 def _torchvision(name: str) -> Callable[..., tuple[Dataset, Dataset]]:

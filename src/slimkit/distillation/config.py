@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from slimkit.config import Config, check_range
+from slimkit.config import Config, check_range, short_repr
 from slimkit.errors import UsageError
 from slimkit.train import Optimizer, Schedule, TrainConfig
 
@@ -14,10 +14,14 @@ LayerPairs = tuple[tuple[str, str], ...]
 
 def _layer_pairs(name: str, value) -> LayerPairs:
     pairs = []
+    example = "e.g. [['features.3', 'features.3']]"
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise UsageError(f"{name}={short_repr(value)}: expected a list of (student_layer, teacher_layer) pairs, "
+                         f"{example}")
     for item in value or ():
-        if isinstance(item, str) or len(item) != 2 or not all(isinstance(n, str) for n in item):
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(n, str) for n in item):
             raise UsageError(f"{name}: each entry must be a (student_layer, teacher_layer) pair of module names, "
-                             f"e.g. [['features.3', 'features.3']]; got {item!r}")
+                             f"{example}; got {short_repr(item)}")
         pairs.append((item[0], item[1]))
     return tuple(pairs)
 
@@ -68,6 +72,8 @@ class DistillConfig(Config):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.hints = _layer_pairs("hints", self.hints)  # before the type check: its message shows the shape
+        self.attention = _layer_pairs("attention", self.attention)
         super().__post_init__()
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0:
@@ -78,8 +84,6 @@ class DistillConfig(Config):
         if self.hint_weight < 0 or self.attention_weight < 0:
             raise UsageError(f"hint_weight={self.hint_weight!r} and attention_weight={self.attention_weight!r} "
                              "must be >= 0")
-        self.hints = _layer_pairs("hints", self.hints)
-        self.attention = _layer_pairs("attention", self.attention)
         if self.cache_teacher and (self.hints or self.attention):
             raise UsageError("cache_teacher=True caches the teacher's logits only; hints and attention transfer "
                              "need its features on every batch: set cache_teacher=False or drop hints/attention")

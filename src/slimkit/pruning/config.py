@@ -55,7 +55,8 @@ class PruneConfig(Config):
         round_to: kept channel counts are multiples of this (SIMD-friendly).
         max_sparsity: cap on the fraction of any one group that may be removed.
         leaf_modules: module names or class names the tracer must not enter (kept intact).
-        steps, finetune, max_accuracy_drop: the iterative loop (see ``slimkit.pruning.schedule``).
+        steps, finetune, max_accuracy_drop: the iterative loop (see ``slimkit.pruning.schedule``); ``finetune``
+            is a ``TrainConfig``, a dict of its fields or a number of epochs (0: prune step by step untrained).
         checkpoint_dir: per-step checkpoints of the loop; a rerun with the same folder resumes.
     """
 
@@ -78,33 +79,34 @@ class PruneConfig(Config):
     checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("amount", self.amount, 0.0, 0.999)
-        check_range("max_sparsity", self.max_sparsity, 0.0, 1.0)
-        check_range("tolerance", self.tolerance, 0.0, 0.5)
-        if not callable(self.importance):
-            self.importance = to_enum(Importance, self.importance, "importance")
         if self.sensitivity is not None and not isinstance(self.sensitivity, dict):
             curves = getattr(self.sensitivity, "curves", None)
             if not isinstance(curves, dict):
                 raise InputTypeError(f"sensitivity={type(self.sensitivity).__name__}: give the result of "
                                 "slimkit.pruning.sensitivity(...) or {group: [[ratio, accuracy], ...]}")
             self.sensitivity = curves
-        if isinstance(self.ignore, str):
-            self.ignore = (self.ignore,)
+        if isinstance(self.finetune, int) and not isinstance(self.finetune, bool):
+            if self.finetune < 0:
+                raise UsageError(f"finetune={self.finetune} epochs must be >= 0 (0: prune step by step without "
+                                 "training)")
+            self.finetune = TrainConfig(epochs=self.finetune) if self.finetune else _no_training()
+        elif self.finetune is not None and not isinstance(self.finetune, (TrainConfig, dict)):
+            raise InputTypeError(f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
+                            "or a number of epochs")
+        super().__post_init__()
+        check_range("amount", self.amount, 0.0, 0.999)
+        check_range("max_sparsity", self.max_sparsity, 0.0, 1.0)
+        check_range("tolerance", self.tolerance, 0.0, 0.5)
+        if not callable(self.importance):
+            self.importance = to_enum(Importance, self.importance, "importance")
         for name, ratio in self.overrides.items():
             check_range(f"overrides[{name!r}]", ratio, 0.0, 0.999)
         if self.round_to < 1:
             raise UsageError(f"round_to={self.round_to} must be >= 1")
         if self.steps < 1:
             raise UsageError(f"steps={self.steps} must be >= 1")
-        if isinstance(self.finetune, dict):
-            self.finetune = TrainConfig.from_dict(self.finetune)
-        elif isinstance(self.finetune, int) and not isinstance(self.finetune, bool):
-            self.finetune = TrainConfig(epochs=self.finetune)
-        elif self.finetune is not None and not isinstance(self.finetune, TrainConfig):
-            raise InputTypeError(f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
-                            "or a number of epochs")
+        if self.taylor_batches < 1:
+            raise UsageError(f"taylor_batches={self.taylor_batches} must be >= 1")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"max_accuracy_drop={self.max_accuracy_drop} must be >= 0 (accuracy points)")
 
@@ -116,7 +118,17 @@ class PruneConfig(Config):
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["importance"] = self.importance_name
+        if self.finetune is not None and self.finetune.epochs == 0:
+            data["finetune"] = 0
         return data
+
+
+def _no_training() -> TrainConfig:
+    """``finetune=0``: the iterative loop prunes step by step without training (``TrainConfig`` needs epochs >= 1,
+    and the loop never calls ``fit`` with it)."""
+    config = TrainConfig()
+    object.__setattr__(config, "epochs", 0)
+    return config
 
 
 ImportanceSpec = str | Importance | Callable

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from slimkit.config import Config, check_range
+from slimkit.config import Config, check_range, check_type
 from slimkit.errors import UsageError
 from slimkit.quantization.dynamic import unsupported
 from slimkit.quantization.math import Granularity, ObserverKind
@@ -104,8 +105,12 @@ class QuantConfig(Config):
             raise UsageError(f"calibration_batches={self.calibration_batches} must be >= 1")
         if self.batch_size < 1:
             raise UsageError(f"batch_size={self.batch_size} must be >= 1")
-        if self.epochs < 0:
-            raise UsageError(f"epochs={self.epochs} must be >= 0")
+        if self.epochs < 0 or (self.method is Method.QAT and self.epochs < 1):
+            raise UsageError(f"epochs={self.epochs} must be >= 1 (QAT epochs)")
+        if self.group_size < 0:
+            raise UsageError(f"group_size={self.group_size} must be >= 0")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise UsageError(f"max_batches={self.max_batches} must be >= 1 (or None: every batch)")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         check_range("adaround_lr", self.adaround_lr, 0.0, 10.0, low_open=True)
         if self.adaround_iters < 1:
@@ -122,8 +127,25 @@ class QuantConfig(Config):
                 raise UsageError(f"overrides[{key!r}] must be a dict like {{'weight_bits': 4}}, got {spec!r}")
             unknown = set(spec) - OVERRIDE_KEYS
             if unknown:
-                raise UsageError(f"overrides[{key!r}]: unknown keys {sorted(unknown)}; allowed {sorted(OVERRIDE_KEYS)}")
-        self.ignore = tuple(self.ignore)
+                raise UsageError(f"overrides[{key!r}]: unknown keys {sorted(map(str, unknown))}; "
+                                 f"allowed {sorted(OVERRIDE_KEYS)}")
+            self.overrides[key] = _override_spec(key, spec)
+
+
+def _override_spec(key: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """One override's values checked against the QuantConfig fields of the same names (enums as their values)."""
+    hints = typing.get_type_hints(QuantConfig)
+    checked = {}
+    for name, value in spec.items():
+        value = check_type(f"overrides[{key!r}].{name}", value, hints[name])
+        checked[name] = value.value if isinstance(value, enum.Enum) else value
+    if "weight_bits" in checked:
+        check_range(f"overrides[{key!r}].weight_bits", checked["weight_bits"], 1, 8)
+    if checked.get("act_bits") is not None:
+        check_range(f"overrides[{key!r}].act_bits", checked["act_bits"], 2, 8)
+    if checked.get("group_size", 0) < 0:
+        raise UsageError(f"overrides[{key!r}].group_size={checked['group_size']} must be >= 0")
+    return checked
 
 
 def _check_bits(weight_bits: int, act_bits: int | None, scheme: Scheme | str, where: str) -> None:
