@@ -46,13 +46,19 @@ def record_step(new_model: nn.Module, old_model: nn.Module, kind: str, record: d
 REPLAY_MODULES = {"prune": "slimkit.pruning", "quantize": "slimkit.quantization"}
 
 
-def replay(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
-    """Re-apply every structural step of ``history`` to ``model`` (built from the same source)."""
+def replay_step(model: nn.Module, step: dict[str, Any]) -> nn.Module:
+    """Re-apply one history entry's structural edit (kinds without one leave ``model`` as it is)."""
     import importlib
 
+    module_name = REPLAY_MODULES.get(step["kind"])
+    if module_name is None:
+        return model
+    return importlib.import_module(module_name).replay(model, step["record"])
+
+
+def replay(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
+    """Re-apply every structural step of ``history`` to ``model`` (built from the same source)."""
     for step in history:
-        module_name = REPLAY_MODULES.get(step["kind"])
-        if module_name is not None:
-            model = importlib.import_module(module_name).replay(model, step["record"])
+        model = replay_step(model, step)
     setattr(model, HISTORY_ATTR, copy.deepcopy(history))
     return model

@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ def test_round_trip_is_bit_exact_and_pickle_free(tmp_path):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
     path = slimkit.save(model, tmp_path / "r20.slim", metrics={"accuracy": 91.5})
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "slimkit.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "slimkit.json", "slimkit.json.sha256"]
     again = slimkit.load(path)
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(model(x), again(x))
@@ -52,7 +51,9 @@ def test_models_without_source_need_one(tmp_path):
         slimkit.save(torch.nn.Linear(3, 3), tmp_path / "x.slim")
     path = slimkit.save(torch.nn.Linear(3, 3), tmp_path / "x.slim",
                         source={"factory": "torch.nn:Linear", "kwargs": {"in_features": 3, "out_features": 3}})
-    assert isinstance(slimkit.load(path), torch.nn.Linear)
+    with pytest.raises(ArtifactError, match=r"'torch.nn:Linear' is not trusted.*trust=\['torch.nn'\]"):
+        slimkit.load(path)  # a factory the artifact names is not run unless the caller allows it
+    assert isinstance(slimkit.load(path, trust=["torch.nn:Linear"]), torch.nn.Linear)
 
 
 def test_failed_save_leaves_old_artifact_intact(tmp_path):
@@ -68,6 +69,6 @@ def test_update_adds_files_and_rehashes(tmp_path):
     extra = tmp_path / "report.md"
     extra.write_text("# report\n")
     update(path, files={"report.md": extra}, metrics={"speedup": 2.0})
-    manifest = json.loads((path / "slimkit.json").read_text())
+    manifest = read_manifest(path)
     assert "report.md" in manifest["files"] and manifest["metrics"]["speedup"] == 2.0
     slimkit.load(path)  # hashes still verify

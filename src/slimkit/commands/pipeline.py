@@ -73,13 +73,17 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 or torch-export.")] = "onnx-int8",
     data: Annotated[str | None, typer.Option(help="Data spec for the parity check (its test split).")] = None,
     shape: ShapeOpt = None,
+    trust: Annotated[list[str] | None, typer.Option(
+        "--trust", metavar="MODULE",
+        help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
+             "only slimkit's zoo models are built.")] = None,
 ) -> None:
     """Export an artifact to ONNX (fp32 / QDQ int8) or a torch.export program, inside the artifact folder."""
     from slimkit.export.artifact import load, update
     from slimkit.pipeline import export_model
     from slimkit.recipe import ExportConfig
 
-    model = load(artifact)
+    model = load(artifact, trust=trust or [])  # checks the manifest and the factory's trust before running it
     cfg = ExportConfig(format=format)
     source = model.slimkit_source
     x = example(source["factory"], shape, None) if data is None else load_data(data, shape)[1][0][0].unsqueeze(0)
@@ -96,13 +100,22 @@ def export(
 
 
 @fail_cleanly
-def report(artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `slimkit compress`.")]) -> None:
+def report(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `slimkit compress`.")],
+    trust: Annotated[list[str] | None, typer.Option(
+        "--trust", metavar="MODULE",
+        help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
+             "only slimkit's zoo models are built.")] = None,
+) -> None:
     """Write report.md / report.html (with PNG plots) into an artifact and print its before/after table."""
     from slimkit._text import make_table
-    from slimkit.export.artifact import read_manifest
+    from slimkit.export.artifact import read_manifest, trusted_manifest
+    from slimkit.models import trusting
     from slimkit.report import summary_rows, write_report
 
-    html = write_report(artifact)
+    trusted_manifest(artifact, trust=trust or [])  # refuses an untrusted factory before the report builds anything
+    with trusting(trust or []):
+        html = write_report(artifact)
     rows = summary_rows(read_manifest(artifact)["metrics"])
     console.print(make_table(f"{artifact}", ["metric", "before", "after", "change"], rows))
     console.print(f"report: {html}")

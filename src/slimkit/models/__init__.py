@@ -1,5 +1,9 @@
 """The model zoo: a registry by name, ``module:function`` specs for your own models, and weight loading.
 
+Trust: ``create`` builds whatever spec your own code passes it. A spec read from a file someone else wrote (an
+artifact's ``source.factory``) is resolved by ``trusted_factory`` instead, which imports nothing unless the spec is a
+zoo name, a factory registered (or created) in this process, or allowed by the caller's ``trust=[...]`` list.
+
 Example:
     >>> model = create("resnet56")
     >>> sum(p.numel() for p in model.parameters())
@@ -10,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +29,11 @@ from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import set_source
 from slimkit.models.weights import WeightsError, load_weights, save_weights
 
-__all__ = ["ZOO", "ModelSpec", "WeightsError", "create", "input_shape", "load_weights", "register", "save_weights"]
+__all__ = ["ZOO", "ModelSpec", "WeightsError", "create", "input_shape", "load_weights", "register", "save_weights",
+           "trusted_factory", "trusting"]
+
+# 'package.module:function': dotted identifiers, one colon, one identifier (no attribute paths, no spaces)
+FACTORY_SPEC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -38,14 +48,84 @@ class ModelSpec:
 ZOO: dict[str, ModelSpec] = {}
 
 
-def register(name: str, input_shape: tuple[int, ...], description: str) -> Callable:
-    """Decorator adding a factory to the zoo under ``name``."""
+# 'module:function' specs this process's own code passed to ``create``, and the caller's current allow-list
+_CREATED: set[str] = set()
+_TRUSTED: list[str] = []
+
+
+def register(name: str, input_shape: tuple[int, ...], description: str = "") -> Callable:
+    """Decorator adding a factory to the zoo under ``name``; artifacts naming it (or its ``module:function``) load.
+
+    Example:
+        >>> @register("mynet", input_shape=(3, 32, 32), description="my CIFAR net")   # doctest: +SKIP
+        ... def mynet(num_classes=10): ...
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise UsageError(f"register: model name {name!r} must be a non-empty string without ':'")
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        ZOO[name] = ModelSpec(factory, input_shape, description)
+        if not callable(factory):
+            raise InputTypeError(f"register({name!r}): {factory!r} is not callable")
+        ZOO[name] = ModelSpec(factory, tuple(input_shape), description or (factory.__doc__ or "").strip())
         return factory
 
     return wrap
+
+
+def _spec_of(factory: Callable) -> str:
+    return f"{getattr(factory, '__module__', '')}:{getattr(factory, '__name__', '')}"
+
+
+def _allowed(spec: str, trust: Iterable[str]) -> bool:
+    module = spec.partition(":")[0]
+    for entry in trust:
+        entry = str(entry)
+        if entry == spec or (":" not in entry and (module == entry or module.startswith(entry + "."))):
+            return True
+    return False
+
+
+def trusted_factory(spec: str, trust: Iterable[str] = ()) -> Callable[..., nn.Module] | None:
+    """The factory a spec from someone else's file names, or None if it is not trusted; imports nothing untrusted.
+
+    Trusted: a zoo name, a ``module:function`` registered in the zoo or passed to ``create`` in this process, or one
+    allowed by ``trust`` (module prefixes like ``"mypkg.models"``, or exact ``"mypkg.models:build"``) or by an
+    enclosing ``trusting(...)``.
+
+    Example:
+        >>> trusted_factory("resnet20") is ZOO["resnet20"].factory
+        True
+        >>> trusted_factory("os:system") is None
+        True
+    """
+    if not isinstance(spec, str):
+        return None
+    if spec in ZOO:
+        return ZOO[spec].factory
+    if not FACTORY_SPEC.fullmatch(spec):
+        return None
+    for entry in ZOO.values():
+        if _spec_of(entry.factory) == spec:
+            return entry.factory
+    if spec in _CREATED or _allowed(spec, [*_TRUSTED, *trust]):
+        return _resolve(spec)
+    return None
+
+
+@contextlib.contextmanager
+def trusting(trust: Iterable[str]) -> Iterator[None]:
+    """Within the block, artifacts may name factories of these modules (as ``trust=[...]`` would allow).
+
+    Example:
+        >>> with trusting(["mypkg.models"]):                     # doctest: +SKIP
+        ...     slimkit.report.write_report("out/mynet.slim")
+    """
+    added = [str(entry) for entry in trust]
+    _TRUSTED.extend(added)
+    try:
+        yield
+    finally:
+        del _TRUSTED[len(_TRUSTED) - len(added):]
 
 
 def _resolve(spec: str) -> Callable[..., nn.Module]:
@@ -79,6 +159,8 @@ def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
     if weights is not None:
         load_weights(model, weights)
     set_source(model, spec, kwargs)  # lets slimkit.save/load rebuild the architecture without pickle
+    if spec not in ZOO:
+        _CREATED.add(spec)  # the caller's own code chose this factory: its artifacts reload in this process
     return model.eval()
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from slimkit.errors import UsageError
 from slimkit.quantization.math import ungroup
 
-__all__ = ["pack_bits", "pack_state_dict", "storage_bits", "unpack_bits", "unpack_state_dict"]
+__all__ = ["code_layout", "pack_bits", "pack_state_dict", "storage_bits", "unpack_bits", "unpack_state_dict"]
 
 PACK_VERSION = 1
 
@@ -57,6 +57,23 @@ def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     return values.flatten()[:count]
 
 
+def code_layout(layer: nn.Module, codes: torch.Tensor | None = None) -> dict[str, Any]:
+    """How ``pack_state_dict`` stores a fake-quant layer's weight: its ``meta["layers"]`` entry.
+
+    Example:
+        >>> code_layout(qmodel.fc1)["width"]          # doctest: +SKIP
+        8
+    """
+    wq = layer.weight_quant
+    if codes is None:
+        codes = wq.codes(layer.weight)
+    qmin, qmax = wq.int_range()
+    step = 2 if wq.scheme == "binary" else 1  # binary codes are -1 / +1: one bit each
+    width = storage_bits(max(1, math.ceil(math.log2((qmax - qmin) // step + 1))))
+    return {"width": width, "offset": qmin, "step": step, "codes_shape": list(codes.shape),
+            "weight_shape": list(layer.weight.shape), "scheme": wq.scheme, "bits": wq.bits}
+
+
 def pack_state_dict(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Replace each fake-quant weight by packed integer codes; returns ``(tensors, meta)``."""
     from slimkit.quantization.ptq import quant_layers
@@ -64,16 +81,13 @@ def pack_state_dict(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     state = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
     meta: dict[str, Any] = {"version": PACK_VERSION, "layers": {}, "zeros": {}}
     for name, layer in quant_layers(qmodel):
-        wq = layer.weight_quant
-        codes = wq.codes(layer.weight)
-        qmin, qmax = wq.int_range()
-        step = 2 if wq.scheme == "binary" else 1  # binary codes are -1 / +1: one bit each
-        width = storage_bits(max(1, math.ceil(math.log2((qmax - qmin) // step + 1))))
+        codes = layer.weight_quant.codes(layer.weight)
+        layout = code_layout(layer, codes)
         key = f"{name}.weight"
         del state[key]
-        state[f"{key}.codes"] = pack_bits(torch.div(codes - qmin, step, rounding_mode="floor"), width)
-        meta["layers"][name] = {"width": width, "offset": qmin, "step": step, "codes_shape": list(codes.shape),
-                                "weight_shape": list(layer.weight.shape), "scheme": wq.scheme, "bits": wq.bits}
+        shifted = torch.div(codes - layout["offset"], layout["step"], rounding_mode="floor")
+        state[f"{key}.codes"] = pack_bits(shifted, layout["width"])
+        meta["layers"][name] = layout
     for key in list(state):
         if key.endswith("zero_point") and not torch.any(state[key]):
             meta["zeros"][key] = list(state.pop(key).shape)

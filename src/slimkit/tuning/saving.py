@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,22 @@ def read_result(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model(folder: str | os.PathLike, template: nn.Module | None = None) -> nn.Module:
-    """Rebuild the saved model (``template``: the input model, needed only for models without a factory)."""
+def load_model(folder: str | os.PathLike, template: nn.Module | None = None, *,
+               trust: Iterable[str] = ()) -> nn.Module:
+    """Rebuild the saved model (``template``: the input model, needed only for models without a factory).
+
+    ``trust``: modules (or ``module:function``) the artifact's factory may come from besides the zoo and factories
+    registered or created in this process, as for ``slimkit.load``.
+
+    Example:
+        >>> model = load_model("runs/search/best", trust=["mypkg.models"])   # doctest: +SKIP
+    """
     folder = Path(folder)
     info = read_result(folder)
     if info.get("model_format") == "artifact":
         from slimkit.export.artifact import load
 
-        return load(folder / "model")
+        return load(folder / "model", trust=trust)
     if template is None:
         raise UsageError(f"{folder}: the model was saved as weights only (it has no slimkit factory); pass the "
                          "original model as template to load it")
