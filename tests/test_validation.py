@@ -209,6 +209,12 @@ def test_compress_refuses_a_bad_recipe_with_one_line(tmp_path, name, expected):
     assert not list((tmp_path / "out").glob("*.slim"))
 
 
+def test_compress_validates_the_budget_override(tmp_path):
+    line = cli_error(["compress", "--model", "mlp", "--data", "digits", "--max-accuracy-drop", "nan",
+                      "--out", str(tmp_path / "out")])
+    assert "max_accuracy_drop=nan" in line and not (tmp_path / "out").exists()
+
+
 def test_train_refuses_zero_epochs(tmp_path):
     line = cli_error(["train", "--model", "mlp", "--data", "digits", "--epochs", "0",
                       "--out", str(tmp_path / "w.safetensors")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -56,8 +57,8 @@ def compress(
     train_data, test_data = load_data(data, shape)
     train_data, val_data = split(train_data, holdout) if holdout else (train_data, test_data)
     plan = Recipe.load(recipe)
-    if max_accuracy_drop is not None:
-        plan.max_accuracy_drop = max_accuracy_drop
+    if max_accuracy_drop is not None:  # through the constructor, so the override is validated like the recipe
+        plan = dataclasses.replace(plan, max_accuracy_drop=max_accuracy_drop)
     # the example input comes from the data itself (its shape is what the model will see)
     result = run_compress(net, plan, train_data, val_data, test_data=test_data if holdout else None,
                           console=console)
