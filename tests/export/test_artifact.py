@@ -72,3 +72,18 @@ def test_update_adds_files_and_rehashes(tmp_path):
     manifest = read_manifest(path)
     assert "report.md" in manifest["files"] and manifest["metrics"]["speedup"] == 2.0
     slimkit.load(path)  # hashes still verify
+
+
+@pytest.mark.parametrize("step", ["none", "prune", "int8"])
+def test_float64_models_come_back_float64(tmp_path, mnist, step):
+    model = slimkit.models.create("lenet5").double()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    if step == "prune":
+        model = slimkit.prune(model, slimkit.PruneConfig(amount=0.5), x).model
+    elif step == "int8":
+        images, labels = mnist[0].images[:256].double(), mnist[0].labels[:256]  # data in the model's dtype
+        calibration = torch.utils.data.TensorDataset(images, labels)
+        model = slimkit.quantize(model, slimkit.QuantConfig(), calibration).model
+    again = slimkit.load(slimkit.save(model, tmp_path / "f64.slim"))
+    assert {p.dtype for p in again.parameters()} == {p.dtype for p in model.parameters()} >= {torch.float64}
+    assert torch.equal(model(x), again(x))

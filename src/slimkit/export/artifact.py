@@ -339,13 +339,47 @@ def load(path: str | os.PathLike, *, trust: Iterable[str] = (), public_key: Any 
         from slimkit.quantization import unpack_state_dict
 
         _check_packing(model, tensors, manifest["packing"], origin)
+        saved_dtype = _float_dtype(tensors)
         with _field(origin, "packing"):
-            tensors = unpack_state_dict(tensors, manifest["packing"])
+            unpacked = unpack_state_dict(tensors, manifest["packing"])
+        if saved_dtype is not None:  # codes dequantize in float32: give the weights the model's own float dtype
+            unpacked = {k: v.to(saved_dtype) if k not in tensors and _is_weight(k, v) else v
+                        for k, v in unpacked.items()}
+        tensors = unpacked
     with _field(origin, f"the tensors of {WEIGHTS}"):
+        _match_float_dtypes(model, tensors)
         load_state(model, tensors, str(folder / WEIGHTS))
     set_source(model, source["factory"], source["kwargs"])
     model.slimkit_metrics = manifest["metrics"]
     return model.eval()
+
+
+def _is_weight(key: str, tensor: torch.Tensor) -> bool:
+    """A float tensor of the model itself, not a quantizer's scale or zero point (those stay float32)."""
+    return tensor.is_floating_point() and not key.endswith(("scale", "zero_point"))
+
+
+def _float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The one float dtype of the saved weights and biases, if they agree."""
+    dtypes = {t.dtype for k, t in tensors.items() if _is_weight(k, t)}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _match_float_dtypes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each float parameter and buffer the dtype it was saved in (a float64 model comes back float64).
+
+    The factory builds float32; the file says what the saved model held. Parameters are converted in place, so
+    weights shared by several layers stay one tensor.
+    """
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for slots in (module._parameters, module._buffers):
+            for name, value in slots.items():
+                stored = tensors.get(prefix + name)
+                if value is None or stored is None or not (value.is_floating_point() and stored.is_floating_point()):
+                    continue
+                if value.dtype != stored.dtype:
+                    value.data = value.data.to(stored.dtype)
 
 
 def _check_packing(model: nn.Module, tensors: dict[str, torch.Tensor], packing: dict[str, Any], origin: Path) -> None:
