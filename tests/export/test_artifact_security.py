@@ -306,6 +306,21 @@ def test_a_history_that_does_not_replay_names_the_entry(compressed, tmp_path):
         slimkit.load(folder)
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("act_bits", 2.5, "act_bits=2.5: expected"), ("act_bits", 0, "act_bits=0 is out of range"),
+    ("dynamic", "x", "dynamic='x': expected"), ("weight_bits", 9, "weight_bits=9 is out of range"),
+    ("scheme", "binary", "scheme='binary' needs weight_bits=1"), ("granularity", "rows", "granularity='rows'"),
+    ("group_size", -1, "group_size=-1"),
+])
+def test_a_quantize_record_is_validated_before_replay(compressed, tmp_path, key, value, message):
+    """A changed layer spec must not load as a silently different model, nor fail only at the first forward."""
+    folder = fresh_copy(compressed[0], tmp_path)
+    rewrite(folder, lambda m: m["history"][1]["record"]["layers"][0].update({key: value}))
+    with pytest.raises(ArtifactError, match=r"history\[1\] \(quantize\)") as caught:
+        slimkit.load(folder)
+    assert message in str(caught.value)
+
+
 def test_the_untouched_compressed_artifact_still_loads_bit_exactly(compressed):
     path, model = compressed
     x = torch.randn(7, 64)

@@ -64,7 +64,8 @@ from slimkit.history import HISTORY_ATTR, history_of, replay_step, set_source, s
 
 WEIGHTS = "model.safetensors"
 
-__all__ = ["ArtifactError", "load", "read_manifest", "save", "trusted_manifest", "update", "weights_size"]
+__all__ = ["ArtifactError", "build_source", "load", "read_manifest", "save", "trusted_manifest", "update",
+           "weights_size"]
 
 # what malformed but digest-valid manifest data can make torch / safetensors / a replay raise
 _BAD_DATA = (SlimkitError, LookupError, TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError,
@@ -248,6 +249,23 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def build_source(manifest: dict[str, Any], origin: Path, trust: Iterable[str] = ()) -> nn.Module:
+    """The original (uncompressed) architecture a checked manifest names, built only from a trusted factory.
+
+    Example:
+        >>> folder = Path("out/lenet5.slim")
+        >>> fresh = build_source(read_manifest(folder), folder / MANIFEST)   # doctest: +SKIP
+    """
+    factory = _trusted_factory(manifest, origin, _as_trust(trust))
+    source = manifest["source"]
+    with _field(origin, f"source (factory {source['factory']!r} with its kwargs)"):
+        model = factory(**source["kwargs"])
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"{origin}: source.factory {source['factory']!r} returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
+    return model
+
+
 def _trusted_factory(manifest: dict[str, Any], manifest_path: Path, trust: Iterable[str]):
     """The factory the manifest names, if trusted; raises naming it and how to allow it. Imports nothing untrusted."""
     from slimkit.models import trusted_factory
@@ -322,13 +340,8 @@ def load(path: str | os.PathLike, *, trust: Iterable[str] = (), public_key: Any 
     folder = Path(path)
     origin = folder / MANIFEST
     manifest = read_manifest(folder, public_key=public_key)
-    factory = _trusted_factory(manifest, origin, _as_trust(trust))
     source = manifest["source"]
-    with _field(origin, f"source (factory {source['factory']!r} with its kwargs)"):
-        model = factory(**source["kwargs"])
-    if not isinstance(model, nn.Module):
-        raise ArtifactError(f"{origin}: source.factory {source['factory']!r} returned {type(model).__name__}, "
-                            "not a torch.nn.Module")
+    model = build_source(manifest, origin, trust)
     for index, step in enumerate(manifest["history"]):
         with _field(origin, f"history[{index}] ({step['kind']})"):
             model = replay_step(model, step)

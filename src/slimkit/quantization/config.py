@@ -175,6 +175,21 @@ class LayerSpec:
     dynamic: bool
     output_act_bits: int | None = None  # 8: the output is quantized too (it feeds a residual add)
 
+    def __post_init__(self) -> None:
+        """Check every field: a spec may come from an artifact's manifest (``replay``), not only from ``plan``."""
+        hints = typing.get_type_hints(LayerSpec)
+        where = f"quantization layer {self.name!r}" if isinstance(self.name, str) else "quantization layer"
+        for name in self.__dataclass_fields__:
+            setattr(self, name, check_type(f"{where}: {name}", getattr(self, name), hints[name]))
+        _check_bits(self.weight_bits, self.act_bits, self.scheme, where)
+        if self.output_act_bits is not None:
+            check_range(f"{where}: output_act_bits", self.output_act_bits, 2, 8)
+        if self.granularity not in {g.value for g in Granularity}:
+            raise UsageError(f"{where}: granularity={self.granularity!r} is not one of "
+                             f"{', '.join(g.value for g in Granularity)}")
+        if self.group_size < 0 or (self.granularity == Granularity.PER_GROUP.value and self.group_size < 1):
+            raise UsageError(f"{where}: group_size={self.group_size} must be >= 1 for per_group (>= 0 otherwise)")
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 

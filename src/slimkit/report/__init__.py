@@ -15,6 +15,7 @@ import base64
 import html
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -113,19 +114,20 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;co
        "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.5em 0}")
 
 
-def write_report(path: str | os.PathLike) -> Path:
-    """Add ``report.md``, ``report.html`` and PNG charts to an artifact folder; returns the HTML path."""
-    from slimkit.export.artifact import load, read_manifest, update
-    from slimkit.models import create
+def write_report(path: str | os.PathLike, *, trust: Iterable[str] = ()) -> Path:
+    """Add ``report.md``, ``report.html`` and PNG charts to an artifact folder; returns the HTML path.
+
+    ``trust``: as in ``slimkit.load`` (modules whose factories the artifact may name besides slimkit's zoo).
+    """
+    from slimkit.export.artifact import MANIFEST, build_source, load, read_manifest, update
 
     folder = Path(path)
     manifest = read_manifest(folder)
     metrics = manifest.get("metrics") or {}
     if "baseline" not in metrics or "final" not in metrics:
         raise UsageError(f"{folder}: the artifact has no before/after metrics; write it from slimkit.compress(...)")
-    model = load(folder)
-    source = manifest["source"]
-    fresh = create(source["factory"], **source.get("kwargs", {}))
+    model = load(folder, trust=trust)
+    fresh = build_source(manifest, folder / MANIFEST, trust)
     steps = metrics.get("steps", [])
     header = ["metric", "before", "after", "change"]
     summary = summary_rows(metrics)
@@ -146,7 +148,7 @@ def write_report(path: str | os.PathLike) -> Path:
         curves = _sensitivity(manifest.get("history", []))
         if curves:
             charts.append(("Pruning sensitivity", plots.sensitivity(curves, tmp / "sensitivity.png")))
-        title = f"slimkit report: {source['factory']} ({metrics.get('recipe', {}).get('name', 'custom')})"
+        title = f"slimkit report: {manifest['source']['factory']} ({metrics.get('recipe', {}).get('name', 'custom')})"
         parity = metrics.get("parity")
         parity_line = (f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, top-1 agreement "
                        f"{100 * parity['top1_agreement']:.2f}% of {parity['count']} inputs" if parity else "")
