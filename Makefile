@@ -32,6 +32,7 @@ test-docs: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/bandit -q -r src
 
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
