@@ -1,7 +1,8 @@
-"""Recipes: an ordered list of steps (prune, distill, quantize, export) plus an accuracy budget.
+"""Recipes: an ordered list of steps (prune, finetune, distill, quantize, export) plus an accuracy budget.
 
-A recipe is only a serialization of the configs the API takes (``PruneConfig``, ``DistillConfig``, ``QuantConfig``,
-``ExportConfig``): no second schema. In YAML::
+A recipe is only a serialization of the configs the API takes (``PruneConfig``, ``TrainConfig``, ``DistillConfig``,
+``QuantConfig``, ``ExportConfig``): no second schema. ``slimkit.compress`` runs one under its budget and a search
+trial's plan is one (both through ``slimkit.steps``). In YAML::
 
     name: fast-cpu
     max_accuracy_drop: 0.5        # points of top-1 accuracy the whole pipeline may lose
@@ -33,6 +34,7 @@ import yaml
 from slimkit._io import write_text
 from slimkit.config import Config, check_range, nearest, short_repr, to_enum
 from slimkit.errors import MissingFileError, UsageError
+from slimkit.export.config import ExportConfig, ExportFormat  # re-exported: slimkit.recipe.ExportConfig still works
 
 SHIPPED = Path(__file__).with_name("recipes")
 MAX_YAML_CHARS = 1_000_000  # recipes and search spaces are a few hundred bytes
@@ -137,46 +139,18 @@ def _read_text(path: Path) -> str:
 
 class StepKind(str, enum.Enum):
     PRUNE = "prune"
+    FINETUNE = "finetune"  # train on the labels (or a KD loss, when the runner has one): how a search plan recovers
     DISTILL = "distill"
     QUANTIZE = "quantize"
     EXPORT = "export"
 
 
-class ExportFormat(str, enum.Enum):
-    ONNX = "onnx"
-    ONNX_INT8 = "onnx-int8"
-    ONNX_AUTO = "onnx-auto"  # int8 and fp32 ONNX measured side by side; the faster one inside the budget ships
-    TORCH_EXPORT = "torch-export"
-
-
-@dataclass
-class ExportConfig(Config):
-    """The deployable format written next to the weights; ``parity`` checks it against PyTorch on the val data.
-
-    ``onnx-auto`` exports fp32, QDQ int8 and (for nets with convolutions and fully connected layers) int8 for the
-    fully connected layers only, times them on ONNX Runtime at ``auto_batch_size`` (threads fixed) and, among the
-    variants that keep the budget and run within ``size_slack`` (10%) of the fastest, ships the smallest file:
-    int8 kernels lose to fp32 on thin convolutions, where quantize/dequantize and layout reorders outweigh the
-    cheaper arithmetic.
-    """
-
-    format: ExportFormat = ExportFormat.ONNX_INT8
-    parity: bool = True
-    auto_batch_size: int = 64
-    size_slack: float = 0.10
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("size_slack", self.size_slack, 0.0, 10.0)
-        if self.auto_batch_size < 1:
-            raise UsageError(f"auto_batch_size={self.auto_batch_size} must be >= 1")
-
-
 CONFIG_CLASSES = {
     StepKind.PRUNE: ("slimkit.pruning", "PruneConfig"),
+    StepKind.FINETUNE: ("slimkit.train", "TrainConfig"),
     StepKind.DISTILL: ("slimkit.distillation", "DistillConfig"),
     StepKind.QUANTIZE: ("slimkit.quantization", "QuantConfig"),
-    StepKind.EXPORT: ("slimkit.recipe", "ExportConfig"),
+    StepKind.EXPORT: ("slimkit.export.config", "ExportConfig"),
 }
 
 
@@ -196,8 +170,8 @@ class Step:
     @classmethod
     def from_dict(cls, data: Any, where: str = "step") -> Step:
         if not isinstance(data, dict) or len(data) != 1:
-            raise UsageError(f"{where}: a step is a mapping with one key (prune, distill, quantize or export), "
-                             f"got {short_repr(data)}")
+            raise UsageError(f"{where}: a step is a mapping with one key (prune, finetune, distill, quantize or "
+                             f"export), got {short_repr(data)}")
         (key, body), = data.items()
         if not isinstance(key, str) or key not in {k.value for k in StepKind}:
             raise UsageError(f"{where}: unknown step {short_repr(key)}; "
@@ -243,7 +217,7 @@ class Recipe(Config):
     def _check_order(self) -> None:
         kinds = [s.kind for s in self.steps]
         if not kinds:
-            raise UsageError("a recipe needs at least one step (prune, distill, quantize or export)")
+            raise UsageError("a recipe needs at least one step (prune, finetune, distill, quantize or export)")
         if StepKind.EXPORT in kinds[:-1]:
             raise UsageError("steps in an impossible order: 'export' must be the last step, "
                              f"got {[k.value for k in kinds]}")

@@ -1,36 +1,30 @@
-"""Compression plans through the public verbs of slimkit.pruning, slimkit.quantization, slimkit.distillation.
+"""A compression plan as a ``Recipe``, run by the step runner ``compress`` uses (``slimkit.steps``).
 
 A plan is ``prune_amount`` (fraction of MACs removed), ``prune_criterion``, ``prune_allocation``, ``bits`` /
 ``bits/<group>`` (32 float, 8 or 4 uniform, 2 ternary, 1 binary; weights only, the first and last layers stay
-8-bit as usual) and ``distill`` (recover with a KD loss from the input model). Order: prune → recover
-(fine-tune, or QAT when some weights go below 8 bits) → post-training int8 when 8 bits is the lowest.
+8-bit as usual) and ``distill`` (recover with a KD loss from the input model). Its recipe: ``prune`` ->
+``quantize`` (QAT, which is the recovery, when some weights go below 8 bits), or ``prune`` -> ``finetune`` (when
+pruned or distilled) -> ``quantize`` (post-training int8, when 8 bits is the lowest).
+
+This module never implements pruning or quantization itself; the steps go through the public verbs.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
 from torch import nn
 
 from slimkit.errors import UsageError
-from slimkit.train import fit
+from slimkit.recipe import Recipe, Step, StepKind
+from slimkit.steps import StepRunner, run_steps
+from slimkit.tuning.context import EpochHook, TrialContext, train_config
 
-__all__ = ["apply_plan", "bit_overrides", "prune_choices"]
+__all__ = ["SCHEMES", "apply_plan", "bit_overrides", "plan_recipe"]
 
-# criteria and allocations that need nothing but the model (taylor needs gradients, sensitivity a profile,
-# bn_scale BatchNorm layers, random is a baseline)
-CRITERIA = ("l1", "l2", "fpgm")
-ALLOCATIONS = ("uniform", "global", "proportional")
 SCHEMES = {8: "symmetric", 4: "symmetric", 2: "ternary", 1: "binary"}
-
-
-def prune_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from slimkit.pruning import Allocation, Importance
-
-    crit = tuple(c for c in CRITERIA if c in {m.value for m in Importance})
-    alloc = tuple(a for a in ALLOCATIONS if a in {m.value for m in Allocation})
-    return crit, alloc
 
 
 def _layers(model: nn.Module) -> list[str]:
@@ -65,46 +59,52 @@ def bit_overrides(model: nn.Module, plan: dict[str, Any]) -> tuple[int | None, d
     return min(quantized.values()), overrides, floats
 
 
-def apply_plan(plan: dict[str, Any], params: dict[str, Any], ctx: Any, on_epoch_end: Any) -> nn.Module:
-    """The compressed model of one plan (a new model; ``ctx.model`` is the teacher and is not modified)."""
-    from slimkit.tuning.plans import train_config
-
+def plan_recipe(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext) -> Recipe | None:
+    """The plan as a Recipe of the API's own configs; None when the plan changes nothing (all float, no pruning,
+    no distillation). Pruning keeps module names, so the bit widths are matched on the input model."""
     tc = train_config(params, ctx)
-    loss_fn = None
-    if plan.get("distill"):
-        from slimkit.distillation import kd_loss_fn
-
-        loss_fn = kd_loss_fn(ctx.model, float(params.get("temperature", 4.0)), alpha=float(params.get("alpha", 0.9)))
-    model = ctx.model
+    steps: list[Step] = []
     amount = float(plan.get("prune_amount", 0.0))
     if amount > 0:
-        from slimkit.pruning import PruneConfig, prune
+        from slimkit.pruning import PruneConfig, Target
 
-        cfg = PruneConfig(amount=amount, target="macs", importance=plan.get("prune_criterion", "l2"),
-                          allocation=plan.get("prune_allocation", "uniform"), seed=ctx.seed)
-        model = prune(model, cfg, ctx.example_input).model
-    lowest, overrides, floats = bit_overrides(model, plan)
+        steps.append(Step(StepKind.PRUNE, PruneConfig(
+            amount=amount, target=Target.MACS, importance=plan.get("prune_criterion", "l2"),
+            allocation=plan.get("prune_allocation", "uniform"), seed=ctx.seed)))
+    lowest, overrides, floats = bit_overrides(ctx.model, plan)
     recover = amount > 0 or bool(plan.get("distill"))
-    if lowest is not None and lowest < 8:
-        from slimkit.quantization import QuantConfig, quantize
+    if lowest is not None and lowest < 8:  # QAT trains: it is the recovery
+        from slimkit.quantization import Method, QuantConfig
 
-        qcfg = QuantConfig(weight_bits=8, act_bits=None, method="qat", overrides=overrides, ignore=tuple(floats),
-                           epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, max_batches=ctx.max_batches,
-                           seed=ctx.seed)
-        return quantize(model, qcfg, ctx.train_data, val_data=ctx.val_data, loss_fn=loss_fn).model
-    if recover:
-        if model is ctx.model:
-            import copy
+        steps.append(Step(StepKind.QUANTIZE, QuantConfig(
+            weight_bits=8, act_bits=None, method=Method.QAT, overrides=overrides, ignore=tuple(floats), epochs=tc.epochs,
+            lr=tc.lr, batch_size=tc.batch_size, max_batches=ctx.max_batches, seed=ctx.seed)))
+    else:
+        if recover:
+            steps.append(Step(StepKind.FINETUNE, tc))
+        if lowest is not None:  # 8-bit weights: post-training quantization is enough
+            from slimkit.quantization import Method, QuantConfig
 
-            model = copy.deepcopy(model)
-        fit(model, ctx.train_data, ctx.val_data, tc, loss_fn=loss_fn, on_epoch_end=on_epoch_end)
-    if lowest is not None:  # 8-bit weights: post-training quantization is enough
-        from slimkit.quantization import QuantConfig, quantize
+            steps.append(Step(StepKind.QUANTIZE, QuantConfig(weight_bits=8, act_bits=None, method=Method.PTQ,
+                                                             ignore=tuple(floats), seed=ctx.seed)))
+    if not steps:
+        return None
+    # no budget here: the search scores the result itself (max_accuracy_drop is not consulted without a floor)
+    return Recipe(steps=steps, name="search-plan", max_accuracy_drop=100.0, recovery_epochs=0, max_backoffs=0)
 
-        qcfg = QuantConfig(weight_bits=8, act_bits=None, method="ptq", ignore=tuple(floats), seed=ctx.seed)
-        model = quantize(model, qcfg, ctx.train_data).model
-    if model is ctx.model:
-        import copy
 
-        model = copy.deepcopy(model)
+def apply_plan(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext,
+               on_epoch_end: EpochHook | None) -> nn.Module:
+    """The compressed model of one plan (a new model; ``ctx.model`` is the teacher and is not modified)."""
+    recipe = plan_recipe(plan, params, ctx)
+    if recipe is None:
+        return copy.deepcopy(ctx.model)
+    kd = None
+    if plan.get("distill"):
+        from slimkit.distillation import DistillConfig
+
+        kd = DistillConfig(temperature=float(params.get("temperature", 4.0)), alpha=float(params.get("alpha", 0.9)))
+    runner = StepRunner(ctx.model, ctx.train_data, ctx.val_data, ctx.example_input, kd=kd,
+                        on_epoch_end=on_epoch_end)
+    model, _ = run_steps(ctx.model, recipe, runner)  # no floor: a step a verb cannot apply raises
     return model

@@ -97,17 +97,20 @@ class LatencyCache:
 
 class Measurer:
     """Scores models against the input model: accuracy on ``val_data``, latency as a side-by-side ratio to the
-    input model (so drift in machine load cancels), bytes on disk and MACs."""
+    input model (so drift in machine load cancels), bytes on disk and MACs.
+
+    ``baseline_ms``: the input model's latency measured before (a study stores it so that every worker and every
+    resumed run scales by the same number); measured on first use when None."""
 
     def __init__(self, baseline: nn.Module, val_data: Any, example_input: torch.Tensor, objectives: Sequence[str],
                  *, latency_batch: int = 64, threads: int = 2, cache: LatencyCache | None = None,
-                 macs: bool = True) -> None:
+                 macs: bool = True, baseline_ms: float | None = None) -> None:
         self.baseline, self.val_data, self.example = baseline, val_data, example_input
         self.objectives = tuple(objectives)
         self.latency_batch, self.threads = latency_batch, threads
         self.cache = cache or LatencyCache(None)
         self.macs = macs or "macs" in self.objectives  # counting MACs loads torch's dispatch machinery (seconds)
-        self._baseline_ms: float | None = None
+        self._baseline_ms: float | None = None if baseline_ms is None else float(baseline_ms)
 
     def baseline_ms(self) -> float:
         if self._baseline_ms is None:

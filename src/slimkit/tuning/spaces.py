@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = [
     "PRESETS",
     "TRAINING_PARAMS",
     "ParamSpec",
+    "available",
+    "compression_choices",
     "is_plan_param",
     "parse_space",
     "preset",
@@ -45,8 +48,32 @@ PLAN_PARAMS = ("prune_amount", "prune_criterion", "prune_allocation", "distill",
 BIT_CHOICES = (32, 8, 4, 2, 1)
 PRESETS = ("training", "compression")
 
+# criteria and allocations that need nothing but the model (taylor needs gradients, sensitivity a profile,
+# bn_scale BatchNorm layers, random is a baseline)
+CRITERIA = ("l1", "l2", "fpgm")
+ALLOCATIONS = ("uniform", "global", "proportional")
+
 _KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
          "categorical": {"type", "choices"}}
+
+
+def available(module: str) -> bool:
+    """True when a slimkit subpackage (``pruning``, ``quantization``, ``distillation``) is installed."""
+    try:
+        return importlib.util.find_spec(f"slimkit.{module}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def compression_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(pruning criteria, allocations) offered by ``slimkit.pruning``."""
+    if not available("pruning"):
+        raise UsageError("the 'compression' space needs slimkit.pruning, which is not installed in this build")
+    from slimkit.pruning import Allocation, Importance
+
+    crit = tuple(c for c in CRITERIA if c in {m.value for m in Importance})
+    alloc = tuple(a for a in ALLOCATIONS if a in {m.value for m in Allocation})
+    return crit, alloc
 
 
 def is_plan_param(name: str) -> bool:
@@ -168,8 +195,6 @@ def preset(name: str, model: nn.Module, *, epochs: int, teacher: bool = False,
             space["alpha"] = {"type": "float", "low": 0.1, "high": 0.9}
         return space
     if name == "compression":
-        from slimkit.tuning.plans import compression_choices
-
         crit, alloc = compression_choices()
         space = {
             "prune_amount": {"type": "float", "low": 0.0, "high": 0.8, "step": 0.05},

@@ -32,7 +32,7 @@ from slimkit.tuning import spaces
 from slimkit.tuning.config import Pruner, Sampler, SearchConfig
 from slimkit.tuning.objectives import OBJECTIVES, LatencyCache, Measurer, accuracy_threshold
 from slimkit.tuning.pareto import Candidate, best_index, feasible_front
-from slimkit.tuning.plans import TrialContext, available, run_params
+from slimkit.tuning.plans import TrialContext, run_params
 from slimkit.tuning.results import SearchResult, SearchStudy, candidate_of, format_metrics
 from slimkit.tuning.saving import copy_result, read_result, save_result
 from slimkit.tuning.storage import HOST_ATTR, WORKER_ATTR
@@ -48,13 +48,13 @@ def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | N
     space = config.space
     if isinstance(space, str):
         space = spaces.preset(space, model, epochs=config.epochs, teacher=teacher is not None,
-                              distill_available=available("distillation"))
+                              distill_available=spaces.available("distillation"))
     parsed = spaces.parse_space(space)
     needs = {"prune_": "pruning", "bits": "quantization", "distill": "distillation", "temperature": "distillation",
              "alpha": "distillation"}
     for name in parsed:
         for prefix, package in needs.items():
-            if name.startswith(prefix) and not available(package):
+            if name.startswith(prefix) and not spaces.available(package):
                 raise UsageError(f"search space parameter {name!r} needs slimkit.{package}, which is not installed")
     if teacher is None and not any(spaces.is_plan_param(n) for n in parsed) \
             and ("temperature" in parsed or "alpha" in parsed):
@@ -148,8 +148,8 @@ class _Worker:
                                 config.max_batches, teacher)
         self.measure = Measurer(model, val_data, example, config.objectives, latency_batch=config.latency_batch,
                                 threads=config.threads, cache=LatencyCache(self.out / "latency_cache.json"),
-                                macs=any(spaces.is_plan_param(n) for n in self.space))
-        self.measure._baseline_ms = self.settings.get("baseline", {}).get("latency_ms")
+                                macs=any(spaces.is_plan_param(n) for n in self.space),
+                                baseline_ms=self.settings.get("baseline", {}).get("latency_ms"))
         self.progress: Any = None
         self.quiet = _QuietFailures()
         # Ctrl-C interrupts training and measuring at once; during a storage call it waits for the call to end
