@@ -6,6 +6,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,8 @@ def fail_cleanly(fn: Callable) -> Callable:
         except (SlimkitError, OSError, KeyboardInterrupt) as exc:
             if TRACEBACK["on"]:
                 raise
+            if isinstance(exc, KeyboardInterrupt):  # exiting already: a second Ctrl-C must not break the clean-up
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             # soft_wrap: never break a path or a name in two; escape: messages may contain [brackets]
             err_console.print(f"[red]error:[/red] {escape(one_line(exc))}", soft_wrap=True)
             sys.exit(2)

@@ -378,6 +378,9 @@ def _worker_main(model, config_dict, train_data, val_data, teacher, worker) -> N
         config = SearchConfig.from_dict(config_dict)
         _Worker(model, config, train_data, val_data, teacher, worker).run()
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it, once
+        # the parent's own SIGINT to this worker (_stop_workers) may land while exiting: it must not interrupt the
+        # atexit clean-up (a traceback "Exception ignored in atexit callback" appeared then)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(130)
 
 
