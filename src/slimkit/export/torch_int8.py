@@ -20,13 +20,13 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import nn
 
 from slimkit.errors import DependencyError, UsageError
+from slimkit.export.lowering import float_twin
 
 __all__ = ["TorchInt8Model", "to_torch_int8"]
 
@@ -109,13 +109,11 @@ def to_torch_int8(model: nn.Module, calib: list[torch.Tensor] | torch.Tensor,
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
-        raise DependencyError("to_torch_int8 needs torchao: pip install 'slimkit[bench]' (torchao)") from exc
-    from slimkit.export.onnx import _float_twin, _quant_layers
-
+        raise DependencyError("to_torch_int8 needs torchao: pip install 'slimkit[x86]' (torchao)") from exc
     batches = list(calib.split(64)) if isinstance(calib, torch.Tensor) else list(calib)
     if not batches:
         raise UsageError("to_torch_int8: the calibration data is empty")
-    twin = _float_twin(model) if _quant_layers(model) else copy.deepcopy(model).eval()
+    twin = float_twin(model)
     _adapt(twin)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
