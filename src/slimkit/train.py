@@ -14,12 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import math
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit.config import Config, check_range
 from slimkit.errors import TrainingDiverged, UsageError
 
-__all__ = ["EvalResult", "FitResult", "LossFn", "Optimizer", "Schedule", "TrainConfig", "evaluate", "fit",
-           "make_loader", "predict", "progress_bar", "seed_everything"]
+__all__ = ["EvalResult", "FitResult", "LossFn", "Optimizer", "Schedule", "TrainConfig", "eval_mode", "evaluate",
+           "fit", "make_loader", "predict", "progress_bar", "seed_everything"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(outputs, targets, inputs) -> scalar loss``; ``inputs`` lets a loss run a teacher on the batch."""
@@ -229,18 +230,36 @@ def fit(
     return history
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode inside the block, then give every submodule back the mode it had (a model whose
+    parts are in different modes, e.g. a frozen batch-norm inside a training model, comes back unchanged).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> with eval_mode(model):
+        ...     model.training, model[1].training
+        (False, False)
+        >>> model.training, model[1].training
+        (True, True)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, targets)`` over a whole dataset, in eval mode."""
-    was_training = model.training
-    model.eval()
     logits, targets = [], []
-    try:
+    with eval_mode(model):
         for inputs, labels in make_loader(data, batch_size, shuffle=False):
             logits.append(model(inputs))
             targets.append(labels)
-    finally:
-        model.train(was_training)
     return torch.cat(logits), torch.cat(targets)
 
 

@@ -238,11 +238,11 @@ def test_kd_loss_fn_runs_a_frozen_teacher(digits):
     teacher = _digit_mlp(64, seed=2)
     teacher.train()
     loss_fn = kd_loss_fn(teacher, 3.0, alpha=0.8)
-    assert not teacher.training
+    assert teacher.training  # the caller's teacher is not modified
     inputs, targets = train.images[:16], train.labels[:16]
     outputs = _digit_mlp()(inputs)
-    teacher.train()  # switched back by mistake: the loss still runs it in eval mode
-    loss = loss_fn(outputs, targets, inputs)
+    loss = loss_fn(outputs, targets, inputs)  # the teacher in training mode still runs in eval mode
+    assert teacher.training  # ... and gets its mode back
     with torch.no_grad():
         expected = hinton_loss(outputs, teacher.eval()(inputs), targets, 3.0, 0.8)
     assert loss.item() == pytest.approx(expected.item())
@@ -267,3 +267,57 @@ def test_kd_loss_fn_rejects_bad_input():
     inputs = torch.zeros(4, 64)
     with pytest.raises(ValueError, match="one output space"):
         loss_fn(_digit_mlp()(inputs), torch.zeros(4, dtype=torch.long), inputs)
+
+
+def test_teacher_modes_are_restored_module_by_module(digits):
+    """A teacher with parts in different modes (a frozen batch-norm in a training model) comes back exactly as it was,
+    from kd_loss_fn and from distill, while it always runs in eval mode (dropout off: the same loss twice)."""
+    train, val = _tiny(digits)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, 10))
+    teacher.train()[2].eval()
+    modes = [m.training for m in teacher.modules()]
+    stats = teacher[2].running_mean.clone()
+    loss_fn = kd_loss_fn(teacher, 2.0, alpha=1.0)
+    inputs, targets = train.images[:16], train.labels[:16]
+    outputs = _digit_mlp()(inputs)
+    first, second = loss_fn(outputs, targets, inputs), loss_fn(outputs, targets, inputs)
+    assert first.item() == second.item()  # dropout off
+    assert [m.training for m in teacher.modules()] == modes
+    distill(_digit_mlp(), teacher, DistillConfig(epochs=1, **QUIET), train, val)
+    assert [m.training for m in teacher.modules()] == modes
+    assert torch.equal(teacher[2].running_mean, stats)  # never updated
+
+
+def test_config_embeds_a_train_config_and_takes_flat_keys():
+    flat = DistillConfig(temperature=3.0, epochs=4, lr=0.01, optimizer="sgd", batch_size=64, progress=False)
+    nested = DistillConfig(temperature=3.0, train=TrainConfig(epochs=4, lr=0.01, optimizer="sgd", batch_size=64,
+                                                              progress=False))
+    assert flat == nested and flat.train.optimizer.value == "sgd" and flat.epochs == 4 and flat.lr == 0.01
+    assert DistillConfig().train == TrainConfig(epochs=10)  # a distillation run defaults to 10 epochs
+    data = nested.to_dict()
+    assert data["train"]["epochs"] == 4 and "epochs" not in data  # nested on the way out
+    assert DistillConfig.from_dict(data) == nested
+    assert DistillConfig.from_dict({"temperature": 3.0, "epochs": 4, "lr": 0.01, "optimizer": "sgd",
+                                    "batch_size": 64, "progress": False}) == nested  # flat recipe keys
+    # flat keys apply on top of train (a mapping or a TrainConfig)
+    assert DistillConfig(train={"epochs": 2, "lr": 0.5}, epochs=7).train == TrainConfig(epochs=7, lr=0.5)
+    assert DistillConfig(train=TrainConfig(seed=3), patience=2).train == TrainConfig(seed=3, patience=2)
+    flat.epochs = 6  # the flat attribute writes through to train
+    assert flat.train.epochs == 6
+    with pytest.raises(ValueError, match=r"DistillConfig.lr='fast': expected finite float"):
+        DistillConfig(lr="fast")
+    with pytest.raises(ValueError, match=r"DistillConfig.train: TrainConfig.epochs=2.5: expected int"):
+        DistillConfig.from_dict({"train": {"epochs": 2.5}})
+    with pytest.raises(ValueError, match=r"DistillConfig.train=5: expected TrainConfig"):
+        DistillConfig(train=5)
+    with pytest.raises(ValueError, match="unknown key 'epoch'; did you mean 'epochs'"):
+        DistillConfig.from_dict({"epoch": 3})
+
+
+def test_shipped_recipe_distill_step_reads_flat_keys():
+    from slimkit.recipe import Recipe
+
+    recipe = Recipe.load("fast-cpu")
+    step = next(s for s in recipe.steps if s.kind.value == "distill")
+    assert step.config.train == TrainConfig(epochs=4, lr=0.01, optimizer="sgd", batch_size=64, progress=False)
+    assert Recipe.from_yaml(recipe.to_yaml()).to_dict() == recipe.to_dict()

@@ -8,9 +8,14 @@
   ``focal_loss``).
 
 Example:
-    >>> cfg = DistillConfig(temperature=4.0, alpha=0.9)                       # doctest: +SKIP
-    >>> result = slimkit.distill(student, teacher, cfg, train, test)          # doctest: +SKIP
-    >>> result.model, result.record["student_accuracy"]                       # doctest: +SKIP
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    >>> teacher, student = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    >>> cfg = DistillConfig(temperature=4.0, alpha=0.9, epochs=2, batch_size=16, progress=False)
+    >>> result = distill(student, teacher, cfg, data, data)
+    >>> len(result.record["train_loss"]), result.record["student_accuracy"] is not None
+    (2, True)
 """
 
 from __future__ import annotations

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-from slimkit.config import Config, check_range, short_repr
+from slimkit.config import Config, check_range, check_type, nearest, short_repr
 from slimkit.errors import UsageError
 from slimkit.train import Optimizer, Schedule, TrainConfig
 
+__all__ = ["DistillConfig", "LayerPairs"]
+
 LayerPairs = tuple[tuple[str, str], ...]
+V = TypeVar("V")
+
+#: ``TrainConfig`` field names that ``DistillConfig`` also takes flat (``DistillConfig(epochs=4)``, recipe keys)
+TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DEFAULT_EPOCHS = 10  # a distillation run defaults to more epochs than TrainConfig's 5
 
 
-def _layer_pairs(name: str, value) -> LayerPairs:
+def _layer_pairs(name: str, value: Any) -> LayerPairs:
     pairs = []
     example = "e.g. [['features.3', 'features.3']]"
     if value is not None and not isinstance(value, (list, tuple)):
@@ -26,9 +35,50 @@ def _layer_pairs(name: str, value) -> LayerPairs:
     return tuple(pairs)
 
 
-@dataclass
+def _train_config(train: Any, flat: dict[str, Any]) -> Any:
+    """``train`` (a ``TrainConfig``, a mapping of its fields or ``None``) with the flat keys applied on top.
+
+    Flat values are type-checked here so a bad one is named as a ``DistillConfig`` field (``DistillConfig.epochs=2.7:
+    expected int``); ranges are then checked by ``TrainConfig`` itself. Anything else is left for the field check.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    checked = {key: check_type(f"DistillConfig.{key}", value, hints[key]) for key, value in flat.items()}
+    if train is None:
+        return TrainConfig(**{"epochs": DEFAULT_EPOCHS, **checked})
+    if isinstance(train, dict):
+        try:
+            return TrainConfig.from_dict({**train, **checked})
+        except UsageError as exc:
+            raise UsageError(f"DistillConfig.train: {exc}") from None
+    if isinstance(train, TrainConfig):
+        return dataclasses.replace(train, **checked) if checked else train
+    return train  # not a config: the field's type check names it
+
+
+class _TrainField(Generic[V]):
+    """``DistillConfig.<name>`` reads and writes ``DistillConfig.train.<name>`` (the flat spelling of before)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @typing.overload
+    def __get__(self, obj: None, owner: type) -> _TrainField[V]: ...
+
+    @typing.overload
+    def __get__(self, obj: DistillConfig, owner: type) -> V: ...
+
+    def __get__(self, obj: DistillConfig | None, owner: type) -> V | _TrainField[V]:
+        if obj is None:
+            return self
+        return typing.cast(V, getattr(obj.train, self.name))
+
+    def __set__(self, obj: DistillConfig, value: V) -> None:
+        setattr(obj.train, self.name, value)
+
+
+@dataclass(init=False)
 class DistillConfig(Config):
-    """Settings of knowledge distillation.
+    """Settings of knowledge distillation: the KD terms, plus the training run as an embedded ``TrainConfig``.
 
     The loss is ``alpha · T² · KL(teacher_T ‖ student_T) + (1 - alpha) · hard`` (``hard`` is cross-entropy, or
     focal loss when ``focal_gamma > 0``) ``+ hint_weight · Σ hint MSE + attention_weight · Σ attention loss``.
@@ -36,19 +86,31 @@ class DistillConfig(Config):
     Args:
         temperature: softmax temperature T (> 0) of both models in the soft term.
         alpha: weight of the soft KD term in [0, 1]; ``1 - alpha`` weighs the hard-label term.
+        focal_gamma: focal-loss γ of the hard term (0: plain cross-entropy).
         hints: FitNets pairs ``(student_layer, teacher_layer)`` of module names (see ``model.named_modules()``);
             a learned linear / 1x1-conv adapter is added where the widths differ.
+        hint_weight: weight of each hint term.
         attention: attention-transfer pairs ``(student_layer, teacher_layer)`` of convolutional feature maps.
         attention_weight: β/2 of Zagoruyko & Komodakis (they use β = 1000).
         cache_teacher: compute the teacher's logits on the training set once (only for data without augmentation;
             not with hints or attention, which need the teacher's features of every batch).
-        epochs, lr, optimizer, momentum, weight_decay, batch_size, schedule, seed, max_batches, restore_best,
-            progress: the
-            training run, as in ``slimkit.train.TrainConfig``.
+        train: the training run, a ``slimkit.train.TrainConfig`` (or a mapping of its fields); by default
+            ``TrainConfig(epochs=10)``.
+        epochs, lr, optimizer, momentum, weight_decay, batch_size, schedule, seed, patience, max_batches,
+            restore_best, progress: flat spellings of the ``train`` fields (keyword only, as in recipes); they are
+            applied on top of ``train``. ``config.epochs`` reads and writes ``config.train.epochs``.
+
+    ``to_dict`` writes the nested form (``{"temperature": ..., "train": {"epochs": ...}}``); ``from_dict`` reads it
+    and the flat one (``{"temperature": 4.0, "epochs": 4, "lr": 0.01}``).
 
     Example:
-        >>> DistillConfig(temperature=4.0, alpha=0.9, epochs=10).train_config().epochs
-        10
+        >>> cfg = DistillConfig(temperature=4.0, alpha=0.9, epochs=3)
+        >>> cfg.train.epochs, cfg.epochs
+        (3, 3)
+        >>> cfg == DistillConfig(temperature=4.0, alpha=0.9, train=TrainConfig(epochs=3))
+        True
+        >>> DistillConfig.from_dict(cfg.to_dict()) == cfg == DistillConfig.from_dict({"epochs": 3})
+        True
     """
 
     temperature: float = 4.0
@@ -59,17 +121,62 @@ class DistillConfig(Config):
     attention: LayerPairs = ()
     attention_weight: float = 500.0
     cache_teacher: bool = False
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: Optimizer = Optimizer.ADAM
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    schedule: Schedule = Schedule.COSINE
-    seed: int = 0
-    max_batches: int | None = None
-    restore_best: bool = True
-    progress: bool = True
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS))
+
+    # the flat spellings of the training fields (not dataclass fields: no annotation)
+    epochs = _TrainField[int]()
+    lr = _TrainField[float]()
+    optimizer = _TrainField[Optimizer]()
+    momentum = _TrainField[float]()
+    weight_decay = _TrainField[float]()
+    batch_size = _TrainField[int]()
+    schedule = _TrainField[Schedule]()
+    seed = _TrainField[int]()
+    patience = _TrainField[int]()
+    max_batches = _TrainField["int | None"]()
+    restore_best = _TrainField[bool]()
+    progress = _TrainField[bool]()
+
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        focal_gamma: float = 0.0,
+        hints: LayerPairs | list[Any] = (),
+        hint_weight: float = 1.0,
+        attention: LayerPairs | list[Any] = (),
+        attention_weight: float = 500.0,
+        cache_teacher: bool = False,
+        train: TrainConfig | dict[str, Any] | None = None,
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        optimizer: Optimizer | str | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule | str | None = None,
+        seed: int | None = None,
+        patience: int | None = None,
+        max_batches: int | None = None,
+        restore_best: bool | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        given = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "momentum": momentum,
+                 "weight_decay": weight_decay, "batch_size": batch_size, "schedule": schedule, "seed": seed,
+                 "patience": patience, "max_batches": max_batches, "restore_best": restore_best,
+                 "progress": progress}
+        flat = {key: value for key, value in given.items() if value is not None}
+        self.temperature = temperature
+        self.alpha = alpha
+        self.focal_gamma = focal_gamma
+        self.hints = hints  # type: ignore[assignment]  # normalised to LayerPairs in __post_init__
+        self.hint_weight = hint_weight
+        self.attention = attention  # type: ignore[assignment]  # normalised in __post_init__
+        self.attention_weight = attention_weight
+        self.cache_teacher = cache_teacher
+        self.train = _train_config(train, flat)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         self.hints = _layer_pairs("hints", self.hints)  # before the type check: its message shows the shape
@@ -87,9 +194,20 @@ class DistillConfig(Config):
         if self.cache_teacher and (self.hints or self.attention):
             raise UsageError("cache_teacher=True caches the teacher's logits only; hints and attention transfer "
                              "need its features on every batch: set cache_teacher=False or drop hints/attention")
-        self.train_config()  # validates epochs, lr, batch size, weight decay with TrainConfig's messages
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> DistillConfig:
+        """Build from a mapping of the fields, nested (``train: {...}``) or flat (``epochs: 4``) or both."""
+        if data is not None and not isinstance(data, dict):
+            raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
+        names = {f.name for f in dataclasses.fields(cls)} | set(TRAIN_KEYS)
+        for key in data or {}:
+            if not isinstance(key, str):
+                raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")
+            if key not in names:
+                raise UsageError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
+        return cls(**(data or {}))
 
     def train_config(self) -> TrainConfig:
-        """The ``slimkit.train.TrainConfig`` of the training run (the fields the two configs share)."""
-        shared = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared})
+        """The ``slimkit.train.TrainConfig`` of the training run (``self.train``; kept for older callers)."""
+        return self.train

@@ -34,6 +34,11 @@ def _check_temperature(temperature: float) -> None:
         raise UsageError(f"temperature={temperature!r} must be > 0 (typical values: 1 to 20)")
 
 
+def _spatial(features: torch.Tensor) -> tuple[int, int]:
+    """``(H, W)`` of an ``(N, C, H, W)`` feature map (the output size when pooling another map to match it)."""
+    return int(features.shape[2]), int(features.shape[3])
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al. 2015 soft-target loss: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
 
@@ -62,14 +67,31 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) 
 
 
 def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                temperature: float, alpha: float, focal_gamma: float = 0.0) -> torch.Tensor:
-    """``alpha · kd_loss + (1 - alpha) · CE(student, targets)`` (focal loss for the hard term when ``focal_gamma``)."""
+                temperature: float, alpha: float, focal_gamma: float = 0.0,
+                terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``alpha · kd_loss + (1 - alpha) · CE(student, targets)`` (focal loss for the hard term when ``focal_gamma``).
+
+    A term whose weight is 0 is not computed. ``terms``, when given, receives the unweighted terms that were
+    computed (``"kd"``, ``"hard"``), for logging.
+
+    Example:
+        >>> logits, labels = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+        >>> parts = {}
+        >>> round(float(hinton_loss(logits, logits, labels, 4.0, 0.5, terms=parts)), 4), sorted(parts)
+        (0.0635, ['hard', 'kd'])
+    """
     if not 0.0 <= alpha <= 1.0:
         raise UsageError(f"alpha={alpha!r} is out of range; allowed [0, 1] (weight of the soft KD term)")
-    loss = alpha * kd_loss(student_logits, teacher_logits, temperature) if alpha > 0 else 0.0
+    parts = {} if terms is None else terms
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    loss = torch.zeros((), dtype=dtype, device=student_logits.device)
+    if alpha > 0:
+        parts["kd"] = kd_loss(student_logits, teacher_logits, temperature)
+        loss = loss + alpha * parts["kd"]
     if alpha < 1:
-        loss = loss + (1 - alpha) * focal_loss(student_logits, targets, focal_gamma)
-    return loss  # type: ignore[return-value]
+        parts["hard"] = focal_loss(student_logits, targets, focal_gamma)
+        loss = loss + (1 - alpha) * parts["hard"]
+    return loss
 
 
 def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
@@ -99,8 +121,8 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     """
     projected = adapter(student_features) if adapter is not None else student_features
     teacher_features = teacher_features.detach()
-    if projected.ndim == 4 and projected.shape[2:] != teacher_features.shape[2:]:
-        projected = F.adaptive_avg_pool2d(projected, teacher_features.shape[2:])
+    if projected.ndim == teacher_features.ndim == 4 and projected.shape[2:] != teacher_features.shape[2:]:
+        projected = F.adaptive_avg_pool2d(projected, _spatial(teacher_features))
     if projected.shape != teacher_features.shape:
         raise UsageError(f"hint: student features {tuple(student_features.shape)} (after the adapter "
                          f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
@@ -126,5 +148,5 @@ def attention_transfer_loss(student_features: torch.Tensor, teacher_features: to
     teacher_features = teacher_features.detach()
     if student_features.ndim == 4 and teacher_features.ndim == 4 \
             and student_features.shape[2:] != teacher_features.shape[2:]:
-        student_features = F.adaptive_avg_pool2d(student_features, teacher_features.shape[2:])
+        student_features = F.adaptive_avg_pool2d(student_features, _spatial(teacher_features))
     return (attention_map(student_features, p) - attention_map(teacher_features, p)).pow(2).mean()

@@ -1,7 +1,8 @@
 """Distillation training: ``distill`` (a teacher trains a copy of the student) and ``kd_loss_fn`` (the recovery hook).
 
-The teacher always runs frozen: in eval mode, under ``torch.no_grad``, never handed to the optimizer. Everything
-else is ``slimkit.train.fit`` with a distillation ``loss_fn``; hint adapters train alongside the student through
+The teacher always runs frozen: in eval mode, under ``torch.no_grad``, never handed to the optimizer; the mode of
+each of its modules is restored afterwards, so the caller's teacher is left as it was. Everything else is
+``slimkit.train.fit`` with a distillation ``loss_fn``; hint adapters train alongside the student through
 ``extra_parameters``.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,20 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from slimkit.config import nearest
 from slimkit.distillation.config import DistillConfig, LayerPairs
-from slimkit.distillation.losses import (
-    attention_map,
-    attention_transfer_loss,
-    focal_loss,
-    hint_adapter,
-    hint_loss,
-    hinton_loss,
-    kd_loss,
-)
+from slimkit.distillation.losses import attention_map, attention_transfer_loss, hint_adapter, hint_loss, hinton_loss
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
-from slimkit.train import FitResult, LossFn, evaluate, fit, predict
+from slimkit.train import FitResult, LossFn, eval_mode, evaluate, fit, predict
 
 __all__ = ["DistillResult", "distill", "kd_loss_fn"]
+
+Data = Dataset | DataLoader
 
 
 @dataclass
@@ -48,15 +44,20 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
 
     This is the recovery hook of pruning, QAT and the pipeline: the teacher (usually the uncompressed model) runs
     on each batch in eval mode under ``no_grad``. Only the soft/hard terms are used (temperature, alpha,
-    focal_gamma); hints need ``distill``.
+    focal_gamma); hints need ``distill``. The teacher is not modified: each call switches it to eval mode for its
+    forward pass and then restores the mode of every module.
 
     Args:
         config: a ``DistillConfig``, or the temperature as a number (then ``alpha`` is the soft-term weight,
             0.9 by default). ``None`` means ``DistillConfig()``.
 
     Example:
-        >>> loss_fn = kd_loss_fn(original, 4.0, alpha=0.9)                              # doctest: +SKIP
-        >>> slimkit.train.fit(pruned, train, val, TrainConfig(epochs=3), loss_fn=loss_fn)  # doctest: +SKIP
+        >>> teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+        >>> loss_fn = kd_loss_fn(teacher, 4.0, alpha=0.9)
+        >>> inputs, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> loss_fn(student(inputs), labels, inputs).ndim, teacher.training
+        (0, True)
+        >>> fit(pruned, train, val, TrainConfig(epochs=3), loss_fn=loss_fn)    # doctest: +SKIP
     """
     if not isinstance(teacher, nn.Module):
         raise InputTypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
@@ -73,12 +74,10 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
         raise InputTypeError(f"kd_loss_fn: config must be a DistillConfig or a temperature, "
                              f"got {type(config).__name__}")
     temperature, weight, gamma = cfg.temperature, cfg.alpha, cfg.focal_gamma
-    teacher.eval()
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        if teacher.training:  # somebody switched it back: dropout/batch-norm updates would corrupt the targets
-            teacher.eval()
-        with torch.no_grad():
+        # eval mode for every call (dropout/batch-norm updates would corrupt the targets), the caller's mode after
+        with eval_mode(teacher), torch.no_grad():
             teacher_logits = teacher(inputs)
         return hinton_loss(outputs, teacher_logits, targets, temperature, weight, gamma)
 
@@ -99,12 +98,12 @@ class _Capture:
 
     def __init__(self, model: nn.Module, names: list[str], role: str, only_with_grad: bool) -> None:
         self.features: dict[str, torch.Tensor] = {}
-        self.handles = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, module in _layers(model, names, role).items():
             self.handles.append(module.register_forward_hook(self._hook(name, only_with_grad)))
 
-    def _hook(self, name: str, only_with_grad: bool):
-        def keep(module, args, output):
+    def _hook(self, name: str, only_with_grad: bool) -> Callable[[nn.Module, Any, Any], None]:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, torch.Tensor) and (torch.is_grad_enabled() or not only_with_grad):
                 self.features[name] = output.clone()
 
@@ -126,28 +125,34 @@ class _IndexedTargets(Dataset):
         self.data = data
 
     def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
+        return _size(self.data)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
         inputs, label = self.data[index]
         return inputs, torch.tensor([int(label), index])
 
 
-def _probe_inputs(data: Dataset | DataLoader, n: int = 8) -> torch.Tensor:
+def _size(data: Dataset) -> int:
+    return len(data)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; a map-style one has it
+
+
+def _probe_inputs(data: Data, n: int = 8) -> torch.Tensor:
     if isinstance(data, DataLoader):
         return next(iter(data))[0][:n]
-    if len(data) == 0:  # type: ignore[arg-type]
+    if _size(data) == 0:
         raise UsageError("distill: the training data is empty")
-    return torch.stack([data[i][0] for i in range(min(n, len(data)))])  # type: ignore[arg-type]
+    return torch.stack([data[i][0] for i in range(min(n, _size(data)))])
 
 
-def _check_cacheable(data: Dataset | DataLoader) -> None:
+def _check_cacheable(data: Data) -> Dataset:
+    """``data`` itself, once known to be a Dataset that reads the same example twice (its logits can be cached)."""
     if isinstance(data, DataLoader):
         raise UsageError("cache_teacher=True needs a Dataset (the logits are stored per example), not a DataLoader")
-    for i in range(min(2, len(data))):  # type: ignore[arg-type]
+    for i in range(min(2, _size(data))):
         if not torch.equal(data[i][0], data[i][0]):
             raise UsageError(f"cache_teacher=True needs data without augmentation, but example {i} of the training "
                              "data differs between two reads: set cache_teacher=False")
+    return data
 
 
 class _Terms:
@@ -177,20 +182,28 @@ def distill(
     student: nn.Module,
     teacher: nn.Module,
     config: DistillConfig | None = None,
-    train_data: Dataset | DataLoader | None = None,
-    val_data: Dataset | DataLoader | None = None,
+    train_data: Data | None = None,
+    val_data: Data | None = None,
 ) -> DistillResult:
     """Train a copy of ``student`` to match ``teacher`` (Hinton KD, plus optional hints and attention transfer).
 
-    The caller's student is not modified; the teacher is only switched to eval mode for the run (its mode is
-    restored afterwards). All checks (output sizes, layer names, feature shapes) run before any training.
+    The caller's student is not modified; the teacher is only switched to eval mode for the run (the mode of each
+    of its modules is restored afterwards). All checks (output sizes, layer names, feature shapes) run before any
+    training.
+
+    Args:
+        train_data: the training set (Dataset or DataLoader of ``(inputs, labels)``); required.
+        val_data: validation set: the best epoch is kept and the record gets teacher/student accuracies.
 
     Example:
-        >>> teacher = slimkit.models.create("mlp_wide", weights="teacher.safetensors")      # doctest: +SKIP
-        >>> student = slimkit.models.create("mlp", hidden=30)                               # doctest: +SKIP
-        >>> cfg = slimkit.DistillConfig(temperature=4.0, alpha=0.9, epochs=10)               # doctest: +SKIP
-        >>> result = slimkit.distill(student, teacher, cfg, train, test)                    # doctest: +SKIP
-        >>> result.record["student_accuracy"], result.record["teacher_accuracy"]             # doctest: +SKIP
+        >>> import slimkit
+        >>> train, test = slimkit.data.load("digits")                    # 8x8 digits, bundled
+        >>> teacher = slimkit.models.create("mlp", in_features=64, hidden=64)
+        >>> student = slimkit.models.create("mlp", in_features=64, hidden=16)
+        >>> cfg = DistillConfig(temperature=4.0, alpha=0.9, epochs=1, max_batches=2, progress=False)
+        >>> result = distill(student, teacher, cfg, train, test)
+        >>> result.model is not student, sorted(result.record["loss_terms"])
+        (True, ['hard', 'kd'])
     """
     cfg = config if config is not None else DistillConfig()
     if not isinstance(cfg, DistillConfig):
@@ -201,20 +214,18 @@ def distill(
     if train_data is None:
         raise UsageError("distill needs train_data (a Dataset or DataLoader of (inputs, labels))")
     model = copy.deepcopy(student)
-    teacher_was_training = teacher.training
-    teacher.eval()
     hint_s, hint_t = _pair_names(cfg.hints)
     att_s, att_t = _pair_names(cfg.attention)
     student_features = _Capture(model, hint_s + att_s, "student", only_with_grad=True)
     teacher_features = _Capture(teacher, hint_t + att_t, "teacher", only_with_grad=False)
     try:
-        adapters = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
-        history, terms, cached = _train(model, teacher, cfg, train_data, val_data, adapters,
-                                        student_features, teacher_features)
+        with eval_mode(teacher):
+            adapters = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
+            history, terms, cached = _train(model, teacher, cfg, train_data, val_data, adapters,
+                                            student_features, teacher_features)
     finally:
         student_features.remove()
         teacher_features.remove()
-        teacher.train(teacher_was_training)
     record = {
         "config": cfg.to_dict(),
         "teacher_cached": cached,
@@ -236,7 +247,7 @@ def distill(
     return DistillResult(model.eval(), record, adapters)
 
 
-def _run(role: str, model: nn.Module, inputs: torch.Tensor):
+def _run(role: str, model: nn.Module, inputs: torch.Tensor) -> Any:
     try:
         return model(inputs)
     except RuntimeError as exc:
@@ -245,7 +256,7 @@ def _run(role: str, model: nn.Module, inputs: torch.Tensor):
                          f"{first}") from exc
 
 
-def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data,
+def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data: Data,
                      student_features: _Capture, teacher_features: _Capture) -> nn.ModuleDict:
     """Run both models on a few training examples: check the outputs agree and build the hint adapters."""
     inputs = _probe_inputs(train_data)
@@ -283,13 +294,14 @@ def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, t
     return adapters
 
 
-def _train(model, teacher, cfg: DistillConfig, train_data, val_data, adapters: nn.ModuleDict,
-           student_features: _Capture, teacher_features: _Capture) -> tuple[FitResult, _Terms, bool]:
+def _train(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data: Data, val_data: Data | None,
+           adapters: nn.ModuleDict, student_features: _Capture,
+           teacher_features: _Capture) -> tuple[FitResult, _Terms, bool]:
     cache = None
     if cfg.cache_teacher:
-        _check_cacheable(train_data)
-        cache, _ = predict(teacher, train_data)
-        train_data = _IndexedTargets(train_data)
+        dataset = _check_cacheable(train_data)
+        cache, _ = predict(teacher, dataset)
+        train_data = _IndexedTargets(dataset)
     terms = _Terms()
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -299,13 +311,8 @@ def _train(model, teacher, cfg: DistillConfig, train_data, val_data, adapters: n
             with torch.no_grad():
                 teacher_logits = teacher(inputs)
         parts: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), dtype=torch.float32)
-        if cfg.alpha > 0:
-            parts["kd"] = kd_loss(outputs, teacher_logits, cfg.temperature)
-            total = total + cfg.alpha * parts["kd"]
-        if cfg.alpha < 1:
-            parts["hard"] = focal_loss(outputs, targets, cfg.focal_gamma)
-            total = total + (1 - cfg.alpha) * parts["hard"]
+        total = hinton_loss(outputs, teacher_logits, targets, cfg.temperature, cfg.alpha, cfg.focal_gamma,
+                            terms=parts)
         for i, (s_name, t_name) in enumerate(cfg.hints):
             parts[f"hint:{s_name}"] = hint_loss(student_features.take(s_name), teacher_features.take(t_name),
                                                 adapters[f"hint{i}"])
@@ -317,6 +324,6 @@ def _train(model, teacher, cfg: DistillConfig, train_data, val_data, adapters: n
         terms.add(parts, len(targets))
         return total
 
-    history = fit(model, train_data, val_data, cfg.train_config(), loss_fn=loss_fn,
+    history = fit(model, train_data, val_data, cfg.train, loss_fn=loss_fn,
                   extra_parameters=adapters.parameters(), on_epoch_end=terms.end_epoch)
     return history, terms, cache is not None
