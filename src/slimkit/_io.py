@@ -34,6 +34,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from slimkit.errors import UsageError
 
@@ -194,8 +195,8 @@ def _signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[int] = []
-    saved = {}
+    caught: list[int] = []  # signal numbers, delivered again once the block is done
+    saved: dict[signal.Signals, Any] = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(sig)
@@ -206,8 +207,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        for sig in caught:
-            os.kill(os.getpid(), sig)  # the original handler (or the default action) takes it from here
+        for signum in caught:
+            os.kill(os.getpid(), signum)  # the original handler (or the default action) takes it from here
 
 
 def _written_kind(folder: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -23,7 +24,7 @@ def render(table: Table, width: int = 120) -> str:
     return buffer.getvalue().rstrip("\n")
 
 
-def make_table(title: str | None, columns: list[str], rows: list[list[object]]) -> Table:
+def make_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
     """A rich table with right-aligned columns after the first."""
     table = Table(title=title)
     for i, column in enumerate(columns):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,8 +21,30 @@ from slimkit.commands._common import (
     fail_cleanly,
     load_data,
 )
+from slimkit.errors import UsageError
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="A recipe YAML file or a shipped recipe name.")]
+# the same words for every command that holds out part of the training split (compress, search, train, distill)
+HOLDOUT_HELP = ("Fraction (0 < f < 1) of the training split held out to decide on (accuracy budget, best epoch, "
+                "search selection); the test split is then only reported. 0 decides on the test split itself.")
+
+
+def check_holdout(holdout: float) -> None:
+    """``--holdout`` is 0 or a fraction strictly between 0 and 1 (NaN refused)."""
+    if not (holdout == 0 or 0 < holdout < 1):
+        raise UsageError(f"--holdout {holdout}: give a fraction of the training split, 0 < f < 1 (e.g. 0.1), or 0 "
+                         "to decide on the test split")
+
+
+def holdout_split(train_data: Any, test_data: Any, holdout: float) -> tuple[Any, Any]:
+    """``(train, val)``: ``holdout`` of the training split (seeded) as the data decisions are made on, or the test
+    split when ``holdout`` is 0."""
+    check_holdout(holdout)
+    if not holdout:
+        return train_data, test_data
+    from slimkit.data import split
+
+    return split(train_data, holdout)
 
 
 @fail_cleanly
@@ -37,9 +59,7 @@ def compress(
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help="Override the recipe's accuracy budget (points).")
     ] = None,
-    holdout: Annotated[float, typer.Option(
-        help="Fraction of the training split held out to check the budget and pick epochs; the test split is only "
-             "reported. 0 checks the budget on the test split itself.")] = 0.1,
+    holdout: Annotated[float, typer.Option(help=HOLDOUT_HELP)] = 0.1,
 ) -> None:
     """Compress a trained model with a recipe under an accuracy budget; writes the artifact and its report."""
     from slimkit.commands._common import check_out
@@ -51,11 +71,10 @@ def compress(
     artifact = out / f"{model.replace(':', '_').replace('.', '_')}.slim"
     check_out(out, "folder")
     check_out(artifact, "artifact")
+    check_holdout(holdout)
     net = build_model(model, weights, model_args)
-    from slimkit.data import split
-
     train_data, test_data = load_data(data, shape)
-    train_data, val_data = split(train_data, holdout) if holdout else (train_data, test_data)
+    train_data, val_data = holdout_split(train_data, test_data, holdout)
     plan = Recipe.load(recipe)
     if max_accuracy_drop is not None:  # through the constructor, so the override is validated like the recipe
         plan = dataclasses.replace(plan, max_accuracy_drop=max_accuracy_drop)
@@ -81,12 +100,13 @@ def export(
 ) -> None:
     """Export an artifact to ONNX (fp32 / QDQ int8) or a torch.export program, inside the artifact folder."""
     from slimkit.export.artifact import load, update
+    from slimkit.history import source_of
     from slimkit.pipeline import export_model
     from slimkit.recipe import ExportConfig
 
     model = load(artifact, trust=trust or [])  # checks the manifest and the factory's trust before running it
-    cfg = ExportConfig(format=format)
-    source = model.slimkit_source
+    cfg = ExportConfig.from_dict({"format": format})
+    source = source_of(model) or {}
     x = example(source["factory"], shape, None) if data is None else load_data(data, shape)[1][0][0].unsqueeze(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_model(model, cfg, x, Path(tmp))

@@ -44,8 +44,8 @@ def prune(
     from slimkit.pruning import prune as run_prune
 
     check_out(out, "prune")
-    cfg = PruneConfig(amount=amount, target=target, importance=importance, allocation=allocation,
-                      ignore=tuple(ignore or ()), round_to=round_to, max_sparsity=max_sparsity)
+    cfg = PruneConfig.from_dict(dict(amount=amount, target=target, importance=importance, allocation=allocation,
+                                     ignore=tuple(ignore or ()), round_to=round_to, max_sparsity=max_sparsity))
     result = run_prune(build_model(model, weights, model_args), cfg, example(model, shape, model_args))
     with atomic_path(out, kind="prune") as tmp:  # weights and record appear together, or not at all
         tmp.mkdir()

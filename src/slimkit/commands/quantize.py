@@ -61,8 +61,8 @@ def quantize(
     if onnx is not None and onnx.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
                          "anyway; give a path outside it")
-    cfg = QuantConfig(weight_bits=bits, act_bits=act_bits or None, method=method, scheme=scheme, observer=observer,
-                      epochs=epochs, lr=lr, adaround=adaround)
+    cfg = QuantConfig.from_dict(dict(weight_bits=bits, act_bits=act_bits or None, method=method, scheme=scheme,
+                                     observer=observer, epochs=epochs, lr=lr, adaround=adaround))
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
     val_data = None
