@@ -17,7 +17,32 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # type checkers see the real signatures; at run time `_LAZY` imports on first use
+    from slimkit import (
+        data,
+        distillation,
+        export,
+        measure,
+        models,
+        pipeline,
+        pruning,
+        quantization,
+        recipe,
+        report,
+        train,
+        tuning,
+    )
+    from slimkit.distillation import DistillConfig, distill
+    from slimkit.export.artifact import load, save
+    from slimkit.measure import profile
+    from slimkit.pipeline import compress
+    from slimkit.pruning import PruneConfig, prune
+    from slimkit.quantization import QuantConfig, quantize
+    from slimkit.recipe import Recipe
+    from slimkit.train import TrainConfig
+    from slimkit.tuning import SearchConfig, search
 
 __version__ = "0.1.0"
 
@@ -41,7 +66,10 @@ _LAZY: dict[str, tuple[str, str]] = {
 _SUBMODULES = {"data", "models", "measure", "train", "pruning", "quantization", "distillation", "tuning", "export",
                "report", "recipe", "pipeline"}
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
+# written out (not computed) so linters and type checkers see the re-exports of the TYPE_CHECKING block
+__all__ = ["DistillConfig", "PruneConfig", "QuantConfig", "Recipe", "SearchConfig", "TrainConfig", "__version__",
+           "compress", "data", "distill", "distillation", "export", "load", "measure", "models", "pipeline", "profile",
+           "prune", "pruning", "quantization", "quantize", "recipe", "report", "save", "search", "train", "tuning"]
 
 
 def __getattr__(name: str) -> Any:
