@@ -299,3 +299,9 @@ def test_fields_of_shipped_recipes_set_to_any_plain_value_give_a_recipe_or_a_sli
         assert "\n" not in str(exc)
         return
     assert all(not isinstance(v, float) or math.isfinite(v) for v in recipe.to_dict().values())
+
+
+def test_model_args_the_factory_does_not_take_are_one_line(tmp_path):
+    line = cli_error(["eval", "--model", "mlp", "--model-args", '{"in_features": 64, "in_channels": 3}',
+                      "--data", "digits"])
+    assert "model 'mlp' takes no argument 'in_channels'" in line and "in_features" in line

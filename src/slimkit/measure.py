@@ -33,7 +33,7 @@ from slimkit._text import human, make_table, render
 from slimkit.errors import UsageError
 
 __all__ = [
-    "LatencyStats", "LayerProfile", "Profile", "benchmark_latency", "compare_latency", "count_params",
+    "LatencyStats", "LayerProfile", "Profile", "benchmark_latency", "compare_latency", "count_macs", "count_params",
     "measure_latency", "peak_memory", "profile", "size_on_disk",
 ]
 
@@ -78,8 +78,9 @@ class Profile:
         return asdict(self)
 
     def table(self, max_layers: int = 60):
-        rows = [[lp.name, lp.kind, human(lp.params), human(lp.macs), "x".join(map(str, lp.output_shape))]
-                for lp in self.layers[:max_layers]]
+        rows: list[list[object]] = [
+            [lp.name, lp.kind, human(lp.params), human(lp.macs), "x".join(map(str, lp.output_shape))]
+            for lp in self.layers[:max_layers]]
         if len(self.layers) > max_layers:
             rows.append([f"... {len(self.layers) - max_layers} more layers", "", "", "", ""])
         rows.append(["total", "", human(self.params), human(self.macs), ""])
@@ -97,6 +98,38 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int
 
 
 _CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[dict[str, int], int]:
+    """``({qualified module name: MACs}, total MACs)`` of one inference forward pass on ``example_input``.
+
+    Counted by PyTorch's ``FlopCounterMode`` (MACs = FLOPs / 2 of convolutions, matmuls and attention; ``""`` is
+    the root module), in eval mode with the plain path of ``nn.MultiheadAttention`` (its fused kernel is
+    invisible to the counter) and a formula for CPU scaled-dot-product attention. The model's training mode is
+    restored; nothing else is changed. ``profile`` and pruning's cost model both count with this.
+
+    Example:
+        >>> per_module, total = count_macs(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), torch.zeros(2, 4))
+        >>> total, per_module["0"]
+        (24, 24)
+    """
+    inputs = tuple(example_input) if isinstance(example_input, (list, tuple)) else (example_input,)
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    root = type(model).__name__
+    per_module: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
+        if name is not None:
+            per_module[name] = int(sum(ops.values()) // 2)
+    return per_module, int(counter.get_total_flops() // 2)
 
 
 def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -140,32 +173,22 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
-    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    # the fused inference kernel of nn.MultiheadAttention is invisible to FlopCounterMode: count the plain path
-    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
-            model(*inputs)
+        by_module, total = count_macs(model, inputs)
     except Exception as exc:
-        shape = [tuple(t.shape) for t in inputs]
-        raise UsageError(f"profile: the model failed on an example input of shape {shape}: {exc}") from exc
+        shapes = [tuple(t.shape) for t in inputs]
+        raise UsageError(f"profile: the model failed on an example input of shape {shapes}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    by_module = counter.get_flop_counts()
-    root = type(model).__name__
     layers: list[LayerProfile] = []
     for name, module in leaves:
-        counted = by_module.get(f"{root}.{name}" if name else root, {})
-        macs = int(sum(counted.values()) // 2)
+        macs = int(by_module.get(name, 0))
         shape, extra = outputs.get(name, ((), 0))
         params = sum(p.numel() for p in module.parameters(recurse=True))
         if params or macs:
             layers.append(LayerProfile(name, type(module).__name__, params, macs, 2 * macs + extra, shape))
-    total_macs = int(counter.get_total_flops() // 2)
+    total_macs = int(total)
     total, nonzero = count_params(model)
     extra_total = sum(extra for _, extra in outputs.values())
     return Profile(total, nonzero, total_macs, 2 * total_macs + extra_total, size_on_disk(model),
@@ -257,10 +280,19 @@ def _batch(example_input: torch.Tensor, batch_size: int) -> torch.Tensor:
     return one.expand(batch_size, *one.shape[1:]).contiguous()
 
 
-def _as_callable(candidate: nn.Module | Callable) -> Callable:
-    if isinstance(candidate, nn.Module):
-        candidate.eval()
-    return candidate
+@contextlib.contextmanager
+def _eval_mode(candidates: Sequence[object]) -> Iterator[None]:
+    """Every ``nn.Module`` among ``candidates`` in eval mode for the block, each submodule's own training flag
+    restored afterwards (the caller's models come back as they were)."""
+    modes = [(m, m.training) for c in candidates if isinstance(c, nn.Module) for m in c.modules()]
+    for candidate in candidates:
+        if isinstance(candidate, nn.Module):
+            candidate.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 ROUNDS = 5  # blocks per candidate and batch size
@@ -285,11 +317,12 @@ def benchmark_latency(
     OpenMP both do), which would otherwise steal the cores from whichever candidate runs next and make strict
     a/b alternation unfair. ``max_seconds``
     caps the time per batch size (``repeats`` shrinks, never below 5). ONNX Runtime sessions fix their own
-    thread count when created; pass the same number there.
+    thread count when created; pass the same number there. Models run in eval mode and get their training mode
+    back afterwards.
     """
-    fns = {name: _as_callable(c) for name, c in candidates.items()}
+    fns: dict[str, Callable[[torch.Tensor], object]] = dict(candidates)
     results: dict[str, dict[int, LatencyStats]] = {name: {} for name in fns}
-    with fixed_threads(threads), torch.inference_mode():
+    with fixed_threads(threads), torch.inference_mode(), _eval_mode(list(fns.values())):
         for bs in batch_sizes:
             x = _batch(example_input, bs)
             for fn in fns.values():

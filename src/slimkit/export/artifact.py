@@ -88,11 +88,12 @@ def _model_of(obj: Any) -> nn.Module:
 
 
 def _packed_state(model: nn.Module, history: list[dict]) -> tuple[dict[str, torch.Tensor], dict | None]:
-    if any(step["kind"] == "quantize" for step in history):
-        from slimkit.quantization import pack_state_dict
+    """The tensors to write and their packing: the packing the model's layers registered (``export.registry``; a
+    quantized model's packed codes), the same one ``slimkit.measure.size_on_disk`` counts. ``history`` is not
+    consulted: the layers decide."""
+    from slimkit.export.registry import packed_state
 
-        return pack_state_dict(model)
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, None
+    return packed_state(model)
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -100,14 +101,11 @@ def _write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def weights_size(model: nn.Module) -> int:
-    """Bytes of the ``model.safetensors`` that ``save`` would write (quantized layers as packed codes)."""
-    import tempfile
+    """Bytes of the ``model.safetensors`` that ``save`` would write: ``slimkit.measure.size_on_disk`` with the
+    artifact's header metadata (quantized layers as packed codes, for any model however it was built)."""
+    from slimkit.measure import size_on_disk
 
-    tensors, _ = _packed_state(model, history_of(model))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / WEIGHTS
-        _write_weights(tensors, path)
-        return path.stat().st_size
+    return size_on_disk(model, metadata={"format": FORMAT})
 
 
 def save(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -153,7 +154,9 @@ def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
         weights: a ``.safetensors`` file or a torch checkpoint (read with ``weights_only=True``).
         kwargs: passed to the factory (e.g. ``num_classes=100``).
     """
-    model = _resolve(spec)(**kwargs)
+    factory = _resolve(spec)
+    _check_kwargs(spec, factory, kwargs)
+    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
@@ -162,6 +165,20 @@ def create(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.
     if spec not in ZOO:
         _CREATED.add(spec)  # the caller's own code chose this factory: its artifacts reload in this process
     return model.eval()
+
+
+def _check_kwargs(spec: str, factory: Callable[..., nn.Module], kwargs: dict) -> None:
+    """Refuse keyword arguments the factory does not take, naming the closest ones it does."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C factory without a signature: let it check its own arguments
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in names:
+            raise UsageError(f"model {spec!r} takes no argument {key!r}; {nearest(key, names)}")
 
 
 def input_shape(spec: str, **kwargs) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """Quantization from int8 down to ternary and binary: ``quantize(model, QuantConfig(...), data)``.
 
 The returned model is a NEW fake-quant model (evaluable and trainable in PyTorch); ``result.record`` is the
-JSON-safe per-layer spec and statistics. ``replay`` rebuilds the module structure on a fresh float model and
+JSON-safe per-layer spec and statistics. ``replay_`` rebuilds the module structure on a fresh float model and
 ``pack_state_dict`` / ``unpack_state_dict`` store the weights as packed integer codes (see ``pack.py``).
 
 Example:
@@ -41,7 +41,7 @@ from slimkit.quantization.ptq import (
 )
 
 __all__ = ["Granularity", "LayerSpec", "Method", "ObserverKind", "QuantConfig", "QuantResult", "Scheme",
-           "pack_state_dict", "quantize", "replay", "unpack_state_dict"]
+           "pack_state_dict", "quantize", "replay", "replay_", "unpack_state_dict"]
 
 RECORD_VERSION = 1
 
@@ -154,12 +154,12 @@ def _quantize_residual_outputs(model: nn.Module, specs: list[LayerSpec], cfg: Qu
     return names
 
 
-def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """Rebuild the fake-quant structure of ``record`` on a fresh float ``model`` (in place; returned in eval
     mode). Load the quantized state_dict afterwards.
 
     Example:
-        >>> q = replay(slimkit.models.create("mlp"), result.record)           # doctest: +SKIP
+        >>> q = replay_(slimkit.models.create("mlp"), result.record)          # doctest: +SKIP
         >>> q.load_state_dict(result.model.state_dict())                     # doctest: +SKIP
     """
     version = record.get("version")
@@ -183,3 +183,6 @@ def replay(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         if layer.input_quant is not None:
             layer.input_quant.observer = None
     return model.eval()
+
+
+replay = replay_  # the name ``slimkit.history`` looks up for every kind of step (it mutates: prefer ``replay_``)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from slimkit._modules import matches
 from slimkit.config import Config, check_range, check_type
 from slimkit.errors import UsageError
 from slimkit.quantization.dynamic import unsupported
@@ -194,13 +194,6 @@ class LayerSpec:
         return dict(self.__dict__)
 
 
-def matches(name: str, pattern: str) -> bool:
-    """``name`` equals ``pattern``, or fully matches the regular expression after ``re:``."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern
-
-
 def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """``(Linear/Conv2d layers in module order, {name: reason} for layers left in float)``."""
     layers, skipped = [], {}
@@ -223,10 +216,11 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
 def plan_layers(model: nn.Module, cfg: QuantConfig,
                 decomposed: list[str] | tuple[str, ...] = ()) -> tuple[list[LayerSpec], dict[str, str]]:
     """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides). A pattern that
-    names a ``decomposed`` LSTM / GRU / attention module applies to its Linear pieces."""
+    names a ``decomposed`` LSTM / GRU / attention module applies to its Linear pieces, as a pattern naming any
+    module covers the modules inside it (``slimkit._modules.matches``)."""
 
     def hits(name: str, pattern: str) -> bool:
-        return matches(name, pattern) or any(name.startswith(f"{d}.") and matches(d, pattern) for d in decomposed)
+        return matches(name, pattern)
 
     layers, skipped = quantizable(model)
     for pattern in [*cfg.ignore, *cfg.overrides]:

@@ -211,7 +211,7 @@ def decompose(model: nn.Module, skip: tuple[str, ...] = (), only: list[str] | No
     """Replace every ``nn.LSTM`` / ``nn.GRU`` / ``nn.MultiheadAttention`` of ``model`` (in place) by its Linear
     form; returns their names. Modules the Linear forms do not cover are left alone (``quantize`` lists them), as
     are those matching a name or ``re:`` pattern in ``skip``; ``only`` limits it to the given names (replay)."""
-    from slimkit.quantization.config import matches
+    from slimkit._modules import matches
     from slimkit.quantization.ptq import set_module
 
     names = []

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.errors import InputTypeError, UsageError
-from slimkit.quantization import lowbit
+from slimkit.export.registry import FLOAT_TWIN, INTEGER_LAYER, ActivationQuant, IntegerLayer, register
+from slimkit.quantization.lowbit import binary_codes, binary_params, ternary_codes, ternary_params
 from slimkit.quantization.math import Granularity, Observer, group_view, qparams, qrange, ungroup
 
-__all__ = ["ActQuantizer", "QuantConv2d", "QuantLinear", "WeightQuantizer", "round_ste"]
+__all__ = ["ActQuantizer", "QuantConv2d", "QuantLinear", "WeightQuantizer", "float_layer", "integer_layer",
+           "round_ste"]
 
 WEIGHT_SCHEMES = ("symmetric", "affine", "ternary", "binary")
 
@@ -83,11 +85,11 @@ class WeightQuantizer(nn.Module):
     def refresh(self, weight: torch.Tensor) -> None:
         """Recompute scale (and zero point / threshold) from ``weight``."""
         if self.scheme == "ternary":
-            alpha, delta = lowbit.ternary_params(weight)
+            alpha, delta = ternary_params(weight)
             self.scale.copy_(alpha)
             self.threshold.copy_(delta)
         elif self.scheme == "binary":
-            self.scale.copy_(lowbit.binary_params(weight))
+            self.scale.copy_(binary_params(weight))
         else:
             g = group_view(weight.detach(), self.granularity, self.group_size)
             scale, zero_point = qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), self.bits, self.symmetric)
@@ -101,9 +103,9 @@ class WeightQuantizer(nn.Module):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes (float dtype) in the grouped view, from the frozen parameters."""
         if self.scheme == "ternary":
-            return lowbit.ternary_codes(weight.detach(), self.threshold)
+            return ternary_codes(weight.detach(), self.threshold)
         if self.scheme == "binary":
-            return lowbit.binary_codes(weight.detach())
+            return binary_codes(weight.detach())
         g = group_view(weight.detach(), self.granularity, self.group_size)
         qmin, qmax = self.int_range()
         return torch.clamp(torch.round(g / self.scale.detach()) + self.zero_point, qmin, qmax)
@@ -116,11 +118,11 @@ class WeightQuantizer(nn.Module):
             self.refresh(weight)
         if self.scheme == "ternary":
             rows = weight.reshape(weight.shape[0], -1)
-            hard = lowbit.ternary_codes(weight, self.threshold) * self.scale
+            hard = ternary_codes(weight, self.threshold) * self.scale
             return (hard.detach() + (rows - rows.detach())).reshape(weight.shape)
         if self.scheme == "binary":
             rows = weight.reshape(weight.shape[0], -1)
-            hard = lowbit.binary_codes(weight) * self.scale
+            hard = binary_codes(weight) * self.scale
             return (hard.detach() + (rows - rows.detach())).reshape(weight.shape)
         g = group_view(weight, self.granularity, self.group_size)
         qmin, qmax = self.int_range()
@@ -257,3 +259,58 @@ def make_quant_layer(layer: nn.Module, bits: int, scheme: str, granularity: str,
     new._setup(bits, scheme, granularity, group_size, learnable, input_quant)  # type: ignore[attr-defined]
     new.weight_quant.refresh(new.weight)  # type: ignore[attr-defined]
     return new.train(layer.training)
+
+
+def _activation(quantizer: ActQuantizer | None) -> ActivationQuant | None:
+    if quantizer is None or not quantizer.enabled:
+        return None
+    if quantizer.dynamic:
+        return ActivationQuant(quantizer.bits, dynamic=True)
+    return ActivationQuant(quantizer.bits, False, float(quantizer.scale.detach()), int(quantizer.zero_point))
+
+
+@torch.no_grad()
+def _simulated_weight(layer: QuantLinear | QuantConv2d) -> torch.Tensor:
+    """``W_hat`` from the frozen grid, leaving the quantizer's train / eval mode as it was."""
+    wq = layer.weight_quant
+    was_training = wq.training
+    try:
+        return wq.eval()(layer.weight).detach()
+    finally:
+        wq.train(was_training)
+
+
+@register(INTEGER_LAYER, QuantLinear, QuantConv2d)
+@torch.no_grad()
+def integer_layer(layer: QuantLinear | QuantConv2d) -> IntegerLayer:
+    """The integer view of a fake-quant layer that integer export back ends write (registered handler)."""
+    wq = layer.weight_quant
+    per_group = wq.granularity == Granularity.PER_GROUP.value
+    codes = None if per_group else wq.codes(layer.weight).reshape(layer.weight.shape)
+    return IntegerLayer(wq.bits, wq.scheme, wq.granularity, wq.symmetric, codes, wq.scale.detach().reshape(-1),
+                        wq.zero_point.detach().reshape(-1), _simulated_weight(layer), _activation(layer.input_quant),
+                        _activation(getattr(layer, "output_quant", None)))
+
+
+@register(FLOAT_TWIN, QuantLinear, QuantConv2d)
+@torch.no_grad()
+def float_layer(layer: QuantLinear | QuantConv2d) -> nn.Linear | nn.Conv2d:
+    """A plain ``nn.Linear`` / ``nn.Conv2d`` computing what ``layer`` simulates: the dequantized weight and, with
+    static input quantization, the bias rounded at scale ``s_x * s_w`` (registered float-twin handler)."""
+    weight = _simulated_weight(layer)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    iq = layer.input_quant
+    if bias is not None and iq is not None and layer._bias_quantized():
+        bias_scale = (iq.scale.detach() * layer.weight_quant.scale.detach()).reshape(-1)
+        bias = torch.round(bias / bias_scale) * bias_scale
+    plain: nn.Linear | nn.Conv2d
+    if isinstance(layer, nn.Linear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+    else:
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups, bias is not None, layer.padding_mode)
+    plain = plain.to(device=weight.device, dtype=weight.dtype)
+    plain.weight.copy_(weight)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    return plain.train(layer.training)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from slimkit.errors import UsageError
+from slimkit.export.registry import PACK, register
+from slimkit.quantization.fake import QuantConv2d, QuantLinear
 from slimkit.quantization.math import ungroup
 
 __all__ = ["code_layout", "pack_bits", "pack_state_dict", "storage_bits", "unpack_bits", "unpack_state_dict"]
@@ -74,13 +76,15 @@ def code_layout(layer: nn.Module, codes: torch.Tensor | None = None) -> dict[str
             "weight_shape": list(layer.weight.shape), "scheme": wq.scheme, "bits": wq.bits}
 
 
+@register(PACK, QuantLinear, QuantConv2d)
 def pack_state_dict(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Replace each fake-quant weight by packed integer codes; returns ``(tensors, meta)``."""
-    from slimkit.quantization.ptq import quant_layers
-
+    """Replace each fake-quant weight by packed integer codes; returns ``(tensors, meta)``. Registered as the
+    packing of models holding fake-quant layers (``slimkit.measure.size_on_disk``, ``slimkit.save``)."""
     state = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
     meta: dict[str, Any] = {"version": PACK_VERSION, "layers": {}, "zeros": {}}
-    for name, layer in quant_layers(qmodel):
+    for name, layer in qmodel.named_modules():
+        if not isinstance(layer, QuantLinear | QuantConv2d):
+            continue
         codes = layer.weight_quant.codes(layer.weight)
         layout = code_layout(layer, codes)
         key = f"{name}.weight"

@@ -1,0 +1,136 @@
+"""QDQ int8 ONNX from slimkit's own calibrated scales (static activation quantization; no re-calibration).
+
+Each quantized ``Conv``/``Gemm`` gets an int8 weight initializer with its per-channel scales and a
+``DequantizeLinear``, an int32 bias at scale ``s_x * s_w`` (exactly what the fake-quant model simulates), and a
+``QuantizeLinear -> DequantizeLinear`` pair on its input with the calibrated activation scale. That pair is also
+repeated upstream through ``Relu`` / ``MaxPool`` / ``Flatten`` / ``Reshape`` chains up to the producing layer: these
+ops commute exactly with a monotone quantizer (and re-quantizing a grid value is the identity), so the graph computes
+the same function while ONNX Runtime can fuse ``DQ -> Conv -> Q`` into integer kernels (``QLinearConv``, ``QGemm``,
+uint8 ``MaxPool``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from slimkit.errors import UsageError
+from slimkit.export.lowering import integer_layers
+from slimkit.export.onnx_graph import toposort
+from slimkit.export.registry import ActivationQuant
+
+__all__ = ["quantize_graph"]
+
+PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
+
+
+def _insert_qdq(graph: Any, tensor: str, consumers: list, scale: float, zero_point: int, tag: str,
+                done: dict[str, tuple[float, int, str]]) -> None:
+    """Route ``consumers`` of ``tensor`` through ``QuantizeLinear -> DequantizeLinear``; a tensor already quantized
+    with the same parameters reuses its pair (one ``Q`` per tensor, as ONNX Runtime's fusions expect)."""
+    from onnx import helper, numpy_helper
+
+    previous = done.get(tensor)
+    if previous is not None and previous[:2] == (scale, zero_point):
+        dq_out = previous[2]
+    else:
+        s_name, z_name = f"{tag}.scale", f"{tag}.zero_point"
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
+                                  numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), z_name)])
+        q_out, dq_out = f"{tag}.q", f"{tag}.dq"
+        graph.node.extend([helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=f"{tag}.Q"),
+                           helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{tag}.DQ")])
+        done.setdefault(tensor, (scale, zero_point, dq_out))
+    for node in consumers:
+        for i, name in enumerate(node.input):
+            if name == tensor:
+                node.input[i] = dq_out
+
+
+def _act_params(quantizer: ActivationQuant, name: str, where: str) -> tuple[float, int]:
+    if quantizer.bits != 8:
+        raise UsageError(f"export_onnx: layer {name!r} has {quantizer.bits}-bit {where}; QDQ int8 export needs 8")
+    if quantizer.scale is None or quantizer.zero_point is None:
+        raise UsageError(f"export_onnx: layer {name!r} has dynamic {where}; QDQ int8 export needs calibrated ones")
+    return quantizer.scale, quantizer.zero_point
+
+
+def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Gemm")) -> Any:
+    """Rewrite the fp32 ONNX ``proto`` of ``model``'s float twin into QDQ int8 (in place; also returned).
+
+    Args:
+        ops: which ONNX ops of quantized layers get QDQ int8; the others stay float (with the dequantized weights).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    producer: dict[str, Any] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    done: dict[str, tuple[float, int, str]] = {}
+    for name, layer in integer_layers(model):
+        iq = layer.input if layer.input is not None and not layer.input.dynamic else None
+        weight_name = f"{name}.weight"
+        nodes = [n for n in consumers.get(weight_name, []) if n.op_type in ("Conv", "Gemm")]
+        if weight_name not in inits or len(nodes) != 1:
+            raise UsageError(f"export_onnx: cannot find the ONNX Conv/Gemm of layer {name!r} (weight {weight_name})")
+        if layer.codes is None:
+            raise UsageError(f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
+                             "export fp32 (int8=False) or quantize per channel")
+        node = nodes[0]
+        if node.op_type not in ops:  # left in float (with the dequantized weights of the simulated model)
+            continue
+        dtype = np.int8 if layer.symmetric else np.uint8
+        scale = layer.scale.numpy().astype(np.float32)
+        zero = layer.zero_point.numpy().astype(dtype)
+        graph.initializer.remove(inits[weight_name])
+        graph.initializer.extend([
+            numpy_helper.from_array(layer.codes.numpy().astype(dtype), f"{weight_name}.int8"),
+            numpy_helper.from_array(scale, f"{weight_name}.scale"),
+            numpy_helper.from_array(zero, f"{weight_name}.zero_point"),
+        ])
+        graph.node.append(helper.make_node("DequantizeLinear", [f"{weight_name}.int8", f"{weight_name}.scale",
+                                                                f"{weight_name}.zero_point"], [weight_name],
+                                           name=f"{weight_name}.DQ", axis=0))
+        if iq is None:
+            continue
+        s_x, z_x = _act_params(iq, name, "activations")
+        if len(node.input) > 2 and node.input[2] in inits:
+            bias_name = node.input[2]
+            bias_scale = (np.float32(s_x) * scale).astype(np.float32)
+            bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+            graph.initializer.remove(inits[bias_name])
+            graph.initializer.extend([
+                numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), f"{bias_name}.int32"),
+                numpy_helper.from_array(bias_scale, f"{bias_name}.scale"),
+                numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), f"{bias_name}.zero_point"),
+            ])
+            graph.node.append(helper.make_node("DequantizeLinear", [f"{bias_name}.int32", f"{bias_name}.scale",
+                                                                    f"{bias_name}.zero_point"], [bias_name],
+                                               name=f"{bias_name}.DQ", axis=0))
+        # The input: quantized for this layer and for residual Adds reading the same tensor (so ORT runs them as
+        # QLinearAdd), then again upstream through ops that commute with the quantizer.
+        tensor, users, step = node.input[0], [node], 0
+        users += [n for n in consumers.get(tensor, []) if n.op_type == "Add"]
+        while True:
+            _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}", done)
+            source = producer.get(tensor)
+            if (source is None or source.op_type not in PASS_THROUGH or len(consumers.get(tensor, [])) != 1
+                    or source.input[0] in inits):
+                break
+            tensor, users, step = source.input[0], [source], step + 1
+            if len(consumers.get(tensor, [])) != 1:
+                break
+        if layer.output is not None:  # the output feeds a residual Add: QLinearConv -> QLinearAdd
+            s_y, z_y = _act_params(layer.output, name, "outputs")
+            _insert_qdq(graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y,
+                        f"{name}.output", done)
+    toposort(graph)
+    return proto
