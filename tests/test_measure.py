@@ -78,3 +78,30 @@ def test_latency_harness_times_real_models():
         assert stats.runs >= 5 and 0 < stats.p25 <= stats.median <= stats.p75
     assert "speed-up" in str(cmp)
     assert torch.get_num_threads() == 1  # restored
+
+
+def test_count_macs_is_what_profile_and_pruning_count():
+    from slimkit.models import create
+    from slimkit.pruning.allocate import measure as prune_measure
+
+    model = create("resnet20").train()
+    x = torch.zeros(1, 3, 32, 32)
+    per_module, total = measure.count_macs(model, x)
+    assert model.training  # restored
+    prof = measure.profile(model, x)
+    assert total == prof.macs == prune_measure(model, x)["macs"]
+    assert per_module["conv1"] == 16 * 32 * 32 * 27
+    assert {lp.name: lp.macs for lp in prof.layers if lp.macs} == {n: m for n, m in per_module.items()
+                                                                    if m and n in {lp.name for lp in prof.layers}}
+
+
+def test_benchmark_latency_restores_training_mode():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).train()
+    model[1].eval()  # a submodule's own mode comes back too
+    frozen = nn.Linear(8, 8).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    measure.benchmark_latency({"a": model, "b": frozen}, torch.zeros(1, 8), batch_sizes=(1,), warmup=1, repeats=5,
+                              threads=1, max_seconds=1.0)
+    assert seen and not any(seen)  # timed in eval mode
+    assert model.training and not model[1].training and model[0].training and not frozen.training

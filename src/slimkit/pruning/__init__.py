@@ -14,14 +14,15 @@ Example:
 """
 
 from slimkit.pruning.config import Allocation, Importance, PruneConfig, Target
-from slimkit.pruning.core import PruneResult, apply_record, replay
-from slimkit.pruning.graph import Group, build_graph
-from slimkit.pruning.importance import CRITERIA, l1_penalty
+from slimkit.pruning.core import PruneResult, apply_record, apply_record_, replay
+from slimkit.pruning.graph import Group, build_graph, register_graph_handler
+from slimkit.pruning.importance import CRITERIA, l1_penalty, register_importance
 from slimkit.pruning.schedule import prune
 from slimkit.pruning.sensitivity import SensitivityResult, sensitivity
 from slimkit.pruning.sparse import SparseResult, SparsityConfig, SparsityMode, pack_sparse, sparsify, unpack_sparse
 from slimkit.pruning.surgery import register_surgery
 
 __all__ = ["CRITERIA", "Allocation", "Group", "Importance", "PruneConfig", "PruneResult", "SensitivityResult",
-           "SparseResult", "SparsityConfig", "SparsityMode", "Target", "apply_record", "build_graph", "l1_penalty",
-           "pack_sparse", "prune", "register_surgery", "replay", "sensitivity", "sparsify", "unpack_sparse"]
+           "SparseResult", "SparsityConfig", "SparsityMode", "Target", "apply_record", "apply_record_", "build_graph",
+           "l1_penalty", "pack_sparse", "prune", "register_graph_handler", "register_importance", "register_surgery",
+           "replay", "sensitivity", "sparsify", "unpack_sparse"]

@@ -9,49 +9,22 @@ order (see ``_top_up``), so the result lands on the asked reduction.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from slimkit.measure import count_macs
 from slimkit.pruning.graph import CONVS, TRANSPOSED, PruneGraph, Seg
 
-__all__ = ["CostModel", "GroupLimits", "allocate", "matches", "measure", "module_macs"]
-
-
-def matches(name: str, patterns) -> bool:
-    """True when ``name`` equals a pattern or matches a ``re:`` pattern (full match)."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif name == p or name.startswith(p + "."):
-            return True
-    return False
+__all__ = ["CostModel", "GroupLimits", "allocate", "measure", "module_macs"]
 
 
 def module_macs(model: nn.Module, example_input) -> tuple[dict[str, float], float]:
-    """MACs per (qualified) module name and in total, from PyTorch's FlopCounterMode (counted as
-    ``slimkit.profile`` counts them: with CPU scaled-dot-product attention)."""
-    from slimkit.measure import _CUSTOM_FLOPS
-
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
-            model(*inputs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    root = type(model).__name__
-    out = {}
-    for key, ops in counter.get_flop_counts().items():
-        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
-        if name is not None:
-            out[name] = sum(ops.values()) / 2
-    return out, counter.get_total_flops() / 2
+    """MACs per (qualified) module name and in total, counted as ``slimkit.profile`` counts them
+    (``slimkit.measure.count_macs``)."""
+    per_module, total = count_macs(model, example_input)
+    return {name: float(macs) for name, macs in per_module.items()}, float(total)
 
 
 def measure(model: nn.Module, example_input) -> dict[str, float]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from slimkit.config import Config, check_range, to_enum
 from slimkit.errors import InputTypeError, UsageError
+from slimkit.pruning.importance import CRITERIA
 from slimkit.train import TrainConfig
 
 __all__ = ["Allocation", "Importance", "PruneConfig", "Target"]
@@ -43,8 +44,9 @@ class PruneConfig(Config):
     Args:
         amount: fraction in [0, 1) of ``target`` to remove (0.5 MACs = a 2x MAC reduction).
         target: ``channels`` (fraction of prunable channels), ``macs`` or ``params`` (of the whole model).
-        importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random`` or a callable
-            ``(group) -> scores``.
+        importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random``, the name of a criterion
+            registered with ``@slimkit.pruning.register_importance("name")``, or a callable ``(group) -> scores``
+            (a registered callable saves as its name; an unregistered one cannot be saved to a recipe).
         allocation: ``uniform`` (same ratio everywhere), ``global`` (one ranking of normalized scores),
             ``proportional`` (ratio proportional to the group's parameter share, capped by ``max_sparsity``),
             ``sensitivity`` (largest ratio per group whose measured accuracy drop stays under a shared threshold;
@@ -97,7 +99,7 @@ class PruneConfig(Config):
         check_range("amount", self.amount, 0.0, 0.999)
         check_range("max_sparsity", self.max_sparsity, 0.0, 1.0)
         check_range("tolerance", self.tolerance, 0.0, 0.5)
-        if not callable(self.importance):
+        if not callable(self.importance) and not _registered_name(self.importance):
             self.importance = to_enum(Importance, self.importance, "importance")
         for name, ratio in self.overrides.items():
             check_range(f"overrides[{name!r}]", ratio, 0.0, 0.999)
@@ -112,15 +114,36 @@ class PruneConfig(Config):
 
     @property
     def importance_name(self) -> str:
+        """The criterion's name: an ``Importance`` value, a registered name, or a callable's ``__name__``."""
         imp = self.importance
-        return imp.value if isinstance(imp, Importance) else getattr(imp, "__name__", type(imp).__name__)
+        if isinstance(imp, Importance):
+            return imp.value
+        if isinstance(imp, str):
+            return imp
+        return _name_of(imp) or getattr(imp, "__name__", type(imp).__name__)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, strict: bool = True) -> dict[str, Any]:
+        """A JSON-safe dict; ``importance`` is saved by name. A callable not registered as a criterion has no
+        name a recipe could load back: ``UsageError`` (``strict=False``: its ``__name__``, for records)."""
         data = super().to_dict()
+        if strict and callable(self.importance) and _name_of(self.importance) is None:
+            raise UsageError(f"PruneConfig.importance={self.importance_name!r} is a callable that is not registered, "
+                             "so the config cannot be saved; register it with "
+                             "@slimkit.pruning.register_importance('name') and pass the name")
         data["importance"] = self.importance_name
         if self.finetune is not None and self.finetune.epochs == 0:
             data["finetune"] = 0
         return data
+
+
+def _registered_name(value: object) -> bool:
+    """``value`` names a criterion registered with ``register_importance`` (beyond the built-in ones)."""
+    return isinstance(value, str) and value not in Importance._value2member_map_ and value in CRITERIA
+
+
+def _name_of(criterion: object) -> str | None:
+    """The name ``criterion`` is registered under (the built-ins included), or None."""
+    return next((name for name, fn in CRITERIA.items() if fn is criterion), None)
 
 
 def _no_training() -> TrainConfig:

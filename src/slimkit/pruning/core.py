@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimkit._modules import matches
 from slimkit.errors import UsageError
-from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, matches, measure
+from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, measure
 from slimkit.pruning.config import PruneConfig
-from slimkit.pruning.graph import PruneGraph, build_graph, trace
+from slimkit.pruning.graph import Group, PruneGraph, build_graph, trace
 from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
 from slimkit.pruning.surgery import apply_plan, decode_indices, encode_indices
 
-__all__ = ["PruneResult", "apply_record", "prune_once", "replay"]
+__all__ = ["PruneResult", "apply_record", "apply_record_", "compose_records", "compute_gradients", "group_scores",
+           "is_ignored", "matches_any", "plan_edits", "prune_once", "replay"]
 
 RECORD_FORMAT = 1
 
@@ -32,7 +35,8 @@ class PruneResult:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _gradients(model: nn.Module, train_data, loss_fn, batches: int) -> None:
+def compute_gradients(model: nn.Module, train_data, loss_fn, batches: int) -> None:
+    """Accumulate ``.grad`` of ``model`` over the first ``batches`` batches of ``train_data`` (for ``taylor``)."""
     from slimkit.train import default_loss, make_loader
 
     if train_data is None:
@@ -60,11 +64,13 @@ def _limits(graph: PruneGraph, cfg: PruneConfig) -> list[GroupLimits]:
 
 
 def matches_any(names: list[str], pattern: str) -> bool:
-    return any(matches(n, [pattern]) for n in names)
+    """Some module of ``names`` is selected by ``pattern`` (``slimkit._modules.matches``)."""
+    return any(matches(n, pattern) for n in names)
 
 
-def _plan(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model: nn.Module) -> dict[str, dict]:
-    """``{module: {"type", "out", "in"}}`` with runs of kept indices into the original layer."""
+def plan_edits(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model: nn.Module) -> dict[str, dict]:
+    """``{module: {"type", "out", "in"}}`` with runs of kept indices into the original layer, when group
+    ``id(group)`` keeps ``keep_channels[id(group)]`` (groups not listed keep every channel)."""
 
     def keep_of(space: int) -> torch.Tensor | None:
         group = graph.group_of_space.get(graph.root(space))
@@ -110,7 +116,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     """Prune a deep copy of ``model`` once, by ``cfg.amount`` of ``cfg.target``; returns (model, record)."""
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example_input, tuple(cfg.leaf_modules))
-    ignored = [g for g in graph.groups if _ignored(g, cfg)]
+    ignored = [g for g in graph.groups if is_ignored(g, cfg)]
     kept_intact = list(graph.kept_intact) + [{"group": g.id, "modules": g.names, "reasons": ["ignored by config"]}
                                              for g in ignored]
     graph.groups = [g for g in graph.groups if g not in ignored]
@@ -126,8 +132,8 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
                              f"group is ignored or kept intact ({reasons}). Ignore fewer layers")
         criterion = resolve(cfg.importance, cfg.seed)
         if cfg.importance_name in NEEDS_GRADIENTS:
-            _gradients(work, train_data, loss_fn, cfg.taylor_batches)
-        scores = [_scores(criterion, g) for g in graph.groups]
+            compute_gradients(work, train_data, loss_fn, cfg.taylor_batches)
+        scores = [group_scores(criterion, g) for g in graph.groups]
         work.zero_grad(set_to_none=True)
         limits = _limits(graph, cfg)
         _check_reachable(graph, limits, cost, cfg, kept_intact)
@@ -137,7 +143,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
             if k < group.units:
                 units = torch.sort(torch.topk(score, k).indices).values
                 keep_channels[id(group)] = (units[:, None] * group.unit + torch.arange(group.unit)).flatten()
-    plan = _plan(graph, keep_channels, work)
+    plan = plan_edits(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
@@ -152,7 +158,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
                          "PruneConfig.ignore or PruneConfig.leaf_modules") from exc
     record = {
         "format": RECORD_FORMAT,
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(strict=False),  # an unregistered callable criterion is recorded by its __name__
         "modules": plan,
         "groups": [{"id": g.id, "size": g.size, "unit": g.unit, "kept": len(keep_channels.get(id(g), range(g.size))),
                     "keep": encode_indices(keep_channels.get(id(g), torch.arange(g.size))), "members": g.names,
@@ -199,12 +205,14 @@ def _check_head_splits(model, graph: PruneGraph, keep_channels, example_input, c
                              "the attention module in PruneConfig.leaf_modules or ignore it")
 
 
-def _ignored(group, cfg: PruneConfig) -> bool:
+def is_ignored(group: Group, cfg: PruneConfig) -> bool:
+    """``cfg.ignore`` selects a module that produces the group's channels."""
     producers = [m.module for m in group.members if m.role in ("out", "heads")]
     return any(matches_any(producers, p) for p in cfg.ignore)
 
 
-def _scores(criterion, group) -> torch.Tensor:
+def group_scores(criterion: Callable[[Group], Any], group: Group) -> torch.Tensor:
+    """``criterion(group)`` as a float tensor, checked: one finite score per unit."""
     scores = torch.as_tensor(criterion(group), dtype=torch.float32).flatten()
     if scores.numel() != group.units or not torch.isfinite(scores).all():
         raise UsageError(f"importance criterion returned {scores.numel()} scores (finite: "
@@ -275,12 +283,13 @@ def compose_records(first: dict | None, second: dict) -> dict:
     return merged
 
 
-def apply_record(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
-    """Rebuild the pruned shapes on a freshly built model of the same architecture (in place; returned).
+def apply_record_(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Rebuild the pruned shapes on a freshly built model of the same architecture, in place (returned).
+    ``apply_record`` and ``replay`` are older names of this function.
 
     Example:
         >>> pruned = slimkit.prune(model, PruneConfig(amount=0.5), x)                  # doctest: +SKIP
-        >>> clone = apply_record(slimkit.models.create("resnet20"), pruned.record)     # doctest: +SKIP
+        >>> clone = apply_record_(slimkit.models.create("resnet20"), pruned.record)    # doctest: +SKIP
         >>> clone.load_state_dict(pruned.model.state_dict())                           # doctest: +SKIP
     """
     if not isinstance(record, dict) or "modules" not in record:
@@ -292,4 +301,4 @@ def apply_record(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
         return apply_plan(fresh_model, record["modules"])
 
 
-replay = apply_record
+apply_record = replay = apply_record_

@@ -20,17 +20,19 @@ import contextlib
 import io
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from slimkit.errors import UsageError
+from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention
 
-__all__ = ["Group", "Member", "PruneGraph", "Seg", "build_graph"]
+__all__ = ["Group", "Member", "PruneGraph", "Seg", "Value", "Walker", "build_graph", "register_graph_handler"]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -84,10 +86,19 @@ class Value:
     hdim: int | None = None
     pdim: int | None = None
 
-    def moved(self, where) -> Value:
+    @property
+    def dim(self) -> int:
+        """The channel dim, for a value known to have one (``chdim`` is not None)."""
+        if self.chdim is None:
+            raise UsageError("pruning graph: a value without channels was used as one (a bug: please report it)")
+        return self.chdim
+
+    def moved(self, where: Callable[[int], int]) -> Value:
         """The same layout with every tracked dim ``d`` moved to ``where(d)``."""
-        return Value(where(self.chdim), self.segs, self.heads, None if self.hdim is None else where(self.hdim),
-                     None if self.pdim is None else where(self.pdim))
+        def move(d: int | None) -> int | None:
+            return None if d is None else where(d)
+
+        return Value(move(self.chdim), self.segs, self.heads, move(self.hdim), move(self.pdim))
 
     @property
     def width(self) -> int:
@@ -139,7 +150,7 @@ class PruneGraph:
     in_segs: dict[str, tuple[Seg, ...]]  # module -> segments of the channels it reads (consumers, through)
     heads_space: dict[str, int]
     group_of_space: dict[int, Group]
-    root: callable = field(repr=False, default=None)
+    root: Callable[[int], int] = field(repr=False, default=lambda space: space)
     out_copies: dict[str, int] = field(default_factory=dict)  # fused q/k/v producers: copies of the group
     head_ops: list[tuple[int, float]] = field(default_factory=list)  # (space, MACs) of q@k^T, attn@v matmuls
     head_splits: list[tuple[str, int, int, tuple]] = field(default_factory=list)  # reshapes using a head count
@@ -193,7 +204,89 @@ class _Spaces:
             reasons.append(reason)
 
 
-class _Walker:
+GraphHandler = Callable[["Walker", fx.Node, "Value | None"], object]
+"""``handler(walker, node, x) -> value``: the channel value of ``node``'s output (a ``Value``, a tuple of them, or
+``None`` for a non-tensor). ``x`` is the value of the node's first argument (see ``register_graph_handler``)."""
+
+
+@dataclass(frozen=True)
+class _Handler:
+    fn: GraphHandler
+    heads: bool
+    stage: str
+
+
+MODULE_HANDLERS: dict[type, _Handler] = {}
+FUNCTION_HANDLERS: dict[object, _Handler] = {}
+METHOD_HANDLERS: dict[str, _Handler] = {}
+STAGES = ("node", "tensor", "channels")
+
+
+def register_graph_handler(*keys: object, heads: bool = False,
+                           stage: str = "channels") -> Callable[[GraphHandler], GraphHandler]:
+    """Teach the pruning graph how channels flow through a module type, a function or a tensor method.
+
+    ``keys`` are module classes (``nn.Linear``; a module of a registered class is not traced into, and the handler
+    of the nearest registered base class applies to subclasses), functions (``torch.flatten``, ``operator.add``)
+    or method names (``"view"``). The handler is called as ``handler(walker, node, x)`` and returns the output's
+    channel value; ``walker`` offers ``read`` (the module reads channels), ``new_producer`` (it produces new
+    channels), ``unknown`` (keep what the node touches intact, with a reason), ``flatten``, ``reshape``,
+    ``permute``, ``shape`` and ``module_of``.
+
+    Args:
+        heads: the handler also accepts values split into attention heads (otherwise such a value is kept intact).
+        stage: when it is called: ``"channels"`` (default) with ``x``, the tracked input whose channel dim is
+            known; ``"tensor"`` (methods only) as soon as the tensor the method is called on is tracked; ``"node"``
+            before any check, with ``x=None`` (the handler reads ``node.args`` itself).
+
+    Example:
+        >>> @register_graph_handler(MyLinear)                                           # doctest: +SKIP
+        ... def my_linear(walker, node, x):
+        ...     name, module = str(node.target), walker.module_of(node)
+        ...     walker.read(name, x, "in")
+        ...     return walker.new_producer(name, module.out_features, x.chdim)
+    """
+    if stage not in STAGES:
+        raise UsageError(f"register_graph_handler: stage={stage!r} is not valid; choose one of {STAGES}")
+
+    def wrap(fn: GraphHandler) -> GraphHandler:
+        entry = _Handler(fn, heads, stage)
+        for key in keys:
+            if isinstance(key, type):
+                MODULE_HANDLERS[key] = entry
+            elif isinstance(key, str):
+                METHOD_HANDLERS[key] = entry
+            elif callable(key):
+                FUNCTION_HANDLERS[key] = entry
+            else:
+                raise InputTypeError(f"register_graph_handler: {key!r} is no module class, function or method name")
+        return fn
+
+    return wrap
+
+
+def module_handler(module: nn.Module) -> _Handler | None:
+    """The handler of the nearest registered class of ``module`` (its own class first)."""
+    for cls in type(module).__mro__:
+        entry = MODULE_HANDLERS.get(cls)
+        if entry is not None:
+            return entry
+    return None
+
+
+def _fname(node: fx.Node) -> str:
+    return str(node.target) if isinstance(node.target, str) else getattr(node.target, "__name__", "fn")
+
+
+def _arg(node: fx.Node, index: int, key: str, default: object = None) -> Any:
+    """Positional argument ``index`` of ``node`` (after the tensor), else keyword ``key``, else ``default``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+
+
+class Walker:
+    """Walks a traced graph once, in order, giving every node's output a channel ``Value`` (see the module
+    docstring). The isinstance knowledge lives in the handler tables (``register_graph_handler``)."""
+
     def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
         self.model, self.gm = model, gm
         self.modules = dict(model.named_modules())
@@ -212,9 +305,20 @@ class _Walker:
 
     # -- values -------------------------------------------------------------------------------------------------
     @staticmethod
-    def shape(node) -> tuple[int, ...] | None:
+    def shape(node: object) -> tuple[int, ...] | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def dims(self, node: object) -> tuple[int, ...]:
+        """The shape of a node known to be a tensor (ShapeProp annotated it)."""
+        shape = self.shape(node)
+        if shape is None:
+            raise UsageError(f"pruning graph: no tensor shape recorded for {node} (a bug: please report it)")
+        return shape
+
+    def module_of(self, node: fx.Node) -> Any:
+        """The module a ``call_module`` node calls (``Any``: handlers read attributes of their own layer type)."""
+        return self.modules[str(node.target)]
 
     def fresh(self, node: fx.Node, reason: str | None) -> Value | None:
         shape = self.shape(node)
@@ -227,7 +331,7 @@ class _Walker:
     def made(self, node: fx.Node) -> Value | None:
         return self.fresh(node, f"tensor made in forward ({node.name})")
 
-    def freeze(self, value, reason: str) -> None:
+    def freeze(self, value: object, reason: str) -> None:
         if isinstance(value, Value):
             for seg in value.segs:
                 self.sp.freeze(seg.space, reason)
@@ -235,9 +339,14 @@ class _Walker:
             for v in value:
                 self.freeze(v, reason)
 
-    def values_in(self, node: fx.Node) -> list:
-        found = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(self.env.get(n)))
+    def values_in(self, node: fx.Node) -> list[object]:
+        found: list[object] = []
+
+        def collect(n: fx.Node) -> fx.Node:
+            found.append(self.env.get(n))
+            return n
+
+        fx.node.map_arg((node.args, node.kwargs), collect)
         return [v for v in found if v is not None]
 
     def unify(self, a: Value, b: Value, where: str) -> None:
@@ -288,7 +397,7 @@ class _Walker:
             elif node.op == "call_module":
                 self.env[node] = self.call_module(node)
             elif node.op == "call_function":
-                self.env[node] = self.call_function(node, node.target, getattr(node.target, "__name__", "fn"))
+                self.env[node] = self.call_function(node)
             else:  # call_method
                 self.env[node] = self.call_method(node)
 
@@ -299,22 +408,23 @@ class _Walker:
         shape = self.shape(node)
         if shape is None:
             return None
+        target = str(node.target)
         try:
-            tensor = self.model.get_parameter(node.target)
+            tensor: torch.Tensor | None = self.model.get_parameter(target)
         except AttributeError:
             tensor = None
         wide = [d for d, n in enumerate(shape) if n > 1]
         if tensor is None or len(wide) > 1 or not tensor.is_floating_point():
-            self.attr_uses[node.target] = None
-            return self.fresh(node, f"parameter/buffer used directly ({node.target})")
+            self.attr_uses[target] = None
+            return self.fresh(node, f"parameter/buffer used directly ({target})")
         if not wide:
-            self.attr_uses[node.target] = {}
+            self.attr_uses[target] = {}
             return Value(None, ())
         dim = wide[0]
-        if node.target not in self.params:
-            self.params[node.target] = (self.sp.new(shape[dim]), dim)
-        segs = (Seg(self.params[node.target][0], shape[dim]),)
-        self.attr_uses[node.target] = {dim: segs}
+        if target not in self.params:
+            self.params[target] = (self.sp.new(shape[dim]), dim)
+        segs = (Seg(self.params[target][0], shape[dim]),)
+        self.attr_uses[target] = {dim: segs}
         return Value(dim, segs)
 
     def arg_value(self, node: fx.Node, index: int = 0) -> Value | None:
@@ -322,56 +432,55 @@ class _Walker:
         value = self.env.get(arg) if isinstance(arg, fx.Node) else None
         return value if isinstance(value, Value) else None
 
-    def call_module(self, node: fx.Node):
-        name, module = node.target, self.modules[node.target]
+    def call_module(self, node: fx.Node) -> object:
+        name, module = str(node.target), self.module_of(node)
         x = self.arg_value(node)
         kind = type(module).__name__
         if x is None or x.chdim is None:
             return self.unknown(node, f"input to {kind} {name!r}")
-        shape = self.shape(node.args[0])
-        if isinstance(module, nn.Softmax | nn.LogSoftmax):
-            return self.softmax(node, x, module.dim if module.dim is not None else -1)
-        if x.heads and not isinstance(module, ELEMENTWISE_MODULES):
+        entry = module_handler(module)
+        if x.heads and not (entry is not None and entry.heads):
             return self.unknown(node, f"{kind} {name!r} on attention heads")
-        if isinstance(module, PASS_MODULES):
-            return x
-        if isinstance(module, nn.Flatten):
-            return self.flatten(node, x, shape, module.start_dim, module.end_dim)
-        if isinstance(module, BATCH_NORMS) or (isinstance(module, INSTANCE_NORMS) and module.affine):
-            self.read(name, x, "through")
-            return x
-        if isinstance(module, INSTANCE_NORMS):
-            return x
-        if isinstance(module, nn.PReLU):
-            if module.num_parameters > 1:
-                self.read(name, x, "through")
-            return x
-        if isinstance(module, nn.GroupNorm):
-            if x.chdim != 1 or len(x.segs) != 1:
-                return self.unknown(node, f"GroupNorm {name!r} on a concatenated/flattened input")
-            self.read(name, x, "through")
-            root = self.sp.find(x.segs[0].space)
-            self.sp.unit[root] = math.lcm(self.sp.unit[root], module.num_channels // module.num_groups)
-            return x
-        if isinstance(module, nn.LayerNorm):
-            if x.chdim != len(shape) - 1 or len(module.normalized_shape) != 1:
-                return self.unknown(node, f"LayerNorm {name!r} over several dims")
-            self.read(name, x, "through")
-            return x
-        if isinstance(module, nn.Linear):
-            x = self.at_dim(node, x, len(shape) - 1, shape)
-            if x is None:
-                return self.unknown(node, f"Linear {name!r} applied to a non-channel dim")
-            self.read(name, x, "in")
-            return self.new_producer(name, module.out_features, len(shape) - 1)
-        if isinstance(module, CONVS + TRANSPOSED):
-            x = self.at_dim(node, x, 1, shape)
-            return self.unknown(node, f"{kind} {name!r} input") if x is None else self.conv(node, name, module, x)
-        if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
-            return self.attention(node, name, module)
-        return self.unknown(node, f"module {kind} {name!r} (kept intact)")
+        if entry is None:
+            return self.unknown(node, f"module {kind} {name!r} (kept intact)")
+        return entry.fn(self, node, x)
 
-    def at_dim(self, node, x: Value, dim: int, shape) -> Value | None:
+    def call_function(self, node: fx.Node, *, lookup: bool = True) -> object:
+        entry = FUNCTION_HANDLERS.get(node.target) if lookup else None
+        fname = _fname(node)
+        if not (entry is not None and entry.heads) and any(
+                v.heads for v in self.values_in(node) if isinstance(v, Value)):
+            return self.unknown(node, f"function {fname} on attention heads")
+        if entry is not None and entry.stage != "channels":
+            return entry.fn(self, node, None)
+        x = self.arg_value(node)
+        if x is None:
+            return self.made(node) if not self.values_in(node) else self.unknown(node, f"function {fname}")
+        if x.chdim is None:  # a tensor without channels (a scalar parameter): what comes of it has none either
+            return Value(None, ()) if len(self.values_in(node)) == 1 else self.unknown(node, f"function {fname}")
+        if entry is None:
+            return self.unknown(node, f"function {fname}")
+        return entry.fn(self, node, x)
+
+    def call_method(self, node: fx.Node) -> object:
+        method = str(node.target)
+        entry = METHOD_HANDLERS.get(method)
+        if entry is not None and entry.stage == "node":
+            return entry.fn(self, node, None)
+        x = self.arg_value(node)
+        if x is None:
+            return self.made(node) if not self.values_in(node) else self.unknown(node, f"method .{method}()")
+        if entry is not None and entry.stage == "tensor":
+            return entry.fn(self, node, x)
+        if x.chdim is None:
+            return Value(None, ()) if len(self.values_in(node)) == 1 else self.unknown(node, f"method .{method}()")
+        if x.heads and not (entry is not None and entry.heads):
+            return self.unknown(node, f"method .{method}() on attention heads")
+        if entry is None:
+            return self.unknown(node, f"method .{method}()")
+        return entry.fn(self, node, x)
+
+    def at_dim(self, node: fx.Node, x: Value, dim: int, shape: tuple[int, ...]) -> Value | None:
         """``x`` with channels on ``dim``; a fully frozen value (e.g. the model input) is re-read there."""
         if x.chdim == dim:
             return x
@@ -379,7 +488,7 @@ class _Walker:
             return Value(dim, (Seg(self.sp.new(shape[dim], "model input"), shape[dim]),))
         return None
 
-    def conv(self, node, name: str, module: nn.Module, x: Value):
+    def conv(self, node: fx.Node, name: str, module: Any, x: Value) -> Value | None:
         kind = type(module).__name__
         if module.groups == 1:
             self.read(name, x, "in")
@@ -402,11 +511,11 @@ class _Walker:
             self.sp.unit[root] = math.lcm(self.sp.unit[root], per)
         return x
 
-    def attention(self, node, name: str, module: nn.Module):
+    def attention(self, node: fx.Node, name: str, module: Any) -> tuple[Value, Value]:
         reason = f"embedding dim of MultiheadAttention {name!r} (residual stream kept)"
         for value in self.values_in(node):
             self.freeze(value, reason)
-        shape = self.shape(node.args[0])
+        shape = self.dims(node.args[0])
         embed = Value(len(shape) - 1, (Seg(self.sp.new(module.embed_dim, reason), module.embed_dim),))
         weights = Value(None, ())
         if (getattr(module, "_qkv_same_embed_dim", True) and getattr(module, "bias_k", None) is None
@@ -415,21 +524,21 @@ class _Walker:
             self.new_producer(name, inner, len(shape) - 1, role="heads", unit=module.head_dim)
         return (embed, weights)
 
-    def flatten(self, node, x: Value, shape, start: int, end: int):
+    def flatten(self, node: fx.Node, x: Value, shape: tuple[int, ...], start: int, end: int) -> Value | None:
         ndim = len(shape)
         start, end = start % ndim, end % ndim
-        if x.chdim < start:
+        if x.dim < start:
             return x
-        if x.chdim > end:
-            return Value(x.chdim - (end - start), x.segs)
-        if x.chdim != start:
+        if x.dim > end:
+            return Value(x.dim - (end - start), x.segs)
+        if x.dim != start:
             return self.unknown(node, "flatten that interleaves channels")
         inner = math.prod(shape[start + 1:end + 1])
         return Value(start, tuple(Seg(s.space, s.channels, s.block * inner) for s in x.segs))
 
-    def reshape(self, node, x: Value, sizes):
-        src, dst = self.shape(node.args[0]), self.shape(node)
-        c = x.chdim
+    def reshape(self, node: fx.Node, x: Value, sizes: Any) -> Value | None:
+        src, dst = self.dims(node.args[0]), self.dims(node)
+        c = x.dim
         if x.heads:
             return self.merge_heads(node, x, sizes, src, dst)
         literal = sizes[c] if len(sizes) > c else None
@@ -451,12 +560,13 @@ class _Walker:
         split = self.split_heads(node, x, sizes, src, dst)
         return split if split is not None else self.unknown(node, f"reshape {src} -> {dst} that splits channels")
 
-    def unit_dims(self, node, x: Value, sizes, src, dst) -> Value | None:
+    def unit_dims(self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...],
+                  dst: tuple[int, ...]) -> Value | None:
         """A reshape that only adds or removes dims of size 1 (``scale.view(1, -1, 1, 1)``): the channels move to
         the matching dim. ``None`` when the reshape does more."""
-        if src[x.chdim] == 1 or [n for n in src if n != 1] != [n for n in dst if n != 1]:
+        if src[x.dim] == 1 or [n for n in src if n != 1] != [n for n in dst if n != 1]:
             return None
-        rank = sum(n != 1 for n in src[:x.chdim])
+        rank = sum(n != 1 for n in src[:x.dim])
         c = [d for d, n in enumerate(dst) if n != 1][rank]
         literal = sizes[c] if len(sizes) == len(dst) else None
         if isinstance(literal, int) and literal != -1:
@@ -480,29 +590,32 @@ class _Walker:
         if not isinstance(value, Value) or value.heads or value.chdim is None or not isinstance(idx, int):
             return False
 
-        def layout(v: Value):
+        def layout(v: Value) -> list[tuple[int, int, int]]:
             return [(self.sp.find(seg.space), seg.channels, seg.block) for seg in v.segs]
 
-        return idx % len(self.shape(src)) == value.chdim and layout(value) == layout(x)
+        return idx % len(self.dims(src)) == value.chdim and layout(value) == layout(x)
 
-    def binary(self, node: fx.Node, where: str):
+    def binary(self, node: fx.Node, where: str) -> Value | None:
         out_shape = self.shape(node)
         if out_shape is None:
             return None
-        tensors = [(a, self.env.get(a)) for a in node.args[:2] if isinstance(a, fx.Node)]
-        tensors = [(a, v) for a, v in tensors if isinstance(v, Value)]
+        tensors: list[tuple[fx.Node, Value]] = []
+        for arg in node.args[:2]:
+            value = self.env.get(arg) if isinstance(arg, fx.Node) else None
+            if isinstance(arg, fx.Node) and isinstance(value, Value):
+                tensors.append((arg, value))
         if not tensors:
             return self.made(node)
         if any(v.heads for _, v in tensors):
             return self.heads_binary(node, tensors, out_shape, where)
-        base = next((v for a, v in tensors if len(self.shape(a)) == len(out_shape) and v.chdim is not None), None)
+        base = next((v for a, v in tensors if len(self.dims(a)) == len(out_shape) and v.chdim is not None), None)
         if base is None:
             return self.unknown(node, where)
         for arg, value in tensors:
             if value is base:
                 continue
-            shape = self.shape(arg)
-            aligned = base.chdim - (len(out_shape) - len(shape))
+            shape = self.dims(arg)
+            aligned = base.dim - (len(out_shape) - len(shape))
             if aligned < 0 or shape[aligned] == 1:
                 continue
             if value.chdim != aligned:
@@ -513,19 +626,19 @@ class _Walker:
         return base
 
     # -- attention heads (plain q/k/v Linear attention) ---------------------------------------------------------
-    def softmax(self, node, x: Value, dim):
-        dim = (-1 if dim is None else dim) % len(self.shape(node.args[0]))
+    def softmax(self, node: fx.Node, x: Value, dim: Any) -> Value | None:
+        dim = (-1 if dim is None else dim) % len(self.dims(node.args[0]))
         if dim in (x.chdim, x.hdim, x.pdim):
             return self.unknown(node, "softmax over channels")
         return x
 
-    def unbind(self, node, x: Value, dim):
-        dim %= len(self.shape(node.args[0]))
+    def unbind(self, node: fx.Node, x: Value, dim: Any) -> object:
+        dim %= len(self.dims(node.args[0]))
         if not x.heads or dim != x.pdim:
             return self.unknown(node, "unbind of channels" if x.heads else "unbind")
         part = x.moved(lambda d: d - (d > dim))
         part.pdim = None
-        return tuple(Value(part.chdim, part.segs, True, part.hdim) for _ in range(self.shape(node.args[0])[dim]))
+        return tuple(Value(part.chdim, part.segs, True, part.hdim) for _ in range(self.dims(node.args[0])[dim]))
 
     def head_count_attr(self, node: fx.Node, heads: int) -> tuple[str, str] | None:
         """The int attribute (``num_heads``...) of the module that owns ``node`` whose value is the literal head
@@ -540,9 +653,10 @@ class _Walker:
             found = [k for k in found if k in HEAD_COUNT_NAMES]
         return (owner, found[0]) if len(found) == 1 else None
 
-    def split_heads(self, node, x: Value, sizes, src, dst) -> Value | None:
+    def split_heads(self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...],
+                    dst: tuple[int, ...]) -> Value | None:
         """``reshape(B, N, [parts,] heads, head_dim)`` of a projection's output: a heads value, or None."""
-        c, k = x.chdim, len(dst) - len(src) + 1
+        c, k = x.dim, len(dst) - len(src) + 1
         if (k not in (2, 3) or len(x.segs) != 1 or x.segs[0].block != 1 or dst[:c] != src[:c]
                 or dst[c + k:] != src[c + 1:] or len(sizes) != len(dst)):
             return None
@@ -572,9 +686,10 @@ class _Walker:
         seg = (Seg(target, heads * head_dim),)
         return Value(c + k - 2, seg, True, c + k - 1, c if k == 3 else None)
 
-    def merge_heads(self, node, x: Value, sizes, src, dst):
+    def merge_heads(self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...],
+                    dst: tuple[int, ...]) -> Value | None:
         """``(..., heads, head_dim, ...) -> (..., heads * head_dim, ...)`` back into channels."""
-        c = x.chdim
+        c = x.dim
         if x.hdim != c + 1 or x.pdim is not None or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2:]):
             return self.unknown(node, f"reshape {src} -> {dst} of attention heads")
         arg = sizes[c] if len(sizes) > c else None
@@ -583,12 +698,13 @@ class _Walker:
                                       "the width follows the kept heads")
         return Value(c, x.segs)
 
-    def heads_binary(self, node, tensors, out_shape, where: str):
-        base = next((v for a, v in tensors if v.heads and len(self.shape(a)) == len(out_shape)), None)
+    def heads_binary(self, node: fx.Node, tensors: list[tuple[fx.Node, Value]], out_shape: tuple[int, ...],
+                     where: str) -> Value | None:
+        base = next((v for a, v in tensors if v.heads and len(self.dims(a)) == len(out_shape)), None)
         if base is None:
             return self.unknown(node, f"{where} broadcasting attention heads")
         for arg, value in tensors:
-            shape = self.shape(arg)
+            shape = self.dims(arg)
             if value is base:
                 continue
             if value.heads and len(shape) == len(out_shape) and (value.chdim, value.hdim, value.pdim) == (
@@ -602,14 +718,15 @@ class _Walker:
                 return self.unknown(node, f"{where} mixing attention heads with other channels")
         return base
 
-    def matmul(self, node, where: str):
+    def matmul(self, node: fx.Node, where: str) -> Value | None:
         a, b = self.arg_value(node, 0), self.arg_value(node, 1)
         if a is None or b is None or not (a.heads and b.heads):
             return self.unknown(node, f"{where} (only q @ k^T and attn @ v of attention heads are tracked)")
-        sa, sb, out = self.shape(node.args[0]), self.shape(node.args[1]), self.shape(node)
+        sa, sb, out = self.dims(node.args[0]), self.dims(node.args[1]), self.dims(node)
         nd = len(out)
         batch = nd - 2
-        ok = len(sa) == len(sb) == nd and a.chdim == b.chdim and a.chdim < batch and a.pdim is None is b.pdim
+        ok = (len(sa) == len(sb) == nd and a.chdim == b.chdim and a.chdim is not None and a.chdim < batch
+              and a.pdim is None is b.pdim)
         a_free = a.hdim == nd - 2       # head_dim survives on the rows of a
         b_free = b.hdim == nd - 1       # ... or on the columns of b
         contracted = (a.hdim == nd - 1, b.hdim == nd - 2)
@@ -622,111 +739,29 @@ class _Walker:
         self.head_ops.append((a.segs[0].space, float(math.prod(out) * sa[-1])))
         return Value(a.chdim, a.segs, True, nd - 2 if a_free else nd - 1 if b_free else None)
 
-    def sdpa(self, node):
-        values = [self.arg_value(node, i) for i in range(3)]
-        extra = [k for k, v in node.kwargs.items() if isinstance(v, fx.Node)] + [
-            i for i, v in enumerate(node.args[3:]) if isinstance(v, fx.Node)]
-        nd = len(self.shape(node))
-        if extra or any(v is None or not v.heads or v.hdim != nd - 1 or v.pdim is not None or
-                        v.chdim != values[0].chdim for v in values):
+    def sdpa(self, node: fx.Node) -> Value | None:
+        found = [self.arg_value(node, i) for i in range(3)]
+        extra = any(isinstance(v, fx.Node) for v in [*node.kwargs.values(), *node.args[3:]])
+        nd = len(self.dims(node))
+        values = [v for v in found if v is not None]
+        if extra or len(values) != len(found) or any(not v.heads or v.hdim != nd - 1 or v.pdim is not None or
+                                                     v.chdim != values[0].chdim for v in values):
             return self.unknown(node, "scaled_dot_product_attention (with a mask, or not on attention heads)")
         for v in values[1:]:
             self.sp.union(values[0].segs[0].space, v.segs[0].space, f"scaled_dot_product_attention ({node.name})")
-        q, k = self.shape(node.args[0]), self.shape(node.args[1])
+        q, k = self.dims(node.args[0]), self.dims(node.args[1])
         self.head_ops.append((values[0].segs[0].space, float(2 * math.prod(q) * k[-2])))  # q @ k^T and attn @ v
         return values[2]
 
-    def call_function(self, node: fx.Node, fn, fname: str):
-        if fn is getattr and node.args[1:] == ("shape",):
-            return None
-        if fn is operator.getitem:
-            return self.getitem(node)
-        if fn in MATMUL:
-            return self.matmul(node, fname)
-        if fn is F.scaled_dot_product_attention:
-            return self.sdpa(node)
-        if any(v.heads for v in self.values_in(node) if isinstance(v, Value)) and fn not in (
-                BINARY | ELEMENTWISE_FUNCTIONS | {torch.reshape, torch.permute, torch.transpose, torch.softmax,
-                                                  F.softmax, torch.unbind}):
-            return self.unknown(node, f"function {fname} on attention heads")
-        if fn in BINARY:
-            return self.binary(node, fname)
-        if fn is torch.cat or fn is torch.concat:
-            return self.cat(node)
-        x = self.arg_value(node)
-        if x is None:
-            return self.made(node) if not self.values_in(node) else self.unknown(node, f"function {fname}")
-        if x.chdim is None:  # a tensor without channels (a scalar parameter): what comes of it has none either
-            return Value(None, ()) if len(self.values_in(node)) == 1 else self.unknown(node, f"function {fname}")
-        if fn in PASS_FUNCTIONS:
-            return x
-        shape = self.shape(node.args[0])
-        if fn is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self.flatten(node, x, shape, start, end)
-        if fn is torch.reshape:
-            return self.reshape(node, x, node.args[1])
-        if fn in (torch.permute, torch.transpose):
-            return self.permute(node, x, fn.__name__, node.args[1:])
-        if fn in (torch.mean, torch.sum, torch.amax):
-            return self.reduce(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-        if fn in (F.softmax, torch.softmax, F.log_softmax):
-            return self.softmax(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-        if fn is torch.unbind:
-            return self.unbind(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
-        if fn is torch.unsqueeze:
-            return self.unsqueeze(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-        return self.unknown(node, f"function {fname}")
-
-    def call_method(self, node: fx.Node):
-        method = node.target
-        x = self.arg_value(node)
-        if method in SHAPE_QUERIES:
-            return None
-        if x is None:
-            return self.made(node) if not self.values_in(node) else self.unknown(node, f"method .{method}()")
-        if method in BINARY_METHODS:
-            return self.binary(node, method)
-        if method == "matmul":
-            return self.matmul(node, method)
-        if x.chdim is None:
-            return Value(None, ()) if len(self.values_in(node)) == 1 else self.unknown(node, f"method .{method}()")
-        if x.heads and method not in PASS_METHODS | {"view", "reshape", "permute", "transpose", "softmax",
-                                                     "unbind"}:
-            return self.unknown(node, f"method .{method}() on attention heads")
-        if method in PASS_METHODS:
-            return x
-        shape = self.shape(node.args[0])
-        rest = node.args[1:]
-        if method == "flatten":
-            start = rest[0] if rest else node.kwargs.get("start_dim", 0)
-            end = rest[1] if len(rest) > 1 else node.kwargs.get("end_dim", -1)
-            return self.flatten(node, x, shape, start, end)
-        if method in ("view", "reshape"):
-            sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            return self.reshape(node, x, list(sizes))
-        if method in ("permute", "transpose"):
-            return self.permute(node, x, method, rest)
-        if method in ("mean", "sum", "amax"):
-            return self.reduce(node, x, rest[0] if rest else node.kwargs.get("dim"))
-        if method == "softmax":
-            return self.softmax(node, x, rest[0] if rest else node.kwargs.get("dim"))
-        if method == "unbind":
-            return self.unbind(node, x, rest[0] if rest else node.kwargs.get("dim", 0))
-        if method == "unsqueeze":
-            return self.unsqueeze(node, x, rest[0] if rest else node.kwargs.get("dim"))
-        return self.unknown(node, f"method .{method}()")
-
-    def unsqueeze(self, node: fx.Node, x: Value, dim):
+    def unsqueeze(self, node: fx.Node, x: Value, dim: Any) -> Value | None:
         if not isinstance(dim, int):
             return self.unknown(node, "unsqueeze at a computed dim")
-        dim %= len(self.shape(node))
-        return Value(x.chdim + (dim <= x.chdim), x.segs)
+        dim %= len(self.dims(node))
+        return Value(x.dim + (dim <= x.dim), x.segs)
 
-    def getitem(self, node: fx.Node):
+    def getitem(self, node: fx.Node) -> object:
         source = self.env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        index = node.args[1]
+        index: Any = node.args[1]
         if isinstance(source, tuple):
             return source[index]
         if not isinstance(source, Value):
@@ -758,13 +793,14 @@ class _Walker:
             src_dim += 1
         return Value(out_dim + source.chdim - src_dim, source.segs)
 
-    def cat(self, node: fx.Node):
-        tensors = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        values = [self.env.get(t) for t in tensors]
-        if not all(isinstance(v, Value) and v.chdim is not None for v in values):
+    def cat(self, node: fx.Node) -> Value | None:
+        tensors: Any = node.args[0]
+        dim: Any = _arg(node, 1, "dim", 0)
+        found = [self.env.get(t) for t in tensors]
+        values = [v for v in found if isinstance(v, Value) and v.chdim is not None]
+        if len(values) != len(found):
             return self.unknown(node, "torch.cat of untracked tensors")
-        out_ndim = len(self.shape(node))
+        out_ndim = len(self.dims(node))
         dim %= out_ndim
         if any(v.chdim != values[0].chdim for v in values):
             return self.unknown(node, "torch.cat of tensors with different channel dims")
@@ -774,8 +810,8 @@ class _Walker:
             self.unify(values[0], other, f"torch.cat ({node.name})")
         return values[0]
 
-    def permute(self, node: fx.Node, x: Value, how: str, args):
-        ndim = len(self.shape(node))
+    def permute(self, node: fx.Node, x: Value, how: str, args: Any) -> Value:
+        ndim = len(self.dims(node))
         if how == "transpose":
             a, b = (int(args[0]) % ndim, int(args[1]) % ndim)
             return x.moved(lambda d: b if d == a else a if d == b else d)
@@ -783,15 +819,227 @@ class _Walker:
         dims = [d % ndim for d in dims]
         return x.moved(dims.index)
 
-    def reduce(self, node: fx.Node, x: Value, dim):
+    def reduce(self, node: fx.Node, x: Value, dim: Any) -> Value | None:
         if dim is None:
             return self.unknown(node, "reduction over all dims")
-        ndim = len(self.shape(node.args[0]))
+        ndim = len(self.dims(node.args[0]))
         dims = [d % ndim for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
         if x.chdim in dims:
             return self.unknown(node, "reduction over channels")
-        keep = len(self.shape(node)) == ndim
+        keep = len(self.dims(node)) == ndim
         return Value(x.chdim if keep else x.chdim - sum(d < x.chdim for d in dims), x.segs)
+
+
+
+# -- the built-in handlers: how channels flow through torch's own layers, functions and methods ------------------
+def _same(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    """Elementwise ops and pooling keep the channel layout."""
+    return x
+
+
+def _channels(x: Value | None) -> Value:
+    if x is None:  # a "channels" stage handler is only called with a tracked value
+        raise UsageError("pruning graph: a channel handler was called without its input (a bug: please report it)")
+    return x
+
+
+register_graph_handler(*ELEMENTWISE_MODULES, heads=True)(_same)
+register_graph_handler(*(m for m in PASS_MODULES if m not in ELEMENTWISE_MODULES))(_same)
+register_graph_handler(*ELEMENTWISE_FUNCTIONS, heads=True)(_same)
+register_graph_handler(*(f for f in PASS_FUNCTIONS if f not in ELEMENTWISE_FUNCTIONS))(_same)
+register_graph_handler(*PASS_METHODS, heads=True)(_same)
+
+
+@register_graph_handler(nn.Softmax, nn.LogSoftmax, heads=True)
+def _softmax_module(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    dim = getattr(walker.module_of(node), "dim", None)
+    return walker.softmax(node, _channels(x), dim if dim is not None else -1)
+
+
+@register_graph_handler(nn.Flatten)
+def _flatten_module(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    module = walker.module_of(node)
+    return walker.flatten(node, _channels(x), walker.dims(node.args[0]), module.start_dim, module.end_dim)
+
+
+@register_graph_handler(*BATCH_NORMS, *INSTANCE_NORMS)
+def _norm(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    if isinstance(walker.module_of(node), BATCH_NORMS) or getattr(walker.module_of(node), "affine", False):
+        walker.read(str(node.target), _channels(x), "through")
+    return x
+
+
+@register_graph_handler(nn.PReLU)
+def _prelu(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    if int(getattr(walker.module_of(node), "num_parameters", 1)) > 1:
+        walker.read(str(node.target), _channels(x), "through")
+    return x
+
+
+@register_graph_handler(nn.GroupNorm)
+def _group_norm(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    x, name, module = _channels(x), str(node.target), walker.module_of(node)
+    if x.chdim != 1 or len(x.segs) != 1:
+        return walker.unknown(node, f"GroupNorm {name!r} on a concatenated/flattened input")
+    walker.read(name, x, "through")
+    root = walker.sp.find(x.segs[0].space)
+    walker.sp.unit[root] = math.lcm(walker.sp.unit[root], int(module.num_channels) // int(module.num_groups))
+    return x
+
+
+@register_graph_handler(nn.LayerNorm)
+def _layer_norm(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    x, name, module = _channels(x), str(node.target), walker.module_of(node)
+    if x.chdim != len(walker.dims(node.args[0])) - 1 or len(getattr(module, "normalized_shape", ())) != 1:
+        return walker.unknown(node, f"LayerNorm {name!r} over several dims")
+    walker.read(name, x, "through")
+    return x
+
+
+@register_graph_handler(nn.Linear)
+def _linear(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    name, module, shape = str(node.target), walker.module_of(node), walker.dims(node.args[0])
+    at = walker.at_dim(node, _channels(x), len(shape) - 1, shape)
+    if at is None:
+        return walker.unknown(node, f"Linear {name!r} applied to a non-channel dim")
+    walker.read(name, at, "in")
+    return walker.new_producer(name, int(module.out_features), len(shape) - 1)
+
+
+@register_graph_handler(*CONVS, *TRANSPOSED)
+def _conv(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    name, module, shape = str(node.target), walker.module_of(node), walker.dims(node.args[0])
+    at = walker.at_dim(node, _channels(x), 1, shape)
+    if at is None:
+        return walker.unknown(node, f"{type(module).__name__} {name!r} input")
+    return walker.conv(node, name, module, at)
+
+
+@register_graph_handler(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _attention(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.attention(node, str(node.target), walker.module_of(node))
+
+
+@register_graph_handler(getattr, heads=True, stage="node")
+def _getattr(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    if node.args[1:] == ("shape",):
+        return None
+    return walker.call_function(node, lookup=False)
+
+
+@register_graph_handler(operator.getitem, heads=True, stage="node")
+def _getitem(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.getitem(node)
+
+
+@register_graph_handler(*MATMUL, heads=True, stage="node")
+def _matmul(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.matmul(node, _fname(node))
+
+
+@register_graph_handler(F.scaled_dot_product_attention, heads=True, stage="node")
+def _sdpa(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.sdpa(node)
+
+
+@register_graph_handler(*BINARY, heads=True, stage="node")
+def _binary(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.binary(node, _fname(node))
+
+
+@register_graph_handler(torch.cat, torch.concat, stage="node")
+def _cat(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.cat(node)
+
+
+@register_graph_handler(torch.flatten)
+def _flatten(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.flatten(node, _channels(x), walker.dims(node.args[0]), _arg(node, 1, "start_dim", 0),
+                          _arg(node, 2, "end_dim", -1))
+
+
+@register_graph_handler(torch.reshape, heads=True)
+def _reshape(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.reshape(node, _channels(x), _arg(node, 1, "shape"))
+
+
+@register_graph_handler(torch.permute, torch.transpose, heads=True)
+def _permute(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.permute(node, _channels(x), _fname(node), node.args[1:])
+
+
+@register_graph_handler(torch.mean, torch.sum, torch.amax)
+def _reduce(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.reduce(node, _channels(x), _arg(node, 1, "dim"))
+
+
+@register_graph_handler(torch.softmax, F.softmax, heads=True)
+@register_graph_handler(F.log_softmax)
+def _softmax(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.softmax(node, _channels(x), _arg(node, 1, "dim"))
+
+
+@register_graph_handler(torch.unbind, heads=True)
+def _unbind(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.unbind(node, _channels(x), _arg(node, 1, "dim", 0))
+
+
+@register_graph_handler(torch.unsqueeze)
+def _unsqueeze(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.unsqueeze(node, _channels(x), _arg(node, 1, "dim"))
+
+
+@register_graph_handler(*SHAPE_QUERIES, stage="node")
+def _shape_query(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return None
+
+
+@register_graph_handler(*BINARY_METHODS, stage="tensor")
+def _binary_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.binary(node, str(node.target))
+
+
+@register_graph_handler("matmul", stage="tensor")
+def _matmul_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.matmul(node, "matmul")
+
+
+@register_graph_handler("flatten")
+def _flatten_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.flatten(node, _channels(x), walker.dims(node.args[0]), _arg(node, 1, "start_dim", 0),
+                          _arg(node, 2, "end_dim", -1))
+
+
+@register_graph_handler("view", "reshape", heads=True)
+def _reshape_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    rest = node.args[1:]
+    sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    return walker.reshape(node, _channels(x), list(sizes))
+
+
+@register_graph_handler("permute", "transpose", heads=True)
+def _permute_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.permute(node, _channels(x), str(node.target), node.args[1:])
+
+
+@register_graph_handler("mean", "sum", "amax")
+def _reduce_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.reduce(node, _channels(x), _arg(node, 1, "dim"))
+
+
+@register_graph_handler("softmax", heads=True)
+def _softmax_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.softmax(node, _channels(x), _arg(node, 1, "dim"))
+
+
+@register_graph_handler("unbind", heads=True)
+def _unbind_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.unbind(node, _channels(x), _arg(node, 1, "dim", 0))
+
+
+@register_graph_handler("unsqueeze")
+def _unsqueeze_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.unsqueeze(node, _channels(x), _arg(node, 1, "dim"))
 
 
 class _Tracer(fx.Tracer):
@@ -800,7 +1048,8 @@ class _Tracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaves or type(m).__name__ in self.leaves or isinstance(m, PrunedMultiheadAttention):
+        if (qualname in self.leaves or type(m).__name__ in self.leaves or isinstance(m, PrunedMultiheadAttention)
+                or type(m) in MODULE_HANDLERS):  # a registered module type is handled whole, not traced into
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -848,7 +1097,7 @@ def _where(model: nn.Module, node: fx.Node | None) -> str:
     if node is None or node.op in ("placeholder", "output"):
         return ""
     if node.op == "call_module":
-        return f" at layer {node.target!r} ({type(model.get_submodule(node.target)).__name__})"
+        return f" at layer {node.target!r} ({type(model.get_submodule(str(node.target))).__name__})"
     stack = node.meta.get("nn_module_stack") or {}
     owner = list(stack.values())[-1][0] if stack else ""
     op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
@@ -858,7 +1107,7 @@ def _where(model: nn.Module, node: fx.Node | None) -> str:
 def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...] = ()) -> PruneGraph:
     """Trace ``model`` and return its prunable channel groups (in graph order) and what is kept intact."""
     gm = trace(model, example_input, leaves)
-    walker = _Walker(model, gm)
+    walker = Walker(model, gm)
     walker.run()
     sp = walker.sp
     out_copies = _fuse_copies(walker)
@@ -866,7 +1115,9 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
     for root in {sp.find(s) for s in walker.order}:
         if sp.size[root] % sp.unit[root]:
             sp.freeze(root, f"units of {sp.unit[root]} channels (groups, heads) do not tile {sp.size[root]} channels")
-    groups, group_of_space, kept = [], {}, []
+    groups: list[Group] = []
+    group_of_space: dict[int, Group] = {}
+    kept: list[dict[str, Any]] = []
     roots = sorted({sp.find(s) for s in walker.order}, key=lambda r: min(
         walker.order[s] for s in walker.order if sp.find(s) == r))
     for root in roots:
@@ -884,15 +1135,15 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
         groups.append(group)
         group_of_space[root] = group
     for root, reasons in sp.frozen.items():
-        params = [name for name, (space, _) in walker.params.items() if sp.find(space) == root]
-        if root not in roots and (params or any(not r.startswith(("model input", "model output", "embedding dim"))
-                                                for r in reasons)):
-            kept.append({"group": None, "modules": [], "reasons": reasons, **({"params": params} if params else {})})
+        used = [name for name, (space, _) in walker.params.items() if sp.find(space) == root]
+        if root not in roots and (used or any(not r.startswith(("model input", "model output", "embedding dim"))
+                                              for r in reasons)):
+            kept.append({"group": None, "modules": [], "reasons": reasons, **({"params": used} if used else {})})
     return PruneGraph(groups, kept, walker.out_space, walker.in_segs, walker.heads_space, group_of_space, sp.find,
                       out_copies, walker.head_ops, walker.head_splits, walker.params)
 
 
-def _tensor_dims(walker: _Walker, owner: str, attr: str, fused: dict[str, int]) -> dict[int, tuple[Seg, ...]] | None:
+def _tensor_dims(walker: Walker, owner: str, attr: str, fused: dict[str, int]) -> dict[int, tuple[Seg, ...]] | None:
     """Which channel segments lie along each dim of layer ``owner``'s tensor ``attr`` as the walk used it;
     ``None`` when unknown (a layer without channel surgery, one the walk never reached, attention, a fused
     projection)."""
@@ -907,12 +1158,12 @@ def _tensor_dims(walker: _Walker, owner: str, attr: str, fused: dict[str, int]) 
         if attr == "weight":
             return {0: ins, 1: outs} if isinstance(module, TRANSPOSED) else {0: outs, 1: ins}
         return {0: outs} if attr == "bias" else None
-    if out is None and attr in ("weight", "bias", "running_mean", "running_var"):  # norms, PReLU, depthwise
+    if out is None and ins is not None and attr in ("weight", "bias", "running_mean", "running_var"):  # norms...
         return {0: ins}
     return None
 
 
-def _tie_shared(walker: _Walker, fused: dict[str, int], is_leaf) -> None:
+def _tie_shared(walker: Walker, fused: dict[str, int], is_leaf) -> None:
     """A tensor used in several places (``b.weight = a.weight``, tied weights, a layer's weight also read in
     forward) is cut once, so every use must cut it the same way: the channel spaces along each of its dims are
     unified; where one use is unknown, all of them are kept intact."""
@@ -946,19 +1197,21 @@ def _tie_shared(walker: _Walker, fused: dict[str, int], is_leaf) -> None:
                 for space in (s for s in spaces if s is not None):
                     walker.sp.freeze(space, f"{where} (kept intact)")
             continue
-        for dim in sorted({d for found in dims for d in found}):
-            along = [found.get(dim) for found in dims]
-            if any(segs is None for segs in along):
-                walker.freeze([Value(0, segs) for segs in along if segs is not None], f"{where} (dim {dim})")
+        known = [found for found in dims if found is not None]
+        for dim in sorted({d for found in known for d in found}):
+            along = [found.get(dim) for found in known]
+            present = [segs for segs in along if segs is not None]
+            if len(present) != len(along):
+                walker.freeze([Value(0, segs) for segs in present], f"{where} (dim {dim})")
                 continue
-            for segs in along[1:]:
-                walker.unify(Value(0, along[0]), Value(0, segs), where)
-            for seg in along[0]:
+            for segs in present[1:]:
+                walker.unify(Value(0, present[0]), Value(0, segs), where)
+            for seg in present[0]:
                 if walker.sp.find(seg.space) in walker.sp.frozen:  # say why the sharers are kept with the rest
                     walker.sp.freeze(seg.space, f"{where} (tied to channels kept intact)")
 
 
-def _fuse_copies(walker: _Walker) -> dict[str, int]:
+def _fuse_copies(walker: Walker) -> dict[str, int]:
     """A fused q/k/v projection (output split into parts x heads x head_dim) becomes a producer of the heads
     space with ``copies = parts``, when nothing else reads its output; otherwise both spaces are kept intact."""
     sp, out = walker.sp, {}

@@ -3,7 +3,8 @@ GroupNorm group, an attention head). Low scores are pruned first.
 
 Every criterion sees the whole group: the rows of the producers, the columns of the consumers (through
 concat offsets and flatten blocks) and the norm parameters, as a list of ``(units, k)`` matrices from
-``group_slices``. Register your own with ``@register("name")`` or pass any callable as ``PruneConfig.importance``.
+``group_slices``. Register your own with ``@register_importance("name")`` (a recipe then refers to it by name)
+or pass any callable as ``PruneConfig.importance``.
 """
 
 from __future__ import annotations
@@ -16,18 +17,29 @@ from torch import nn
 from slimkit.errors import UsageError
 from slimkit.pruning.graph import CONVS, TRANSPOSED, Group, Member
 
-__all__ = ["CRITERIA", "Criterion", "group_slices", "register", "resolve"]
+__all__ = ["CRITERIA", "Criterion", "group_slices", "register", "register_importance", "resolve"]
 
 Criterion = Callable[[Group], torch.Tensor]
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register(name: str) -> Callable[[Criterion], Criterion]:
+def register_importance(name: str) -> Callable[[Criterion], Criterion]:
+    """Register a criterion under ``name``: ``PruneConfig(importance=name)`` (or the function itself) uses it, and
+    a recipe saves and loads it by that name.
+
+    Example:
+        >>> @register_importance("bias_l1")
+        ... def bias_l1(group):
+        ...     return group_slices(group, ("out",))[-1].abs().sum(1)
+    """
     def wrap(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
         return fn
 
     return wrap
+
+
+register = register_importance
 
 
 def _member_slices(module: nn.Module, member: Member, size: int, attr: str) -> list[torch.Tensor]:
@@ -145,7 +157,8 @@ NEEDS_GRADIENTS = {"taylor"}
 
 
 def resolve(importance: str | Criterion, seed: int = 0) -> Criterion:
-    """A criterion by name (``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random``) or a callable."""
+    """A criterion by name (``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random``, or a registered one) or a
+    callable."""
     if callable(importance):
         return importance
     name = getattr(importance, "value", importance)

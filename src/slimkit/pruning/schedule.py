@@ -22,7 +22,7 @@ from slimkit._io import write_text
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 from slimkit.pruning.config import PruneConfig
-from slimkit.pruning.core import PruneResult, apply_record, compose_records, prune_once
+from slimkit.pruning.core import PruneResult, apply_record_, compose_records, prune_once
 
 __all__ = ["prune", "step_amounts"]
 
@@ -42,7 +42,7 @@ def _check_input(model: nn.Module, config: PruneConfig, example_input) -> None:
                         f"{type(example_input).__name__}")
 
 
-def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, *, train_data=None, val_data=None,
+def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, train_data=None, val_data=None, *,
           loss_fn=None) -> PruneResult:
     """Structured pruning of a copy of ``model``; the caller's model is untouched.
 
@@ -87,7 +87,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
             raise UsageError(f"checkpoint folder {folder} belongs to a different PruneConfig; use another "
                              "checkpoint_dir or delete it")
         if state["record"] is not None:
-            current = apply_record(copy.deepcopy(model), state["record"])
+            current = apply_record_(copy.deepcopy(model), state["record"])
             load_weights(current, folder / "current.safetensors")
             best_model = current
     targets = step_amounts(cfg.amount, cfg.steps)
@@ -126,7 +126,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
         best_model, best_record = copy.deepcopy(model), prune_once(
             model, dataclasses.replace(cfg, amount=0.0, steps=1, finetune=None), example_input)[1]
     record = dict(best_record, steps=state["log"], baseline_accuracy=baseline, stopped_early=stopped,
-                  config=cfg.to_dict())
+                  config=cfg.to_dict(strict=False))
     return PruneResult(record_step(best_model, model, "prune", record), record, state["log"])
 
 
@@ -135,6 +135,6 @@ def _metric(cfg: PruneConfig) -> str:
 
 
 def _fingerprint(cfg: PruneConfig) -> dict:
-    data = cfg.to_dict()
+    data = cfg.to_dict(strict=False)
     data.pop("checkpoint_dir", None)
     return json.loads(json.dumps(data))

@@ -18,7 +18,7 @@ from torch import nn
 
 from slimkit.errors import UsageError
 from slimkit.pruning.config import PruneConfig
-from slimkit.pruning.core import _gradients, _ignored, _plan, _scores
+from slimkit.pruning.core import compute_gradients, group_scores, is_ignored, plan_edits
 from slimkit.pruning.graph import build_graph
 from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
 from slimkit.pruning.surgery import apply_plan
@@ -96,7 +96,7 @@ def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=
     cfg = PruneConfig(importance=importance, ignore=tuple(ignore), leaf_modules=tuple(leaf_modules))
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example_input, cfg.leaf_modules)
-    candidates = [g for g in graph.groups if not _ignored(g, cfg)]
+    candidates = [g for g in graph.groups if not is_ignored(g, cfg)]
     if groups is not None:
         known = {g.id for g in candidates}
         unknown = [g for g in groups if g not in known]
@@ -104,9 +104,9 @@ def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=
             raise UsageError(f"sensitivity: unknown or ignored group(s) {unknown}; prunable groups: {sorted(known)}")
         candidates = [g for g in candidates if g.id in set(groups)]
     if cfg.importance_name in NEEDS_GRADIENTS:
-        _gradients(work, train_data, None, cfg.taylor_batches)
+        compute_gradients(work, train_data, None, cfg.taylor_batches)
     criterion = resolve(cfg.importance, cfg.seed)
-    scores = {g.id: _scores(criterion, g) for g in candidates}
+    scores = {g.id: group_scores(criterion, g) for g in candidates}
     work.zero_grad(set_to_none=True)
     baseline = evaluate(model, val_data).accuracy
     curves: dict[str, list[list[float]]] = {}
@@ -116,7 +116,7 @@ def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=
             keep = max(1, group.units - math.floor(group.units * ratio + 1e-9))
             units = torch.sort(torch.topk(scores[group.id], keep).indices).values
             channels = (units[:, None] * group.unit + torch.arange(group.unit)).flatten()
-            plan = _plan(graph, {id(group): channels}, work)
+            plan = plan_edits(graph, {id(group): channels}, work)
             with torch.no_grad():
                 pruned = apply_plan(copy.deepcopy(model), plan)
             points.append([ratio, evaluate(pruned, val_data).accuracy])

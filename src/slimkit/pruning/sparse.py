@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit._modules import matches
 from slimkit.config import Config, check_range, to_enum
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
-from slimkit.pruning.allocate import matches
 
 __all__ = ["SparseResult", "SparsityConfig", "SparsityMode", "pack_sparse", "sparsify", "unpack_sparse"]
 

@@ -3,7 +3,7 @@
 A plan says, per module, which output channels (``out``) and which input channels / features (``in``) survive,
 as indices into the *original* layer. ``SURGERY[type](module, out_keep, in_keep) -> module`` rewrites one layer
 (weights, biases, running statistics, sizes); it may return a new module (attention heads do). The same plan,
-stored as JSON in the record, is all ``apply_record`` needs to rebuild the shapes on a freshly built model.
+stored as JSON in the record, is all ``apply_record_`` needs to rebuild the shapes on a freshly built model.
 
 Register surgery for your own layer with ``@register_surgery(MyLayer)``.
 """
@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimkit._modules import set_module
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention, prune_heads
 from slimkit.pruning.graph import CONVS, TRANSPOSED
@@ -144,12 +145,6 @@ def decode_indices(runs: list[list[int]]) -> torch.Tensor:
     return torch.cat([torch.arange(a, b) for a, b in runs]) if runs else torch.zeros(0, dtype=torch.long)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _slots(module: nn.Module):
     """``(holder, store, attr, tensor)`` for every parameter and buffer of ``module`` and its submodules."""
     for _, holder in module.named_modules(remove_duplicate=False):
@@ -249,5 +244,5 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
                                  "(PruneConfig.ignore) or untie them")
             store[attr] = tensor
         if new is not module:
-            _set_module(model, name, new)
+            set_module(model, name, new)
     return model

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit._modules import matches
 from slimkit.errors import UsageError
-from slimkit.quantization.config import matches, quantizable
+from slimkit.quantization.config import quantizable
 from slimkit.quantization.math import dequantize, quantize_weight, ungroup
 from slimkit.quantization.ptq import calibration_batches
 

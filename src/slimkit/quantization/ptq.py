@@ -12,22 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit._modules import set_module
 from slimkit.errors import UsageError
 from slimkit.quantization.config import LayerSpec
 from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, make_quant_layer
 
 __all__ = ["attach_output_quant", "calibrate", "correct_bias", "find_conv_bn", "fold_bn", "prepare", "quant_layers",
            "residual_feeders"]
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, attr = _parent(model, name)
-    setattr(parent, attr, module)
 
 
 def find_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
