@@ -64,7 +64,10 @@ class LayerProfile:
 
 @dataclass
 class Profile:
-    """What ``slimkit.profile`` returns; ``str(profile)`` is a per-layer table with totals."""
+    """What ``slimkit.profile`` returns; ``str(profile)`` is a per-layer table with totals.
+
+    ``size_bytes`` is ``size_on_disk``: the packed model (a quantized model's integer codes, not its float
+    simulation)."""
 
     params: int
     nonzero_params: int
@@ -195,12 +198,25 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
                    inputs[0].shape[0] if inputs[0].ndim else 1, layers)
 
 
-def size_on_disk(model: nn.Module) -> int:
-    """Bytes of the model's state_dict saved as safetensors (what a deployment would ship)."""
-    from slimkit.models.weights import save_weights
+def size_on_disk(model: nn.Module, *, metadata: dict[str, str] | None = None) -> int:
+    """Bytes on disk of the packed model: its weights as the safetensors file slimkit ships, quantized layers as
+    packed integer codes plus scales (through the packing their algorithm registers), other tensors as they are.
 
+    The same for any model, however it was built (``slimkit.models.create`` or not). ``metadata``: the file's
+    header metadata (``slimkit.save`` writes its format name there; ``export.artifact.weights_size``).
+
+    Example:
+        >>> size_on_disk(nn.Linear(10, 10))    # 110 float32 and the header
+        576
+    """
+    from safetensors.torch import save_file
+
+    from slimkit.export.registry import packed_state
+
+    tensors, _ = packed_state(model)
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_weights(model, Path(tmp) / "w.safetensors")
+        path = Path(tmp) / "weights.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
         return path.stat().st_size
 
 

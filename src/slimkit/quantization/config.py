@@ -12,10 +12,9 @@ from torch import nn
 from slimkit._modules import matches
 from slimkit.config import Config, check_range, check_type
 from slimkit.errors import UsageError
-from slimkit.quantization.dynamic import unsupported
 from slimkit.quantization.math import Granularity, ObserverKind
 
-__all__ = ["LayerSpec", "Method", "QuantConfig", "Scheme", "plan_layers"]
+__all__ = ["LayerSpec", "Method", "QuantConfig", "Scheme", "plan_layers", "quantizable", "unsupported"]
 
 
 class Method(str, enum.Enum):
@@ -192,6 +191,17 @@ class LayerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """Why ``dynamic.decompose`` cannot rebuild ``module`` as Linear layers (None when it can)."""
+    if isinstance(module, nn.LSTM) and module.proj_size:
+        return "LSTM with proj_size > 0 is not supported"
+    if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
+        return "MultiheadAttention with add_bias_kv / add_zero_attn is not supported"
+    if not isinstance(module, nn.LSTM | nn.GRU | nn.MultiheadAttention):
+        return f"{type(module).__name__} is not supported"
+    return None
 
 
 def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:

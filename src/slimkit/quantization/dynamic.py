@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -26,19 +27,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from slimkit.errors import InputTypeError, UsageError
+from slimkit.export.registry import FLOAT_TWIN, FUSED_RNN, FusedRNN, register
+from slimkit.quantization.config import unsupported  # what decompose covers; config plans with it too
+from slimkit.quantization.fake import QuantLinear, float_layer
 
-__all__ = ["LinearMultiheadAttention", "LinearRNN", "decompose", "unsupported"]
-
-
-def unsupported(module: nn.Module) -> str | None:
-    """Why ``decompose`` cannot rebuild ``module`` (None when it can)."""
-    if isinstance(module, nn.LSTM) and module.proj_size:
-        return "LSTM with proj_size > 0 is not supported"
-    if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
-        return "MultiheadAttention with add_bias_kv / add_zero_attn is not supported"
-    if not isinstance(module, nn.LSTM | nn.GRU | nn.MultiheadAttention):
-        return f"{type(module).__name__} is not supported"
-    return None
+__all__ = ["LinearMultiheadAttention", "LinearRNN", "decompose", "float_rnn", "fused_rnn", "unsupported"]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -224,3 +217,32 @@ def decompose(model: nn.Module, skip: tuple[str, ...] = (), only: list[str] | No
         set_module(model, name, rebuilt.train(module.training))
         names.append(name)
     return names
+
+
+def _fusable(rnn: LinearRNN) -> bool:
+    """A dynamic int8 LSTM whose every gate is quantized with per-channel scales runs as ONNX Runtime's fused
+    ``DynamicQuantizeLSTM``; the others stay unrolled into one matrix product per step."""
+    return rnn.mode == "LSTM" and all(isinstance(gate, QuantLinear) and gate.weight_quant.granularity == "per_channel"
+                                      for name, gate in rnn.named_children() if name.startswith(("ih_", "hh_")))
+
+
+@register(FUSED_RNN, LinearRNN)
+def fused_rnn(rnn: LinearRNN) -> FusedRNN | None:
+    """How export recognises a fusable dynamic int8 LSTM (registered handler; None: not fusable)."""
+    if not _fusable(rnn):
+        return None
+    gates = tuple(tuple(f"ih_l{layer}{sfx}" for sfx in rnn.suffixes) for layer in range(rnn.num_layers))
+    return FusedRNN(rnn.mode, gates)
+
+
+@register(FLOAT_TWIN, LinearRNN)
+def float_rnn(rnn: LinearRNN) -> nn.LSTM | nn.GRU | None:
+    """A fusable dynamic int8 LSTM as one ``nn.LSTM`` with the dequantized gate weights (export writes the ONNX
+    ``LSTM`` op from it); None for the others (their gates are exported one by one)."""
+    if not _fusable(rnn):
+        return None
+    twin = copy.deepcopy(rnn)
+    for name, gate in list(twin.named_children()):
+        if isinstance(gate, QuantLinear):
+            setattr(twin, name, float_layer(gate))
+    return twin.to_rnn()
