@@ -47,3 +47,35 @@ def test_type_checkers_see_every_public_name():
         name: module for name, (module, _) in slimkit._LAZY.items()}
     assert {name for name, module in imported.items() if module == "slimkit"} == slimkit._SUBMODULES
     assert slimkit.__all__ == sorted([*slimkit._LAZY, *slimkit._SUBMODULES, "__version__"])
+
+
+def test_every_verb_takes_data_the_same_way():
+    """``verb(model, config, [example_input,] train_data=None, val_data=None, *, options)``: the same names, in the
+    same places, positional or keyword, in every verb that trains or calibrates."""
+    import inspect
+
+    import slimkit
+
+    expected = {"quantize": ["model", "config"], "prune": ["model", "config", "example_input"],
+                "distill": ["student", "teacher", "config"], "search": ["model", "config"]}
+    for verb, head in expected.items():
+        parameters = list(inspect.signature(getattr(slimkit, verb)).parameters.values())
+        positional = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert positional == [*head, "train_data", "val_data"], (verb, positional)
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[len(positional):]), verb
+
+
+def test_quantize_data_keyword_still_works_with_a_deprecation_warning():
+    import pytest
+    import torch
+
+    import slimkit
+    from slimkit.errors import InputTypeError
+
+    model, batch = torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(16, 4)
+    new = slimkit.quantize(model, slimkit.QuantConfig(), train_data=batch).model
+    with pytest.warns(DeprecationWarning, match=r"quantize\(data=...\) is deprecated .* call it train_data="):
+        old = slimkit.quantize(model, slimkit.QuantConfig(), data=batch).model
+    assert torch.equal(new(batch), old(batch))
+    with pytest.raises(InputTypeError, match="give train_data= only"):
+        slimkit.quantize(model, slimkit.QuantConfig(), data=batch, train_data=batch)

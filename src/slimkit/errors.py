@@ -12,7 +12,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["DependencyError", "InputTypeError", "MissingFileError", "SlimkitError", "TrainingDiverged", "UsageError"]
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+__all__ = ["DependencyError", "InputTypeError", "MissingFileError", "SlimkitError", "TrainingDiverged", "UsageError",
+           "renamed_keyword"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class SlimkitError(Exception):
@@ -37,3 +45,36 @@ class DependencyError(SlimkitError, ImportError):
 
 class TrainingDiverged(SlimkitError, FloatingPointError):
     """Training produced a non-finite loss."""
+
+
+def renamed_keyword(old: str, new: str) -> Callable[[F], F]:
+    """Decorator for a verb whose parameter ``old`` is now called ``new``: ``old=`` keeps working for one release,
+    with a ``DeprecationWarning``; giving both is an ``InputTypeError``.
+
+    Example:
+        >>> @renamed_keyword("data", "train_data")
+        ... def verb(model, train_data=None):
+        ...     return train_data
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     verb("model", data=[1, 2])
+        [1, 2]
+        >>> print(caught[0].category.__name__, caught[0].message)
+        DeprecationWarning verb(data=...) is deprecated and will be removed in the next release: call it train_data=...
+    """
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if old in kwargs:
+                name = function.__name__
+                if new in kwargs:
+                    raise InputTypeError(f"{name}: give {new}= only ({old}= is its deprecated name)")
+                warnings.warn(f"{name}({old}=...) is deprecated and will be removed in the next release: call it "
+                              f"{new}=...", DeprecationWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return cast(F, call)
+
+    return decorate

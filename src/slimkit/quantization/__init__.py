@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.errors import InputTypeError, UsageError
+from slimkit.errors import InputTypeError, UsageError, renamed_keyword
 from slimkit.history import record_step
 from slimkit.quantization.config import LayerSpec, Method, QuantConfig, Scheme, plan_layers
 from slimkit.quantization.dynamic import decompose
@@ -61,17 +61,19 @@ def _check_finite(model: nn.Module) -> None:
                              "quantizing, the activations) before quantizing")
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, data=None, *, val_data=None,
+@renamed_keyword("data", "train_data")  # data= was its name before 0.2 (one name and order for data in every verb)
+def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, *,
              loss_fn=None) -> QuantResult:
     """Quantize a copy of ``model``; the caller's model is untouched.
 
     Args:
         config: what to quantize (see ``QuantConfig``).
-        data: calibration data for ``ptq`` (Dataset, DataLoader or input tensor), training data for ``qat``;
+        train_data: calibration data for ``ptq`` (Dataset, DataLoader or input tensor), training data for ``qat``;
             optional for ``dynamic``.
         val_data: QAT validation data (the best epoch is kept).
         loss_fn: QAT loss hook ``(outputs, targets, inputs) -> loss`` (distillation passes a KD loss).
     """
+    data = train_data  # the body's name for it
     cfg = config or QuantConfig()
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
