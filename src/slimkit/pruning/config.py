@@ -120,7 +120,7 @@ class PruneConfig(Config):
             return imp.value
         if isinstance(imp, str):
             return imp
-        return _name_of(imp) or getattr(imp, "__name__", type(imp).__name__)
+        return _name_of(imp) or str(getattr(imp, "__name__", type(imp).__name__))
 
     def to_dict(self, *, strict: bool = True) -> dict[str, Any]:
         """A JSON-safe dict; ``importance`` is saved by name. A callable not registered as a criterion has no
