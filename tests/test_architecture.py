@@ -1,8 +1,9 @@
 """The import graph of src/slimkit has no cycles, function-level imports included.
 
-Every ``import`` / ``from ... import`` anywhere in a module (top level, functions, ``TYPE_CHECKING`` blocks) is an
-edge to the slimkit module it names: ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to
-``a.b``. Parent packages' ``__init__`` are not counted as imported by their submodules.
+Every ``import`` / ``from ... import`` anywhere in a module (top level, functions, methods, try/except) is an edge
+to the slimkit module it names: ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to
+``a.b``. Parent packages' ``__init__`` are not counted as imported by their submodules. Imports under
+``if TYPE_CHECKING:`` are left out: they never run, and are how annotations name a type without importing it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     # the zoo registers by decorator: models/__init__ imports the zoo modules, which import `register` from it
     frozenset({"slimkit.models", "slimkit.models.cifar", "slimkit.models.classic", "slimkit.models.mobilenet",
                "slimkit.models.resnet"}),
-    # config -> dynamic -> ptq -> config: being removed in parallel work (issue 15)
-    frozenset({"slimkit.quantization.config", "slimkit.quantization.dynamic", "slimkit.quantization.ptq"}),
 }
 
 
@@ -42,12 +41,33 @@ def _resolve(name: str, current: str, level: int, is_package: bool) -> str:
     return ".".join([*base, name] if name else base)
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    found: list[ast.Import | ast.ImportFrom] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                todo.extend(child.orelse)  # the else branch does run
+            else:
+                todo.append(child)
+    return found
+
+
 def import_graph() -> dict[str, set[str]]:
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _imports(ast.parse(path.read_text(), str(path))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -107,7 +127,9 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_the_graph_sees_function_level_imports():
+def test_the_graph_sees_function_level_imports_and_skips_type_checking_blocks():
+    tree = ast.parse("import a\nif TYPE_CHECKING:\n    import b\nelse:\n    import c\ndef f():\n    import d\n")
+    assert sorted(alias.name for node in _imports(tree) for alias in node.names) == ["a", "c", "d"]
     graph = import_graph()
     # slimkit.tuning.study imports slimkit.tuning.storage inside functions only
     assert "slimkit.tuning.storage" in graph["slimkit.tuning.study"]

@@ -101,6 +101,37 @@ def test_cli_compress_export_report(tiny, tmp_path):
     assert result.exit_code == 0 and "accuracy" in result.output
     result = runner.invoke(app, ["compress", "--model", "mlp", "--recipe", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "shipped recipe" in result.output
+    result = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "out2"), "--holdout", "100"])
+    assert result.exit_code == 2 and "--holdout 100.0: give a fraction" in result.output
+
+
+def test_train_and_distill_cli_choose_epochs_on_a_holdout_and_report_test(tmp_path, monkeypatch):
+    from slimkit.commands import core, distill
+
+    seen = []
+    real = core.holdout_split
+
+    def spy(train, test, holdout):
+        seen.append(holdout)
+        chosen = real(train, test, holdout)
+        assert chosen[1] is not test and len(chosen[0]) + len(chosen[1]) == len(train)
+        return chosen
+
+    monkeypatch.setattr(core, "holdout_split", spy)
+    monkeypatch.setattr(distill, "holdout_split", spy)
+    runner = CliRunner()
+    mlp = ["--data", "digits", "--epochs", "1"]
+    teacher = tmp_path / "t.safetensors"
+    result = runner.invoke(app, ["train", "--model", "mlp", "--model-args", '{"in_features": 64}', *mlp,
+                                 "--out", str(teacher)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "best epoch on the held-out split" in result.output
+    result = runner.invoke(app, ["distill", "--student", "mlp", "--student-args", '{"in_features": 64, "hidden": 8}',
+                                 "--teacher", "mlp", "--teacher-args", '{"in_features": 64}', "--teacher-weights",
+                                 str(teacher), *mlp, "--out", str(tmp_path / "s.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "on the held-out split" in result.output and "test accuracy: teacher" in result.output
+    assert seen == [0.1, 0.1]
 
 
 def test_torch_export_format_and_html_is_valid(tiny, tmp_path):

@@ -37,3 +37,30 @@ def test_impossible_orders_and_empty():
         Recipe.from_dict({"steps": []})
     with pytest.raises(ValueError, match="neither a file nor a shipped recipe"):
         Recipe.load("no-such-recipe")
+
+
+def test_export_config_lives_in_export_and_recipe_re_exports_it():
+    from slimkit.export import config
+
+    assert ExportConfig is config.ExportConfig and ExportFormat is config.ExportFormat
+    step = Recipe.from_dict({"steps": [{"finetune": {"epochs": 1, "lr": 0.01}}, {"export": {}}]}).steps
+    assert step[0].kind is StepKind.FINETUNE and type(step[1].config) is config.ExportConfig
+    assert Recipe.load(Recipe(steps=step).to_dict()).to_dict() == Recipe(steps=step).to_dict()
+
+
+def test_history_replay_leaves_its_input_alone():
+    import torch
+
+    import slimkit
+    from slimkit.history import history_of, replay, replay_
+
+    model = slimkit.models.create("lenet5")
+    pruned = slimkit.prune(model, slimkit.PruneConfig(amount=0.5), torch.zeros(1, 1, 28, 28)).model
+    fresh = slimkit.models.create("lenet5")
+    widths = [m.out_channels for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)]
+    copy = replay(fresh, history_of(pruned))
+    assert [m.out_channels for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)] == widths
+    assert [m.out_channels for m in copy.modules() if isinstance(m, torch.nn.Conv2d)] == \
+        [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert replay_(fresh, history_of(pruned)) is fresh  # the in-place form edits its argument
+    assert [m.out_channels for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)] != widths

@@ -15,11 +15,11 @@ from rich.console import Console
 from slimkit import data, models
 from slimkit._text import make_table
 from slimkit.measure import profile
-from slimkit.train import TrainConfig, fit
+from slimkit.train import Optimizer, TrainConfig, fit
 
 DEMO_MODELS = {
-    "mlp": TrainConfig(epochs=15, lr=0.05, optimizer="sgd", weight_decay=5e-4, batch_size=64),
-    "lenet5": TrainConfig(epochs=15, lr=0.05, optimizer="sgd", weight_decay=5e-4, batch_size=64),
+    "mlp": TrainConfig(epochs=15, lr=0.05, optimizer=Optimizer.SGD, weight_decay=5e-4, batch_size=64),
+    "lenet5": TrainConfig(epochs=15, lr=0.05, optimizer=Optimizer.SGD, weight_decay=5e-4, batch_size=64),
 }
 
 

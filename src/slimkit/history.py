@@ -47,7 +47,9 @@ REPLAY_MODULES = {"prune": "slimkit.pruning", "quantize": "slimkit.quantization"
 
 
 def replay_step(model: nn.Module, step: dict[str, Any]) -> nn.Module:
-    """Re-apply one history entry's structural edit (kinds without one leave ``model`` as it is)."""
+    """Re-apply one history entry's structural edit (kinds without one leave ``model`` as it is).
+
+    The edit may be made in place (a freshly built model is expected); the edited model is returned."""
     import importlib
 
     module_name = REPLAY_MODULES.get(step["kind"])
@@ -56,9 +58,19 @@ def replay_step(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     return importlib.import_module(module_name).replay(model, step["record"])
 
 
-def replay(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
-    """Re-apply every structural step of ``history`` to ``model`` (built from the same source)."""
+def replay_(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
+    """Re-apply every structural step of ``history`` to ``model`` (built from the same source) in place; returns
+    the edited model (the same object unless a step replaced the root module)."""
     for step in history:
         model = replay_step(model, step)
     setattr(model, HISTORY_ATTR, copy.deepcopy(history))
     return model
+
+
+def replay(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
+    """A copy of ``model`` with every structural step of ``history`` re-applied; ``model`` is not modified.
+
+    Example:
+        >>> fresh = replay(slimkit.models.create("lenet5"), history_of(pruned))   # doctest: +SKIP
+    """
+    return replay_(copy.deepcopy(model), history)

@@ -86,6 +86,16 @@ def back_off(step: Step) -> Step | None:
     return None
 
 
+def _brief(config: Any) -> str:
+    """The settings that differ from the config's defaults, floats to 4 significant digits (for notes)."""
+    try:
+        defaults = type(config)().to_dict()
+    except (TypeError, ValueError):
+        defaults = {}
+    changed = {k: v for k, v in config.to_dict().items() if defaults.get(k, object()) != v}
+    return "{" + ", ".join(f"{k}: {f'{v:.4g}' if isinstance(v, float) else v}" for k, v in changed.items()) + "}"
+
+
 class StepRunner:
     """Runs steps on a model with the shared context: teacher, data, example input, recovery loss.
 
@@ -150,7 +160,7 @@ def run_step(runner: StepRunner, step: Step, model: nn.Module, floor: float, rec
         try:
             candidate: nn.Module | None = runner.run(attempt, model)
         except ValueError as exc:  # e.g. an unreachable pruning target: a weaker step may still apply
-            notes.append(f"{attempt.kind.value} {attempt.config.to_dict()} cannot be applied: {exc}")
+            notes.append(f"{attempt.kind.value} {_brief(attempt.config)} cannot be applied: {exc}")
             candidate = None
         metrics = {"accuracy": float("-inf")} if candidate is None else runner.metrics(candidate)
         status = "applied" if tries == 0 else "backed_off"

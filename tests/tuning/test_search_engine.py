@@ -42,6 +42,21 @@ def test_search_saves_a_best_that_reloads_and_reproduces_its_metrics(tmp_path, d
         assert evaluate(member.model, test).accuracy == pytest.approx(member.metrics["accuracy"], abs=1e-9)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "best" in report and (tmp_path / "run" / "pareto.png").is_file()
+    # the study itself is savable: its best model, with the trial, plan and metrics in slimkit.json
+    saved = slimkit.save(study, tmp_path / "best.slim")
+    again = slimkit.load(saved)
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(again(x), best.model(x))
+    assert again.slimkit_metrics["trial"] == best.trial and again.slimkit_metrics["plan"] == best.plan
+    assert again.slimkit_metrics["accuracy"] == best.metrics["accuracy"]
+
+
+def test_a_study_without_a_finished_trial_says_what_cannot_be_saved(tmp_path):
+    from slimkit.tuning.results import SearchStudy
+
+    empty = SearchStudy(None, [], None, ("accuracy",), {}, None, tmp_path, 0, 2, 0)
+    with pytest.raises(ValueError, match="no trial finished, so there is no best model to save"):
+        slimkit.save(empty, tmp_path / "x.slim")
 
 
 def test_rerun_continues_the_same_study(tmp_path, digits):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +20,7 @@ from slimkit.commands._common import (
     fail_cleanly,
     load_data,
 )
+from slimkit.commands.pipeline import HOLDOUT_HELP, check_holdout, holdout_split
 
 
 @fail_cleanly
@@ -56,17 +57,24 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    holdout: Annotated[float, typer.Option(help=HOLDOUT_HELP)] = 0.1,
 ) -> None:
-    """Train a model on a data spec; the best epoch's weights are saved."""
+    """Train a model on a data spec; the weights of the best epoch on the held-out split are saved."""
     from slimkit.train import TrainConfig, evaluate, fit
 
     check_out(out, "file")
+    check_holdout(holdout)
+    settings: dict[str, Any] = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
+                                "batch_size": batch_size, "seed": seed}  # the config turns strings into enums
+    cfg = TrainConfig(**settings)
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
-    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, batch_size=batch_size,
-                      seed=seed)
-    fit(net, train_data, test_data, cfg, checkpoint=out)
-    console.print(f"test accuracy {evaluate(net, test_data).accuracy:.2f}% -> weights in {out}")
+    train_data, val_data = holdout_split(train_data, test_data, holdout)
+    result = fit(net, train_data, val_data, cfg, checkpoint=out)
+    chosen = f"weights of the best epoch on the {'held-out' if holdout else 'test'} split"
+    if result.best_epoch is not None and result.best_accuracy is not None:
+        chosen += f": epoch {result.best_epoch + 1}, {result.best_accuracy:.2f}%"
+    console.print(f"test accuracy {evaluate(net, test_data).accuracy:.2f}% ({chosen}) -> weights in {out}")
 
 
 @fail_cleanly

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,7 @@ from slimkit.commands._common import (
     fail_cleanly,
     load_data,
 )
+from slimkit.commands.pipeline import HOLDOUT_HELP, check_holdout, holdout_split
 from slimkit.errors import MissingFileError, UsageError
 
 
@@ -60,8 +61,7 @@ def search(
     workers: Annotated[int, typer.Option(help="Local worker processes sharing the study.")] = 1,
     sampler: Annotated[str, typer.Option(help="auto, tpe, nsga2 or random.")] = "auto",
     pruner: Annotated[str, typer.Option(help="median, percentile, hyperband, halving or none.")] = "median",
-    holdout: Annotated[int, typer.Option(help="Select on the last N training examples instead of the test split.")]
-    = 0,
+    holdout: Annotated[float, typer.Option(help=HOLDOUT_HELP)] = 0.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the study, best model, Pareto set, report.")]
     = Path("slimkit-search"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -71,19 +71,16 @@ def search(
     from slimkit.tuning import search as run_search
 
     check_out(out, "search")
-    cfg = SearchConfig(objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
-                       max_accuracy_drop=max_accuracy_drop, relative=relative, n_trials=n_trials, timeout=timeout,
-                       storage=storage, study_name=study_name, workers=workers, sampler=sampler, pruner=pruner,
-                       space=read_space(space), epochs=epochs, out=str(out), seed=seed)
+    check_holdout(holdout)
+    settings: dict[str, Any] = {  # strings become enums inside the config, with its error messages
+        "objectives": tuple(o.strip() for o in objectives.split(",") if o.strip()),
+        "max_accuracy_drop": max_accuracy_drop, "relative": relative, "n_trials": n_trials, "timeout": timeout,
+        "storage": storage, "study_name": study_name, "workers": workers, "sampler": sampler, "pruner": pruner,
+        "space": read_space(space), "epochs": epochs, "out": str(out), "seed": seed}
+    cfg = SearchConfig(**settings)
     net = build_model(model, weights, model_args)
-    train_data, val_data = load_data(data, shape)
-    if holdout:
-        from slimkit.data import ArrayDataset
-
-        if not isinstance(train_data, ArrayDataset) or not 0 < holdout < len(train_data):
-            raise UsageError(f"--holdout {holdout}: needs in-memory data with more than {holdout} training examples")
-        x, y = train_data.images, train_data.labels
-        train_data, val_data = ArrayDataset(x[:-holdout], y[:-holdout]), ArrayDataset(x[-holdout:], y[-holdout:])
+    train_data, test_data = load_data(data, shape)
+    train_data, val_data = holdout_split(train_data, test_data, holdout)
     study = run_search(net, cfg, train_data, val_data)
     console.print(study.table())
     if study.message:

@@ -77,8 +77,8 @@ def plan_recipe(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext)
         from slimkit.quantization import Method, QuantConfig
 
         steps.append(Step(StepKind.QUANTIZE, QuantConfig(
-            weight_bits=8, act_bits=None, method=Method.QAT, overrides=overrides, ignore=tuple(floats), epochs=tc.epochs,
-            lr=tc.lr, batch_size=tc.batch_size, max_batches=ctx.max_batches, seed=ctx.seed)))
+            weight_bits=8, act_bits=None, method=Method.QAT, overrides=overrides, ignore=tuple(floats),
+            epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, max_batches=ctx.max_batches, seed=ctx.seed)))
     else:
         if recover:
             steps.append(Step(StepKind.FINETUNE, tc))

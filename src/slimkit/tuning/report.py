@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ class SearchProgress:
         self.bar.console.print(f"trial {trial.number}: {what}", highlight=False)
 
 
+def _signed_value(index: int, sign: float) -> Callable[[Any], float]:
+    """``sign`` x objective ``index`` of a trial (the importance evaluator's target)."""
+    return lambda trial: sign * trial.values[index]
+
+
 def importances(study: Any, objectives: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Optuna's parameter importances per objective (empty when there are too few finished trials)."""
     import optuna
@@ -74,7 +80,7 @@ def importances(study: Any, objectives: tuple[str, ...]) -> dict[str, dict[str, 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # it warns whenever a target is given
-                values = optuna.importance.get_param_importances(study, target=lambda t, i=i, s=sign: s * t.values[i])
+                values = optuna.importance.get_param_importances(study, target=_signed_value(i, sign))
         except (RuntimeError, ValueError, ZeroDivisionError):
             continue
         out[name] = {k: float(v) for k, v in values.items()}

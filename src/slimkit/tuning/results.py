@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from slimkit._text import human, make_table, render
-from slimkit.errors import MissingFileError
+from slimkit.errors import MissingFileError, UsageError
 from slimkit.tuning.objectives import OBJECTIVES
 from slimkit.tuning.pareto import Candidate
 
@@ -71,7 +71,11 @@ class SearchResult:
 @dataclass
 class SearchStudy:
     """The outcome of ``slimkit.search``: ``best`` (saved under ``<out>/best``), ``pareto`` (saved under
-    ``<out>/pareto/trial-N``), the Optuna ``study`` and a ``message`` (e.g. an unsatisfiable budget)."""
+    ``<out>/pareto/trial-N``), the Optuna ``study`` and a ``message`` (e.g. an unsatisfiable budget).
+
+    ``slimkit.save(study, folder)`` saves the best model (``.model``) with its trial, plan and metrics
+    (``.metrics``); save another trial with ``slimkit.save(study.pareto[i], folder)``.
+    """
 
     best: SearchResult | None
     pareto: list[SearchResult]
@@ -90,6 +94,23 @@ class SearchStudy:
     @property
     def feasible(self) -> bool:
         return self.best is not None and self.best.feasible
+
+    def _best(self) -> SearchResult:
+        if self.best is None:
+            raise UsageError(f"search in {self.out}: no trial finished, so there is no best model to save or use; "
+                             "rerun the search with more n_trials")
+        return self.best
+
+    @property
+    def model(self) -> nn.Module:
+        """The best trial's model (loaded from ``<out>/best``): what ``slimkit.save(study, folder)`` writes."""
+        return self._best().model
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The best trial's metrics with its trial number and plan, stored by ``slimkit.save``."""
+        best = self._best()
+        return {**best.metrics, "trial": best.trial, "plan": dict(best.plan), "baseline": dict(self.baseline)}
 
     def table(self):
         cols = ["", "trial", *[f"{o} ({OBJECTIVES[o].unit})" if OBJECTIVES[o].unit else o for o in self.objectives],

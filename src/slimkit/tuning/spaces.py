@@ -219,7 +219,7 @@ def suggest(trial: Any, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
             params[name] = p.constant
         elif p.kind == "categorical":
             params[name] = trial.suggest_categorical(name, list(p.choices))
-        elif p.kind == "int":
+        elif p.kind == "int" and p.low is not None and p.high is not None:
             params[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
             params[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)

@@ -124,8 +124,9 @@ def _rdb(url: str, engine_kwargs: dict[str, Any], attempts: int = 6) -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callbacks: dict[str, Any] = {callback: retry_trial}  # the keyword's name depends on Optuna's version
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                                  grace_period=grace, **{callback: retry_trial})
+                                                  grace_period=grace, **callbacks)
         except Exception as exc:
             # SQLite: a table or the version row exists, the file is locked; PostgreSQL: a catalog row exists
             racing = any(sign in str(exc) for sign in ("already exists", "database is locked", "UNIQUE constraint",

@@ -112,7 +112,8 @@ def _open_study(config: SearchConfig, worker: int) -> Any:
     storage = open_storage(config.storage_url)
     n_startup = min(10, max(3, config.n_trials // 4))
     try:
-        return optuna.create_study(storage=storage, study_name=config.study_name, directions=list(config.directions),
+        directions = [optuna.study.StudyDirection[d.upper()] for d in config.directions]
+        return optuna.create_study(storage=storage, study_name=config.study_name, directions=directions,
                                    sampler=_sampler(config, worker, n_startup), pruner=_pruner(config, config.epochs),
                                    load_if_exists=True)
     except ValueError as exc:
@@ -420,8 +421,9 @@ def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any
     space = resolve_space(config, model, teacher)  # bad spaces fail before anything is written
     Path(config.out).mkdir(parents=True, exist_ok=True)
     study = _open_study(config, 0)
-    settings = {"objectives": list(config.objectives), "space": {k: p.to_dict() for k, p in space.items()},
-                "max_accuracy_drop": config.max_accuracy_drop, "relative": config.relative}
+    settings: dict[str, Any] = {"objectives": list(config.objectives),
+                                "space": {k: p.to_dict() for k, p in space.items()},
+                                "max_accuracy_drop": config.max_accuracy_drop, "relative": config.relative}
     if ATTR not in study.user_attrs:
         example = example_from(val_data)
         measurer = Measurer(model, val_data, example, config.objectives, latency_batch=config.latency_batch,
