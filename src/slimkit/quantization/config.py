@@ -206,7 +206,8 @@ def unsupported(module: nn.Module) -> str | None:
 
 def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """``(Linear/Conv2d layers in module order, {name: reason} for layers left in float)``."""
-    layers, skipped = [], {}
+    layers: list[tuple[str, nn.Module]] = []
+    skipped: dict[str, str] = {}
     inside_mha: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside_mha):
@@ -247,7 +248,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
         if dynamic and not isinstance(module, nn.Linear):
             skipped[name] = "dynamic quantization covers Linear layers only; kept in float"
             continue
-        spec = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "scheme": cfg.scheme.value,
+        spec: dict[str, Any] = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "scheme": cfg.scheme.value,
                 "granularity": cfg.granularity.value, "group_size": cfg.group_size}
         if cfg.keep_first_last_8bit and name in ends and (cfg.weight_bits < 8 or cfg.scheme.value != "symmetric"):
             spec.update(weight_bits=8, scheme="symmetric", granularity="per_channel")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ class LinearRNN(nn.Module):
 
     def to_rnn(self) -> nn.LSTM | nn.GRU:
         """The fused ``nn.LSTM`` / ``nn.GRU`` with the current gate weights (export uses it for the ONNX LSTM op)."""
-        first = self.ih_l0
+        first = cast(nn.Linear, self.ih_l0)  # every gate is a Linear
         rnn = (nn.LSTM if self.mode == "LSTM" else nn.GRU)(
             first.in_features, self.hidden_size, self.num_layers, bias=first.bias is not None,
             batch_first=self.batch_first, dropout=self.dropout, bidirectional=len(self.suffixes) == 2)
@@ -88,7 +89,7 @@ class LinearRNN(nn.Module):
             gates_h = hh(h)
             if self.mode == "LSTM":
                 i, f, g, o = (gates_x[t] + gates_h).chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                c = torch.sigmoid(f) * cast(torch.Tensor, c) + torch.sigmoid(i) * torch.tanh(g)  # LSTMs pass c
                 h = torch.sigmoid(o) * torch.tanh(c)
             else:
                 x_r, x_z, x_n = gates_x[t].chunk(3, dim=-1)

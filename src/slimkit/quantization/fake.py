@@ -240,24 +240,27 @@ def make_quant_layer(layer: nn.Module, bits: int, scheme: str, granularity: str,
                      learnable: bool, input_quant: ActQuantizer | None, bias: bool | None = None) -> nn.Module:
     """A ``QuantLinear`` / ``QuantConv2d`` copying ``layer``'s hyper-parameters and weights."""
     has_bias = (layer.bias is not None) if bias is None else bias
+    new: QuantLinear | QuantConv2d
     if isinstance(layer, nn.Linear):
-        new: nn.Module = QuantLinear(layer.in_features, layer.out_features, bias=has_bias)
+        new = QuantLinear(layer.in_features, layer.out_features, bias=has_bias)
     elif isinstance(layer, nn.Conv2d):
-        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=has_bias,
-                          padding_mode=layer.padding_mode)
+        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                          stride=layer.stride, padding=layer.padding,  # type: ignore[arg-type]
+                          dilation=layer.dilation, groups=layer.groups,  # type: ignore[arg-type]
+                          bias=has_bias, padding_mode=layer.padding_mode)
+        # (the ignores: torch types Conv2d's attributes tuple[int, ...] but its arguments tuple[int, int])
     else:
         raise InputTypeError(f"cannot quantize {type(layer).__name__}: only Linear and Conv2d are supported")
     new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)  # a float64 model stays float64
     with torch.no_grad():
         new.weight.copy_(layer.weight)
-        if has_bias:
+        if new.bias is not None:
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
             else:
                 new.bias.zero_()
-    new._setup(bits, scheme, granularity, group_size, learnable, input_quant)  # type: ignore[attr-defined]
-    new.weight_quant.refresh(new.weight)  # type: ignore[attr-defined]
+    new._setup(bits, scheme, granularity, group_size, learnable, input_quant)
+    new.weight_quant.refresh(new.weight)
     return new.train(layer.training)
 
 
@@ -307,10 +310,12 @@ def float_layer(layer: QuantLinear | QuantConv2d) -> nn.Linear | nn.Conv2d:
     if isinstance(layer, nn.Linear):
         plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
     else:
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, bias is not None, layer.padding_mode)
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                          layer.stride, layer.padding, layer.dilation,  # type: ignore[arg-type]
+                          layer.groups, bias is not None, layer.padding_mode)
+        # (the ignores: torch types Conv2d's attributes tuple[int, ...] but its arguments tuple[int, int])
     plain = plain.to(device=weight.device, dtype=weight.dtype)
     plain.weight.copy_(weight)
-    if bias is not None:
+    if bias is not None and plain.bias is not None:
         plain.bias.copy_(bias)
     return plain.train(layer.training)

@@ -59,7 +59,7 @@ def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     return values.flatten()[:count]
 
 
-def code_layout(layer: nn.Module, codes: torch.Tensor | None = None) -> dict[str, Any]:
+def code_layout(layer: QuantLinear | QuantConv2d, codes: torch.Tensor | None = None) -> dict[str, Any]:
     """How ``pack_state_dict`` stores a fake-quant layer's weight: its ``meta["layers"]`` entry.
 
     Example:
