@@ -5,11 +5,15 @@ history; ``evaluate`` reports accuracy in percent. A pluggable ``loss_fn(outputs
 distillation and regularizers use.
 
 Example:
-    >>> train, test = slimkit.data.load("mnist10k")                       # doctest: +SKIP
-    >>> model = slimkit.models.create("mlp")                              # doctest: +SKIP
-    >>> history = fit(model, train, test, TrainConfig(epochs=3))          # doctest: +SKIP
-    >>> evaluate(model, test).accuracy                                     # doctest: +SKIP
-    96.4
+    >>> import slimkit
+    >>> train, test = slimkit.data.load("digits")                 # 8x8 digits, bundled
+    >>> model = slimkit.models.create("mlp", in_features=64, hidden=32)
+    >>> history = fit(model, train, test, TrainConfig(epochs=3, progress=False))
+    >>> len(history.train_loss), history.best_epoch is not None
+    (3, True)
+    >>> result = evaluate(model, test)
+    >>> result.count, 0 <= result.accuracy <= 100
+    (359, True)
 """
 
 from __future__ import annotations

@@ -73,7 +73,10 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     """Save ``model.state_dict()`` to ``path`` as safetensors, atomically; an existing folder at ``path`` is refused.
 
     Example:
-        >>> save_weights(slimkit.models.create("mlp"), "mlp.safetensors")   # doctest: +SKIP
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp(), "mlp.safetensors")
+        >>> save_weights(nn.Linear(4, 2), path) == path, load_weights(nn.Linear(4, 2), path).weight.shape
+        (True, torch.Size([2, 4]))
     """
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(path, kind="file") as tmp:
