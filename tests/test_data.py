@@ -88,6 +88,22 @@ def test_split_holds_out_a_seeded_fraction(mnist):
     with pytest.raises(ValueError, match="fraction=1"):
         data.split(train, 1)
 
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from ()
+
+    with pytest.raises(ValueError, match="split needs a dataset with a length.*got Stream"):
+        data.split(Stream(), 0.5)
+
+
+def test_npz_with_half_a_test_split_splits_the_training_arrays(tmp_path):
+    """x_test without y_test (or the reverse) is ignored: the training arrays are split 80/20 instead."""
+    path = tmp_path / "half.npz"
+    np.savez(path, x_train=np.zeros((10, 4, 4), np.float32), y_train=np.arange(10) % 2,
+             x_test=np.zeros((3, 4, 4), np.float32))
+    train, test = data.load(f"npz:{path}")
+    assert (len(train), len(test)) == (8, 2)
+
 
 def save_npz(path, **arrays):
     np.savez(path, **arrays)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import functools
 import math
 import numbers
 import pathlib
@@ -209,9 +208,19 @@ def _coerce(value: Any, annotation: Any, nonfinite: bool = False) -> Any:
     return value  # Callable and other hints slimkit does not check
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved type hints of a config class (computed once per class)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _fields(config: Config | type[Config]) -> tuple[dataclasses.Field[Any], ...]:
+    """``dataclasses.fields`` of a config (every concrete ``Config`` is a dataclass; the mixin itself is not)."""
+    return dataclasses.fields(typing.cast(Any, config))
 
 
 class Config:
@@ -226,7 +235,7 @@ class Config:
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
-        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+        for field in _fields(self):
             annotation = hints.get(field.name)
             value = given = getattr(self, field.name)
             enum_type = _enum_type(annotation)
@@ -248,7 +257,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (enums as their string values)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: _plain(getattr(self, f.name)) for f in _fields(self)}
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
@@ -256,7 +265,7 @@ class Config:
         if data is not None and not isinstance(data, dict):
             raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
         data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        names = {f.name for f in _fields(cls)}
         for key in data:
             if not isinstance(key, str):
                 raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")

@@ -119,7 +119,7 @@ def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed
     """A DataLoader over ``data`` (returned as is if it already is one), shuffled by a seeded generator."""
     if isinstance(data, DataLoader):
         return data
-    if len(data) == 0:  # type: ignore[arg-type]
+    if len(data) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__; a map-style one has it
         raise UsageError("the dataset is empty")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +132,7 @@ def load(
         valid = [*SPECS, *(f"{p}:PATH" for p in PATH_SPECS)]
         raise DataError(f"unknown data spec {spec!r}; {nearest(spec, valid)}")
     if shape is not None:
-        if not isinstance(train, ArrayDataset):
+        if not isinstance(train, ArrayDataset) or not isinstance(test, ArrayDataset):
             raise DataError(f"shape= works on in-memory specs (mnist10k, digits, npz:), not {spec!r}")
         train, test = reshape_images(train, shape), reshape_images(test, shape)
     return train, test
@@ -151,6 +151,8 @@ def split(data: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Datas
     """
     if not 0 < fraction < 1:
         raise UsageError(f"fraction={fraction} must be in (0, 1)")
+    if not isinstance(data, Sized):
+        raise UsageError(f"split needs a dataset with a length (map-style), got {type(data).__name__}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     cut = len(data) - max(1, round(fraction * len(data)))
     rest, held = order[:cut], order[cut:]
@@ -170,4 +172,5 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         dims = ()
     if len(dims) != 3 or min(dims) <= 0:
         raise DataError(f"shape {text!r} is not of the form CxHxW, e.g. 3x32x32")
-    return dims  # type: ignore[return-value]
+    channels, height, width = dims
+    return channels, height, width

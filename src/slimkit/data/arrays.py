@@ -130,11 +130,11 @@ def load_npz(path: Path, *, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     with npz:
         keys = set(npz.files)
         if {"x_train", "y_train"} <= keys:
-            names = ("x_train", "y_train", "x_test", "y_test")
-            arrays = [_read(npz, k, path) if k in keys else None for k in names]
-            if (arrays[2] is None) != (arrays[3] is None):
-                arrays[2] = arrays[3] = None  # a test split needs both images and labels
-            return arrays_to_datasets(*arrays, seed=seed, name=path.name)
+            x, y = _read(npz, "x_train", path), _read(npz, "y_train", path)
+            has_test = {"x_test", "y_test"} <= keys  # a test split needs both images and labels
+            x_test = _read(npz, "x_test", path) if has_test else None
+            y_test = _read(npz, "y_test", path) if has_test else None
+            return arrays_to_datasets(x, y, x_test, y_test, seed=seed, name=path.name)
         x_key = next((k for k in ("x", "images", "X") if k in keys), None)
         y_key = next((k for k in ("y", "labels", "Y") if k in keys), None)
         if x_key is None or y_key is None:

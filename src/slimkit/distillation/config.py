@@ -170,9 +170,9 @@ class DistillConfig(Config):
         self.temperature = temperature
         self.alpha = alpha
         self.focal_gamma = focal_gamma
-        self.hints = hints  # type: ignore[assignment]  # normalised to LayerPairs in __post_init__
+        self.hints = _layer_pairs("hints", hints)
         self.hint_weight = hint_weight
-        self.attention = attention  # type: ignore[assignment]  # normalised in __post_init__
+        self.attention = _layer_pairs("attention", attention)
         self.attention_weight = attention_weight
         self.cache_teacher = cache_teacher
         self.train = _train_config(train, flat)

@@ -41,7 +41,7 @@ def alexnet_cifar(num_classes: int = 10, in_channels: int = 3, fc_width: int = 1
     return AlexNetCIFAR(num_classes, in_channels, fc_width, dropout)
 
 
-VGG_LAYOUTS = {
+VGG_LAYOUTS: dict[int, list[int | str]] = {  # channel counts, 'M' for a 2x2 max-pool
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
 }
@@ -55,7 +55,7 @@ class VGG(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for item in VGG_LAYOUTS[depth]:
-            if item == "M":
+            if isinstance(item, str):  # "M"
                 layers.append(nn.MaxPool2d(2))
             else:
                 layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item),

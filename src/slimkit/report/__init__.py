@@ -29,11 +29,11 @@ __all__ = ["summary_rows", "write_report"]
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
-    out = {}
+    out: dict[str, int] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and weight is not None:
-            out[name] = module.out_channels if hasattr(module, "out_channels") else module.out_features
+            out[name] = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     return out
 
 
@@ -165,6 +165,6 @@ def write_report(path: str | os.PathLike, *, trust: Iterable[str] = ()) -> Path:
                 f"<h2>Steps</h2>{_html_table(step_header, step_rows)}<p>{html.escape(parity_line)}</p>{images}"
                 "</body></html>")
         (tmp / "report.html").write_text(page)
-        files = {p.name: p for p in tmp.iterdir()}
+        files: dict[str, str | os.PathLike] = {p.name: p for p in tmp.iterdir()}
         update(folder, files=files)
     return folder / "report.html"
