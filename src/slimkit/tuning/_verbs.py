@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from slimkit._modules import matches
 from slimkit.errors import UsageError
 from slimkit.recipe import Recipe, Step, StepKind
 from slimkit.steps import StepRunner, run_steps
@@ -44,7 +45,7 @@ def bit_overrides(model: nn.Module, plan: dict[str, Any]) -> tuple[int | None, d
     for name in layers:
         bits = int(plan.get("bits", 32))
         for prefix, value in groups:
-            if name == prefix or name.startswith(prefix + ".") or prefix == "":
+            if prefix == "" or matches(name, [prefix]):  # "": every layer; else slimkit's one module-name rule
                 bits = value
         if bits not in (32, *SCHEMES):
             raise UsageError(f"plan: bits={bits} for layer {name!r} is not valid; choose 32, 8, 4, 2 or 1")

@@ -156,10 +156,7 @@ class Measurer:
 
 
 def model_size(model: nn.Module) -> int:
-    """Bytes on disk: the artifact's weight file (packed low-bit codes) when the model can be saved as an artifact,
-    else the safetensors of its state_dict (what the search saves for models without a factory)."""
+    """Bytes of the weights file the saved best would hold (packed low-bit codes), however the model was built."""
     from slimkit.export.artifact import weights_size
-    from slimkit.history import source_of
-    from slimkit.measure import size_on_disk
 
-    return weights_size(model) if source_of(model) is not None else size_on_disk(model)
+    return weights_size(model)
