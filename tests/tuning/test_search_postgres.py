@@ -46,7 +46,8 @@ WORKER = textwrap.dedent("""
 def _worker(tmp_path, out, url, name, n_trials, me, other, **env):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "SLIMKIT_SEARCH_HEARTBEAT": "1", **env}
+    # a 2 s heartbeat (stale after 6 s) leaves a busy CI machine margin before a live worker looks dead
+    env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "SLIMKIT_SEARCH_HEARTBEAT": "2", **env}
     return subprocess.Popen([sys.executable, str(script), str(out), url, name, str(n_trials), str(tmp_path / me),
                              str(tmp_path / other)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
