@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimkit._plot import pyplot, save_png
 from slimkit.errors import UsageError
 from slimkit.pruning.config import PruneConfig
 from slimkit.pruning.core import compute_gradients, group_scores, is_ignored, plan_edits
@@ -53,25 +55,21 @@ class SensitivityResult:
 
     def plot(self, path: str | Path) -> Path:
         """Accuracy versus ratio, one line per group, as a PNG (matplotlib, imported here)."""
-        import matplotlib
+        return plot_curves(self.curves, path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        path = Path(path)
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for group, pts in self.curves.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=group)
-        ax.set_xlabel("pruning ratio of the group alone")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("pruning sensitivity per group")
-        if len(self.curves) <= 12:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path) -> Path:
+    """Accuracy versus the pruning ratio of each group alone, one line per group, as a PNG."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for group, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=group)
+    ax.set_xlabel("pruning ratio of the group alone")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("pruning sensitivity per group")
+    if len(curves) <= 12:
+        ax.legend(fontsize=7)
+    return save_png(fig, path)
 
 
 def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9),

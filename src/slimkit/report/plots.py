@@ -5,26 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+from slimkit._plot import pyplot, save_png
 
 
 def kept_channels(rows: list[tuple[str, int, int]], path: Path) -> Path:
     """Bar chart of output channels per layer, before vs after."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [r[0] for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows) + 2), 4))
     xs = range(len(rows))
@@ -34,37 +20,30 @@ def kept_channels(rows: list[tuple[str, int, int]], path: Path) -> Path:
     ax.set_ylabel("output channels / features")
     ax.set_title("kept channels per layer")
     ax.legend()
-    return _save(plt, fig, path)
+    return save_png(fig, path)
 
 
 def bit_widths(bits: dict[str, float], path: Path) -> Path:
     """Bar chart of weight bit width per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(bits) + 2), 3.5))
     ax.bar(range(len(bits)), list(bits.values()), color="#2ca02c")
     ax.set_xticks(range(len(bits)), list(bits), rotation=90, fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title("bit width per layer (32 = float)")
-    return _save(plt, fig, path)
+    return save_png(fig, path)
 
 
 def sensitivity(curves: dict[str, list[tuple[float, float]]], path: Path) -> Path:
-    """Accuracy versus pruning ratio, one line per group."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, points in curves.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xlabel("pruning ratio")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("sensitivity per group")
-    if len(curves) <= 12:
-        ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    """Accuracy versus pruning ratio, one line per group (the chart ``SensitivityResult.plot`` draws)."""
+    from slimkit.pruning.sensitivity import plot_curves
+
+    return plot_curves(curves, path)
 
 
 def trade_off(points: list[dict[str, Any]], path: Path) -> Path:
     """Accuracy versus bytes on disk after every step (and MACs as the marker size)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = [p["size_bytes"] / 1e3 for p in points]
     ys = [p["accuracy"] for p in points]
@@ -76,4 +55,4 @@ def trade_off(points: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("bytes on disk (KB, log)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs size after each step")
-    return _save(plt, fig, path)
+    return save_png(fig, path)

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slimkit._io import atomic_path, write_text
+from slimkit._io import write_text
+from slimkit._plot import pyplot, save_png
+from slimkit.errors import DependencyError
 from slimkit.tuning.config import SearchConfig
 from slimkit.tuning.objectives import OBJECTIVES
 from slimkit.tuning.pareto import best_index
@@ -91,11 +93,8 @@ def plot_pareto(summary: SearchStudy, path: str | os.PathLike) -> Path | None:
     """Accuracy against the first cost objective (or against trial number for one objective), Pareto set and
     best highlighted, the input model and the accuracy budget drawn in. ``None`` without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except DependencyError:
         return None
     import optuna
 
@@ -126,11 +125,7 @@ def plot_pareto(summary: SearchStudy, path: str | os.PathLike) -> Path | None:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def write_report(summary: SearchStudy, config: SearchConfig) -> Path:
