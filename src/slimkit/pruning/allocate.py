@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimkit.errors import UsageError
 from slimkit.measure import count_macs
 from slimkit.pruning.graph import CONVS, TRANSPOSED, PruneGraph, Seg
 
@@ -81,7 +82,8 @@ class CostModel:
 
     def cost(self, keep: list[int]) -> tuple[float, float]:
         """``(macs, params)`` when group ``i`` keeps ``keep[i]`` channels."""
-        macs, params = self.total_macs, self.total_params
+        macs: float = self.total_macs
+        params: float = self.total_params
         for e in self.entries:
             f_out = keep[e.out_group] / self.sizes[e.out_group] if e.out_group is not None else 1.0
             if e.in_parts:
@@ -148,9 +150,13 @@ def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLi
             return [_snap(n - math.floor(n * min(cap, s * w / top)), n, lim)
                     for n, w, cap, lim in zip(units, weights, caps, limits)]
     elif rule == "sensitivity":
+        if sensitivity is None:
+            raise UsageError("allocation rule 'sensitivity' needs the per-group sensitivity curves")
+        curves = sensitivity
+
         def family(s: float) -> list[int]:
             keep = []
-            for n, curve, lim in zip(units, sensitivity, limits):
+            for n, curve, lim in zip(units, curves, limits):
                 ratio = max([r for r, drop in curve if drop <= s * 100.0], default=0.0)
                 keep.append(_snap(n - math.floor(n * ratio), n, lim))
             return keep
@@ -203,6 +209,7 @@ def _give_back(keep, order, limits, units, reduction, amount, rule: str) -> list
                 if after < amount:
                     continue
                 loss = max(current - after, 1e-12)
+                key: tuple[float, ...]
                 if rule == "global":
                     key = (-float(order[i][units[i] - trial[i]:units[i] - k].sum()) / loss,)
                 else:
@@ -232,6 +239,7 @@ def _top_up(keep, order, limits, units, reduction, amount, rule: str, slack: flo
                 trial[i] -= lim.step
                 after = reduction(trial)
                 gain = max(after - current, 1e-12)
+                key: tuple[float, ...]
                 if rule == "global":
                     lost = float(order[i][units[i] - k:units[i] - k + lim.step].sum())
                     key = (lost / gain,)

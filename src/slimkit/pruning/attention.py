@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import UsageError
 
-__all__ = ["PrunedMultiheadAttention", "prune_heads"]
+__all__ = ["PrunedMultiheadAttention", "as_attention", "prune_heads"]
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -80,23 +80,33 @@ def _additive_mask(attn_mask, key_padding_mask, q, batch, heads):
     return mask
 
 
-def prune_heads(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+def as_attention(module: nn.Module) -> nn.MultiheadAttention | PrunedMultiheadAttention:
+    """``module`` as an attention layer whose heads slimkit can prune, or a ``UsageError`` naming its type."""
+    if not isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
+        raise UsageError(f"cannot prune the attention heads of {type(module).__name__}: only nn.MultiheadAttention "
+                         "and PrunedMultiheadAttention are supported; name it in PruneConfig.ignore")
+    return module
+
+
+def prune_heads(module: nn.Module, keep: torch.Tensor | None) -> nn.Module:
     """Keep the inner channels ``keep`` (whole heads, indices into the original ``heads * head_dim`` width)."""
     if keep is None:
         return module
-    head_dim = module.head_dim
+    attention = as_attention(module)
+    head_dim = attention.head_dim
     if len(keep) % head_dim:
         raise UsageError(f"attention heads are pruned whole: {len(keep)} kept channels is not a multiple of "
                          f"head_dim={head_dim}")
-    inner = module.in_proj_weight.shape[0] // 3
+    inner = attention.in_proj_weight.shape[0] // 3
     rows = torch.cat([keep + i * inner for i in range(3)])
-    bias = module.in_proj_bias is not None
-    new = PrunedMultiheadAttention(module.embed_dim, len(keep) // head_dim, head_dim, module.dropout, bias,
-                                   module.batch_first)
+    in_bias, out_bias = attention.in_proj_bias, attention.out_proj.bias
+    new = PrunedMultiheadAttention(attention.embed_dim, len(keep) // head_dim, head_dim, attention.dropout,
+                                   in_bias is not None, attention.batch_first)
     with torch.no_grad():
-        new.in_proj_weight.copy_(module.in_proj_weight[rows])
-        new.out_proj.weight.copy_(module.out_proj.weight[:, keep])
-        if bias:
-            new.in_proj_bias.copy_(module.in_proj_bias[rows])
-            new.out_proj.bias.copy_(module.out_proj.bias)
-    return new.train(module.training)
+        new.in_proj_weight.copy_(attention.in_proj_weight[rows])
+        new.out_proj.weight.copy_(attention.out_proj.weight[:, keep])
+        if in_bias is not None and new.in_proj_bias is not None:
+            new.in_proj_bias.copy_(in_bias[rows])
+        if out_bias is not None and new.out_proj.bias is not None:
+            new.out_proj.bias.copy_(out_bias)
+    return new.train(attention.training)

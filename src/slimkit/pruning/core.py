@@ -76,12 +76,12 @@ def plan_edits(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model:
         group = graph.group_of_space.get(graph.root(space))
         return None if group is None else keep_channels.get(id(group))
 
-    plan = {}
+    plan: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys([*graph.out_space, *graph.in_segs, *graph.heads_space]):
         space = graph.out_space.get(name, graph.heads_space.get(name))
         out = keep_of(space) if space is not None else None
         copies = graph.out_copies.get(name, 1)
-        if out is not None and copies > 1:  # fused q/k/v: the same heads in every part
+        if space is not None and out is not None and copies > 1:  # fused q/k/v: the same heads in every part
             size = graph.group_of_space[graph.root(space)].size
             out = torch.cat([out + part * size for part in range(copies)])
         parts, offset, changed = [], 0, False
@@ -104,7 +104,9 @@ def plan_edits(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model:
             plan[name] = {"type": "Parameter", "out": None, "in": encode_indices(keep), "dim": dim}
     for group in graph.groups:  # head counts read by reshapes (num_heads...)
         keep = keep_channels.get(id(group))
-        for module, attr, per in group.attrs if keep is not None else ():
+        if keep is None:
+            continue
+        for module, attr, per in group.attrs:
             edit = plan.setdefault(module, {"type": type(model.get_submodule(module)).__name__, "out": None,
                                             "in": None})
             edit.setdefault("attrs", {})[attr] = len(keep) // per
@@ -156,7 +158,7 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
         raise UsageError(f"the pruned {type(model).__name__} fails on the example input ({first}): a tensor the "
                          "trace could not follow depends on pruned channels. Name the layers around it in "
                          "PruneConfig.ignore or PruneConfig.leaf_modules") from exc
-    record = {
+    record: dict[str, Any] = {
         "format": RECORD_FORMAT,
         "config": cfg.to_dict(strict=False),  # an unregistered callable criterion is recorded by its __name__
         "modules": plan,
@@ -180,18 +182,20 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     return work, record
 
 
-def _check_head_splits(model, graph: PruneGraph, keep_channels, example_input, cfg: PruneConfig) -> None:
+def _check_head_splits(model: nn.Module, graph: PruneGraph, keep_channels: dict[int, torch.Tensor],
+                       example_input: torch.Tensor, cfg: PruneConfig) -> None:
     """After rewriting head-count attributes, every head split must see the kept head count (the attribute was
     matched by value, so prove it is the one the reshape reads)."""
-    expected = {}
+    expected: dict[str, tuple[tuple[int, ...], Group]] = {}
     for node, space, dim, shape in graph.head_splits:
         group = graph.group_of_space.get(graph.root(space))
         keep = None if group is None else keep_channels.get(id(group))
-        if keep is not None:
+        if group is not None and keep is not None:
             per = shape[dim + 1]
             expected[node] = (*shape[:dim], len(keep) // per, *shape[dim + 1:]), group
     if not expected:
         return
+    failure = ""
     try:
         nodes = {n.name: n for n in trace(model, example_input, tuple(cfg.leaf_modules)).graph.nodes}
     except ValueError as exc:

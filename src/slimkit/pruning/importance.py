@@ -9,12 +9,13 @@ or pass any callable as ``PruneConfig.importance``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from slimkit.errors import UsageError
+from slimkit.pruning.attention import as_attention
 from slimkit.pruning.graph import CONVS, TRANSPOSED, Group, Member
 
 __all__ = ["CRITERIA", "Criterion", "group_slices", "register", "register_importance", "resolve"]
@@ -54,11 +55,12 @@ def _member_slices(module: nn.Module, member: Member, size: int, attr: str) -> l
     weight, bias = get(getattr(module, "weight", None)), get(getattr(module, "bias", None))
     lo, hi = member.offset, member.offset + size * member.block
     if member.role == "heads":
-        e = module.in_proj_weight.shape[0] // 3
-        w_in = get(module.in_proj_weight).view(3, e, -1).permute(1, 0, 2).reshape(e, -1)
-        out = [w_in, get(module.out_proj.weight).t()]
-        if module.in_proj_bias is not None:
-            out.append(get(module.in_proj_bias).view(3, e).t())
+        attention = as_attention(module)
+        e = attention.in_proj_weight.shape[0] // 3
+        w_in = get(attention.in_proj_weight).view(3, e, -1).permute(1, 0, 2).reshape(e, -1)
+        out = [w_in, get(attention.out_proj.weight).t()]
+        if attention.in_proj_bias is not None:
+            out.append(get(attention.in_proj_bias).view(3, e).t())
         return out
     if member.role == "out":
         rows = weight.transpose(0, 1) if isinstance(module, TRANSPOSED) else weight
@@ -98,6 +100,15 @@ def _cat(slices: list[torch.Tensor], group: Group) -> torch.Tensor:
     return torch.cat(slices, 1) if slices else torch.zeros(group.units, 1)
 
 
+def _add(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(tensors)`` of a non-empty iterable, typed (and on the tensors' own device)."""
+    parts = iter(tensors)
+    total = next(parts)
+    for part in parts:
+        total = total + part
+    return total
+
+
 @register("l1")
 def l1(group: Group) -> torch.Tensor:
     """Sum of absolute values of every weight the unit owns, across the whole group."""
@@ -123,9 +134,11 @@ def fpgm(group: Group) -> torch.Tensor:
 def bn_scale(group: Group) -> torch.Tensor:
     """Network slimming (Liu et al. 2017): |gamma| of the group's norm layers; l2 when the group has none."""
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-    gammas = [group.modules[m.module].weight.detach()[m.offset:m.offset + group.size]
-              for m in group.members if m.role == "through" and isinstance(group.modules[m.module], norms)
-              and group.modules[m.module].weight is not None]
+    gammas = []
+    for m in group.members:
+        module = group.modules[m.module]
+        if m.role == "through" and isinstance(module, norms) and module.weight is not None:
+            gammas.append(module.weight.detach()[m.offset:m.offset + group.size])
     if not gammas:
         return l2(group)
     return torch.stack([g.float().abs().view(group.units, -1).sum(1) for g in gammas]).sum(0)
@@ -139,7 +152,8 @@ def taylor(group: Group) -> torch.Tensor:
     weights, grads = group_slices(group), group_slices(group, attr="grad")
     if not weights:
         return torch.zeros(group.units)
-    return sum((w * g).sum(1) for w, g in zip(weights, grads)).pow(2)
+    return _add((w * g).sum(1) for w, g in zip(weights, grads)).pow(2)
+
 
 
 class RandomImportance:
@@ -173,5 +187,6 @@ def resolve(importance: str | Criterion, seed: int = 0) -> Criterion:
 def l1_penalty(model: nn.Module, strength: float = 1e-4) -> torch.Tensor:
     """``strength * sum |gamma|`` over the BatchNorm layers: add it to the training loss before ``bn_scale``
     pruning (network slimming) so that unimportant channels are pushed to zero."""
-    norms = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
-    return strength * sum(w.abs().sum() for w in norms) if norms else torch.zeros(())
+    norms = [m.weight for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight is not None]
+    return strength * _add(w.abs().sum() for w in norms) if norms else torch.zeros(())

@@ -52,10 +52,12 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, tr
         loss_fn: ``(outputs, targets, inputs) -> loss`` used for fine-tuning (distillation plugs in here).
 
     Example:
+        >>> import slimkit, torch
+        >>> model = slimkit.models.create("lenet5")
         >>> cfg = slimkit.PruneConfig(amount=0.5, target="macs", importance="l2")
-        >>> result = slimkit.prune(model, cfg, torch.zeros(1, 3, 32, 32))              # doctest: +SKIP
-        >>> result.record["reduction"]["macs"]                                           # doctest: +SKIP
-        0.5003
+        >>> result = slimkit.prune(model, cfg, torch.zeros(1, 1, 28, 28))
+        >>> round(result.record["reduction"]["macs"], 2)
+        0.5
     """
     _check_input(model, config, example_input)
     if config.allocation.value == "sensitivity" and not config.sensitivity and val_data is not None:
@@ -108,7 +110,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
             accuracy = evaluate(pruned, val_data).accuracy if val_data is not None else None
             entry = {"step": index + 1, "target": targets[index], "macs_reduction": combined["reduction"]["macs"],
                      "params_reduction": combined["reduction"]["params"], "accuracy": accuracy,
-                     "drop": None if accuracy is None else baseline - accuracy}
+                     "drop": None if accuracy is None or baseline is None else baseline - accuracy}
             state["log"].append(entry)
             bar.update(task, advance=1, description=f"prune step {index + 1}/{cfg.steps}",
                        info=f"-{entry['macs_reduction']:.0%} MACs acc {accuracy}")
@@ -125,6 +127,8 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
     if best_model is model:
         best_model, best_record = copy.deepcopy(model), prune_once(
             model, dataclasses.replace(cfg, amount=0.0, steps=1, finetune=None), example_input)[1]
+    if best_record is None:  # a checkpoint whose best step is not its last finished one (slimkit writes none)
+        raise UsageError(f"checkpoint folder {folder} records no pruned model for its best step; delete it")
     record = dict(best_record, steps=state["log"], baseline_accuracy=baseline, stopped_early=stopped,
                   config=cfg.to_dict(strict=False))
     return PruneResult(record_step(best_model, model, "prune", record), record, state["log"])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slimkit._modules import matches
-from slimkit.config import Config, check_range, to_enum
+from slimkit.config import Config, check_range
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 
@@ -52,8 +52,7 @@ class SparsityConfig(Config):
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.mode = to_enum(SparsityMode, self.mode, "mode")
+        super().__post_init__()  # converts mode to SparsityMode (Config coerces every Enum-typed field)
         check_range("amount", self.amount, 0.0, 0.999)
         if not 0 < self.n < self.m:
             raise UsageError(f"n={self.n}, m={self.m}: need 0 < n < m (e.g. n=2, m=4)")
