@@ -20,7 +20,6 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from slimkit.config import nearest
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import set_source
 from slimkit.models.weights import WeightsError, load_weights, save_weights
+from slimkit.models.zoo import ZOO, ModelSpec, register
 
 __all__ = ["ZOO", "ModelSpec", "WeightsError", "create", "input_shape", "load_weights", "register", "save_weights",
            "trusted_factory", "trusting"]
@@ -37,44 +37,9 @@ __all__ = ["ZOO", "ModelSpec", "WeightsError", "create", "input_shape", "load_we
 FACTORY_SPEC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A zoo entry: the factory, the input it expects (C, H, W) and a one-line description."""
-
-    factory: Callable[..., nn.Module]
-    input_shape: tuple[int, ...]
-    description: str
-
-
-ZOO: dict[str, ModelSpec] = {}
-
-
 # 'module:function' specs this process's own code passed to ``create``, and the caller's current allow-list
 _CREATED: set[str] = set()
 _TRUSTED: list[str] = []
-
-
-def register(name: str, input_shape: tuple[int, ...], description: str = "") -> Callable:
-    """Decorator adding a factory to the zoo under ``name``; artifacts naming it (or its ``module:function``) load.
-
-    Example:
-        >>> @register("mynet", input_shape=(3, 32, 32), description="my CIFAR net")
-        ... def mynet(num_classes=10):
-        ...     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
-        >>> create("mynet")(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-        >>> del ZOO["mynet"]  # (leaves the zoo as it was)
-    """
-    if not isinstance(name, str) or not name or ":" in name:
-        raise UsageError(f"register: model name {name!r} must be a non-empty string without ':'")
-
-    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if not callable(factory):
-            raise InputTypeError(f"register({name!r}): {factory!r} is not callable")
-        ZOO[name] = ModelSpec(factory, tuple(input_shape), description or (factory.__doc__ or "").strip())
-        return factory
-
-    return wrap
 
 
 def _spec_of(factory: Callable) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimkit.models import register
+from slimkit.models.zoo import register
 
 
 class AlexNetCIFAR(nn.Module):

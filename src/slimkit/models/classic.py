@@ -6,7 +6,7 @@ from itertools import pairwise
 
 from torch import nn
 
-from slimkit.models import register
+from slimkit.models.zoo import register
 
 
 def _mlp(widths: list[int], num_classes: int) -> nn.Sequential:

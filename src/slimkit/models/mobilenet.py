@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimkit.models import register
+from slimkit.models.zoo import register
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper with CIFAR strides
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),

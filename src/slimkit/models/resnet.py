@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimkit.errors import UsageError
-from slimkit.models import register
+from slimkit.models.zoo import register
 
 
 class BasicBlock(nn.Module):
