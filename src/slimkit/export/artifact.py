@@ -395,6 +395,7 @@ def _match_float_dtypes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
 
 def _check_packing(model: nn.Module, tensors: dict[str, torch.Tensor], packing: dict[str, Any], origin: Path) -> None:
     """Refuse packing metadata that does not match the rebuilt model and the weights file (never unpack garbage)."""
+    from slimkit.quantization.fake import QuantConv2d, QuantLinear
     from slimkit.quantization.pack import PACK_VERSION, code_layout
 
     if packing["version"] != PACK_VERSION:
@@ -417,7 +418,7 @@ def _check_packing(model: nn.Module, tensors: dict[str, torch.Tensor], packing: 
             layer = model.get_submodule(name) if name else None
         except AttributeError:
             layer = None
-        if layer is None or not hasattr(layer, "weight_quant") or f"{name}.weight" not in own:
+        if not isinstance(layer, QuantLinear | QuantConv2d) or f"{name}.weight" not in own:
             raise ArtifactError(f"{origin}: {field} names no quantized layer of the rebuilt model")
         with _field(origin, field), torch.no_grad():
             expected = code_layout(layer)

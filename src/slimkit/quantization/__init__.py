@@ -73,7 +73,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
         val_data: QAT validation data (the best epoch is kept).
         loss_fn: QAT loss hook ``(outputs, targets, inputs) -> loss`` (distillation passes a KD loss).
     """
-    data = train_data  # the body's name for it
     cfg = config or QuantConfig()
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
@@ -87,7 +86,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
                          f"(skipped: {', '.join(skipped) or 'none'})")
     needs_data = cfg.method is Method.QAT or (cfg.method is Method.PTQ and (
         cfg.bias_correction or cfg.adaround or any(s.act_bits is not None for s in specs)))
-    if needs_data and data is None:
+    if needs_data and train_data is None:
         raise UsageError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
     pairs = find_conv_bn(new) if cfg.fold_bn else []
     qat = cfg.method is Method.QAT
@@ -96,7 +95,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     reference = copy.deepcopy(new) if cfg.adaround else None
     prepare(new, specs, cfg.observer.value, learnable=qat and cfg.lsq)
     stats: dict[str, Any] = {}
-    batches = calibration_batches(data, cfg.batch_size, cfg.calibration_batches) if data is not None else []
+    batches = calibration_batches(train_data, cfg.batch_size, cfg.calibration_batches) if train_data is not None else []
     if batches:
         calibrate(new, batches)
     if reference is not None and batches:
@@ -108,7 +107,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     if qat:
         from slimkit.quantization.qat import train_qat
 
-        history = train_qat(new, data, val_data, cfg, loss_fn)
+        history = train_qat(new, train_data, val_data, cfg, loss_fn)
         stats["qat_train_loss"] = history.train_loss
         stats["qat_val_accuracy"] = history.val_accuracy
         fold_bn(new, pairs)

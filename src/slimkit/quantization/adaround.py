@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import UsageError
+from slimkit.quantization.fake import QuantConv2d, QuantLinear
 from slimkit.quantization.math import group_view, ungroup
 
 __all__ = ["GAMMA", "ZETA", "adaround", "rectified_sigmoid"]
@@ -76,7 +77,7 @@ def _capture(model: nn.Module, name: str, batches: list[torch.Tensor], output: b
     return torch.cat(seen)
 
 
-def _forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _forward(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return nn.functional.linear(x, weight, layer.bias)
     return layer._conv_forward(x, weight, layer.bias)
@@ -87,7 +88,7 @@ def _recon(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(1).mean()
 
 
-def _round_layer(layer: nn.Module, x_q: torch.Tensor, target: torch.Tensor, iters: int, lr: float,
+def _round_layer(layer: QuantLinear | QuantConv2d, x_q: torch.Tensor, target: torch.Tensor, iters: int, lr: float,
                  batch_size: int, generator: torch.Generator) -> dict[str, float]:
     wq = layer.weight_quant
     qmin, qmax = wq.int_range()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from slimkit._modules import matches
 from slimkit.errors import UsageError
@@ -48,8 +49,9 @@ def _kl(model: nn.Module, batches: list[torch.Tensor], reference: list[torch.Ten
     return total / len(batches)
 
 
-def mixed_precision(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...] = (8, 4, 2),
-                    batches: int = 4, batch_size: int = 64, ignore: tuple[str, ...] = ()) -> MixedPlan:
+def mixed_precision(model: nn.Module, data: Dataset | DataLoader | torch.Tensor, size_ratio: float,
+                    candidates: tuple[int, ...] = (8, 4, 2), batches: int = 4, batch_size: int = 64,
+                    ignore: tuple[str, ...] = ()) -> MixedPlan:
     """Choose weight bits per Linear/Conv2d layer so the packed model is ``size_ratio`` times smaller than its fp32
     state (biases, norms and per-channel scales included)."""
     if size_ratio < 1:
@@ -64,9 +66,11 @@ def mixed_precision(model: nn.Module, data, size_ratio: float, candidates: tuple
         model.train(was_training)
 
 
-def _plan(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...], batches: int, batch_size: int,
-          ignore: tuple[str, ...]) -> MixedPlan:
-    layers = [(n, m) for n, m in quantizable(model)[0] if not any(matches(n, p) for p in ignore)]
+def _plan(model: nn.Module, data: Dataset | DataLoader | torch.Tensor, size_ratio: float, candidates: tuple[int, ...],
+          batches: int, batch_size: int, ignore: tuple[str, ...]) -> MixedPlan:
+    # quantizable() yields only Linear / Conv2d layers; the isinstance check states it for the type checker
+    layers = [(n, m) for n, m in quantizable(model)[0]
+              if isinstance(m, nn.Linear | nn.Conv2d) and not any(matches(n, p) for p in ignore)]
     xs = calibration_batches(data, batch_size, batches)
     with torch.no_grad():
         reference = [model(x) for x in xs]
@@ -74,11 +78,11 @@ def _plan(model: nn.Module, data, size_ratio: float, candidates: tuple[int, ...]
     for name, layer in layers:
         original = layer.weight.detach().clone()
         sensitivity[name] = {}
-        for bits in candidates:
-            codes, scale, zero_point = quantize_weight(original, bits, True, "per_channel")
+        for candidate in candidates:
+            codes, scale, zero_point = quantize_weight(original, candidate, True, "per_channel")
             with torch.no_grad():
                 layer.weight.copy_(ungroup(dequantize(codes, scale, zero_point), original.shape))
-            sensitivity[name][bits] = _kl(model, xs, reference)
+            sensitivity[name][candidate] = _kl(model, xs, reference)
         with torch.no_grad():
             layer.weight.copy_(original)
     sizes = {name: layer.weight.numel() for name, layer in layers}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit._modules import set_module
 from slimkit.errors import UsageError
 from slimkit.quantization.config import LayerSpec
-from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, make_quant_layer
+from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, make_quant_layer
 
 __all__ = ["attach_output_quant", "calibrate", "correct_bias", "find_conv_bn", "fold_bn", "prepare", "quant_layers",
            "residual_feeders"]
@@ -54,10 +54,20 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
     """
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise UsageError(f"fold_bn: {conv_name!r} -> {bn_name!r} is not a Conv2d followed by a BatchNorm2d "
+                             f"(got {type(conv).__name__} -> {type(bn).__name__})")
+        mean, var = bn.running_mean, bn.running_var
+        if mean is None or var is None:
+            raise UsageError(f"fold_bn: {bn_name!r} keeps no running statistics (track_running_stats=False), so it "
+                             "cannot be folded; quantize with fold_bn=False")
         with torch.no_grad():
-            k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            new_bias = (bias - bn.running_mean) * k + bn.bias
+            # affine=False: gamma = 1, beta = 0
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(mean)
+            k = gamma / torch.sqrt(var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+            new_bias = (bias - mean) * k + beta
             if conv.bias is None:
                 conv.bias = nn.Parameter(torch.zeros_like(new_bias))
             conv.weight.mul_(k.reshape(-1, *([1] * (conv.weight.ndim - 1))))
@@ -71,7 +81,7 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
         set_module(model, bn_name, nn.Identity())
 
 
-def _fold_learned_scale(wq, k: torch.Tensor) -> None:
+def _fold_learned_scale(wq: WeightQuantizer, k: torch.Tensor) -> None:
     """Carry a learned (LSQ) weight grid through ``w' = k w`` exactly: per-channel scales ``|k| s``; where ``k < 0``
     the codes mirror, so an affine zero point becomes ``qmin + qmax - z``. A per-tensor grid becomes per-channel
     (each channel has its own ``k``)."""
@@ -81,7 +91,7 @@ def _fold_learned_scale(wq, k: torch.Tensor) -> None:
     if wq.scale.numel() == 1 and channels > 1:
         shape = (channels, *wq.scale.shape[1:])
         wq.scale = nn.Parameter(wq.scale.detach().expand(shape).clone())
-        wq.zero_point = wq.zero_point.expand(shape).clone()
+        wq.zero_point = nn.Buffer(wq.zero_point.expand(shape).clone())
         wq.granularity = Granularity.PER_CHANNEL.value
     view = (-1, *([1] * (wq.scale.ndim - 1)))
     wq.scale.mul_(k.abs().reshape(view))
@@ -214,12 +224,12 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
     ``E[(W_q - W) x] = (W_q - W) E[x]`` (for a conv, summed over the kernel with per-channel input means,
     ignoring padding). One calibration pass collects ``E[x]`` per layer; the shift is subtracted from the bias.
     Returns the largest absolute correction per layer."""
-    layers = [(n, m) for n, m in quant_layers(model) if m.bias is not None and not m.weight_quant.learnable]
+    layers = [(n, m, m.bias) for n, m in quant_layers(model) if m.bias is not None and not m.weight_quant.learnable]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name):
-        def collect(module, args):
+    def hook(name: str) -> Callable[[QuantLinear | QuantConv2d, tuple[Any, ...]], None]:
+        def collect(module: QuantLinear | QuantConv2d, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             if module.input_quant is not None:
                 x = module.input_quant(x)
@@ -228,7 +238,7 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
             counts[name] = counts.get(name, 0) + x.numel() // x.shape[1]
         return collect
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m, _ in layers]
     try:
         _run(model.eval(), batches)
     finally:
@@ -236,7 +246,7 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
             h.remove()
     corrections: dict[str, float] = {}
     with torch.no_grad():
-        for name, layer in layers:
+        for name, layer, bias in layers:
             mean_x = sums[name] / max(counts[name], 1)
             delta_w = layer.weight_quant(layer.weight) - layer.weight
             groups = getattr(layer, "groups", 1)
@@ -245,7 +255,7 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
             out, per_group = delta_w.shape
             shift = torch.einsum("goi,gi->go", delta_w.reshape(groups, out // groups, per_group),
                                  mean_x.reshape(groups, per_group)).reshape(out)
-            layer.bias.sub_(shift)
+            bias.sub_(shift)
             corrections[name] = float(shift.abs().max())
     return corrections
 

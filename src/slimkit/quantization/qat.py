@@ -7,8 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from slimkit.quantization.config import QuantConfig
-from slimkit.quantization.fake import ActQuantizer, WeightQuantizer
-from slimkit.train import FitResult, LossFn, TrainConfig, fit
+from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from slimkit.train import FitResult, LossFn, Optimizer, TrainConfig, fit
 
 __all__ = ["train_qat"]
 
@@ -46,14 +46,15 @@ def train_qat(model: nn.Module, data, val_data, cfg: QuantConfig, loss_fn: LossF
             freeze_quantizers(model)
 
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                            max_batches=cfg.max_batches, optimizer="adam", restore_best=val_data is not None)
+                            max_batches=cfg.max_batches, optimizer=Optimizer.ADAM, restore_best=val_data is not None)
     try:
         history = fit(model, data, val_data, train_cfg, loss_fn=loss_fn, on_epoch_end=on_epoch_end)
     finally:
         for h in handles:
             h.remove()
     for layer in model.modules():  # the last step moved the weights: re-derive the frozen scales
-        wq = getattr(layer, "weight_quant", None)
-        if isinstance(wq, WeightQuantizer) and not wq.learnable and not wq.frozen:
-            wq.refresh(layer.weight)
+        if isinstance(layer, QuantLinear | QuantConv2d):
+            wq = layer.weight_quant
+            if not wq.learnable and not wq.frozen:
+                wq.refresh(layer.weight)
     return history

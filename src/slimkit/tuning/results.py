@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -12,6 +12,9 @@ from slimkit._text import human, make_table, render
 from slimkit.errors import MissingFileError, UsageError
 from slimkit.tuning.objectives import OBJECTIVES
 from slimkit.tuning.pareto import Candidate
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["SearchResult", "SearchStudy", "candidate_of", "format_metrics"]
 
@@ -112,7 +115,7 @@ class SearchStudy:
         best = self._best()
         return {**best.metrics, "trial": best.trial, "plan": dict(best.plan), "baseline": dict(self.baseline)}
 
-    def table(self):
+    def table(self) -> Table:
         cols = ["", "trial", *[f"{o} ({OBJECTIVES[o].unit})" if OBJECTIVES[o].unit else o for o in self.objectives],
                 "feasible", "plan"]
         rows: list[list[object]] = [["input", "-", *[_fmt(o, self.baseline) for o in self.objectives], "-", ""]]
