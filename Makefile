@@ -43,6 +43,8 @@ test-docs: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
 	$(BIN)/bandit -q -r src
 
 bench: install

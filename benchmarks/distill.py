@@ -61,12 +61,15 @@ class Jitter(Dataset):
         p = self.pixels
         dx, dy = torch.randint(-p, p + 1, (2,), generator=self.generator).tolist()
         padded = F.pad(image, (p, p, p, p), value=self.background)
-        return padded[:, p + dy: p + dy + image.shape[1], p + dx: p + dx + image.shape[2]], label
+        return padded[:, p + dy : p + dy + image.shape[1], p + dx : p + dx + image.shape[2]], label
 
 
 def stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "runs": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "runs": values,
+    }
 
 
 def pm(summary: dict[str, float], digits: int = 2) -> str:
@@ -80,10 +83,15 @@ def hinton(train, test, seeds: list[int], epochs: dict[str, int]) -> dict:
     fit(teacher, Jitter(train), None, TrainConfig(epochs=epochs["teacher"], lr=1e-3, seed=0, restore_best=False))
     teacher_error = 100 - evaluate(teacher, test).accuracy
     print(f"teacher 784-1200-1200-10: {teacher_error:.2f}% error ({time.perf_counter() - started:.0f} s)", flush=True)
-    students = {"784-800-800-10": ("mlp_wide", {"hidden": 800}, epochs["student"], 1e-3),
-                "784-30-10": ("mlp", {"hidden": 30}, epochs["small_student"], 3e-3)}
-    out = {"teacher_error": teacher_error, "teacher_params": profile(teacher, torch.zeros(1, 1, 28, 28)).params,
-           "students": {}}
+    students = {
+        "784-800-800-10": ("mlp_wide", {"hidden": 800}, epochs["student"], 1e-3),
+        "784-30-10": ("mlp", {"hidden": 30}, epochs["small_student"], 3e-3),
+    }
+    out = {
+        "teacher_error": teacher_error,
+        "teacher_params": profile(teacher, torch.zeros(1, 1, 28, 28)).params,
+        "students": {},
+    }
     for label, (name, kwargs, student_epochs, lr) in students.items():
         runs: dict[str, list[float]] = {"labels": [], **{f"T={t:g}": [] for t in TEMPERATURES}}
         for seed in seeds:
@@ -102,9 +110,13 @@ def hinton(train, test, seeds: list[int], epochs: dict[str, int]) -> dict:
         best = min((k for k in runs if k != "labels"), key=lambda k: summary[k]["mean"])
         reduction = 1 - summary[best]["mean"] / summary["labels"]["mean"]
         out["students"][label] = {
-            "errors": summary, "best_temperature": best, "relative_error_reduction": reduction,
+            "errors": summary,
+            "best_temperature": best,
+            "relative_error_reduction": reduction,
             "target_met": reduction >= 0.10,
-            "params": profile(student, torch.zeros(1, 1, 28, 28)).params, "epochs": student_epochs, "lr": lr,
+            "params": profile(student, torch.zeros(1, 1, 28, 28)).params,
+            "epochs": student_epochs,
+            "lr": lr,
         }
     out["seconds"] = time.perf_counter() - started
     return out
@@ -119,17 +131,39 @@ def pruning_recovery(train, test, seeds: list[int], epochs: dict[str, int]) -> d
     example = torch.zeros(1, 1, 28, 28)
     torch.manual_seed(0)
     original = models.create("lenet5")
-    fit(original, train, None, TrainConfig(epochs=epochs["lenet5"], lr=0.05, optimizer="sgd", weight_decay=5e-4,
-                                           batch_size=64, seed=0, restore_best=False))
+    fit(
+        original,
+        train,
+        None,
+        TrainConfig(
+            epochs=epochs["lenet5"],
+            lr=0.05,
+            optimizer="sgd",
+            weight_decay=5e-4,
+            batch_size=64,
+            seed=0,
+            restore_best=False,
+        ),
+    )
     pruned = prune(original, PruneConfig(amount=2 / 3, target="macs", importance="l2"), example).model
     macs = (profile(original, example).macs, profile(pruned, example).macs)
     accuracy = {"original": evaluate(original, test).accuracy, "pruned": evaluate(pruned, test).accuracy}
-    print(f"LeNet-5 {accuracy['original']:.2f}% -> pruned {macs[0] / macs[1]:.2f}x fewer MACs, "
-          f"{accuracy['pruned']:.2f}% before fine-tuning", flush=True)
-    recipes = {"SGD 0.01 (the original's optimizer)": {"optimizer": "sgd", "lr": 0.01},
-               "Adam 1e-3": {"optimizer": "adam", "lr": 1e-3}}
-    out = {"available": True, "macs": {"original": macs[0], "pruned": macs[1], "reduction": macs[0] / macs[1]},
-           "accuracy": accuracy, "finetune_epochs": epochs["finetune"], "recipes": {}}
+    print(
+        f"LeNet-5 {accuracy['original']:.2f}% -> pruned {macs[0] / macs[1]:.2f}x fewer MACs, "
+        f"{accuracy['pruned']:.2f}% before fine-tuning",
+        flush=True,
+    )
+    recipes = {
+        "SGD 0.01 (the original's optimizer)": {"optimizer": "sgd", "lr": 0.01},
+        "Adam 1e-3": {"optimizer": "adam", "lr": 1e-3},
+    }
+    out = {
+        "available": True,
+        "macs": {"original": macs[0], "pruned": macs[1], "reduction": macs[0] / macs[1]},
+        "accuracy": accuracy,
+        "finetune_epochs": epochs["finetune"],
+        "recipes": {},
+    }
     for recipe, optimizer in recipes.items():
         runs: dict[str, list[float]] = {"labels": [], "kd": []}
         for seed in seeds:
@@ -138,12 +172,16 @@ def pruning_recovery(train, test, seeds: list[int], epochs: dict[str, int]) -> d
                 model = copy.deepcopy(pruned)
                 fit(model, train, None, settings, loss_fn=loss_fn)
                 runs[arm].append(evaluate(model, test).accuracy)
-            print(f"  fine-tune {recipe} seed {seed}: labels {runs['labels'][-1]:.2f}%, KD {runs['kd'][-1]:.2f}%",
-                  flush=True)
+            print(
+                f"  fine-tune {recipe} seed {seed}: labels {runs['labels'][-1]:.2f}%, KD {runs['kd'][-1]:.2f}%",
+                flush=True,
+            )
         summary = {k: stats(v) for k, v in runs.items()}
-        out["recipes"][recipe] = {"finetuned_accuracy": summary,
-                                  "recovered": {k: summary[k]["mean"] - accuracy["pruned"] for k in runs},
-                                  "kd_at_least_labels": summary["kd"]["mean"] >= summary["labels"]["mean"]}
+        out["recipes"][recipe] = {
+            "finetuned_accuracy": summary,
+            "recovered": {k: summary[k]["mean"] - accuracy["pruned"] for k in runs},
+            "kd_at_least_labels": summary["kd"]["mean"] >= summary["labels"]["mean"],
+        }
     out["target_met"] = out["recipes"][next(iter(recipes))]["kd_at_least_labels"]
     out["seconds"] = time.perf_counter() - started
     return out
@@ -152,32 +190,41 @@ def pruning_recovery(train, test, seeds: list[int], epochs: dict[str, int]) -> d
 def markdown(result: dict) -> str:
     h, settings = result["hinton"], result["settings"]
     lines = [
-        "# Distillation benchmark (MNIST-10k: 8,000 train / 2,000 test digits)", "",
+        "# Distillation benchmark (MNIST-10k: 8,000 train / 2,000 test digits)",
+        "",
         f"Command: `{result['command']}`; {result['threads']} threads, {result['machine']}, "
         f"{result['seconds']:.0f} s in all. Mean ± std over seeds {settings['seeds']} (one teacher, seed 0); "
-        "every run keeps its last epoch (no selection on the test set).", "",
-        f"## Hinton et al. 2015 setting: test error % (teacher {h['teacher_error']:.2f}%)", "",
+        "every run keeps its last epoch (no selection on the test set).",
+        "",
+        f"## Hinton et al. 2015 setting: test error % (teacher {h['teacher_error']:.2f}%)",
+        "",
         f"Teacher 784-1200-1200-10, dropout 0.3, ±2-pixel jitter, {settings['epochs']['teacher']} epochs. Students "
         f"unregularized, Adam: 800-800 {settings['epochs']['student']} epochs at lr 1e-3, 30 hidden units "
-        f"{settings['epochs']['small_student']} epochs at lr 3e-3 (the same for both arms); alpha = {ALPHA}.", "",
-        "| student | params | on labels | " + " | ".join(f"distilled T={t:g}" for t in TEMPERATURES)
+        f"{settings['epochs']['small_student']} epochs at lr 3e-3 (the same for both arms); alpha = {ALPHA}.",
+        "",
+        "| student | params | on labels | "
+        + " | ".join(f"distilled T={t:g}" for t in TEMPERATURES)
         + " | relative error reduction (best T) | target ≥ 10% |",
         "|---|---|---|" + "---|" * len(TEMPERATURES) + "---|---|",
     ]
     for label, s in h["students"].items():
         errors = s["errors"]
-        lines.append(f"| {label} | {s['params']:,} | {pm(errors['labels'])} | "
-                     + " | ".join(pm(errors[f"T={t:g}"]) for t in TEMPERATURES)
-                     + f" | {s['relative_error_reduction']:.1%} ({s['best_temperature']}) | "
-                     f"{'met' if s['target_met'] else 'NOT met'} |")
+        lines.append(
+            f"| {label} | {s['params']:,} | {pm(errors['labels'])} | "
+            + " | ".join(pm(errors[f"T={t:g}"]) for t in TEMPERATURES)
+            + f" | {s['relative_error_reduction']:.1%} ({s['best_temperature']}) | "
+            f"{'met' if s['target_met'] else 'NOT met'} |"
+        )
     published = PUBLISHED
     lines += [
-        "", "Published (Hinton et al. 2015, full MNIST 60k/10k, T = 20): teacher "
+        "",
+        "Published (Hinton et al. 2015, full MNIST 60k/10k, T = 20): teacher "
         f"{published['teacher 1200-1200']:.2f}%, student 800-800 on labels "
         f"{published['student 800-800 on labels']:.2f}% -> distilled "
         f"{published['student 800-800 distilled (T=20)']:.2f}% (a "
         f"{1 - published['student 800-800 distilled (T=20)'] / published['student 800-800 on labels']:.0%} "
-        "relative error reduction). Expect the same trend, not the same digits: 8,000 training images here.", "",
+        "relative error reduction). Expect the same trend, not the same digits: 8,000 training images here.",
+        "",
     ]
     r = result["pruning_recovery"]
     lines.append("## Recovery after pruning: LeNet-5, 3x fewer MACs, test accuracy %")
@@ -189,14 +236,17 @@ def markdown(result: dict) -> str:
             f"L2 structured pruning to {r['macs']['reduction']:.2f}x fewer MACs ({r['macs']['original']:,} -> "
             f"{r['macs']['pruned']:,}), then {r['finetune_epochs']} epochs of fine-tuning on the labels or with "
             f"`kd_loss_fn(original, 4.0, alpha={ALPHA})`. Original {r['accuracy']['original']:.2f}%, pruned "
-            f"{r['accuracy']['pruned']:.2f}% before fine-tuning.", "",
+            f"{r['accuracy']['pruned']:.2f}% before fine-tuning.",
+            "",
             "| fine-tuning | on labels | with KD | recovered: labels / KD (points) | KD ≥ labels |",
             "|---|---|---|---|---|",
         ]
         for recipe, row in r["recipes"].items():
             ft, rec = row["finetuned_accuracy"], row["recovered"]
-            lines.append(f"| {recipe} | {pm(ft['labels'])} | {pm(ft['kd'])} | {rec['labels']:.2f} / {rec['kd']:.2f} "
-                         f"| {'yes' if row['kd_at_least_labels'] else 'no'} |")
+            lines.append(
+                f"| {recipe} | {pm(ft['labels'])} | {pm(ft['kd'])} | {rec['labels']:.2f} / {rec['kd']:.2f} "
+                f"| {'yes' if row['kd_at_least_labels'] else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -207,16 +257,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    epochs = ({"teacher": 1, "student": 1, "small_student": 1, "lenet5": 1, "finetune": 1} if args.quick
-              else {"teacher": 40, "student": 20, "small_student": 60, "lenet5": 20, "finetune": 3})
+    epochs = (
+        {"teacher": 1, "student": 1, "small_student": 1, "lenet5": 1, "finetune": 1}
+        if args.quick
+        else {"teacher": 40, "student": 20, "small_student": 60, "lenet5": 20, "finetune": 3}
+    )
     seeds = list(range(args.seeds))
     train, test = data.load("mnist10k")
     started = time.perf_counter()
     result = {
         "command": "flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/distill.py"
-                   + (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds != 3 else ""),
-        "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch "
-                                                       f"{torch.__version__}",
+        + (" --quick" if args.quick else "")
+        + (f" --seeds {args.seeds}" if args.seeds != 3 else ""),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         "settings": {"seeds": seeds, "epochs": epochs, "alpha": ALPHA, "temperatures": TEMPERATURES},
         "published": PUBLISHED,
         "hinton": hinton(train, test, seeds, epochs),

@@ -55,33 +55,48 @@ def run() -> list[dict]:
         for amount in (0.3, 0.6):
             result = prune(model, PruneConfig(amount=amount, target="macs", importance="l2"), x)
             pruned[amount] = result
-        lat = benchmark_latency({"original": model, **{f"{a:.0%}": r.model for a, r in pruned.items()}}, x,
-                                batch_sizes=(1, 32), threads=2, repeats=20, max_seconds=20)
+        lat = benchmark_latency(
+            {"original": model, **{f"{a:.0%}": r.model for a, r in pruned.items()}},
+            x,
+            batch_sizes=(1, 32),
+            threads=2,
+            repeats=20,
+            max_seconds=20,
+        )
         for amount, result in pruned.items():
             prof = slimkit.profile(result.model, x)
             grouped = [m.groups for m in result.model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
             heads = [m.num_heads for m in result.model.modules() if hasattr(m, "num_heads")]
             key = f"{amount:.0%}"
-            row = {"model": name, "target": amount, "macs_reduction": 1 - prof.macs / base.macs,
-                   "params_reduction": 1 - prof.params / base.params,
-                   "speedup_b1": lat["original"][1].median / lat[key][1].median,
-                   "speedup_b32": lat["original"][32].median / lat[key][32].median,
-                   "ms_b1": lat[key][1].median * 1e3, "ms_b32": lat[key][32].median * 1e3,
-                   "original_ms": {"b1": lat["original"][1].median * 1e3, "b32": lat["original"][32].median * 1e3},
-                   "kept": f"groups {min(grouped)}-{max(grouped)}" if grouped else f"heads {heads}",
-                   "kept_intact": [k["group"] for k in result.record["kept_intact"]]}
+            row = {
+                "model": name,
+                "target": amount,
+                "macs_reduction": 1 - prof.macs / base.macs,
+                "params_reduction": 1 - prof.params / base.params,
+                "speedup_b1": lat["original"][1].median / lat[key][1].median,
+                "speedup_b32": lat["original"][32].median / lat[key][32].median,
+                "ms_b1": lat[key][1].median * 1e3,
+                "ms_b32": lat[key][32].median * 1e3,
+                "original_ms": {"b1": lat["original"][1].median * 1e3, "b32": lat["original"][32].median * 1e3},
+                "kept": f"groups {min(grouped)}-{max(grouped)}" if grouped else f"heads {heads}",
+                "kept_intact": [k["group"] for k in result.record["kept_intact"]],
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
 def markdown(rows) -> str:
-    lines = ["| model | target | MACs reduction | params reduction | kept | speed-up b1 | speed-up b32 | ms b1 "
-             "| ms b32 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | target | MACs reduction | params reduction | kept | speed-up b1 | speed-up b32 | ms b1 | ms b32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['target']:.0%} | {r['macs_reduction']:.1%} | {r['params_reduction']:.1%} | "
-                     f"{r['kept']} | {r['speedup_b1']:.2f} | {r['speedup_b32']:.2f} | {r['ms_b1']:.2f} | "
-                     f"{r['ms_b32']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['target']:.0%} | {r['macs_reduction']:.1%} | {r['params_reduction']:.1%} | "
+            f"{r['kept']} | {r['speedup_b1']:.2f} | {r['speedup_b32']:.2f} | {r['ms_b1']:.2f} | "
+            f"{r['ms_b32']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -75,8 +75,15 @@ def ort_static(fp32_onnx: Path, out: Path, calib: list[torch.Tensor]) -> Path:
         def get_next(self):
             return next(self.items, None)
 
-    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(fp32_onnx),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     return out
 
 
@@ -126,15 +133,24 @@ def versus_ort(model, fp32_onnx: Path, draws: list[torch.Tensor], test, folder: 
         theirs = ort_static(fp32_onnx, folder / f"draw{k}-ort.onnx", list(calib.split(QuantConfig().batch_size)))
         for key, path in (("slimkit", ours), ("ort", theirs)):
             out = logits(OrtModel(path, THREADS), xs)
-            per[key].append({"accuracy": 100 * (out.argmax(1) == ys).float().mean().item(),
-                             "agree_fp32": 100 * (out.argmax(1) == ref.argmax(1)).float().mean().item(),
-                             "logit_mse": ((out - ref) ** 2).mean().item()})
+            per[key].append(
+                {
+                    "accuracy": 100 * (out.argmax(1) == ys).float().mean().item(),
+                    "agree_fp32": 100 * (out.argmax(1) == ref.argmax(1)).float().mean().item(),
+                    "logit_mse": ((out - ref) ** 2).mean().item(),
+                }
+            )
     mean = {key: {m: float(np.mean([r[m] for r in rows])) for m in rows[0]} for key, rows in per.items()}
     for key, rows in per.items():
         mean[key]["accuracy_std"] = float(np.std([r["accuracy"] for r in rows]))
     diffs = [a["accuracy"] - b["accuracy"] for a, b in zip(per["slimkit"], per["ort"])]
-    return {"draws": per, "mean": mean, "better": sum(d > 1e-6 for d in diffs),
-            "tied": sum(abs(d) <= 1e-6 for d in diffs), "worse": sum(d < -1e-6 for d in diffs)}
+    return {
+        "draws": per,
+        "mean": mean,
+        "better": sum(d > 1e-6 for d in diffs),
+        "tied": sum(abs(d) <= 1e-6 for d in diffs),
+        "worse": sum(d < -1e-6 for d in diffs),
+    }
 
 
 ADAROUND = {"adaround": True, "adaround_iters": 300}
@@ -145,8 +161,11 @@ RESNET_LOWBIT_QAT = {"epochs": 3, "lr": 2e-3, "freeze_bn_epoch": 2}  # on the 4,
 def variants(name: str) -> dict[str, tuple[QuantConfig, bool]]:
     """label -> (config, uses training data)."""
     if name == "resnet56":
-        return {"int8 PTQ": (QuantConfig(), False), "int8 PTQ + AdaRound": (QuantConfig(**ADAROUND), False),
-                "int8 PTQ (histogram observer)": (QuantConfig(observer="histogram"), False)}
+        return {
+            "int8 PTQ": (QuantConfig(), False),
+            "int8 PTQ + AdaRound": (QuantConfig(**ADAROUND), False),
+            "int8 PTQ (histogram observer)": (QuantConfig(observer="histogram"), False),
+        }
     every_layer = name == "mlp"  # the MLP's two layers are its first and last: quantize them too
     low = {"keep_first_last_8bit": not every_layer}
     qat_epochs = 1 if QUICK else (1 if name == "resnet20" else 3)
@@ -170,8 +189,17 @@ def variants(name: str) -> dict[str, tuple[QuantConfig, bool]]:
 def fp32_control(model, train, val, test) -> float:
     """The fp32 model trained further with the low-bit QAT budget (same data, optimizer, epochs, lr, val)."""
     control = copy.deepcopy(model)
-    fit(control, train, val, TrainConfig(epochs=RESNET_LOWBIT_QAT["epochs"], lr=RESNET_LOWBIT_QAT["lr"],
-                                          optimizer="adam", batch_size=QuantConfig().batch_size))
+    fit(
+        control,
+        train,
+        val,
+        TrainConfig(
+            epochs=RESNET_LOWBIT_QAT["epochs"],
+            lr=RESNET_LOWBIT_QAT["lr"],
+            optimizer="adam",
+            batch_size=QuantConfig().batch_size,
+        ),
+    )
     return evaluate(control.eval(), test).accuracy
 
 
@@ -208,15 +236,21 @@ def run_model(name: str, folder: Path) -> dict:
     if name == "resnet20" and not QUICK:
         t0 = time.perf_counter()
         acc = fp32_control(model, qat_train, val, test)
-        rows["fp32 + low-bit QAT budget (control)"] = {"accuracy": acc, "drop": fp32_acc - acc,
-                                                       "seconds": time.perf_counter() - t0}
+        rows["fp32 + low-bit QAT budget (control)"] = {
+            "accuracy": acc,
+            "drop": fp32_acc - acc,
+            "seconds": time.perf_counter() - t0,
+        }
     for label, (cfg, uses_training) in variants(name).items():
         t0 = time.perf_counter()
         result = quantize(model, cfg, qat_train, val_data=val) if uses_training else quantize(model, cfg, calib_tensor)
         acc = evaluate(result.model, test).accuracy
-        rows[label] = {"accuracy": acc, "drop": fp32_acc - acc,
-                       "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-{label}"),
-                       "seconds": time.perf_counter() - t0}
+        rows[label] = {
+            "accuracy": acc,
+            "drop": fp32_acc - acc,
+            "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-{label}"),
+            "seconds": time.perf_counter() - t0,
+        }
         qmodels[label] = result.model
         print(f"{name} {label}: {acc:.2f}% ({rows[label]['seconds']:.0f}s)", flush=True)
     # which PTQ model to deploy is chosen on held-out training digits (never on the test split); ties keep plain
@@ -230,17 +264,23 @@ def run_model(name: str, folder: Path) -> dict:
     theirs_onnx = ort_static(fp32_onnx, folder / f"{name}-ort-static.onnx", calib)
     t0 = time.perf_counter()
     versus = versus_ort(model, fp32_onnx, draws, test, folder)
-    print(f"{name} vs quantize_static over {DRAWS} draws: {versus['mean']} ({time.perf_counter() - t0:.0f}s)",
-          flush=True)
-    runtimes = {"ort fp32": OrtModel(fp32_onnx, THREADS), "ort int8 (slimkit QDQ)": OrtModel(ours_onnx, THREADS),
-                "ort int8 (quantize_static)": OrtModel(theirs_onnx, THREADS)}
+    print(
+        f"{name} vs quantize_static over {DRAWS} draws: {versus['mean']} ({time.perf_counter() - t0:.0f}s)", flush=True
+    )
+    runtimes = {
+        "ort fp32": OrtModel(fp32_onnx, THREADS),
+        "ort int8 (slimkit QDQ)": OrtModel(ours_onnx, THREADS),
+        "ort int8 (quantize_static)": OrtModel(theirs_onnx, THREADS),
+    }
     x64 = torch.zeros(64, *x1.shape[1:])
     torch_int8 = to_torch_int8(ptq, calib, x64)
     for batch in (1, 250):  # latency at batch 1; evaluation and parity in batches of 250
         torch_int8.lowered((batch, *x1.shape[1:]))
-    deployed = {"ORT quantize_static int8": runtimes["ort int8 (quantize_static)"],
-                "slimkit int8 on ORT": runtimes["ort int8 (slimkit QDQ)"],
-                "slimkit int8 on torch x86 (oneDNN)": torch_int8}
+    deployed = {
+        "ORT quantize_static int8": runtimes["ort int8 (quantize_static)"],
+        "slimkit int8 on ORT": runtimes["ort int8 (slimkit QDQ)"],
+        "slimkit int8 on torch x86 (oneDNN)": torch_int8,
+    }
     candidates = {"torch fp32": model}
     fp32_compiled = compiled(model, [x1.shape, x64.shape])
     if fp32_compiled is not None:
@@ -253,20 +293,31 @@ def run_model(name: str, folder: Path) -> dict:
     if not resnet:  # dynamic int8 only covers Linear layers: for the ResNets it is the fp32 convs again
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear},
-                                                                   dtype=torch.qint8)
+            torch_dynamic = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
+            )
         deployed["torch int8 dynamic (real kernels)"] = torch_dynamic
         candidates["torch int8 dynamic"] = torch_dynamic
     for label, runtime in deployed.items():
         acc = evaluate(runtime, test, batch_size=250).accuracy  # 8 equal batches: few shapes to lower
         rows[label] = {"accuracy": acc, "drop": fp32_acc - acc}
-    agreement = {"ort": parity(ptq, runtimes["ort int8 (slimkit QDQ)"], test, batch_size=250),
-                 "torch_x86": parity(ptq, torch_int8, test, batch_size=250)}
-    latency = benchmark_latency(candidates, x1, (1, 64), threads=THREADS, repeats=15 if QUICK else 40,
-                                max_seconds=2 if QUICK else 6)
+    agreement = {
+        "ort": parity(ptq, runtimes["ort int8 (slimkit QDQ)"], test, batch_size=250),
+        "torch_x86": parity(ptq, torch_int8, test, batch_size=250),
+    }
+    latency = benchmark_latency(
+        candidates, x1, (1, 64), threads=THREADS, repeats=15 if QUICK else 40, max_seconds=2 if QUICK else 6
+    )
     lat = {k: {bs: v.median * 1e3 for bs, v in per.items()} for k, per in latency.items()}
-    return {"accuracy": rows, "latency_ms": lat, "parity": agreement, "fp32_bytes": fp32_bytes,
-            "held_out_accuracy": held_out, "deployed_ptq": chosen, "versus_ort": versus}
+    return {
+        "accuracy": rows,
+        "latency_ms": lat,
+        "parity": agreement,
+        "fp32_bytes": fp32_bytes,
+        "held_out_accuracy": held_out,
+        "deployed_ptq": chosen,
+        "versus_ort": versus,
+    }
 
 
 def lenet300_sizes(folder: Path) -> dict:
@@ -276,9 +327,12 @@ def lenet300_sizes(folder: Path) -> dict:
     calib = torch.randn(64, 1, 28, 28)
     fp32 = file_bytes(model.state_dict(), folder, "lenet300-fp32")
     out = {}
-    for label, cfg in {"int8": QuantConfig(), "int4": QuantConfig(weight_bits=4),
-                       "ternary": QuantConfig(weight_bits=2, scheme="ternary"),
-                       "binary": QuantConfig(weight_bits=1, scheme="binary")}.items():
+    for label, cfg in {
+        "int8": QuantConfig(),
+        "int4": QuantConfig(weight_bits=4),
+        "ternary": QuantConfig(weight_bits=2, scheme="ternary"),
+        "binary": QuantConfig(weight_bits=1, scheme="binary"),
+    }.items():
         cfg.keep_first_last_8bit = False
         result = quantize(model, cfg, calib)
         out[label] = fp32 / packed_bytes(result.model, folder, f"lenet300-{label}")
@@ -293,61 +347,100 @@ def fastest_fp32(lat: dict, batch: int) -> tuple[str, float]:
 
 
 def markdown(results: dict, sizes: dict) -> str:
-    lines = ["# Quantization on MNIST-10k (2,000 test digits)", "",
-             "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`", ""]
-    lines += ["## Accuracy (%) and packed file size vs fp32", "",
-              "| model | variant | accuracy | drop (pt) | size ratio |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "# Quantization on MNIST-10k (2,000 test digits)",
+        "",
+        "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`",
+        "",
+    ]
+    lines += [
+        "## Accuracy (%) and packed file size vs fp32",
+        "",
+        "| model | variant | accuracy | drop (pt) | size ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
     for name, res in results.items():
         for label, row in res["accuracy"].items():
             ratio = f"{row['size_ratio']:.2f}x" if "size_ratio" in row else ""
             lines.append(f"| {name} | {label} | {row['accuracy']:.2f} | {row['drop']:+.2f} | {ratio} |")
-    lines += ["", "## Latency (median ms, 2 threads)", "",
-              "Speed-ups at batch 64 against PyTorch fp32 eager and against the fastest fp32 runtime of the same "
-              "model (the least of torch eager, torch.compile and ORT fp32).", "",
-              "| model | runtime | batch 1 | batch 64 | vs torch fp32 eager @64 | vs fastest fp32 @64 |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Latency (median ms, 2 threads)",
+        "",
+        "Speed-ups at batch 64 against PyTorch fp32 eager and against the fastest fp32 runtime of the same "
+        "model (the least of torch eager, torch.compile and ORT fp32).",
+        "",
+        "| model | runtime | batch 1 | batch 64 | vs torch fp32 eager @64 | vs fastest fp32 @64 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, res in results.items():
         lat = res["latency_ms"]
         best = fastest_fp32(lat, 64)[1]
         for label, per in lat.items():
-            lines.append(f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | "
-                         f"{lat['torch fp32'][64] / per[64]:.2f}x | {best / per[64]:.2f}x |")
-    lines += ["", "Where int8 is not faster than the fastest fp32 runtime at batch 64 (docs/quantization.md says why):",
-              ""]
+            lines.append(
+                f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | "
+                f"{lat['torch fp32'][64] / per[64]:.2f}x | {best / per[64]:.2f}x |"
+            )
+    lines += [
+        "",
+        "Where int8 is not faster than the fastest fp32 runtime at batch 64 (docs/quantization.md says why):",
+        "",
+    ]
     for name, res in results.items():
         lat = res["latency_ms"]
         best_name, best = fastest_fp32(lat, 64)
         slower = [f"{k} {best / v[64]:.2f}x" for k, v in lat.items() if k not in FP32_RUNTIMES and v[64] >= best]
         if slower:
             lines.append(f"- {name} (fastest fp32: {best_name}, {best:.3f} ms): {', '.join(slower)}")
-    lines += ["", "## Which slimkit int8 PTQ model is deployed (ORT / torch x86 rows)", "",
-              "Chosen on 1,000 held-out training digits (`slimkit.data.split(train, 0.125)`), never on the test split; "
-              "a tie keeps plain rounding.", "", "| model | int8 PTQ (held-out) | + AdaRound (held-out) | deployed |",
-              "|---|---:|---:|---|"]
+    lines += [
+        "",
+        "## Which slimkit int8 PTQ model is deployed (ORT / torch x86 rows)",
+        "",
+        "Chosen on 1,000 held-out training digits (`slimkit.data.split(train, 0.125)`), never on the test split; "
+        "a tie keeps plain rounding.",
+        "",
+        "| model | int8 PTQ (held-out) | + AdaRound (held-out) | deployed |",
+        "|---|---:|---:|---|",
+    ]
     for name, res in results.items():
         h = res["held_out_accuracy"]
         lines.append(f"| {name} | {h[PTQ_CHOICES[0]]:.2f} | {h[PTQ_CHOICES[1]]:.2f} | {res['deployed_ptq']} |")
-    lines += ["", f"## slimkit int8 PTQ vs ONNX Runtime quantize_static over {DRAWS} calibration draws", "",
-              "Each draw is a disjoint set of 16 x 64 training digits given to both (draw 0 is the set of every row "
-              "above); slimkit's default `QuantConfig()` and `quantize_static` (QDQ, per-channel, MinMax), both run "
-              "on ONNX Runtime over the 2,000 test digits. agree = top-1 agreement with fp32; MSE = mean squared "
-              "logit error vs fp32; draws = slimkit better / tied / worse on accuracy.", "",
-              "| model | fp32 | slimkit accuracy (mean ± sd) | ORT accuracy (mean ± sd) | slimkit agree / MSE "
-              "| ORT agree / MSE | draws |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"## slimkit int8 PTQ vs ONNX Runtime quantize_static over {DRAWS} calibration draws",
+        "",
+        "Each draw is a disjoint set of 16 x 64 training digits given to both (draw 0 is the set of every row "
+        "above); slimkit's default `QuantConfig()` and `quantize_static` (QDQ, per-channel, MinMax), both run "
+        "on ONNX Runtime over the 2,000 test digits. agree = top-1 agreement with fp32; MSE = mean squared "
+        "logit error vs fp32; draws = slimkit better / tied / worse on accuracy.",
+        "",
+        "| model | fp32 | slimkit accuracy (mean ± sd) | ORT accuracy (mean ± sd) | slimkit agree / MSE "
+        "| ORT agree / MSE | draws |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, res in results.items():
         v, fp32 = res["versus_ort"], res["accuracy"]["fp32"]["accuracy"]
         ours, theirs = v["mean"]["slimkit"], v["mean"]["ort"]
-        lines.append(f"| {name} | {fp32:.2f} | {ours['accuracy']:.3f} ± {ours['accuracy_std']:.3f} | "
-                     f"{theirs['accuracy']:.3f} ± {theirs['accuracy_std']:.3f} | {ours['agree_fp32']:.2f} / "
-                     f"{ours['logit_mse']:.5f} | {theirs['agree_fp32']:.2f} / {theirs['logit_mse']:.5f} | "
-                     f"{v['better']} / {v['tied']} / {v['worse']} |")
+        lines.append(
+            f"| {name} | {fp32:.2f} | {ours['accuracy']:.3f} ± {ours['accuracy_std']:.3f} | "
+            f"{theirs['accuracy']:.3f} ± {theirs['accuracy_std']:.3f} | {ours['agree_fp32']:.2f} / "
+            f"{ours['logit_mse']:.5f} | {theirs['agree_fp32']:.2f} / {theirs['logit_mse']:.5f} | "
+            f"{v['better']} / {v['tied']} / {v['worse']} |"
+        )
     lines += ["", "## Parity of slimkit's int8 deployments (top-1 agreement with the fake-quant model)", ""]
     for name, res in results.items():
         for runtime, p in res["parity"].items():
-            lines.append(f"- {name} on {runtime}: {100 * p['top1_agreement']:.2f}% of {p['count']} digits, "
-                         f"max |diff| {p['max_abs_diff']:.4f}")
-    lines += ["", "## LeNet-300-100 packed file size vs fp32 safetensors (every layer low-bit)", "",
-              "| bits | ratio |", "|---|---:|"]
+            lines.append(
+                f"- {name} on {runtime}: {100 * p['top1_agreement']:.2f}% of {p['count']} digits, "
+                f"max |diff| {p['max_abs_diff']:.4f}"
+            )
+    lines += [
+        "",
+        "## LeNet-300-100 packed file size vs fp32 safetensors (every layer low-bit)",
+        "",
+        "| bits | ratio |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v:.2f}x |" for k, v in sizes.items()]
     return "\n".join(lines) + "\n"
 
@@ -366,8 +459,7 @@ def main() -> None:
     results, seconds = run_models(run_model, ("mlp", "lenet5", "resnet20", "resnet56"))
     with tempfile.TemporaryDirectory() as tmp:
         sizes = lenet300_sizes(Path(tmp))
-    payload = {"results": results, "lenet300_size_ratio": sizes, "threads": THREADS,
-               "seconds": seconds, "quick": QUICK}
+    payload = {"results": results, "lenet300_size_ratio": sizes, "threads": THREADS, "seconds": seconds, "quick": QUICK}
     (OUT / "quantize.json").write_text(json.dumps(payload, indent=2))
     (OUT / "quantize.md").write_text(markdown(results, sizes))
     print(markdown(results, sizes))

@@ -41,8 +41,7 @@ THREADS = 2
 RUNS = 3
 MODELS = {
     "lstm_rows": ("slimkit.models.sequence:lstm_rows", TrainConfig(epochs=8, lr=1e-2, batch_size=64)),
-    "vit_tiny": ("slimkit.models.sequence:vit_tiny", TrainConfig(epochs=15, lr=2e-3, weight_decay=0.0,
-                                                                 batch_size=64)),
+    "vit_tiny": ("slimkit.models.sequence:vit_tiny", TrainConfig(epochs=15, lr=2e-3, weight_decay=0.0, batch_size=64)),
 }
 
 
@@ -53,8 +52,7 @@ def trained(name: str, train, val):
     if path.exists():
         models.load_weights(model, path)
     else:
-        fit(model, train, val, TrainConfig(**{**cfg.to_dict(), "epochs": 1 if QUICK else cfg.epochs}),
-            checkpoint=path)
+        fit(model, train, val, TrainConfig(**{**cfg.to_dict(), "epochs": 1 if QUICK else cfg.epochs}), checkpoint=path)
     return model.eval()
 
 
@@ -94,58 +92,93 @@ def run_model(name: str, folder: Path) -> dict:
     theirs_onnx = ort_dynamic(fp32_onnx, folder / f"{name}-ort-dynamic.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch_dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.LSTM, torch.nn.Linear},
-                                                               dtype=torch.qint8)
-    candidates = {"torch fp32": model, "ort fp32": OrtModel(fp32_onnx, THREADS),
-                  "ort int8 (slimkit dynamic)": OrtModel(ours_onnx, THREADS),
-                  "ort int8 (quantize_dynamic)": OrtModel(theirs_onnx, THREADS),
-                  "torch int8 dynamic (torch.ao)": without_fastpath(torch_dynamic)}
-    accuracy = {"fp32": evaluate(model, test).accuracy, "slimkit dynamic int8 (simulated)":
-                evaluate(result.model, test).accuracy}
-    accuracy.update({label: evaluate(runtime, test, batch_size=250).accuracy
-                     for label, runtime in candidates.items() if label != "torch fp32"})
+        torch_dynamic = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8
+        )
+    candidates = {
+        "torch fp32": model,
+        "ort fp32": OrtModel(fp32_onnx, THREADS),
+        "ort int8 (slimkit dynamic)": OrtModel(ours_onnx, THREADS),
+        "ort int8 (quantize_dynamic)": OrtModel(theirs_onnx, THREADS),
+        "torch int8 dynamic (torch.ao)": without_fastpath(torch_dynamic),
+    }
+    accuracy = {
+        "fp32": evaluate(model, test).accuracy,
+        "slimkit dynamic int8 (simulated)": evaluate(result.model, test).accuracy,
+    }
+    accuracy.update(
+        {
+            label: evaluate(runtime, test, batch_size=250).accuracy
+            for label, runtime in candidates.items()
+            if label != "torch fp32"
+        }
+    )
     fp32_bytes = file_bytes(model.state_dict(), folder, f"{name}-fp32")
     # the transformer's timings move by up to 2x between otherwise identical runs on this machine: three
     # independent interleaved runs, the median of their medians is reported (and every run is kept)
-    runs = [benchmark_latency(candidates, x1, (1, 64), threads=THREADS, repeats=10 if QUICK else 40,
-                              max_seconds=2 if QUICK else 8) for _ in range(1 if QUICK else RUNS)]
+    runs = [
+        benchmark_latency(
+            candidates, x1, (1, 64), threads=THREADS, repeats=10 if QUICK else 40, max_seconds=2 if QUICK else 8
+        )
+        for _ in range(1 if QUICK else RUNS)
+    ]
     per_run = [{k: {bs: v.median * 1e3 for bs, v in per.items()} for k, per in run.items()} for run in runs]
-    return {"accuracy": accuracy, "quantize_seconds": seconds,
-            "latency_ms": {k: {bs: statistics.median(r[k][bs] for r in per_run) for bs in (1, 64)} for k in per_run[0]},
-            "latency_runs_ms": per_run,
-            "parity_ort": parity(result.model, candidates["ort int8 (slimkit dynamic)"], test, batch_size=250),
-            "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-int8"),
-            "onnx_bytes": {k: p.stat().st_size for k, p in (("fp32", fp32_onnx), ("slimkit int8", ours_onnx),
-                                                            ("quantize_dynamic", theirs_onnx))},
-            "quantized_layers": len(result.record["layers"]), "decomposed": result.record["decomposed"]}
+    return {
+        "accuracy": accuracy,
+        "quantize_seconds": seconds,
+        "latency_ms": {k: {bs: statistics.median(r[k][bs] for r in per_run) for bs in (1, 64)} for k in per_run[0]},
+        "latency_runs_ms": per_run,
+        "parity_ort": parity(result.model, candidates["ort int8 (slimkit dynamic)"], test, batch_size=250),
+        "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-int8"),
+        "onnx_bytes": {
+            k: p.stat().st_size
+            for k, p in (("fp32", fp32_onnx), ("slimkit int8", ours_onnx), ("quantize_dynamic", theirs_onnx))
+        },
+        "quantized_layers": len(result.record["layers"]),
+        "decomposed": result.record["decomposed"],
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Dynamic int8 for sequence models on MNIST-10k (2,000 test digits)", "",
-             "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_dynamic.py`", "",
-             "## Accuracy (%)", "", "| model | variant | accuracy | drop (pt) |", "|---|---|---:|---:|"]
+    lines = [
+        "# Dynamic int8 for sequence models on MNIST-10k (2,000 test digits)",
+        "",
+        "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_dynamic.py`",
+        "",
+        "## Accuracy (%)",
+        "",
+        "| model | variant | accuracy | drop (pt) |",
+        "|---|---|---:|---:|",
+    ]
     for name, res in results.items():
         fp32 = res["accuracy"]["fp32"]
         lines += [f"| {name} | {k} | {v:.2f} | {fp32 - v:+.2f} |" for k, v in res["accuracy"].items()]
-    lines += ["", f"## Latency (median ms of {RUNS} independent runs, 2 threads) and sizes", "",
-              "| model | runtime | batch 1 | batch 64 | batch 64 range over runs | vs torch fp32 @64 "
-              "| vs ort fp32 @64 |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"## Latency (median ms of {RUNS} independent runs, 2 threads) and sizes",
+        "",
+        "| model | runtime | batch 1 | batch 64 | batch 64 range over runs | vs torch fp32 @64 | vs ort fp32 @64 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name, res in results.items():
         lat = res["latency_ms"]
         for label, per in lat.items():
             spread = [run[label][64] for run in res["latency_runs_ms"]]
-            lines.append(f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | {min(spread):.3f}-{max(spread):.3f} | "
-                         f"{lat['torch fp32'][64] / per[64]:.2f}x | {lat['ort fp32'][64] / per[64]:.2f}x |")
+            lines.append(
+                f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | {min(spread):.3f}-{max(spread):.3f} | "
+                f"{lat['torch fp32'][64] / per[64]:.2f}x | {lat['ort fp32'][64] / per[64]:.2f}x |"
+            )
     lines.append("")
     for name, res in results.items():
         p, b = res["parity_ort"], res["onnx_bytes"]
-        lines.append(f"- {name}: {res['quantized_layers']} Linear layers quantized ({', '.join(res['decomposed'])} "
-                     f"rebuilt); packed weights {res['size_ratio']:.2f}x smaller than fp32 safetensors; ONNX files "
-                     f"{b['fp32'] / 1e3:.0f} KB fp32, {b['slimkit int8'] / 1e3:.0f} KB slimkit int8, "
-                     f"{b['quantize_dynamic'] / 1e3:.0f} KB quantize_dynamic; slimkit on ORT agrees with the simulated "
-                     f"model on {100 * p['top1_agreement']:.2f}% of {p['count']} digits (max |diff| "
-                     f"{p['max_abs_diff']:.4f})")
+        lines.append(
+            f"- {name}: {res['quantized_layers']} Linear layers quantized ({', '.join(res['decomposed'])} "
+            f"rebuilt); packed weights {res['size_ratio']:.2f}x smaller than fp32 safetensors; ONNX files "
+            f"{b['fp32'] / 1e3:.0f} KB fp32, {b['slimkit int8'] / 1e3:.0f} KB slimkit int8, "
+            f"{b['quantize_dynamic'] / 1e3:.0f} KB quantize_dynamic; slimkit on ORT agrees with the simulated "
+            f"model on {100 * p['top1_agreement']:.2f}% of {p['count']} digits (max |diff| "
+            f"{p['max_abs_diff']:.4f})"
+        )
     return "\n".join(lines) + "\n"
 
 

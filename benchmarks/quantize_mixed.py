@@ -38,24 +38,31 @@ def run_model(name: str, folder: Path) -> dict:
         rows[f"mixed {ratio:.0f}x"] = {"plan_seconds": time.perf_counter() - t0, "bits": plan.bits}
     for label, cfg in configs.items():
         q = quantize(model, cfg, calib).model
-        rows.setdefault(label, {}).update(accuracy=evaluate(q, test).accuracy,
-                                          size_ratio=fp32_bytes / packed_bytes(q, folder, f"{name}-{label}"))
+        rows.setdefault(label, {}).update(
+            accuracy=evaluate(q, test).accuracy, size_ratio=fp32_bytes / packed_bytes(q, folder, f"{name}-{label}")
+        )
         print(f"{name} {label}: {rows[label]['accuracy']:.2f}% {rows[label]['size_ratio']:.2f}x", flush=True)
     return rows
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Mixed precision vs uniform bit widths on MNIST-10k (2,000 test digits)", "",
-             "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_mixed.py`", "",
-             "| model | weights | accuracy | drop (pt) | packed size vs fp32 | layers at 8 / 4 / 2 bits |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "# Mixed precision vs uniform bit widths on MNIST-10k (2,000 test digits)",
+        "",
+        "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_mixed.py`",
+        "",
+        "| model | weights | accuracy | drop (pt) | packed size vs fp32 | layers at 8 / 4 / 2 bits |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for name, rows in results.items():
         fp32 = rows["fp32"]["accuracy"]
         for label, row in rows.items():
             bits = list(row.get("bits", {}).values())
             mix = " / ".join(str(bits.count(b)) for b in (8, 4, 2)) if bits else ""
-            lines.append(f"| {name} | {label} | {row['accuracy']:.2f} | {fp32 - row['accuracy']:+.2f} | "
-                         f"{row['size_ratio']:.2f}x | {mix} |")
+            lines.append(
+                f"| {name} | {label} | {row['accuracy']:.2f} | {fp32 - row['accuracy']:+.2f} | "
+                f"{row['size_ratio']:.2f}x | {mix} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -16,13 +16,26 @@ def test_profile_resnet56():
 
 def test_train_then_eval(tmp_path):
     out = tmp_path / "w.safetensors"
-    args = ["train", "--model", "mlp", "--data", "digits", "--model-args", json.dumps({"in_features": 64}),
-            "--epochs", "2", "--out", str(out)]
+    args = [
+        "train",
+        "--model",
+        "mlp",
+        "--data",
+        "digits",
+        "--model-args",
+        json.dumps({"in_features": 64}),
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert out.exists()
-    result = runner.invoke(app, ["eval", "--model", "mlp", "--weights", str(out), "--data", "digits",
-                                 "--model-args", '{"in_features": 64}'])
+    result = runner.invoke(
+        app,
+        ["eval", "--model", "mlp", "--weights", str(out), "--data", "digits", "--model-args", '{"in_features": 64}'],
+    )
     assert result.exit_code == 0 and "accuracy" in result.output
     accuracy = float(result.output.split("accuracy")[1].split("%")[0])
     assert accuracy > 80
@@ -39,8 +52,21 @@ def test_help_lists_every_command_and_each_has_help():
     import typer.main
 
     commands = typer.main.get_command(app).commands  # what typer really registered
-    expected = {"models", "profile", "train", "eval", "demo", "compress", "export", "report", "recipes", "prune",
-                "quantize", "distill", "search"}
+    expected = {
+        "models",
+        "profile",
+        "train",
+        "eval",
+        "demo",
+        "compress",
+        "export",
+        "report",
+        "recipes",
+        "prune",
+        "quantize",
+        "distill",
+        "search",
+    }
     assert expected <= set(commands)
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0

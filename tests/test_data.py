@@ -39,8 +39,13 @@ def test_npz_spec(tmp_path):
     assert len(train) == 40 and len(test) == 10 and train.input_shape == (1, 12, 12)
     assert train.images.max() <= 1.0
     nhwc = tmp_path / "nhwc.npz"
-    np.savez(nhwc, x_train=np.zeros((4, 8, 8, 3), np.float32), y_train=np.arange(4),
-             x_test=np.zeros((2, 8, 8, 3), np.float32), y_test=np.arange(2))
+    np.savez(
+        nhwc,
+        x_train=np.zeros((4, 8, 8, 3), np.float32),
+        y_train=np.arange(4),
+        x_test=np.zeros((2, 8, 8, 3), np.float32),
+        y_test=np.arange(2),
+    )
     train, test = data.load(f"npz:{nhwc}")
     assert train.input_shape == (3, 8, 8) and len(test) == 2
 
@@ -84,7 +89,8 @@ def test_split_holds_out_a_seeded_fraction(mnist):
     assert torch.equal(again.labels, rest.labels)
     # disjoint: every image appears once across the two parts
     assert len(torch.unique(torch.cat([rest.images, val.images]).flatten(1), dim=0)) == len(
-        torch.unique(train.images.flatten(1), dim=0))
+        torch.unique(train.images.flatten(1), dim=0)
+    )
     with pytest.raises(ValueError, match="fraction=1"):
         data.split(train, 1)
 
@@ -99,8 +105,12 @@ def test_split_holds_out_a_seeded_fraction(mnist):
 def test_npz_with_half_a_test_split_splits_the_training_arrays(tmp_path):
     """x_test without y_test (or the reverse) is ignored: the training arrays are split 80/20 instead."""
     path = tmp_path / "half.npz"
-    np.savez(path, x_train=np.zeros((10, 4, 4), np.float32), y_train=np.arange(10) % 2,
-             x_test=np.zeros((3, 4, 4), np.float32))
+    np.savez(
+        path,
+        x_train=np.zeros((10, 4, 4), np.float32),
+        y_train=np.arange(10) % 2,
+        x_test=np.zeros((3, 4, 4), np.float32),
+    )
     train, test = data.load(f"npz:{path}")
     assert (len(train), len(test)) == (8, 2)
 
@@ -110,18 +120,33 @@ def save_npz(path, **arrays):
     return f"npz:{path}"
 
 
-@pytest.mark.parametrize(("arrays", "expected"), [
-    ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, 2, -1, 0, 1])}, r"bad.npz y: row 3: label -1 is not a class"),
-    ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, 1.5, 0, 1, 0])}, r"bad.npz y: row 2: label 1.5 is not an integer"),
-    ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, np.nan, 0, 1, 0])}, r"bad.npz y: row 2: label nan"),
-    ({"x": np.zeros((6, 4, 4)), "y": np.array(list("abcabc"))}, r"bad.npz y: labels must be integer class indices"),
-    ({"x": np.zeros((6, 4, 4)), "y": np.eye(6)}, r"bad.npz y: labels must be one class index per image"),
-    ({"x_train": np.zeros((4, 4, 4)), "y_train": np.array([0, 1, 2, 0]),
-      "x_test": np.zeros((3, 4, 4)), "y_test": np.array([0, 3, 1])}, r"bad.npz y_test: row 1: label 3 .* in \[0, 3\)"),
-    ({"x": np.where(np.arange(6)[:, None, None] == 4, np.inf, np.zeros((6, 4, 4))), "y": np.zeros(6, dtype=int)},
-     r"bad.npz x: row 4: the image holds NaN or infinity"),
-    ({"x": np.zeros((6, 4, 4)), "y": np.zeros(5, dtype=int)}, r"bad.npz: 6 images but 5 labels"),
-])
+@pytest.mark.parametrize(
+    ("arrays", "expected"),
+    [
+        ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, 2, -1, 0, 1])}, r"bad.npz y: row 3: label -1 is not a class"),
+        (
+            {"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, 1.5, 0, 1, 0])},
+            r"bad.npz y: row 2: label 1.5 is not an integer",
+        ),
+        ({"x": np.zeros((6, 4, 4)), "y": np.array([0, 1, np.nan, 0, 1, 0])}, r"bad.npz y: row 2: label nan"),
+        ({"x": np.zeros((6, 4, 4)), "y": np.array(list("abcabc"))}, r"bad.npz y: labels must be integer class indices"),
+        ({"x": np.zeros((6, 4, 4)), "y": np.eye(6)}, r"bad.npz y: labels must be one class index per image"),
+        (
+            {
+                "x_train": np.zeros((4, 4, 4)),
+                "y_train": np.array([0, 1, 2, 0]),
+                "x_test": np.zeros((3, 4, 4)),
+                "y_test": np.array([0, 3, 1]),
+            },
+            r"bad.npz y_test: row 1: label 3 .* in \[0, 3\)",
+        ),
+        (
+            {"x": np.where(np.arange(6)[:, None, None] == 4, np.inf, np.zeros((6, 4, 4))), "y": np.zeros(6, dtype=int)},
+            r"bad.npz x: row 4: the image holds NaN or infinity",
+        ),
+        ({"x": np.zeros((6, 4, 4)), "y": np.zeros(5, dtype=int)}, r"bad.npz: 6 images but 5 labels"),
+    ],
+)
 def test_npz_labels_and_images_are_checked_naming_the_row(tmp_path, arrays, expected):
     spec = save_npz(tmp_path / "bad.npz", **arrays)
     with pytest.raises(data.DataError, match=expected) as info:

@@ -19,13 +19,25 @@ KNOWN_FAILING: dict[str, str] = {}
 
 def test_every_module_is_collected():
     assert set(KNOWN_FAILING) <= set(MODULES)
-    assert {"slimkit.train", "slimkit.distillation.trainer", "slimkit.pruning.schedule", "slimkit.tuning.study",
-            "slimkit.export.artifact", "slimkit.quantization.math"} <= set(MODULES)
+    assert {
+        "slimkit.train",
+        "slimkit.distillation.trainer",
+        "slimkit.pruning.schedule",
+        "slimkit.tuning.study",
+        "slimkit.export.artifact",
+        "slimkit.quantization.math",
+    } <= set(MODULES)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILING[name], strict=True)) if name in KNOWN_FAILING
-    else name for name in MODULES])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILING[name], strict=True))
+        if name in KNOWN_FAILING
+        else name
+        for name in MODULES
+    ],
+)
 def test_docstring_examples_run(name, monkeypatch, tmp_path):
     monkeypatch.setenv("SLIMKIT_NO_PROGRESS", "1")
     monkeypatch.chdir(tmp_path)  # an example that writes a relative path writes it here

@@ -86,8 +86,13 @@ def test_kind_of_and_check_replaceable(tmp_path):
     assert kind_of(artifact) == "artifact"
     check_replaceable(artifact, "artifact")
     check_replaceable(tmp_path / "empty", "artifact")
-    for path, kind in [(tmp_path / "mine", "artifact"), (artifact, "result"), (artifact, "file"),
-                       (tmp_path / "empty", "file"), (artifact / "slimkit.json", "artifact")]:
+    for path, kind in [
+        (tmp_path / "mine", "artifact"),
+        (artifact, "result"),
+        (artifact, "file"),
+        (tmp_path / "empty", "file"),
+        (artifact / "slimkit.json", "artifact"),
+    ]:
         with pytest.raises(UsageError, match=str(path)):
             check_replaceable(path, kind)
 
@@ -98,10 +103,15 @@ def test_savers_never_replace_a_folder_that_is_not_theirs(tmp_path):
     files = _user_folder(results)
     artifact = slimkit.save(model, tmp_path / "a.slim")
     before = _contents(artifact)
-    attempts = [lambda: save_weights(model, results), lambda: slimkit.save(model, results),
-                lambda: save_result(model, results, {}), lambda: copy_result(artifact, results),
-                lambda: write_text(results, "x"), lambda: save_weights(model, artifact),
-                lambda: save_result(model, artifact, {})]
+    attempts = [
+        lambda: save_weights(model, results),
+        lambda: slimkit.save(model, results),
+        lambda: save_result(model, results, {}),
+        lambda: copy_result(artifact, results),
+        lambda: write_text(results, "x"),
+        lambda: save_weights(model, artifact),
+        lambda: save_result(model, artifact, {}),
+    ]
     for attempt in attempts:
         with pytest.raises(UsageError, match="refusing to replace|is a folder"):
             attempt()
@@ -210,8 +220,12 @@ print(json.dumps(report))
 
 
 def _run_savers(mode: str, target: Path, rounds: int, seed: int = 0) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SAVERS, mode, str(target), str(rounds), str(seed)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVERS, mode, str(target), str(rounds), str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -262,20 +276,23 @@ def _no_work(monkeypatch, module):
             monkeypatch.setattr(module, name, started)
 
 
-@pytest.mark.parametrize("command,module,extra,out_kind", [
-    ("train", "core", [*MLP64, "--data", "digits", "--epochs", "1"], "user"),
-    ("train", "core", [*MLP64, "--data", "digits"], "artifact"),
-    ("distill", "distill", ["--student", "mlp", "--teacher", "mlp", "--teacher-weights", "t.safetensors"], "user"),
-    ("quantize", "quantize", [*MLP64, "--data", "digits"], "user"),
-    ("quantize", "quantize", [*MLP64, "--data", "digits"], "file"),
-    ("prune", "prune", MLP64, "user"),
-    ("prune", "prune", MLP64, "artifact"),
-    ("compress", "pipeline", [*MLP64, "--data", "digits"], "file"),
-    ("compress", "pipeline", [*MLP64, "--data", "digits"], "user-slim"),
-    ("search", "search", [*MLP64, "--data", "digits"], "user"),
-    ("search", "search", [*MLP64, "--data", "digits"], "file"),
-    ("train", "core", [*MLP64, "--data", "digits"], "under-a-file"),
-])
+@pytest.mark.parametrize(
+    "command,module,extra,out_kind",
+    [
+        ("train", "core", [*MLP64, "--data", "digits", "--epochs", "1"], "user"),
+        ("train", "core", [*MLP64, "--data", "digits"], "artifact"),
+        ("distill", "distill", ["--student", "mlp", "--teacher", "mlp", "--teacher-weights", "t.safetensors"], "user"),
+        ("quantize", "quantize", [*MLP64, "--data", "digits"], "user"),
+        ("quantize", "quantize", [*MLP64, "--data", "digits"], "file"),
+        ("prune", "prune", MLP64, "user"),
+        ("prune", "prune", MLP64, "artifact"),
+        ("compress", "pipeline", [*MLP64, "--data", "digits"], "file"),
+        ("compress", "pipeline", [*MLP64, "--data", "digits"], "user-slim"),
+        ("search", "search", [*MLP64, "--data", "digits"], "user"),
+        ("search", "search", [*MLP64, "--data", "digits"], "file"),
+        ("train", "core", [*MLP64, "--data", "digits"], "under-a-file"),
+    ],
+)
 def test_cli_refuses_a_bad_out_before_any_work(tmp_path, monkeypatch, command, module, extra, out_kind):
     import importlib
 
@@ -353,10 +370,13 @@ def test_compress_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(temp))
     monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: t\nmax_accuracy_drop: 100\nrecovery_epochs: 0\nsteps:\n"
-                      "  - quantize: {method: ptq, weight_bits: 8, act_bits: 8}\n  - export: {format: onnx}\n")
-    result = runner.invoke(app, ["compress", *MLP64, "--data", "digits", "--recipe", str(recipe),
-                                 "--out", str(tmp_path / "out")])
+    recipe.write_text(
+        "name: t\nmax_accuracy_drop: 100\nrecovery_epochs: 0\nsteps:\n"
+        "  - quantize: {method: ptq, weight_bits: 8, act_bits: 8}\n  - export: {format: onnx}\n"
+    )
+    result = runner.invoke(
+        app, ["compress", *MLP64, "--data", "digits", "--recipe", str(recipe), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     assert "model.onnx" in slimkit.export.artifact.read_manifest(tmp_path / "out" / "mlp.slim")["files"]
     import gc

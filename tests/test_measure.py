@@ -58,10 +58,12 @@ def test_latency_harness_reports_the_ratio_of_medians(monkeypatch):
     def costs(ms_per_sample):
         def run(x):
             clock["now"] += ms_per_sample * 1e-3 * x.shape[0]
+
         return run
 
-    cmp = measure.compare_latency(costs(3.0), costs(1.0), torch.zeros(1, 8), batch_sizes=(1, 16), repeats=7,
-                                  warmup=1, threads=1)
+    cmp = measure.compare_latency(
+        costs(3.0), costs(1.0), torch.zeros(1, 8), batch_sizes=(1, 16), repeats=7, warmup=1, threads=1
+    )
     assert cmp.speedup == {1: pytest.approx(3.0), 16: pytest.approx(3.0)}
     stats = cmp.b[16]
     assert stats.runs == 7 and stats.median == pytest.approx(16e-3) and stats.stdev == pytest.approx(0, abs=1e-12)
@@ -71,8 +73,15 @@ def test_latency_harness_reports_the_ratio_of_medians(monkeypatch):
 def test_latency_harness_times_real_models():
     """The same harness on real modules: every batch size timed, spread ordered (no claim about which is faster)."""
     x = torch.zeros(1, 8)
-    cmp = measure.compare_latency(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 8)), x,
-                                  batch_sizes=(1, 16), repeats=5, warmup=1, threads=1)
+    cmp = measure.compare_latency(
+        nn.Linear(8, 8),
+        nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 8)),
+        x,
+        batch_sizes=(1, 16),
+        repeats=5,
+        warmup=1,
+        threads=1,
+    )
     assert set(cmp.a) == set(cmp.b) == {1, 16}
     for stats in (*cmp.a.values(), *cmp.b.values()):
         assert stats.runs >= 5 and 0 < stats.p25 <= stats.median <= stats.p75
@@ -91,8 +100,9 @@ def test_count_macs_is_what_profile_and_pruning_count():
     prof = measure.profile(model, x)
     assert total == prof.macs == prune_measure(model, x)["macs"]
     assert per_module["conv1"] == 16 * 32 * 32 * 27
-    assert {lp.name: lp.macs for lp in prof.layers if lp.macs} == {n: m for n, m in per_module.items()
-                                                                    if m and n in {lp.name for lp in prof.layers}}
+    assert {lp.name: lp.macs for lp in prof.layers if lp.macs} == {
+        n: m for n, m in per_module.items() if m and n in {lp.name for lp in prof.layers}
+    }
 
 
 def test_benchmark_latency_restores_training_mode():
@@ -101,7 +111,8 @@ def test_benchmark_latency_restores_training_mode():
     frozen = nn.Linear(8, 8).eval()
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
-    measure.benchmark_latency({"a": model, "b": frozen}, torch.zeros(1, 8), batch_sizes=(1,), warmup=1, repeats=5,
-                              threads=1, max_seconds=1.0)
+    measure.benchmark_latency(
+        {"a": model, "b": frozen}, torch.zeros(1, 8), batch_sizes=(1,), warmup=1, repeats=5, threads=1, max_seconds=1.0
+    )
     assert seen and not any(seen)  # timed in eval mode
     assert model.training and not model[1].training and model[0].training and not frozen.training

@@ -10,19 +10,22 @@ from slimkit.pruning import PruneConfig, prune
 from slimkit.quantization.config import QuantConfig, plan_layers
 
 
-@pytest.mark.parametrize(("name", "pattern", "expected"), [
-    ("layer1", "layer1", True),
-    ("layer1.0.conv1", "layer1", True),          # a module covers the modules inside it
-    ("layer1.0.conv1", "layer1.0", True),
-    ("layer10", "layer1", False),                # a name, not a string prefix
-    ("layer1.0.conv1", "conv1", False),          # qualified names only
-    ("layer1", "layer1.0", False),
-    ("layer1.0.conv1", "re:layer1\\.0\\.conv\\d", True),
-    ("layer1.0.conv1", "re:conv1", False),       # full match
-    ("layer1.0.conv1", "re:layer\\d", True),     # a regex selecting a container covers it too
-    ("layer1.0.conv1", "re:.*conv1", True),
-    ("fc", "re:f", False),
-])
+@pytest.mark.parametrize(
+    ("name", "pattern", "expected"),
+    [
+        ("layer1", "layer1", True),
+        ("layer1.0.conv1", "layer1", True),  # a module covers the modules inside it
+        ("layer1.0.conv1", "layer1.0", True),
+        ("layer10", "layer1", False),  # a name, not a string prefix
+        ("layer1.0.conv1", "conv1", False),  # qualified names only
+        ("layer1", "layer1.0", False),
+        ("layer1.0.conv1", "re:layer1\\.0\\.conv\\d", True),
+        ("layer1.0.conv1", "re:conv1", False),  # full match
+        ("layer1.0.conv1", "re:layer\\d", True),  # a regex selecting a container covers it too
+        ("layer1.0.conv1", "re:.*conv1", True),
+        ("fc", "re:f", False),
+    ],
+)
 def test_one_rule(name, pattern, expected):
     assert matches(name, pattern) is expected
     assert matches(name, [pattern]) is expected
@@ -38,8 +41,11 @@ def test_prune_and_quantize_select_the_same_layers():
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and name.startswith("layer1."):
             assert result.model.get_submodule(name).out_channels == module.out_channels
-    assert any(result.model.get_submodule(n).out_channels < m.out_channels for n, m in model.named_modules()
-               if isinstance(m, nn.Conv2d) and n.startswith("layer2."))
+    assert any(
+        result.model.get_submodule(n).out_channels < m.out_channels
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and n.startswith("layer2.")
+    )
     specs, skipped = plan_layers(model, QuantConfig(ignore=("layer1",)))
     layer1 = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("layer1.")]
     assert layer1 and all(skipped[n] == "ignored by config" for n in layer1)

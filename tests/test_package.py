@@ -3,9 +3,11 @@ import sys
 
 
 def test_import_stays_lean():
-    code = ("import sys, slimkit; slimkit.models; slimkit.data; slimkit.PruneConfig; slimkit.QuantConfig; "
-            "heavy = [m for m in ('onnxruntime', 'optuna', 'matplotlib', 'torchvision', 'onnx') if m in sys.modules]; "
-            "print(heavy)")
+    code = (
+        "import sys, slimkit; slimkit.models; slimkit.data; slimkit.PruneConfig; slimkit.QuantConfig; "
+        "heavy = [m for m in ('onnxruntime', 'optuna', 'matplotlib', 'torchvision', 'onnx') if m in sys.modules]; "
+        "print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -44,7 +46,8 @@ def test_type_checkers_see_every_public_name():
             for alias in node.names:
                 imported[alias.asname or alias.name] = node.module
     assert {name: module for name, module in imported.items() if module != "slimkit"} == {
-        name: module for name, (module, _) in slimkit._LAZY.items()}
+        name: module for name, (module, _) in slimkit._LAZY.items()
+    }
     assert {name for name, module in imported.items() if module == "slimkit"} == slimkit._SUBMODULES
     assert slimkit.__all__ == sorted([*slimkit._LAZY, *slimkit._SUBMODULES, "__version__"])
 
@@ -56,13 +59,17 @@ def test_every_verb_takes_data_the_same_way():
 
     import slimkit
 
-    expected = {"quantize": ["model", "config"], "prune": ["model", "config", "example_input"],
-                "distill": ["student", "teacher", "config"], "search": ["model", "config"]}
+    expected = {
+        "quantize": ["model", "config"],
+        "prune": ["model", "config", "example_input"],
+        "distill": ["student", "teacher", "config"],
+        "search": ["model", "config"],
+    }
     for verb, head in expected.items():
         parameters = list(inspect.signature(getattr(slimkit, verb)).parameters.values())
         positional = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         assert positional == [*head, "train_data", "val_data"], (verb, positional)
-        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[len(positional):]), verb
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[len(positional) :]), verb
 
 
 def test_quantize_data_keyword_still_works_with_a_deprecation_warning():

@@ -34,8 +34,9 @@ def _round_trip(model, tmp_path, name):
 @pytest.mark.parametrize("bits,scheme", [(8, "symmetric"), (4, "symmetric"), (2, "ternary"), (1, "binary")])
 def test_quantized_round_trip_bit_exact_and_smaller(tiny, tmp_path, bits, scheme):
     model, train, _ = tiny
-    cfg = slimkit.QuantConfig(weight_bits=bits, scheme=scheme, method="ptq", act_bits=8 if bits == 8 else None,
-                              keep_first_last_8bit=False)
+    cfg = slimkit.QuantConfig(
+        weight_bits=bits, scheme=scheme, method="ptq", act_bits=8 if bits == 8 else None, keep_first_last_8bit=False
+    )
     quantized = slimkit.quantize(model, cfg, train).model
     path = _round_trip(quantized, tmp_path, f"q{bits}")
     float_bytes = slimkit.measure.size_on_disk(model)
@@ -59,9 +60,23 @@ def test_budget_back_off_and_report(tiny, tmp_path):
     baseline = evaluate(model, test).accuracy
     # binary weights without QAT collapse an MLP far below a 2-point budget, int8 PTQ never does: the step must
     # back off (binary -> ternary -> 4 -> 8 bits) to a width that keeps the budget, never ship binary, never skip
-    recipe = {"name": "harsh", "max_accuracy_drop": 2.0, "recovery_epochs": 0, "max_backoffs": 3,
-              "steps": [{"quantize": {"method": "ptq", "weight_bits": 1, "scheme": "binary", "act_bits": None,
-                                      "keep_first_last_8bit": False}}]}
+    recipe = {
+        "name": "harsh",
+        "max_accuracy_drop": 2.0,
+        "recovery_epochs": 0,
+        "max_backoffs": 3,
+        "steps": [
+            {
+                "quantize": {
+                    "method": "ptq",
+                    "weight_bits": 1,
+                    "scheme": "binary",
+                    "act_bits": None,
+                    "keep_first_last_8bit": False,
+                }
+            }
+        ],
+    }
     result = slimkit.compress(model, recipe, train, test, example_input=X, latency_batch_sizes=(1, 8))
     outcome = result.steps[0]
     assert outcome.status == "backed_off", outcome.notes
@@ -79,13 +94,28 @@ def test_cli_compress_export_report(tiny, tmp_path):
     model, _, _ = tiny
     weights = slimkit.models.save_weights(model, tmp_path / "w.safetensors")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: cli\nmax_accuracy_drop: 5\nrecovery_epochs: 1\nsteps:\n"
-                      "  - prune: {amount: 0.3, target: params}\n"
-                      "  - quantize: {method: ptq, weight_bits: 8, act_bits: 8}\n"
-                      "  - export: {format: onnx-int8}\n")
+    recipe.write_text(
+        "name: cli\nmax_accuracy_drop: 5\nrecovery_epochs: 1\nsteps:\n"
+        "  - prune: {amount: 0.3, target: params}\n"
+        "  - quantize: {method: ptq, weight_bits: 8, act_bits: 8}\n"
+        "  - export: {format: onnx-int8}\n"
+    )
     runner = CliRunner()
-    args = ["compress", "--model", "mlp", "--model-args", '{"in_features": 64, "hidden": 48}', "--weights",
-            str(weights), "--data", "digits", "--recipe", str(recipe), "--out", str(tmp_path / "out")]
+    args = [
+        "compress",
+        "--model",
+        "mlp",
+        "--model-args",
+        '{"in_features": 64, "hidden": 48}',
+        "--weights",
+        str(weights),
+        "--data",
+        "digits",
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     artifact = tmp_path / "out" / "mlp.slim"
@@ -122,13 +152,30 @@ def test_train_and_distill_cli_choose_epochs_on_a_holdout_and_report_test(tmp_pa
     runner = CliRunner()
     mlp = ["--data", "digits", "--epochs", "1"]
     teacher = tmp_path / "t.safetensors"
-    result = runner.invoke(app, ["train", "--model", "mlp", "--model-args", '{"in_features": 64}', *mlp,
-                                 "--out", str(teacher)])
+    result = runner.invoke(
+        app, ["train", "--model", "mlp", "--model-args", '{"in_features": 64}', *mlp, "--out", str(teacher)]
+    )
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "best epoch on the held-out split" in result.output
-    result = runner.invoke(app, ["distill", "--student", "mlp", "--student-args", '{"in_features": 64, "hidden": 8}',
-                                 "--teacher", "mlp", "--teacher-args", '{"in_features": 64}', "--teacher-weights",
-                                 str(teacher), *mlp, "--out", str(tmp_path / "s.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--student",
+            "mlp",
+            "--student-args",
+            '{"in_features": 64, "hidden": 8}',
+            "--teacher",
+            "mlp",
+            "--teacher-args",
+            '{"in_features": 64}',
+            "--teacher-weights",
+            str(teacher),
+            *mlp,
+            "--out",
+            str(tmp_path / "s.safetensors"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "on the held-out split" in result.output and "test accuracy: teacher" in result.output
     assert seen == [0.1, 0.1]
@@ -139,8 +186,12 @@ def test_torch_export_format_and_html_is_valid(tiny, tmp_path):
     from html.parser import HTMLParser
 
     model, train, test = tiny
-    recipe = {"name": "te", "max_accuracy_drop": 10, "recovery_epochs": 0,
-              "steps": [{"prune": {"amount": 0.25, "target": "params"}}, {"export": {"format": "torch-export"}}]}
+    recipe = {
+        "name": "te",
+        "max_accuracy_drop": 10,
+        "recovery_epochs": 0,
+        "steps": [{"prune": {"amount": 0.25, "target": "params"}}, {"export": {"format": "torch-export"}}],
+    }
     result = slimkit.compress(model, recipe, train, test, example_input=X, latency_batch_sizes=(1,))
     path = slimkit.save(result, tmp_path / "te.slim")
     program = torch.export.load(str(path / "model.pt2"))

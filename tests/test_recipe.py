@@ -60,7 +60,8 @@ def test_history_replay_leaves_its_input_alone():
     widths = [m.out_channels for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)]
     copy = replay(fresh, history_of(pruned))
     assert [m.out_channels for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)] == widths
-    assert [m.out_channels for m in copy.modules() if isinstance(m, torch.nn.Conv2d)] == \
-        [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in copy.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
     assert replay_(fresh, history_of(pruned)) is fresh  # the in-place form edits its argument
     assert [m.out_channels for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)] != widths

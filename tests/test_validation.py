@@ -34,9 +34,11 @@ from slimkit.train import TrainConfig, evaluate, fit
 from slimkit.tuning.config import SearchConfig
 
 NAN, INF = float("nan"), float("inf")
-BOMB = ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
-        + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
-        + "name: *i\nsteps: [{export: {}}]\n")
+BOMB = (
+    "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "name: *i\nsteps: [{export: {}}]\n"
+)
 
 
 def one_line_error(call, *args, **kwargs) -> str:
@@ -47,43 +49,49 @@ def one_line_error(call, *args, **kwargs) -> str:
     return message
 
 
-@pytest.mark.parametrize(("build", "expected"), [
-    (lambda: TrainConfig(epochs=2.7), "TrainConfig.epochs=2.7: expected int"),
-    (lambda: TrainConfig(epochs=True), "TrainConfig.epochs=True: expected int"),
-    (lambda: TrainConfig(epochs=0), "epochs=0 must be >= 1"),
-    (lambda: TrainConfig(lr=NAN), "TrainConfig.lr=nan: expected finite float"),
-    (lambda: TrainConfig(progress="no"), "TrainConfig.progress='no': expected bool"),
-    (lambda: PruneConfig(amount=NAN), "PruneConfig.amount=nan: expected finite float"),
-    (lambda: PruneConfig(max_sparsity=INF), "PruneConfig.max_sparsity=inf"),
-    (lambda: PruneConfig(amount="half"), "PruneConfig.amount='half': expected finite float"),
-    (lambda: PruneConfig(ignore=5), "PruneConfig.ignore=5: expected list of str"),
-    (lambda: PruneConfig(ignore=["fc1", 3]), "PruneConfig.ignore=\\['fc1', 3\\]: expected list of str"),
-    (lambda: PruneConfig(ignore=["re:("]), "PruneConfig.ignore: 're:\\(' is not a valid regular expression"),
-    (lambda: PruneConfig(overrides={"re:[a": 0.5}), "PruneConfig.overrides: 're:\\[a' is not a valid regular"),
-    (lambda: PruneConfig(overrides={"fc1": NAN}), "PruneConfig.overrides=.*expected mapping of str to finite"),
-    (lambda: PruneConfig(finetune={"epochs": 2.7}), "PruneConfig.finetune: TrainConfig.epochs=2.7: expected int"),
-    (lambda: PruneConfig(finetune=-1), "finetune=-1"),
-    (lambda: QuantConfig(ignore=["re:*"]), "QuantConfig.ignore: 're:\\*' is not a valid regular expression"),
-    (lambda: QuantConfig(weight_bits=4.0), "QuantConfig.weight_bits=4.0: expected int"),
-    (lambda: QuantConfig(overrides={"fc1": {"weight_bits": "4"}}), "overrides\\['fc1'\\].weight_bits='4'"),
-    (lambda: QuantConfig(overrides={"fc1": {"scheme": "nope"}}), "overrides\\['fc1'\\].scheme='nope'"),
-    (lambda: QuantConfig(method="qat", epochs=0), "epochs=0 must be >= 1"),
-    (lambda: SparsityConfig(ignore="re:("), "SparsityConfig.ignore: 're:\\('"),
-    (lambda: DistillConfig(alpha=NAN), "DistillConfig.alpha=nan"),
-    (lambda: DistillConfig(temperature="4"), "DistillConfig.temperature='4'"),
-    (lambda: DistillConfig(hints=[["a"]]), "hints: each entry must be a \\(student_layer, teacher_layer\\) pair"),
-    (lambda: DistillConfig(attention=5), "attention=5: expected a list of \\(student_layer, teacher_layer\\) pairs"),
-    (lambda: DistillConfig(epochs=0), "epochs=0 must be >= 1"),
-    (lambda: SearchConfig(timeout=NAN), "SearchConfig.timeout=nan: expected finite float or null"),
-    (lambda: SearchConfig(study_name=5), "SearchConfig.study_name=5: expected str"),
-    (lambda: ExportConfig(parity="yes"), "ExportConfig.parity='yes': expected bool"),
-    (lambda: Recipe.from_dict({"max_accuracy_drop": NAN, "steps": [{"export": {}}]}), "max_accuracy_drop=nan"),
-    (lambda: Recipe.from_dict({"recovery_epochs": 1.5, "steps": [{"export": {}}]}), "recovery_epochs=1.5"),
-    (lambda: Recipe.from_dict({"name": ["x"], "steps": [{"export": {}}]}), "Recipe.name=\\['x'\\]: expected str"),
-    (lambda: Recipe.from_dict({"steps": 5}), "steps=5: expected a list of steps"),
-    (lambda: Recipe.from_dict({1: 2}), "keys are field names"),
-    (lambda: check_range("lr", NAN, 0.0, 1.0), "lr=nan is not a number"),
-])
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: TrainConfig(epochs=2.7), "TrainConfig.epochs=2.7: expected int"),
+        (lambda: TrainConfig(epochs=True), "TrainConfig.epochs=True: expected int"),
+        (lambda: TrainConfig(epochs=0), "epochs=0 must be >= 1"),
+        (lambda: TrainConfig(lr=NAN), "TrainConfig.lr=nan: expected finite float"),
+        (lambda: TrainConfig(progress="no"), "TrainConfig.progress='no': expected bool"),
+        (lambda: PruneConfig(amount=NAN), "PruneConfig.amount=nan: expected finite float"),
+        (lambda: PruneConfig(max_sparsity=INF), "PruneConfig.max_sparsity=inf"),
+        (lambda: PruneConfig(amount="half"), "PruneConfig.amount='half': expected finite float"),
+        (lambda: PruneConfig(ignore=5), "PruneConfig.ignore=5: expected list of str"),
+        (lambda: PruneConfig(ignore=["fc1", 3]), "PruneConfig.ignore=\\['fc1', 3\\]: expected list of str"),
+        (lambda: PruneConfig(ignore=["re:("]), "PruneConfig.ignore: 're:\\(' is not a valid regular expression"),
+        (lambda: PruneConfig(overrides={"re:[a": 0.5}), "PruneConfig.overrides: 're:\\[a' is not a valid regular"),
+        (lambda: PruneConfig(overrides={"fc1": NAN}), "PruneConfig.overrides=.*expected mapping of str to finite"),
+        (lambda: PruneConfig(finetune={"epochs": 2.7}), "PruneConfig.finetune: TrainConfig.epochs=2.7: expected int"),
+        (lambda: PruneConfig(finetune=-1), "finetune=-1"),
+        (lambda: QuantConfig(ignore=["re:*"]), "QuantConfig.ignore: 're:\\*' is not a valid regular expression"),
+        (lambda: QuantConfig(weight_bits=4.0), "QuantConfig.weight_bits=4.0: expected int"),
+        (lambda: QuantConfig(overrides={"fc1": {"weight_bits": "4"}}), "overrides\\['fc1'\\].weight_bits='4'"),
+        (lambda: QuantConfig(overrides={"fc1": {"scheme": "nope"}}), "overrides\\['fc1'\\].scheme='nope'"),
+        (lambda: QuantConfig(method="qat", epochs=0), "epochs=0 must be >= 1"),
+        (lambda: SparsityConfig(ignore="re:("), "SparsityConfig.ignore: 're:\\('"),
+        (lambda: DistillConfig(alpha=NAN), "DistillConfig.alpha=nan"),
+        (lambda: DistillConfig(temperature="4"), "DistillConfig.temperature='4'"),
+        (lambda: DistillConfig(hints=[["a"]]), "hints: each entry must be a \\(student_layer, teacher_layer\\) pair"),
+        (
+            lambda: DistillConfig(attention=5),
+            "attention=5: expected a list of \\(student_layer, teacher_layer\\) pairs",
+        ),
+        (lambda: DistillConfig(epochs=0), "epochs=0 must be >= 1"),
+        (lambda: SearchConfig(timeout=NAN), "SearchConfig.timeout=nan: expected finite float or null"),
+        (lambda: SearchConfig(study_name=5), "SearchConfig.study_name=5: expected str"),
+        (lambda: ExportConfig(parity="yes"), "ExportConfig.parity='yes': expected bool"),
+        (lambda: Recipe.from_dict({"max_accuracy_drop": NAN, "steps": [{"export": {}}]}), "max_accuracy_drop=nan"),
+        (lambda: Recipe.from_dict({"recovery_epochs": 1.5, "steps": [{"export": {}}]}), "recovery_epochs=1.5"),
+        (lambda: Recipe.from_dict({"name": ["x"], "steps": [{"export": {}}]}), "Recipe.name=\\['x'\\]: expected str"),
+        (lambda: Recipe.from_dict({"steps": 5}), "steps=5: expected a list of steps"),
+        (lambda: Recipe.from_dict({1: 2}), "keys are field names"),
+        (lambda: check_range("lr", NAN, 0.0, 1.0), "lr=nan is not a number"),
+    ],
+)
 def test_a_bad_field_is_one_usage_error_naming_it(build, expected):
     with pytest.raises(UsageError, match=expected) as info:
         build()
@@ -101,7 +109,9 @@ def test_valid_values_are_accepted_and_normalised(tmp_path):
     assert PruneConfig(ignore=["re:fc[12]"], overrides={"re:conv.*": 0.3}).overrides == {"re:conv.*": 0.3}
     assert DistillConfig(hints=[["a", "b"]]).hints == (("a", "b"),)
     assert QuantConfig(overrides={"fc1": {"scheme": "affine", "act_bits": None}}).overrides["fc1"] == {
-        "scheme": "affine", "act_bits": None}
+        "scheme": "affine",
+        "act_bits": None,
+    }
     # finetune=0 keeps its meaning (prune step by step without training) and round-trips
     cfg = PruneConfig(steps=2, finetune=0)
     assert cfg.finetune.epochs == 0 and PruneConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
@@ -115,29 +125,36 @@ def test_shipped_recipes_load_and_round_trip(name):
 
 # --- safe YAML ---------------------------------------------------------------------------------------------------
 
+
 def test_alias_bomb_is_refused_at_the_first_alias():
     message = one_line_error(Recipe.from_yaml, BOMB, "bomb.yaml")
     assert message.startswith("bomb.yaml: refused YAML at line 2") and "aliases (*a)" in message
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("name: a\nsteps: [{export: {}}]\nname: b\n", "line 3, column 1: duplicate key 'name'"),
-    ("steps:\n  - prune: {amount: 0.5, amount: 0.6}\n", "line 2, column 26: duplicate key 'amount'"),
-    ("steps: [{export: {}}]\nx: !!binary aGk=\n", "YAML tag 'tag:yaml.org,2002:binary' is not allowed"),
-    ("steps: [{export: {}}]\nx: !!set {a}\n", "YAML tag 'tag:yaml.org,2002:set' is not allowed"),
-    ("steps: !!python/object:os.system {}\n", "malformed YAML at line 1"),
-    ("steps: " + "[" * 200 + "]" * 200, "nested deeper than"),
-    ("max_accuracy_drop: 1" + "0" * 5000 + "\nsteps: [{export: {}}]\n", "not valid YAML"),
-    ("name: x\x00\n", "not valid YAML"),
-    ("steps: [{export: {}}]\n" + "#" * MAX_YAML_CHARS, "slimkit reads YAML files of at most"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: a\nsteps: [{export: {}}]\nname: b\n", "line 3, column 1: duplicate key 'name'"),
+        ("steps:\n  - prune: {amount: 0.5, amount: 0.6}\n", "line 2, column 26: duplicate key 'amount'"),
+        ("steps: [{export: {}}]\nx: !!binary aGk=\n", "YAML tag 'tag:yaml.org,2002:binary' is not allowed"),
+        ("steps: [{export: {}}]\nx: !!set {a}\n", "YAML tag 'tag:yaml.org,2002:set' is not allowed"),
+        ("steps: !!python/object:os.system {}\n", "malformed YAML at line 1"),
+        ("steps: " + "[" * 200 + "]" * 200, "nested deeper than"),
+        ("max_accuracy_drop: 1" + "0" * 5000 + "\nsteps: [{export: {}}]\n", "not valid YAML"),
+        ("name: x\x00\n", "not valid YAML"),
+        ("steps: [{export: {}}]\n" + "#" * MAX_YAML_CHARS, "slimkit reads YAML files of at most"),
+    ],
+)
 def test_unsafe_or_ambiguous_yaml_is_refused(text, expected):
     assert expected in one_line_error(Recipe.from_yaml, text, "r.yaml")
 
 
 def test_yaml_gives_plain_values_only(tmp_path):
-    assert load_yaml("when: 2024-01-01\nn: 3\nx: [1.5, null, true]") == {"when": "2024-01-01", "n": 3,
-                                                                         "x": [1.5, None, True]}
+    assert load_yaml("when: 2024-01-01\nn: 3\nx: [1.5, null, true]") == {
+        "when": "2024-01-01",
+        "n": 3,
+        "x": [1.5, None, True],
+    }
     assert Recipe.from_yaml("name: 2024-01-01\nsteps: [{export: {}}]").name == "2024-01-01"
     big = tmp_path / "big.yaml"
     big.write_text("#" * (MAX_YAML_CHARS + 1))
@@ -158,17 +175,23 @@ def test_search_space_files_use_the_same_loader(tmp_path):
     assert "duplicate key 'lr'" in one_line_error(read_space, str(space))
 
 
-@pytest.mark.parametrize(("step", "expected"), [
-    ("prune: {amount: .nan}", "steps[0] (prune): PruneConfig.amount=nan: expected finite float"),
-    ("prune: {ignore: 5}", "steps[0] (prune): PruneConfig.ignore=5: expected list of str"),
-    ("prune: {ignore: ['re:(']}", "steps[0] (prune): PruneConfig.ignore: 're:(' is not a valid regular"),
-    ("distill: {epochs: 2.7}", "steps[0] (distill): DistillConfig.epochs=2.7: expected int"),
-    ("distill: {hints: [[a, 1]]}", "steps[0] (distill): hints: each entry must be a (student_layer, teacher_layer)"),
-    ("quantize: {weight_bits: [8]}", "steps[0] (quantize): QuantConfig.weight_bits=[8]: expected int"),
-    ("quantize: {overrides: {fc1: 4}}", "steps[0] (quantize): QuantConfig.overrides={'fc1': 4}: expected"),
-    ("export: {auto_batch_size: .inf}", "steps[0] (export): ExportConfig.auto_batch_size=inf: expected int"),
-    ("{1: {}}", "steps[0]: unknown step 1"),
-])
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        ("prune: {amount: .nan}", "steps[0] (prune): PruneConfig.amount=nan: expected finite float"),
+        ("prune: {ignore: 5}", "steps[0] (prune): PruneConfig.ignore=5: expected list of str"),
+        ("prune: {ignore: ['re:(']}", "steps[0] (prune): PruneConfig.ignore: 're:(' is not a valid regular"),
+        ("distill: {epochs: 2.7}", "steps[0] (distill): DistillConfig.epochs=2.7: expected int"),
+        (
+            "distill: {hints: [[a, 1]]}",
+            "steps[0] (distill): hints: each entry must be a (student_layer, teacher_layer)",
+        ),
+        ("quantize: {weight_bits: [8]}", "steps[0] (quantize): QuantConfig.weight_bits=[8]: expected int"),
+        ("quantize: {overrides: {fc1: 4}}", "steps[0] (quantize): QuantConfig.overrides={'fc1': 4}: expected"),
+        ("export: {auto_batch_size: .inf}", "steps[0] (export): ExportConfig.auto_batch_size=inf: expected int"),
+        ("{1: {}}", "steps[0]: unknown step 1"),
+    ],
+)
 def test_wrong_types_in_a_recipe_name_the_step_and_field(step, expected):
     message = one_line_error(Recipe.from_yaml, f"steps:\n  - {step}\n", "r.yaml")
     assert message.startswith("r.yaml: ") and expected in message
@@ -195,33 +218,44 @@ def cli_error(args: list[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("bomb", "aliases"), ("nan", "amount=nan"), ("budget-nan", "max_accuracy_drop=nan"),
-    ("duplicate", "duplicate key 'steps'"), ("float-epochs", "epochs=2.7"), ("ignore-int", "ignore=5"),
-    ("bad-regex", "'re:(' is not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bomb", "aliases"),
+        ("nan", "amount=nan"),
+        ("budget-nan", "max_accuracy_drop=nan"),
+        ("duplicate", "duplicate key 'steps'"),
+        ("float-epochs", "epochs=2.7"),
+        ("ignore-int", "ignore=5"),
+        ("bad-regex", "'re:(' is not a valid regular expression"),
+    ],
+)
 def test_compress_refuses_a_bad_recipe_with_one_line(tmp_path, name, expected):
     path = tmp_path / f"{name}.yaml"
     path.write_text(RECIPES[name])
-    line = cli_error(["compress", "--model", "mlp", "--data", "digits", "--recipe", str(path),
-                      "--out", str(tmp_path / "out")])
+    line = cli_error(
+        ["compress", "--model", "mlp", "--data", "digits", "--recipe", str(path), "--out", str(tmp_path / "out")]
+    )
     assert expected in line and f"{name}.yaml" in line
     assert not list((tmp_path / "out").glob("*.slim"))
 
 
 def test_compress_validates_the_budget_override(tmp_path):
-    line = cli_error(["compress", "--model", "mlp", "--data", "digits", "--max-accuracy-drop", "nan",
-                      "--out", str(tmp_path / "out")])
+    line = cli_error(
+        ["compress", "--model", "mlp", "--data", "digits", "--max-accuracy-drop", "nan", "--out", str(tmp_path / "out")]
+    )
     assert "max_accuracy_drop=nan" in line and not (tmp_path / "out").exists()
 
 
 def test_train_refuses_zero_epochs(tmp_path):
-    line = cli_error(["train", "--model", "mlp", "--data", "digits", "--epochs", "0",
-                      "--out", str(tmp_path / "w.safetensors")])
+    line = cli_error(
+        ["train", "--model", "mlp", "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "w.safetensors")]
+    )
     assert "epochs=0 must be >= 1" in line and not (tmp_path / "w.safetensors").exists()
 
 
 # --- training on bad data ---------------------------------------------------------------------------------------
+
 
 def tiny_model(classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, classes))
@@ -237,8 +271,13 @@ def test_nan_inputs_are_blamed_not_the_learning_rate():
     x = torch.randn(8, 1, 4, 4)
     train = torch.utils.data.TensorDataset(x, torch.zeros(8, dtype=torch.int64))
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):  # finite inputs: the optimiser diverged
-        fit(tiny_model(), train, None, TrainConfig(epochs=1, lr=10.0, batch_size=8, progress=False),
-            loss_fn=lambda out, y, _: out.sum() * INF)
+        fit(
+            tiny_model(),
+            train,
+            None,
+            TrainConfig(epochs=1, lr=10.0, batch_size=8, progress=False),
+            loss_fn=lambda out, y, _: out.sum() * INF,
+        )
 
 
 def test_labels_beyond_the_model_outputs_are_named():
@@ -260,8 +299,9 @@ def test_fuzzed_yaml_texts_give_a_recipe_or_a_slimkit_error(text):
         assert "\n" not in str(exc)
 
 
-SHIPPED_TEXTS = [(Path(__file__).parents[1] / "src/slimkit/recipes" / f"{n}.yaml").read_text()
-                 for n in shipped_recipes()]
+SHIPPED_TEXTS = [
+    (Path(__file__).parents[1] / "src/slimkit/recipes" / f"{n}.yaml").read_text() for n in shipped_recipes()
+]
 
 
 @settings(max_examples=200, deadline=None)
@@ -269,14 +309,19 @@ SHIPPED_TEXTS = [(Path(__file__).parents[1] / "src/slimkit/recipes" / f"{n}.yaml
 def test_mutated_shipped_recipes_give_a_recipe_or_a_slimkit_error(text, at, cut, insert):
     at %= len(text) + 1
     try:
-        Recipe.from_yaml(text[:at] + insert + text[at + cut:])
+        Recipe.from_yaml(text[:at] + insert + text[at + cut :])
     except SlimkitError:
         pass
 
 
 PLAIN = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 300) | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8) | st.sampled_from(["re:(", "re:fc.*", "fc1", "macs", "ptq", "sgd", "onnx"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 300)
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.sampled_from(["re:(", "re:fc.*", "fc1", "macs", "ptq", "sgd", "onnx"]),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
     max_leaves=6,
 )
@@ -290,7 +335,7 @@ def test_fields_of_shipped_recipes_set_to_any_plain_value_give_a_recipe_or_a_sli
         spec[draw.draw(st.sampled_from(sorted(spec)))] = draw.draw(PLAIN)
     else:
         step = draw.draw(st.sampled_from(spec["steps"]))
-        (kind, body), = step.items()
+        ((kind, body),) = step.items()
         field = draw.draw(st.sampled_from([f.name for f in dataclasses.fields(config_class(StepKind(kind)))]))
         body[field] = draw.draw(PLAIN)
     try:
@@ -302,6 +347,7 @@ def test_fields_of_shipped_recipes_set_to_any_plain_value_give_a_recipe_or_a_sli
 
 
 def test_model_args_the_factory_does_not_take_are_one_line(tmp_path):
-    line = cli_error(["eval", "--model", "mlp", "--model-args", '{"in_features": 64, "in_channels": 3}',
-                      "--data", "digits"])
+    line = cli_error(
+        ["eval", "--model", "mlp", "--model-args", '{"in_features": 64, "in_channels": 3}', "--data", "digits"]
+    )
     assert "model 'mlp' takes no argument 'in_channels'" in line and "in_features" in line

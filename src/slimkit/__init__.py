@@ -63,13 +63,51 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load": ("slimkit.export.artifact", "load"),
     "TrainConfig": ("slimkit.train", "TrainConfig"),
 }
-_SUBMODULES = {"data", "models", "measure", "train", "pruning", "quantization", "distillation", "tuning", "export",
-               "report", "recipe", "pipeline"}
+_SUBMODULES = {
+    "data",
+    "models",
+    "measure",
+    "train",
+    "pruning",
+    "quantization",
+    "distillation",
+    "tuning",
+    "export",
+    "report",
+    "recipe",
+    "pipeline",
+}
 
 # written out (not computed) so linters and type checkers see the re-exports of the TYPE_CHECKING block
-__all__ = ["DistillConfig", "PruneConfig", "QuantConfig", "Recipe", "SearchConfig", "TrainConfig", "__version__",
-           "compress", "data", "distill", "distillation", "export", "load", "measure", "models", "pipeline", "profile",
-           "prune", "pruning", "quantization", "quantize", "recipe", "report", "save", "search", "train", "tuning"]
+__all__ = [
+    "DistillConfig",
+    "PruneConfig",
+    "QuantConfig",
+    "Recipe",
+    "SearchConfig",
+    "TrainConfig",
+    "__version__",
+    "compress",
+    "data",
+    "distill",
+    "distillation",
+    "export",
+    "load",
+    "measure",
+    "models",
+    "pipeline",
+    "profile",
+    "prune",
+    "pruning",
+    "quantization",
+    "quantize",
+    "recipe",
+    "report",
+    "save",
+    "search",
+    "train",
+    "tuning",
+]
 
 
 def __getattr__(name: str) -> Any:

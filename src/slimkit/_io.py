@@ -87,19 +87,25 @@ def check_replaceable(path: str | os.PathLike, kind: str) -> None:
         return
     if kind == "file":
         if existing != "file":
-            raise UsageError(f"{path} is a folder, but a file is written there; give a file path (e.g. a new name "
-                             "inside it); nothing was changed")
+            raise UsageError(
+                f"{path} is a folder, but a file is written there; give a file path (e.g. a new name "
+                "inside it); nothing was changed"
+            )
         return
     want = _DESCRIPTION.get(kind, "output")
     if existing == "file":
-        raise UsageError(f"{path} is a file, but a {want} folder is written there; give a new folder path or "
-                         "remove the file; nothing was changed")
+        raise UsageError(
+            f"{path} is a file, but a {want} folder is written there; give a new folder path or "
+            "remove the file; nothing was changed"
+        )
     if existing not in ("empty", kind):
         what = f"a {_DESCRIPTION[existing]}" if existing in _DESCRIPTION else "a folder of other files"
         marker = FOLDER_MARKERS.get(kind)
         why = f" (it has no {marker})" if marker and existing == "folder" else ""
-        raise UsageError(f"{path} is {what}{why}, not a {want}: refusing to replace it; give a new path or remove "
-                         "it yourself; nothing was changed")
+        raise UsageError(
+            f"{path} is {what}{why}, not a {want}: refusing to replace it; give a new path or remove "
+            "it yourself; nothing was changed"
+        )
 
 
 @contextlib.contextmanager

@@ -18,8 +18,14 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMAND_MODULES = ["slimkit.commands.core", "slimkit.commands.pipeline", "slimkit.commands.distill",
-                   "slimkit.commands.prune", "slimkit.commands.quantize", "slimkit.commands.search"]
+COMMAND_MODULES = [
+    "slimkit.commands.core",
+    "slimkit.commands.pipeline",
+    "slimkit.commands.distill",
+    "slimkit.commands.prune",
+    "slimkit.commands.quantize",
+    "slimkit.commands.search",
+]
 
 
 @app.callback()

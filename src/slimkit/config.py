@@ -60,9 +60,11 @@ def check_patterns(where: str, patterns: typing.Iterable[Any]) -> None:
             try:
                 re.compile(pattern[3:])
             except (re.error, OverflowError, RecursionError) as exc:
-                raise UsageError(f"{where}: {short_repr(pattern)} is not a valid regular expression ({exc}); "
-                                 "escape special characters with a backslash, or drop the 're:' prefix to match "
-                                 "a name exactly") from None
+                raise UsageError(
+                    f"{where}: {short_repr(pattern)} is not a valid regular expression ({exc}); "
+                    "escape special characters with a backslash, or drop the 're:' prefix to match "
+                    "a name exactly"
+                ) from None
 
 
 def check_type(where: str, value: Any, annotation: Any) -> Any:
@@ -76,7 +78,7 @@ def check_type(where: str, value: Any, annotation: Any) -> Any:
 def short_repr(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters (error messages stay one short line)."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _enum_type(annotation: Any) -> type[enum.Enum] | None:
@@ -247,8 +249,10 @@ class Config:
             try:
                 value = _coerce(value, annotation, nonfinite)
             except _Mismatch:
-                raise UsageError(f"{type(self).__name__}.{field.name}={short_repr(given)}: expected "
-                                 f"{_type_name(annotation, nonfinite)}") from None
+                raise UsageError(
+                    f"{type(self).__name__}.{field.name}={short_repr(given)}: expected "
+                    f"{_type_name(annotation, nonfinite)}"
+                ) from None
             except UsageError as exc:  # a nested config given as a mapping
                 raise UsageError(f"{type(self).__name__}.{field.name}: {exc}") from None
             object.__setattr__(self, field.name, value)

@@ -36,8 +36,9 @@ def trained(name: str, cache: Path, train_data, val_data, retrain: bool = False,
     return model.eval()
 
 
-def run_demo(cache: Path, retrain: bool = False, console: Console | None = None,
-             recipe: str = "fast-cpu") -> dict[str, dict]:
+def run_demo(
+    cache: Path, retrain: bool = False, console: Console | None = None, recipe: str = "fast-cpu"
+) -> dict[str, dict]:
     """Train (or reuse) the MLP and LeNet-5, compress each with ``recipe``, save artifacts and reports."""
     from slimkit.export.artifact import save
     from slimkit.pipeline import compress
@@ -53,8 +54,15 @@ def run_demo(cache: Path, retrain: bool = False, console: Console | None = None,
         console.rule(f"{name} on MNIST-10k")
         model = trained(name, cache, train_data, val_data, retrain, console)
         console.print(profile(model, models.example_input(name)).table(max_layers=12))
-        result = compress(model, recipe, train_data, val_data, test_data=test_data,
-                          example_input=models.example_input(name), console=console)
+        result = compress(
+            model,
+            recipe,
+            train_data,
+            val_data,
+            test_data=test_data,
+            example_input=models.example_input(name),
+            console=console,
+        )
         console.print(result.table())
         path = save(result, cache / f"{name}.slim")
         html = write_report(path)
@@ -62,10 +70,22 @@ def run_demo(cache: Path, retrain: bool = False, console: Console | None = None,
         speedup = {bs: b["latency_ms"][bs] / f["latency_ms"][bs] for bs in b["latency_ms"]}
         results[name] = {"before": b, "after": f, "speedup": speedup, "artifact": str(path), "report": str(html)}
         after = f.get("deployed_test_accuracy", f["test_accuracy"])
-        rows.append([name, f"{b['test_accuracy']:.2f}%", f"{after:.2f}%", f"{after - b['test_accuracy']:+.2f}",
-                     f"{b['size_bytes'] / f['size_bytes']:.1f}x", *(f"{s:.2f}x" for s in speedup.values()),
-                     str(html)])
-    console.print(make_table(
-        f"slimkit demo: recipe {recipe!r} on the MNIST-10k test set (2,000 digits)",
-        ["model", "test acc before", "deployed", "change", "smaller", "faster b1", "faster b64", "report"], rows))
+        rows.append(
+            [
+                name,
+                f"{b['test_accuracy']:.2f}%",
+                f"{after:.2f}%",
+                f"{after - b['test_accuracy']:+.2f}",
+                f"{b['size_bytes'] / f['size_bytes']:.1f}x",
+                *(f"{s:.2f}x" for s in speedup.values()),
+                str(html),
+            ]
+        )
+    console.print(
+        make_table(
+            f"slimkit demo: recipe {recipe!r} on the MNIST-10k test set (2,000 digits)",
+            ["model", "test acc before", "deployed", "change", "smaller", "faster b1", "faster b64", "report"],
+            rows,
+        )
+    )
     return results

@@ -17,8 +17,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-__all__ = ["DependencyError", "InputTypeError", "MissingFileError", "SlimkitError", "TrainingDiverged", "UsageError",
-           "renamed_keyword"]
+__all__ = [
+    "DependencyError",
+    "InputTypeError",
+    "MissingFileError",
+    "SlimkitError",
+    "TrainingDiverged",
+    "UsageError",
+    "renamed_keyword",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,6 +70,7 @@ def renamed_keyword(old: str, new: str) -> Callable[[F], F]:
         >>> print(caught[0].category.__name__, caught[0].message)
         DeprecationWarning verb(data=...) is deprecated and will be removed in the next release: call it train_data=...
     """
+
     def decorate(function: F) -> F:
         @functools.wraps(function)
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -70,8 +78,11 @@ def renamed_keyword(old: str, new: str) -> Callable[[F], F]:
                 name = function.__name__
                 if new in kwargs:
                     raise InputTypeError(f"{name}: give {new}= only ({old}= is its deprecated name)")
-                warnings.warn(f"{name}({old}=...) is deprecated and will be removed in the next release: call it "
-                              f"{new}=...", DeprecationWarning, stacklevel=2)
+                warnings.warn(
+                    f"{name}({old}=...) is deprecated and will be removed in the next release: call it {new}=...",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
                 kwargs[new] = kwargs.pop(old)
             return function(*args, **kwargs)
 

@@ -33,13 +33,29 @@ from slimkit._text import human, make_table, render
 from slimkit.errors import UsageError
 
 __all__ = [
-    "LatencyStats", "LayerProfile", "Profile", "benchmark_latency", "compare_latency", "count_macs", "count_params",
-    "measure_latency", "peak_memory", "profile", "size_on_disk",
+    "LatencyStats",
+    "LayerProfile",
+    "Profile",
+    "benchmark_latency",
+    "compare_latency",
+    "count_macs",
+    "count_params",
+    "measure_latency",
+    "peak_memory",
+    "profile",
+    "size_on_disk",
 ]
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
-POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-         nn.AdaptiveMaxPool2d)
+POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.LeakyReLU)
 
 
@@ -83,12 +99,15 @@ class Profile:
     def table(self, max_layers: int = 60):
         rows: list[list[object]] = [
             [lp.name, lp.kind, human(lp.params), human(lp.macs), "x".join(map(str, lp.output_shape))]
-            for lp in self.layers[:max_layers]]
+            for lp in self.layers[:max_layers]
+        ]
         if len(self.layers) > max_layers:
             rows.append([f"... {len(self.layers) - max_layers} more layers", "", "", "", ""])
         rows.append(["total", "", human(self.params), human(self.macs), ""])
-        title = (f"params {human(self.params)} ({human(self.nonzero_params)} non-zero), MACs {human(self.macs)}, "
-                 f"FLOPs {human(self.flops)}, {human(self.size_bytes, 'B')} on disk (batch {self.batch_size})")
+        title = (
+            f"params {human(self.params)} ({human(self.nonzero_params)} non-zero), MACs {human(self.macs)}, "
+            f"FLOPs {human(self.flops)}, {human(self.size_bytes, 'B')} on disk (batch {self.batch_size})"
+        )
         return make_table(title, ["layer", "type", "params", "MACs", "output"], rows)
 
     def __str__(self) -> str:
@@ -129,7 +148,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Te
     root = type(model).__name__
     per_module: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
-        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
+        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else None)
         if name is not None:
             per_module[name] = int(sum(ops.values()) // 2)
     return per_module, int(counter.get_total_flops() // 2)
@@ -173,6 +192,7 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
         def record(module, args, output):
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
             outputs[name] = (shape, _extra_flops(module, args, output))
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
@@ -194,8 +214,15 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
     total_macs = int(total)
     total, nonzero = count_params(model)
     extra_total = sum(extra for _, extra in outputs.values())
-    return Profile(total, nonzero, total_macs, 2 * total_macs + extra_total, size_on_disk(model),
-                   inputs[0].shape[0] if inputs[0].ndim else 1, layers)
+    return Profile(
+        total,
+        nonzero,
+        total_macs,
+        2 * total_macs + extra_total,
+        size_on_disk(model),
+        inputs[0].shape[0] if inputs[0].ndim else 1,
+        layers,
+    )
 
 
 def size_on_disk(model: nn.Module, *, metadata: dict[str, str] | None = None) -> int:
@@ -362,13 +389,15 @@ def benchmark_latency(
                         times[name].append(time.perf_counter() - t0)
             for name, ts in times.items():
                 q = statistics.quantiles(ts, n=4)
-                results[name][bs] = LatencyStats(bs, statistics.median(ts), q[0], q[2], statistics.fmean(ts),
-                                                 statistics.stdev(ts), len(ts))
+                results[name][bs] = LatencyStats(
+                    bs, statistics.median(ts), q[0], q[2], statistics.fmean(ts), statistics.stdev(ts), len(ts)
+                )
     return results
 
 
-def measure_latency(model: nn.Module | Callable, example_input: torch.Tensor, batch_sizes: Sequence[int] = (1, 64),
-                    **kwargs) -> dict[int, LatencyStats]:
+def measure_latency(
+    model: nn.Module | Callable, example_input: torch.Tensor, batch_sizes: Sequence[int] = (1, 64), **kwargs
+) -> dict[int, LatencyStats]:
     """Latency of one model at each batch size (see ``benchmark_latency`` for the options)."""
     return benchmark_latency({"model": model}, example_input, batch_sizes, **kwargs)["model"]
 
@@ -386,17 +415,27 @@ class LatencyComparison:
         return {bs: self.a[bs].median / self.b[bs].median for bs in self.a}
 
     def table(self, names: tuple[str, str] = ("a", "b")):
-        rows = [[bs, f"{self.a[bs].median * 1e3:.3f}", f"{self.b[bs].median * 1e3:.3f}", f"{self.speedup[bs]:.2f}x"]
-                for bs in self.a]
-        return make_table(f"latency (median ms, {self.threads} threads)",
-                          ["batch", f"{names[0]} ms", f"{names[1]} ms", "speed-up"], rows)
+        rows = [
+            [bs, f"{self.a[bs].median * 1e3:.3f}", f"{self.b[bs].median * 1e3:.3f}", f"{self.speedup[bs]:.2f}x"]
+            for bs in self.a
+        ]
+        return make_table(
+            f"latency (median ms, {self.threads} threads)",
+            ["batch", f"{names[0]} ms", f"{names[1]} ms", "speed-up"],
+            rows,
+        )
 
     def __str__(self) -> str:
         return render(self.table())
 
 
-def compare_latency(model_a: nn.Module | Callable, model_b: nn.Module | Callable, example_input: torch.Tensor,
-                    batch_sizes: Sequence[int] = (1, 64), **kwargs) -> LatencyComparison:
+def compare_latency(
+    model_a: nn.Module | Callable,
+    model_b: nn.Module | Callable,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64),
+    **kwargs,
+) -> LatencyComparison:
     """Time ``model_a`` and ``model_b`` interleaved in one run; ``.speedup`` is b's speed-up over a.
 
     Example:

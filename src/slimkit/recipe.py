@@ -65,12 +65,15 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise _Refused(problem=f"YAML aliases (*{event.anchor}) are not allowed; write the value out",
-                           problem_mark=event.start_mark)
+            raise _Refused(
+                problem=f"YAML aliases (*{event.anchor}) are not allowed; write the value out",
+                problem_mark=event.start_mark,
+            )
         self.depth += 1
         if self.depth > MAX_YAML_DEPTH:
-            raise _Refused(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
-                           problem_mark=self.peek_event().start_mark)
+            raise _Refused(
+                problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=self.peek_event().start_mark
+            )
         try:
             return super().compose_node(parent, index)
         finally:
@@ -90,7 +93,8 @@ class _StrictLoader(yaml.SafeLoader):
 for _tag in ("timestamp", "binary", "omap", "pairs", "set"):
     _StrictLoader.add_constructor(
         f"tag:yaml.org,2002:{_tag}",
-        lambda loader, node: _refuse(node, f"the YAML tag {node.tag!r} is not allowed; use plain values"))
+        lambda loader, node: _refuse(node, f"the YAML tag {node.tag!r} is not allowed; use plain values"),
+    )
 
 
 def load_yaml(text: str, source: str = "<yaml>") -> Any:
@@ -100,8 +104,7 @@ def load_yaml(text: str, source: str = "<yaml>") -> Any:
     if not isinstance(text, str):
         raise UsageError(f"{source}: expected YAML text, got {type(text).__name__}")
     if len(text) > MAX_YAML_CHARS:
-        raise UsageError(f"{source}: {len(text):,} characters; slimkit reads YAML files of at most "
-                         f"{MAX_YAML_CHARS:,}")
+        raise UsageError(f"{source}: {len(text):,} characters; slimkit reads YAML files of at most {MAX_YAML_CHARS:,}")
     loader = None
     try:
         loader = _StrictLoader(text)
@@ -170,12 +173,15 @@ class Step:
     @classmethod
     def from_dict(cls, data: Any, where: str = "step") -> Step:
         if not isinstance(data, dict) or len(data) != 1:
-            raise UsageError(f"{where}: a step is a mapping with one key (prune, finetune, distill, quantize or "
-                             f"export), got {short_repr(data)}")
-        (key, body), = data.items()
+            raise UsageError(
+                f"{where}: a step is a mapping with one key (prune, finetune, distill, quantize or "
+                f"export), got {short_repr(data)}"
+            )
+        ((key, body),) = data.items()
         if not isinstance(key, str) or key not in {k.value for k in StepKind}:
-            raise UsageError(f"{where}: unknown step {short_repr(key)}; "
-                             f"{nearest(str(key), [k.value for k in StepKind])}")
+            raise UsageError(
+                f"{where}: unknown step {short_repr(key)}; {nearest(str(key), [k.value for k in StepKind])}"
+            )
         kind = StepKind(key)
         if body is not None and not isinstance(body, dict):
             raise UsageError(f"{where}: the settings of {key!r} must be a mapping, got {short_repr(body)}")
@@ -204,8 +210,10 @@ class Recipe(Config):
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, (list, tuple)):
-            raise UsageError(f"steps={short_repr(self.steps)}: expected a list of steps, e.g. "
-                             "[{prune: {amount: 0.5}}, {quantize: {method: ptq}}]")
+            raise UsageError(
+                f"steps={short_repr(self.steps)}: expected a list of steps, e.g. "
+                "[{prune: {amount: 0.5}}, {quantize: {method: ptq}}]"
+            )
         self.steps = [s if isinstance(s, Step) else Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(self.steps)]
         super().__post_init__()
         check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0)
@@ -219,20 +227,27 @@ class Recipe(Config):
         if not kinds:
             raise UsageError("a recipe needs at least one step (prune, finetune, distill, quantize or export)")
         if StepKind.EXPORT in kinds[:-1]:
-            raise UsageError("steps in an impossible order: 'export' must be the last step, "
-                             f"got {[k.value for k in kinds]}")
+            raise UsageError(
+                f"steps in an impossible order: 'export' must be the last step, got {[k.value for k in kinds]}"
+            )
         if StepKind.QUANTIZE in kinds:
             first_q = kinds.index(StepKind.QUANTIZE)
-            late = [k.value for k in kinds[first_q + 1:] if k in (StepKind.PRUNE, StepKind.QUANTIZE)]
+            late = [k.value for k in kinds[first_q + 1 :] if k in (StepKind.PRUNE, StepKind.QUANTIZE)]
             if late:
-                raise UsageError(f"steps in an impossible order: {late[0]!r} after 'quantize' (prune before you "
-                                 f"quantize, and quantize once); got {[k.value for k in kinds]}")
+                raise UsageError(
+                    f"steps in an impossible order: {late[0]!r} after 'quantize' (prune before you "
+                    f"quantize, and quantize once); got {[k.value for k in kinds]}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "max_accuracy_drop": self.max_accuracy_drop,
-                "recovery_epochs": self.recovery_epochs, "recovery_lr": self.recovery_lr,
-                "max_backoffs": self.max_backoffs,
-                "steps": [s.to_dict() for s in self.steps]}
+        return {
+            "name": self.name,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "recovery_epochs": self.recovery_epochs,
+            "recovery_lr": self.recovery_lr,
+            "max_backoffs": self.max_backoffs,
+            "steps": [s.to_dict() for s in self.steps],
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -245,8 +260,9 @@ class Recipe(Config):
         """Parse a recipe with ``load_yaml`` (size limit, no aliases, no duplicate keys, plain types only)."""
         data = load_yaml(text, source)
         if not isinstance(data, dict):
-            raise UsageError(f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), "
-                             f"got {short_repr(data)}")
+            raise UsageError(
+                f"{source}: a recipe is a mapping with 'steps' (and 'max_accuracy_drop'), got {short_repr(data)}"
+            )
         try:
             return cls.from_dict(data)
         except ValueError as exc:
@@ -265,9 +281,9 @@ class Recipe(Config):
         shipped = SHIPPED / f"{spec}.yaml"
         if shipped.is_file():
             return cls._from_file(shipped)
-        raise UsageError(f"recipe {str(spec)!r} is neither a file nor a shipped recipe; "
-                         f"{nearest(str(spec), shipped_recipes())}")
-
+        raise UsageError(
+            f"recipe {str(spec)!r} is neither a file nor a shipped recipe; {nearest(str(spec), shipped_recipes())}"
+        )
 
     @classmethod
     def _from_file(cls, path: Path) -> Recipe:
@@ -279,5 +295,14 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
 
 
-__all__ = ["ExportConfig", "ExportFormat", "Recipe", "Step", "StepKind", "load_yaml", "read_yaml",
-           "shipped_recipes", "to_enum"]
+__all__ = [
+    "ExportConfig",
+    "ExportFormat",
+    "Recipe",
+    "Step",
+    "StepKind",
+    "load_yaml",
+    "read_yaml",
+    "shipped_recipes",
+    "to_enum",
+]

@@ -37,8 +37,21 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit.config import Config, check_range
 from slimkit.errors import TrainingDiverged, UsageError
 
-__all__ = ["EvalResult", "FitResult", "LossFn", "Optimizer", "Schedule", "TrainConfig", "eval_mode", "evaluate",
-           "fit", "make_loader", "predict", "progress_bar", "seed_everything"]
+__all__ = [
+    "EvalResult",
+    "FitResult",
+    "LossFn",
+    "Optimizer",
+    "Schedule",
+    "TrainConfig",
+    "eval_mode",
+    "evaluate",
+    "fit",
+    "make_loader",
+    "predict",
+    "progress_bar",
+    "seed_everything",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(outputs, targets, inputs) -> scalar loss``; ``inputs`` lets a loss run a teacher on the batch."""
@@ -128,8 +141,9 @@ def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed
 def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer is Optimizer.SGD:
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+        )
     cls = torch.optim.Adam if cfg.optimizer is Optimizer.ADAM else torch.optim.AdamW
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -140,10 +154,15 @@ def default_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Ten
 
 def progress_bar(enabled: bool) -> Progress:
     """slimkit's transient rich progress bar (off when ``enabled`` is False or $SLIMKIT_NO_PROGRESS is set)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                    disable=not enabled or bool(os.environ.get("SLIMKIT_NO_PROGRESS")),
-                    transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not enabled or bool(os.environ.get("SLIMKIT_NO_PROGRESS")),
+        transient=True,
+    )
 
 
 def fit(
@@ -197,8 +216,10 @@ def fit(
                     where = f"loss became {loss.item()} at epoch {epoch + 1}, step {step}"
                     row = _first_nonfinite_row(inputs)
                     if row is not None:
-                        raise TrainingDiverged(f"{where}: the input batch holds NaN or infinity (row {row} of the "
-                                               "batch); clean the data or fix the transform that produces it")
+                        raise TrainingDiverged(
+                            f"{where}: the input batch holds NaN or infinity (row {row} of the "
+                            "batch); clean the data or fix the transform that produces it"
+                        )
                     raise TrainingDiverged(f"{where}: lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -207,8 +228,9 @@ def fit(
                     scheduler.step()
                 running += loss.item() * len(targets)
                 seen += len(targets)
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
-                           info=f"loss {running / seen:.4f}")
+                bar.update(
+                    task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}", info=f"loss {running / seen:.4f}"
+                )
             history.train_loss.append(running / max(seen, 1))
             if val_data is not None:
                 acc = evaluate(model, val_data).accuracy
@@ -278,8 +300,9 @@ def evaluate(model: nn.Module | Callable, data: Dataset | DataLoader, batch_size
         pairs = [(torch.as_tensor(model(x)), y) for x, y in make_loader(data, batch_size, shuffle=False)]
         logits, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
-        raise UsageError(f"evaluate: expected logits (N, classes) for {targets.shape[0]} targets, "
-                         f"got {tuple(logits.shape)}")
+        raise UsageError(
+            f"evaluate: expected logits (N, classes) for {targets.shape[0]} targets, got {tuple(logits.shape)}"
+        )
     accuracy = (logits.argmax(1) == targets).float().mean().item() * 100.0
     try:
         loss = F.cross_entropy(logits.float(), targets).item()
@@ -291,15 +314,23 @@ def evaluate(model: nn.Module | Callable, data: Dataset | DataLoader, batch_size
 
 def _check_labels(outputs: object, targets: object, where: str) -> None:
     """``UsageError`` when integer class labels fall outside the model's output classes."""
-    if not (isinstance(outputs, torch.Tensor) and outputs.ndim == 2 and isinstance(targets, torch.Tensor)
-            and targets.ndim == 1 and len(targets) and not targets.is_floating_point()):
+    if not (
+        isinstance(outputs, torch.Tensor)
+        and outputs.ndim == 2
+        and isinstance(targets, torch.Tensor)
+        and targets.ndim == 1
+        and len(targets)
+        and not targets.is_floating_point()
+    ):
         return
     classes, low, high = outputs.shape[1], int(targets.min()), int(targets.max())
     if low < 0:
         raise UsageError(f"{where}: label {low} is negative; labels are class indices in [0, {classes})")
     if high >= classes:
-        raise UsageError(f"{where}: label {high} is outside the model's {classes} output classes [0, {classes}); "
-                         f"relabel the data or build the model with num_classes={high + 1}")
+        raise UsageError(
+            f"{where}: label {high} is outside the model's {classes} output classes [0, {classes}); "
+            f"relabel the data or build the model with num_classes={high + 1}"
+        )
 
 
 def _first_nonfinite_row(inputs: object) -> int | None:

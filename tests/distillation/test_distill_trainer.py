@@ -36,8 +36,13 @@ def test_distilled_student_beats_the_same_student_on_labels(mnist, mnist_teacher
         student = models.create("mlp", hidden=30)
         on_labels = copy.deepcopy(student)
         fit(on_labels, small, None, TrainConfig(seed=seed, **settings))
-        result = distill(student, mnist_teacher, DistillConfig(temperature=4.0, alpha=0.9, seed=seed,
-                                                               cache_teacher=True, **settings), small, val)
+        result = distill(
+            student,
+            mnist_teacher,
+            DistillConfig(temperature=4.0, alpha=0.9, seed=seed, cache_teacher=True, **settings),
+            small,
+            val,
+        )
         labels_accuracy, kd_accuracy = evaluate(on_labels, val).accuracy, result.record["student_accuracy"]
         assert kd_accuracy == pytest.approx(evaluate(result.model, val).accuracy)
         assert kd_accuracy >= labels_accuracy + 2.0, (seed, labels_accuracy, kd_accuracy, teacher_accuracy)
@@ -145,15 +150,21 @@ def test_unknown_hint_layer_names_the_nearest_ones(digits):
     with pytest.raises(ValueError, match=r"teacher has no layer 'features.3'"):
         distill(_digit_mlp(), _digit_mlp(), cfg, counting, val)
     with pytest.raises(ValueError, match=r"did you mean 'features.3'"):
-        distill(models.create("lenet5"), conv_teacher, DistillConfig(hints=[["features.3", "feature.3"]], **QUIET),
-                _CountingData(_mnist_like(16)), None)
+        distill(
+            models.create("lenet5"),
+            conv_teacher,
+            DistillConfig(hints=[["features.3", "feature.3"]], **QUIET),
+            _CountingData(_mnist_like(16)),
+            None,
+        )
     assert counting.reads <= 8 * 4
 
 
 def _mnist_like(n):
     gen = torch.Generator().manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,),
-                                                                                                   generator=gen))
+    return torch.utils.data.TensorDataset(
+        torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    )
 
 
 def test_hints_train_linear_adapters_of_the_right_shape(digits):
@@ -171,8 +182,13 @@ def test_hints_train_linear_adapters_of_the_right_shape(digits):
 class _ConvNet(nn.Module):
     def __init__(self, width):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
     def forward(self, x):
@@ -183,8 +199,14 @@ def test_conv_hints_and_attention_transfer(mnist):
     train, test = mnist
     torch.manual_seed(0)
     student, teacher = _ConvNet(4), _ConvNet(12)
-    cfg = DistillConfig(hints=[["features.3", "features.3"]], attention=[["features.4", "features.4"]],
-                        epochs=2, max_batches=6, batch_size=32, **QUIET)
+    cfg = DistillConfig(
+        hints=[["features.3", "features.3"]],
+        attention=[["features.4", "features.4"]],
+        epochs=2,
+        max_batches=6,
+        batch_size=32,
+        **QUIET,
+    )
     result = distill(student, teacher, cfg, train.subset(256), test.subset(64))
     adapter = result.adapters["hint0"]
     assert isinstance(adapter, nn.Conv2d) and tuple(adapter.weight.shape) == (12, 4, 1, 1)
@@ -207,8 +229,10 @@ def test_attention_on_a_flat_layer_fails_before_training(digits):
 def test_cached_teacher_logits_give_the_same_training(digits):
     train, val = _tiny(digits)
     teacher = _digit_mlp(64, seed=3)
-    runs = [distill(_digit_mlp(seed=4), teacher, DistillConfig(epochs=2, cache_teacher=cache, **QUIET), train, val)
-            for cache in (False, True)]
+    runs = [
+        distill(_digit_mlp(seed=4), teacher, DistillConfig(epochs=2, cache_teacher=cache, **QUIET), train, val)
+        for cache in (False, True)
+    ]
     assert [r.record["teacher_cached"] for r in runs] == [False, True]
     assert runs[0].record["train_loss"] == pytest.approx(runs[1].record["train_loss"], rel=1e-5)
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
@@ -290,15 +314,20 @@ def test_teacher_modes_are_restored_module_by_module(digits):
 
 def test_config_embeds_a_train_config_and_takes_flat_keys():
     flat = DistillConfig(temperature=3.0, epochs=4, lr=0.01, optimizer="sgd", batch_size=64, progress=False)
-    nested = DistillConfig(temperature=3.0, train=TrainConfig(epochs=4, lr=0.01, optimizer="sgd", batch_size=64,
-                                                              progress=False))
+    nested = DistillConfig(
+        temperature=3.0, train=TrainConfig(epochs=4, lr=0.01, optimizer="sgd", batch_size=64, progress=False)
+    )
     assert flat == nested and flat.train.optimizer.value == "sgd" and flat.epochs == 4 and flat.lr == 0.01
     assert DistillConfig().train == TrainConfig(epochs=10)  # a distillation run defaults to 10 epochs
     data = nested.to_dict()
     assert data["train"]["epochs"] == 4 and "epochs" not in data  # nested on the way out
     assert DistillConfig.from_dict(data) == nested
-    assert DistillConfig.from_dict({"temperature": 3.0, "epochs": 4, "lr": 0.01, "optimizer": "sgd",
-                                    "batch_size": 64, "progress": False}) == nested  # flat recipe keys
+    assert (
+        DistillConfig.from_dict(
+            {"temperature": 3.0, "epochs": 4, "lr": 0.01, "optimizer": "sgd", "batch_size": 64, "progress": False}
+        )
+        == nested
+    )  # flat recipe keys
     # flat keys apply on top of train (a mapping or a TrainConfig)
     assert DistillConfig(train={"epochs": 2, "lr": 0.5}, epochs=7).train == TrainConfig(epochs=7, lr=0.5)
     assert DistillConfig(train=TrainConfig(seed=3), patience=2).train == TrainConfig(seed=3, patience=2)

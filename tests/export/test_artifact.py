@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -49,8 +48,11 @@ def test_missing_and_foreign_folders(tmp_path):
 def test_models_without_source_need_one(tmp_path):
     with pytest.raises(ArtifactError, match="source="):
         slimkit.save(torch.nn.Linear(3, 3), tmp_path / "x.slim")
-    path = slimkit.save(torch.nn.Linear(3, 3), tmp_path / "x.slim",
-                        source={"factory": "torch.nn:Linear", "kwargs": {"in_features": 3, "out_features": 3}})
+    path = slimkit.save(
+        torch.nn.Linear(3, 3),
+        tmp_path / "x.slim",
+        source={"factory": "torch.nn:Linear", "kwargs": {"in_features": 3, "out_features": 3}},
+    )
     with pytest.raises(ArtifactError, match=r"'torch.nn:Linear' is not trusted.*trust=\['torch.nn'\]"):
         slimkit.load(path)  # a factory the artifact names is not run unless the caller allows it
     assert isinstance(slimkit.load(path, trust=["torch.nn:Linear"]), torch.nn.Linear)

@@ -35,7 +35,8 @@ def modules_dir(tmp_path, monkeypatch):
     sentinel = tmp_path / "IMPORTED"
     (folder / f"{EVIL_MODULE}.py").write_text(
         f"from pathlib import Path\nPath({str(sentinel)!r}).write_text('pwned')\n"
-        "def build(**kwargs):\n    raise SystemExit('ran')\n")
+        "def build(**kwargs):\n    raise SystemExit('ran')\n"
+    )
     for name in (USER_MODULE, CREATED_MODULE):
         (folder / f"{name}.py").write_text("import torch\ndef build(width=4):\n    return torch.nn.Linear(3, width)\n")
     monkeypatch.syspath_prepend(str(folder))
@@ -162,8 +163,11 @@ def test_registered_factories_load_by_name_and_by_module_function(tmp_path, monk
         model = slimkit.models.create("slimkit_test_registered", width=3)
         again = slimkit.load(slimkit.save(model, tmp_path / "a.slim"))
         assert torch.equal(again.weight, model.weight)
-        by_spec = slimkit.save(torch.nn.Linear(2, 3), tmp_path / "b.slim",
-                               source={"factory": "slimkit_test_registered_mod:registered_net", "kwargs": {"width": 3}})
+        by_spec = slimkit.save(
+            torch.nn.Linear(2, 3),
+            tmp_path / "b.slim",
+            source={"factory": "slimkit_test_registered_mod:registered_net", "kwargs": {"width": 3}},
+        )
         assert isinstance(slimkit.load(by_spec), torch.nn.Linear)
     finally:
         ZOO.pop("slimkit_test_registered")
@@ -180,8 +184,10 @@ def test_a_model_the_user_created_from_a_spec_reloads_in_the_same_process(tmp_pa
 # --- paths stay inside the folder ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../escaped.txt", "sub/../../escaped.txt", "/tmp/slimkit_abs_escape.txt", "",
-                                  "..", "slimkit.json", "a\\..\\b"])
+@pytest.mark.parametrize(
+    "name",
+    ["../escaped.txt", "sub/../../escaped.txt", "/tmp/slimkit_abs_escape.txt", "", "..", "slimkit.json", "a\\..\\b"],
+)
 def test_names_that_leave_the_folder_are_refused(tmp_path, mlp_artifact, name):
     src = tmp_path / "payload.txt"
     src.write_text("payload")
@@ -243,8 +249,9 @@ def test_editing_any_byte_of_the_manifest_is_refused(compressed, tmp_path):
     path, _ = compressed
     data = (path / MANIFEST).read_bytes()
     packing_at = data.index(b'"packing"')
-    positions = sorted({*range(0, len(data), max(1, len(data) // 40)), *range(packing_at, packing_at + 400, 23),
-                        len(data) - 1})
+    positions = sorted(
+        {*range(0, len(data), max(1, len(data) // 40)), *range(packing_at, packing_at + 400, 23), len(data) - 1}
+    )
     for position in positions:
         folder = fresh_copy(path, tmp_path)
         edited = bytearray(data)
@@ -263,17 +270,20 @@ def test_a_manifest_without_its_digest_is_refused(mlp_artifact):
         slimkit.load(mlp_artifact)
 
 
-@pytest.mark.parametrize(("edit", "field"), [
-    (lambda m: m.update(evil=1), "'evil'"),
-    (lambda m: m.update(format_version="1"), "'format_version'"),
-    (lambda m: m["source"].update(factory="os:system; rm -rf /"), "'source.factory'"),
-    (lambda m: m["source"].update(kwargs=[1]), "'source.kwargs'"),
-    (lambda m: m["history"].append({"kind": "prune"}), "'history.2.record'"),
-    (lambda m: m["packing"]["layers"]["1"].update(width=3), "'packing.layers.1.width'"),
-    (lambda m: m["packing"]["layers"]["1"].update(codes_shape=[-1, 4]), "'packing.layers.1.codes_shape.0'"),
-    (lambda m: m["files"].update({"model.safetensors": "nothex"}), "'files.model.safetensors'"),
-    (lambda m: m.pop("metrics"), "'metrics'"),
-])
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(evil=1), "'evil'"),
+        (lambda m: m.update(format_version="1"), "'format_version'"),
+        (lambda m: m["source"].update(factory="os:system; rm -rf /"), "'source.factory'"),
+        (lambda m: m["source"].update(kwargs=[1]), "'source.kwargs'"),
+        (lambda m: m["history"].append({"kind": "prune"}), "'history.2.record'"),
+        (lambda m: m["packing"]["layers"]["1"].update(width=3), "'packing.layers.1.width'"),
+        (lambda m: m["packing"]["layers"]["1"].update(codes_shape=[-1, 4]), "'packing.layers.1.codes_shape.0'"),
+        (lambda m: m["files"].update({"model.safetensors": "nothex"}), "'files.model.safetensors'"),
+        (lambda m: m.pop("metrics"), "'metrics'"),
+    ],
+)
 def test_every_field_is_validated_before_use(compressed, tmp_path, edit, field):
     folder = fresh_copy(compressed[0], tmp_path)
     rewrite(folder, edit)
@@ -281,17 +291,23 @@ def test_every_field_is_validated_before_use(compressed, tmp_path, edit, field):
         slimkit.load(folder)
 
 
-@pytest.mark.parametrize(("edit", "field"), [
-    (lambda p: p["layers"]["1"].update(offset=p["layers"]["1"]["offset"] + 1), r"packing.layers.1.offset is -126"),
-    (lambda p: p["layers"]["1"].update(codes_shape=[8, 64]), r"packing.layers.1.codes_shape is \[8, 64\]"),
-    (lambda p: p["layers"]["1"].update(width=4), r"packing.layers.1.width is 4"),
-    (lambda p: p["layers"]["1"].update(weight_shape=[64, 16]), r"packing.layers.1.weight_shape"),
-    (lambda p: p["layers"].update({"0": p["layers"]["1"]}), r"packing.layers.0 names no quantized layer"),
-    (lambda p: p["layers"].update({"": p["layers"]["1"]}), r"packing.layers. names no quantized layer"),
-    (lambda p: p["zeros"].update({"1.weight_quant.zero_point": [3, 1]}), r"packing.zeros.1.weight_quant.zero_point"),
-    (lambda p: p["zeros"].update({"1.weight": [16, 64]}), r"packing.zeros.1.weight is not a zero-point"),
-    (lambda p: p.update(version=2), r"packing.version 2 is not supported"),
-])
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda p: p["layers"]["1"].update(offset=p["layers"]["1"]["offset"] + 1), r"packing.layers.1.offset is -126"),
+        (lambda p: p["layers"]["1"].update(codes_shape=[8, 64]), r"packing.layers.1.codes_shape is \[8, 64\]"),
+        (lambda p: p["layers"]["1"].update(width=4), r"packing.layers.1.width is 4"),
+        (lambda p: p["layers"]["1"].update(weight_shape=[64, 16]), r"packing.layers.1.weight_shape"),
+        (lambda p: p["layers"].update({"0": p["layers"]["1"]}), r"packing.layers.0 names no quantized layer"),
+        (lambda p: p["layers"].update({"": p["layers"]["1"]}), r"packing.layers. names no quantized layer"),
+        (
+            lambda p: p["zeros"].update({"1.weight_quant.zero_point": [3, 1]}),
+            r"packing.zeros.1.weight_quant.zero_point",
+        ),
+        (lambda p: p["zeros"].update({"1.weight": [16, 64]}), r"packing.zeros.1.weight is not a zero-point"),
+        (lambda p: p.update(version=2), r"packing.version 2 is not supported"),
+    ],
+)
 def test_packing_that_does_not_fit_the_weights_is_refused_never_garbage(compressed, tmp_path, edit, field):
     folder = fresh_copy(compressed[0], tmp_path)
     rewrite(folder, lambda m: edit(m["packing"]))
@@ -306,12 +322,18 @@ def test_a_history_that_does_not_replay_names_the_entry(compressed, tmp_path):
         slimkit.load(folder)
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("act_bits", 2.5, "act_bits=2.5: expected"), ("act_bits", 0, "act_bits=0 is out of range"),
-    ("dynamic", "x", "dynamic='x': expected"), ("weight_bits", 9, "weight_bits=9 is out of range"),
-    ("scheme", "binary", "scheme='binary' needs weight_bits=1"), ("granularity", "rows", "granularity='rows'"),
-    ("group_size", -1, "group_size=-1"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("act_bits", 2.5, "act_bits=2.5: expected"),
+        ("act_bits", 0, "act_bits=0 is out of range"),
+        ("dynamic", "x", "dynamic='x': expected"),
+        ("weight_bits", 9, "weight_bits=9 is out of range"),
+        ("scheme", "binary", "scheme='binary' needs weight_bits=1"),
+        ("granularity", "rows", "granularity='rows'"),
+        ("group_size", -1, "group_size=-1"),
+    ],
+)
 def test_a_quantize_record_is_validated_before_replay(compressed, tmp_path, key, value, message):
     """A changed layer spec must not load as a silently different model, nor fail only at the first forward."""
     folder = fresh_copy(compressed[0], tmp_path)
@@ -339,8 +361,9 @@ def test_signing_round_trip_and_refusals(tmp_path):
     path = slimkit.save(model, tmp_path / "signed.slim", signing_key=key)
     assert (path / SIGNATURE).is_file()
     public_pem = tmp_path / "key.pub"
-    public_pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_pem.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     for public in (key.public_key(), public_pem, public_pem.read_bytes()):
         assert torch.equal(slimkit.load(path, public_key=public)[1].weight, model[1].weight)
     with pytest.raises(ArtifactError, match="does not verify"):
@@ -366,13 +389,30 @@ def test_signing_round_trip_and_refusals(tmp_path):
 
 # --- fuzzing: any manifest that passes the digest gives a model or an ArtifactError, and runs nothing --------------
 
-HOSTILE_STRINGS = ["os:system", "builtins:eval", "subprocess:getoutput", f"{EVIL_MODULE}:build", "../x", "/etc/passwd",
-                   "mlp", "prune", "quantize", "1", "model.safetensors"]
+HOSTILE_STRINGS = [
+    "os:system",
+    "builtins:eval",
+    "subprocess:getoutput",
+    f"{EVIL_MODULE}:build",
+    "../x",
+    "/etc/passwd",
+    "mlp",
+    "prune",
+    "quantize",
+    "1",
+    "model.safetensors",
+]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(-1e3, 1e3, allow_nan=False)
-    | st.text(max_size=6) | st.sampled_from(HOSTILE_STRINGS),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6) | st.sampled_from(HOSTILE_STRINGS),
-                                                                inner, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 300)
+    | st.floats(-1e3, 1e3, allow_nan=False)
+    | st.text(max_size=6)
+    | st.sampled_from(HOSTILE_STRINGS),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=6) | st.sampled_from(HOSTILE_STRINGS), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 

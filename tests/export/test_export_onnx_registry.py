@@ -42,8 +42,19 @@ def test_export_imports_no_private_name_of_an_algorithm():
                 assert not private, f"{path.name} imports private {private} from {module}"
 
 
-@pytest.mark.parametrize("name", ["onnx.py", "onnx_static.py", "onnx_dynamic.py", "onnx_graph.py", "lowering.py",
-                                  "registry.py", "torch_int8.py", "runtime.py"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "onnx.py",
+        "onnx_static.py",
+        "onnx_dynamic.py",
+        "onnx_graph.py",
+        "lowering.py",
+        "registry.py",
+        "torch_int8.py",
+        "runtime.py",
+    ],
+)
 def test_back_ends_import_no_algorithm_at_all(name):
     imported = [module for module, _ in _imports(SRC / "export" / name)]
     assert not [m for m in imported if m.startswith(ALGORITHMS)]
@@ -134,9 +145,14 @@ def _lenet(built_by_create: bool) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("config", [QuantConfig(weight_bits=8, act_bits=None),
-                                    QuantConfig(weight_bits=2, scheme="ternary", act_bits=None,
-                                                keep_first_last_8bit=False)], ids=["int8", "ternary"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(weight_bits=8, act_bits=None),
+        QuantConfig(weight_bits=2, scheme="ternary", act_bits=None, keep_first_last_8bit=False),
+    ],
+    ids=["int8", "ternary"],
+)
 def test_one_packed_size_for_any_model(config):
     sizes = {}
     for built in (True, False):

@@ -24,8 +24,11 @@ class NeXtBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None if cin == cout and stride == 1 else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.down = (
+            None
+            if cin == cout and stride == 1
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -68,7 +71,7 @@ class QKVAttention(nn.Module):
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
             out = attn.softmax(dim=-1) @ v
         # merge_width: the timm idiom reshape(B, N, C) ties the width to the residual stream (not rewritable)
         return self.proj(out.transpose(1, 2).reshape(B, N, C if self.merge_width else -1))
@@ -91,8 +94,11 @@ class TinyViT(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, 4)
         self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
-        self.blocks = nn.Sequential(Block(dim, heads, fused=True, merge_width=merge_width),
-                                    Block(dim, heads, fused=False), Block(dim, heads, fused=False, sdpa=True))
+        self.blocks = nn.Sequential(
+            Block(dim, heads, fused=True, merge_width=merge_width),
+            Block(dim, heads, fused=False),
+            Block(dim, heads, fused=False, sdpa=True),
+        )
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
 
     def forward(self, x):
@@ -320,7 +326,6 @@ def test_head_count_read_from_another_attribute_fails_clearly(head_dim):
     with pytest.raises(ValueError, match="reads is not that attribute"):
         prune(model, PruneConfig(amount=0.5, target="channels"), torch.randn(2, 5, 32))
     assert model.num_heads == 4 and model.qkv.out_features == 96  # the caller's model is untouched
-
 
 
 @pytest.mark.parametrize("own", [True, False])

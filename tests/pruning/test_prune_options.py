@@ -40,8 +40,9 @@ def test_custom_criterion_keeps_the_highest_scores():
 
 def test_ignore_overrides_round_to_and_cap():
     model = create("vgg11_cifar")
-    cfg = PruneConfig(amount=0.4, ignore=["features.0"], overrides={"re:features\\.4": 0.75}, round_to=8,
-                      max_sparsity=0.6)
+    cfg = PruneConfig(
+        amount=0.4, ignore=["features.0"], overrides={"re:features\\.4": 0.75}, round_to=8, max_sparsity=0.6
+    )
     result = prune(model, cfg, X)
     assert result.model.features[0].out_channels == 64
     assert result.model.features[4].out_channels == 32
@@ -116,8 +117,14 @@ def test_iterative_loop_finetunes_through_the_loss_hook_and_resumes(digits, tmp_
         calls.append(1)
         return nn.functional.cross_entropy(outputs, targets)
 
-    cfg = PruneConfig(amount=0.6, target="params", steps=3, finetune=TrainConfig(epochs=1, lr=1e-3, progress=False),
-                      max_accuracy_drop=5.0, checkpoint_dir=str(tmp_path / "ckpt"))
+    cfg = PruneConfig(
+        amount=0.6,
+        target="params",
+        steps=3,
+        finetune=TrainConfig(epochs=1, lr=1e-3, progress=False),
+        max_accuracy_drop=5.0,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
     x = torch.zeros(1, 1, 8, 8)
     result = prune(model, cfg, x, train_data=train, val_data=test, loss_fn=loss_fn)
     assert calls, "fine-tuning must go through loss_fn"

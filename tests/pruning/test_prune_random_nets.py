@@ -30,21 +30,37 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "res":
-            self.a = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), _bn(width), nn.ReLU(),
-                                   nn.Conv2d(width, c, 3, padding=1, bias=False), _bn(c))
+            self.a = nn.Sequential(
+                nn.Conv2d(c, width, 3, padding=1, bias=False),
+                _bn(width),
+                nn.ReLU(),
+                nn.Conv2d(width, c, 3, padding=1, bias=False),
+                _bn(c),
+            )
             self.out = c
         elif kind == "cat":
             self.a = nn.Sequential(nn.Conv2d(c, width, 1, bias=False), _bn(width), nn.ReLU())
             self.b = nn.Sequential(nn.Conv2d(c, width + 1, 3, padding=1, bias=False), _bn(width + 1), nn.ReLU())
             self.out = 2 * width + 1
         elif kind == "dw":
-            self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), _bn(c), nn.ReLU(),
-                                   nn.Conv2d(c, width, 1, bias=False), _bn(width), nn.ReLU())
+            self.a = nn.Sequential(
+                nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                _bn(c),
+                nn.ReLU(),
+                nn.Conv2d(c, width, 1, bias=False),
+                _bn(width),
+                nn.ReLU(),
+            )
             self.out = width
         elif kind == "grp":  # ResNeXt-style: grouped 3x3 with 2 channels per group, whole groups removed
-            self.a = nn.Sequential(nn.Conv2d(c, 2 * width, 1, bias=False), _bn(2 * width), nn.ReLU(),
-                                   nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=width, bias=False),
-                                   _bn(2 * width), nn.ReLU())
+            self.a = nn.Sequential(
+                nn.Conv2d(c, 2 * width, 1, bias=False),
+                _bn(2 * width),
+                nn.ReLU(),
+                nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=width, bias=False),
+                _bn(2 * width),
+                nn.ReLU(),
+            )
             self.out = 2 * width
         else:
             self.a = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), _bn(width), nn.ReLU())
@@ -78,13 +94,15 @@ def _zero_removed(model: nn.Module, record: dict) -> None:
     with torch.no_grad():
         for name, edit in record["modules"].items():
             module = model.get_submodule(name)
-            is_through = isinstance(module, nn.BatchNorm2d) or (
-                isinstance(module, nn.Conv2d) and module.groups > 1)
+            is_through = isinstance(module, nn.BatchNorm2d) or (isinstance(module, nn.Conv2d) and module.groups > 1)
             key = "in" if is_through else "out"
             if edit[key] is None:
                 continue
-            size = module.num_features if isinstance(module, nn.BatchNorm2d) else (
-                module.in_channels if key == "in" else module.weight.shape[0])
+            size = (
+                module.num_features
+                if isinstance(module, nn.BatchNorm2d)
+                else (module.in_channels if key == "in" else module.weight.shape[0])
+            )
             removed = torch.ones(size, dtype=torch.bool)
             removed[decode_indices(edit[key])] = False
             module.weight[removed] = 0
@@ -93,10 +111,14 @@ def _zero_removed(model: nn.Module, record: dict) -> None:
 
 
 @settings(max_examples=12, deadline=None)
-@given(stem=st.integers(4, 8),
-       blocks=st.lists(st.tuples(st.sampled_from(["res", "cat", "dw", "grp", "plain"]), st.integers(4, 8)),
-                       min_size=1, max_size=4),
-       ratio=st.floats(0.3, 0.8), seed=st.integers(0, 1000))
+@given(
+    stem=st.integers(4, 8),
+    blocks=st.lists(
+        st.tuples(st.sampled_from(["res", "cat", "dw", "grp", "plain"]), st.integers(4, 8)), min_size=1, max_size=4
+    ),
+    ratio=st.floats(0.3, 0.8),
+    seed=st.integers(0, 1000),
+)
 def test_random_networks_prune_like_zeroing(stem, blocks, ratio, seed):
     torch.manual_seed(seed)
     model = RandomNet(stem, blocks).eval()

@@ -13,8 +13,14 @@ X = torch.zeros(2, 1, 8, 8)
 def trained(digits):
     train, test = digits
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 24), torch.nn.ReLU(), torch.nn.Linear(24, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 24),
+        torch.nn.ReLU(),
+        torch.nn.Linear(24, 10),
+    )
     fit(model, train, None, TrainConfig(epochs=4, lr=3e-3, progress=False))
     return model.eval(), train, test.subset(300)
 

@@ -60,8 +60,9 @@ def test_two_four_pattern_along_inputs():
         SparsityConfig(mode="blocky")
 
 
-@pytest.mark.parametrize("cfg, max_ratio", [(SparsityConfig(mode="n:m"), 0.56),
-                                             (SparsityConfig(amount=0.9, mode="global"), 0.16)])
+@pytest.mark.parametrize(
+    "cfg, max_ratio", [(SparsityConfig(mode="n:m"), 0.56), (SparsityConfig(amount=0.9, mode="global"), 0.16)]
+)
 def test_pack_round_trip_is_bit_exact_and_the_file_is_smaller(tmp_path, cfg, max_ratio):
     model = sparsify(create("vgg11_cifar"), cfg).model
     state = model.state_dict()
@@ -72,8 +73,10 @@ def test_pack_round_trip_is_bit_exact_and_the_file_is_smaller(tmp_path, cfg, max
     assert restored.keys() == state.keys()
     for k, v in state.items():
         assert restored[k].dtype == v.dtype and restored[k].shape == v.shape
-        assert torch.equal(restored[k].view(torch.uint8) if v.is_floating_point() else restored[k],
-                           v.contiguous().view(torch.uint8) if v.is_floating_point() else v)
+        assert torch.equal(
+            restored[k].view(torch.uint8) if v.is_floating_point() else restored[k],
+            v.contiguous().view(torch.uint8) if v.is_floating_point() else v,
+        )
     ratio = (tmp_path / "sparse.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
     assert ratio < max_ratio
     fresh = create("vgg11_cifar")

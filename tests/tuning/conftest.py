@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-INSTALL = ("PostgreSQL's server binaries (initdb, postgres) were not found: install them (Debian/Ubuntu: "
-           "`apt-get install -y postgresql`, Fedora: `dnf install postgresql-server`, macOS: `brew install "
-           "postgresql`) or set SLIMKIT_PG_BIN to the folder that holds initdb")
+INSTALL = (
+    "PostgreSQL's server binaries (initdb, postgres) were not found: install them (Debian/Ubuntu: "
+    "`apt-get install -y postgresql`, Fedora: `dnf install postgresql-server`, macOS: `brew install "
+    "postgresql`) or set SLIMKIT_PG_BIN to the folder that holds initdb"
+)
 
 
 def _bindir() -> Path | None:
@@ -30,8 +32,7 @@ def _bindir() -> Path | None:
     if found:
         candidates.append(str(Path(found).resolve().parent))
     # Debian keeps the server binaries off PATH: the newest version first
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name),
-                         reverse=True)
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
     candidates += ["/usr/pgsql/bin", "/opt/homebrew/bin", "/usr/local/bin"]
     for folder in filter(None, candidates):
         if (Path(folder) / "initdb").is_file() and (Path(folder) / "postgres").is_file():
@@ -86,8 +87,25 @@ def postgres_server():
     if user is not None:
         os.chown(root, user.pw_uid, user.pw_gid)
     env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-    init = subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "slimkit", "--auth=trust",
-                           "--no-locale", "-E", "UTF8", "--no-sync"], cwd=root, env=env, capture_output=True, text=True)
+    init = subprocess.run(
+        [
+            *prefix,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "slimkit",
+            "--auth=trust",
+            "--no-locale",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"initdb failed ({init.returncode}): {init.stderr[-3000:]}")
@@ -96,9 +114,27 @@ def postgres_server():
         if user is not None:
             os.chown(log, user.pw_uid, user.pw_gid)
         # fsync off: a test database need not survive a power cut; the socket lives in the temporary folder
-        server = subprocess.Popen([*prefix, str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1",
-                                   "-p", str(port), "-k", str(root), "-F", "-c", "max_connections=60"],
-                                  cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                *prefix,
+                str(bindir / "postgres"),
+                "-D",
+                str(data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-k",
+                str(root),
+                "-F",
+                "-c",
+                "max_connections=60",
+            ],
+            cwd=root,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     url = f"postgresql://slimkit@127.0.0.1:{port}/postgres"
     try:
         _wait_ready(url, server, log)

@@ -14,8 +14,20 @@ MODEL = ["--model", "mlp", "--model-args", json.dumps({"in_features": 64, "hidde
 def test_search_from_a_space_file_then_continue(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 0.001, high: 0.3, log: true}\nbatch_size: 64\n")
-    args = ["search", *MODEL, "--space", str(space), "--epochs", "1", "--out", str(tmp_path / "run"),
-            "--objectives", "accuracy,size", "--holdout", "0.2"]
+    args = [
+        "search",
+        *MODEL,
+        "--space",
+        str(space),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--objectives",
+        "accuracy,size",
+        "--holdout",
+        "0.2",
+    ]
     result = runner.invoke(app, [*args, "--n-trials", "2"])
     assert result.exit_code == 0, result.output
     assert "best" in result.output and (tmp_path / "run" / "report.md").is_file()
@@ -40,4 +52,5 @@ def test_search_errors_are_one_clear_line(tmp_path):
     # --holdout is a fraction of the training split, as in compress (a count was refused only after loading)
     for bad in ("300", "1", "-0.1", "nan"):
         assert f"--holdout {float(bad)}: give a fraction of the training split, 0 < f < 1" in _error(
-            ["--holdout", bad, "--out", str(tmp_path)])
+            ["--holdout", bad, "--out", str(tmp_path)]
+        )

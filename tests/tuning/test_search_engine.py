@@ -9,8 +9,11 @@ import slimkit
 from slimkit.train import evaluate
 from slimkit.tuning import SearchConfig, load_model, search
 
-SPACE = {"lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
-         "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]}, "batch_size": 64}
+SPACE = {
+    "lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+    "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+    "batch_size": 64,
+}
 
 
 def tiny_model():
@@ -78,26 +81,38 @@ def test_unsatisfiable_budget_keeps_the_closest_result(tmp_path, digits):
     model = tiny_model()
     slimkit.train.fit(model, train, test, slimkit.TrainConfig(epochs=10, lr=0.02, progress=False))
     # one epoch at a far too high learning rate cannot keep the trained model's accuracy
-    study = search(model, config(tmp_path, n_trials=2, max_accuracy_drop=0.0, space={
-        "lr": {"type": "float", "low": 0.5, "high": 0.9}, "optimizer": "adam"}), train, test)
+    study = search(
+        model,
+        config(
+            tmp_path,
+            n_trials=2,
+            max_accuracy_drop=0.0,
+            space={"lr": {"type": "float", "low": 0.5, "high": 0.9}, "optimizer": "adam"},
+        ),
+        train,
+        test,
+    )
     assert not study.feasible and study.best is not None
     assert "no trial satisfied" in study.message and study.best.path.is_dir()
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"objectives": ("accuracy", "speed")}, "unknown objective 'speed'"),
-    ({"objectives": ()}, "objectives is empty"),
-    ({"space": {}}, "search space is empty"),
-    ({"space": {"lr": 0.01, "epochs": 1}}, "search space is empty"),
-    ({"space": {"weight_dekay": {"type": "float", "low": 0.1, "high": 1}}}, "did you mean 'weight_decay'"),
-    ({"space": {"lr": {"type": "float", "low": 0.1}}}, "needs 'low' and 'high'"),
-    ({"space": {"lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log=True needs low > 0"),
-    ({"space": {"optimizer": {"type": "categorical", "choices": []}}}, "non-empty list"),
-    ({"space": "bogus"}, "unknown search space preset 'bogus'"),
-    ({"space": {"temperature": {"type": "float", "low": 1, "high": 4}}}, "no teacher was given"),
-    ({"storage": "postgresql://me:secret@127.0.0.1:9/nodb"}, "storage postgresql://me:\\*\\*\\*@127.0.0.1:9/nodb"),
-    ({"storage": "not a url"}, "is not a URL"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"objectives": ("accuracy", "speed")}, "unknown objective 'speed'"),
+        ({"objectives": ()}, "objectives is empty"),
+        ({"space": {}}, "search space is empty"),
+        ({"space": {"lr": 0.01, "epochs": 1}}, "search space is empty"),
+        ({"space": {"weight_dekay": {"type": "float", "low": 0.1, "high": 1}}}, "did you mean 'weight_decay'"),
+        ({"space": {"lr": {"type": "float", "low": 0.1}}}, "needs 'low' and 'high'"),
+        ({"space": {"lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log=True needs low > 0"),
+        ({"space": {"optimizer": {"type": "categorical", "choices": []}}}, "non-empty list"),
+        ({"space": "bogus"}, "unknown search space preset 'bogus'"),
+        ({"space": {"temperature": {"type": "float", "low": 1, "high": 4}}}, "no teacher was given"),
+        ({"storage": "postgresql://me:secret@127.0.0.1:9/nodb"}, "storage postgresql://me:\\*\\*\\*@127.0.0.1:9/nodb"),
+        ({"storage": "not a url"}, "is not a URL"),
+    ],
+)
 def test_bad_input_is_a_clear_error(tmp_path, digits, kwargs, match):
     train, test = digits
     with pytest.raises(ValueError, match=match):
@@ -142,9 +157,12 @@ def test_workers_argument_spawns_processes_that_share_the_study(tmp_path, digits
     train, test = digits
     # enough trials that the spawned worker (a fresh interpreter importing torch) joins before they run out: with
     # 30 the in-process worker sometimes finished them all first
-    study = search(tiny_model(), config(tmp_path, n_trials=80, epochs=3, workers=2,
-                                        storage=f"journal:{tmp_path / 'j.log'}"),
-                   train, test)
+    study = search(
+        tiny_model(),
+        config(tmp_path, n_trials=80, epochs=3, workers=2, storage=f"journal:{tmp_path / 'j.log'}"),
+        train,
+        test,
+    )
     numbers = [t.number for t in study.study.trials]
     assert len(numbers) == len(set(numbers))
     assert len({t.user_attrs["worker"].split(":")[0] for t in study.study.trials}) == 2

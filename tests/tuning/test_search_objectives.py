@@ -23,16 +23,22 @@ def test_latency_is_a_ratio_to_the_input_and_cached(tmp_path, digits):
     _, test = digits
     base = slimkit.models.create("mlp", in_features=64, hidden=16)
     cache = LatencyCache(tmp_path / "latency.json")
-    m = Measurer(base, test, test[0][0].unsqueeze(0), ("accuracy", "latency"), latency_batch=8, threads=1,
-                 cache=cache)
+    m = Measurer(base, test, test[0][0].unsqueeze(0), ("accuracy", "latency"), latency_batch=8, threads=1, cache=cache)
     small = slimkit.models.create("mlp", in_features=64, hidden=4)
     first = m(small)
     assert first["latency_ms"] == pytest.approx(m.baseline_ms() / first["speedup"])
     stored = json.loads((tmp_path / "latency.json").read_text())
     assert stored == {architecture_signature(small): first["speedup"]}
     # same architecture, other weights: the cached ratio is reused (a fresh cache object reads the file)
-    again = Measurer(base, test, test[0][0].unsqueeze(0), ("accuracy", "latency"), latency_batch=8, threads=1,
-                     cache=LatencyCache(tmp_path / "latency.json"))
+    again = Measurer(
+        base,
+        test,
+        test[0][0].unsqueeze(0),
+        ("accuracy", "latency"),
+        latency_batch=8,
+        threads=1,
+        cache=LatencyCache(tmp_path / "latency.json"),
+    )
     again._baseline_ms = m.baseline_ms()
     assert again(copy.deepcopy(small))["speedup"] == first["speedup"]
 

@@ -39,8 +39,12 @@ def test_front_matches_brute_force_definition(points):
 
 
 def test_best_is_cheapest_feasible_then_most_accurate():
-    cands = [Candidate(0, (99.0, 5.0), violation=-1.0), Candidate(1, (97.0, 1.0), violation=1.0),  # infeasible
-             Candidate(2, (98.0, 2.0), violation=-0.1), Candidate(3, (98.5, 2.0), violation=-0.6)]
+    cands = [
+        Candidate(0, (99.0, 5.0), violation=-1.0),
+        Candidate(1, (97.0, 1.0), violation=1.0),  # infeasible
+        Candidate(2, (98.0, 2.0), violation=-0.1),
+        Candidate(3, (98.5, 2.0), violation=-0.6),
+    ]
     assert best_index(cands, ("accuracy", "latency"), MAXMIN) == 3
     only_acc = [Candidate(0, (90.0,)), Candidate(1, (95.0,)), Candidate(2, (93.0,))]
     assert best_index(only_acc, ("accuracy",), ("maximize",)) == 1
@@ -48,8 +52,11 @@ def test_best_is_cheapest_feasible_then_most_accurate():
 
 
 def test_best_without_feasible_is_the_closest_and_front_falls_back_to_all():
-    cands = [Candidate(0, (90.0, 1.0), violation=5.0), Candidate(1, (94.0, 3.0), violation=1.0),
-             Candidate(2, (93.0, 4.0), violation=2.0)]
+    cands = [
+        Candidate(0, (90.0, 1.0), violation=5.0),
+        Candidate(1, (94.0, 3.0), violation=1.0),
+        Candidate(2, (93.0, 4.0), violation=2.0),
+    ]
     assert best_index(cands, ("accuracy", "size"), MAXMIN) == 1
     assert feasible_front(cands, MAXMIN) == [0, 1]
     cands.append(Candidate(3, (96.0, 9.0), violation=-0.5))
@@ -60,10 +67,14 @@ def _synthetic_study(points, violations):
     study = optuna.create_study(directions=list(MAXMIN))
     for i, ((acc, size), v) in enumerate(zip(points, violations)):
         metrics = {"accuracy": acc, "size_bytes": size, "macs": 1.0}
-        study.add_trial(optuna.trial.create_trial(
-            values=[acc, size], params={"prune_amount": i / 10},
-            distributions={"prune_amount": optuna.distributions.FloatDistribution(0, 1)},
-            user_attrs={"metrics": metrics, "violation": v, "plan": {"prune_amount": i / 10}}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[acc, size],
+                params={"prune_amount": i / 10},
+                distributions={"prune_amount": optuna.distributions.FloatDistribution(0, 1)},
+                user_attrs={"metrics": metrics, "violation": v, "plan": {"prune_amount": i / 10}},
+            )
+        )
     return study
 
 

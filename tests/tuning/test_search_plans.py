@@ -32,8 +32,14 @@ def test_a_plan_makes_a_smaller_model_and_leaves_the_input_alone(trained, digits
     train, test = digits
     before = {k: v.clone() for k, v in trained.state_dict().items()}
     ctx = TrialContext(trained, train, test, test[0][0].unsqueeze(0), epochs=1)
-    plan = {"prune_amount": 0.5, "prune_criterion": "l2", "prune_allocation": "uniform", "bits": 4,
-            "distill": True, "lr": 1e-3}
+    plan = {
+        "prune_amount": 0.5,
+        "prune_criterion": "l2",
+        "prune_allocation": "uniform",
+        "bits": 4,
+        "distill": True,
+        "lr": 1e-3,
+    }
     small = run_params(plan, ctx)
     kinds = [step["kind"] for step in small.slimkit_history]
     assert kinds == ["prune", "quantize"]
@@ -44,10 +50,21 @@ def test_a_plan_makes_a_smaller_model_and_leaves_the_input_alone(trained, digits
 
 def test_compression_search_saves_a_best_that_reloads_with_its_metrics(tmp_path, trained, digits):
     train, test = digits
-    space = {"prune_amount": {"type": "float", "low": 0.0, "high": 0.6, "step": 0.3},
-             "bits": {"type": "categorical", "choices": [32, 8, 4]}, "lr": 1e-3, "epochs": 1}
-    cfg = SearchConfig(objectives=("accuracy", "size"), max_accuracy_drop=5.0, n_trials=4, space=space,
-                       out=str(tmp_path / "run"), progress=False, seed=1)
+    space = {
+        "prune_amount": {"type": "float", "low": 0.0, "high": 0.6, "step": 0.3},
+        "bits": {"type": "categorical", "choices": [32, 8, 4]},
+        "lr": 1e-3,
+        "epochs": 1,
+    }
+    cfg = SearchConfig(
+        objectives=("accuracy", "size"),
+        max_accuracy_drop=5.0,
+        n_trials=4,
+        space=space,
+        out=str(tmp_path / "run"),
+        progress=False,
+        seed=1,
+    )
     study = search(trained, cfg, train, test)
     assert study.best is not None and study.best.feasible
     assert study.best.metrics["size_bytes"] < study.baseline["size_bytes"]
@@ -71,8 +88,15 @@ def test_a_plan_a_verb_rejects_is_pruned_and_the_search_goes_on(tmp_path, traine
     monkeypatch.setattr(verbs, "apply_plan", picky)
     train, test = digits
     space = {"prune_amount": {"type": "categorical", "choices": [0.0, 0.6]}, "bits": 32, "epochs": 1}
-    cfg = SearchConfig(objectives=("accuracy", "size"), n_trials=4, space=space, out=str(tmp_path / "run"),
-                       progress=False, sampler="random", seed=3)
+    cfg = SearchConfig(
+        objectives=("accuracy", "size"),
+        n_trials=4,
+        space=space,
+        out=str(tmp_path / "run"),
+        progress=False,
+        sampler="random",
+        seed=3,
+    )
     study = search(trained, cfg, train, test)
     rejected = [t for t in study.study.trials if t.params["prune_amount"] == 0.6]
     assert rejected and all(t.state.name == "PRUNED" for t in rejected)

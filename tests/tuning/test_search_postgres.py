@@ -48,8 +48,12 @@ def _worker(tmp_path, out, url, name, n_trials, me, other, **env):
     script.write_text(WORKER)
     # a 2 s heartbeat (stale after 6 s) leaves a busy CI machine margin before a live worker looks dead
     env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "SLIMKIT_SEARCH_HEARTBEAT": "2", **env}
-    return subprocess.Popen([sys.executable, str(script), str(out), url, name, str(n_trials), str(tmp_path / me),
-                             str(tmp_path / other)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), url, name, str(n_trials), str(tmp_path / me), str(tmp_path / other)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _trials(url, name):
@@ -67,8 +71,12 @@ def test_workers_join_by_url_a_killed_worker_is_retried_and_the_study_ends_at_n_
         deadline, running = time.monotonic() + 120, []
         while not running and time.monotonic() < deadline and victim.poll() is None:
             time.sleep(0.2)
-            running = [t for t in _trials(postgres_url, name) if t.state == optuna.trial.TrialState.RUNNING
-                       and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+            running = [
+                t
+                for t in _trials(postgres_url, name)
+                if t.state == optuna.trial.TrialState.RUNNING
+                and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+            ]
         assert running, f"the victim never ran a trial: {victim.stderr.read().decode()[-2000:]}"
         os.kill(victim.pid, signal.SIGKILL)  # mid-trial: it sleeps 30 s before it trains
         victim.wait()
@@ -114,6 +122,7 @@ def test_a_trial_created_after_the_budget_was_taken_does_not_run(postgres_url):
     popped = study.ask()  # the next ask runs the queued retry, which keeps its slot
     assert popped.number == queued.number and study.trials[popped.number].system_attrs["failed_trial"] == lost.number
     assert not trial_over_budget(study, popped.number, 2)
+
 
 def test_storage_url_alone_reaches_the_study_and_bad_heartbeat_is_refused(postgres_url, monkeypatch):
     from slimkit.errors import UsageError

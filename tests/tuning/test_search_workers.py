@@ -37,8 +37,12 @@ def _launch(tmp_path, out, storage, n_trials, *barrier):
     script = tmp_path / "worker.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), str(out), storage, str(n_trials), *barrier], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), storage, str(n_trials), *barrier],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finished(storage_url, name="slimkit-search"):
@@ -46,8 +50,11 @@ def _finished(storage_url, name="slimkit-search"):
         study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
     except KeyError:  # not created yet
         return {}
-    return {t.number: tuple(t.values) for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE}
+    return {
+        t.number: tuple(t.values)
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
 
 
 def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(tmp_path, digits):
@@ -74,8 +81,14 @@ def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(tmp_path, digit
     torch.manual_seed(0)
     model = slimkit.models.create("mlp", in_features=64, hidden=16)
     n_total = len(before) + 2  # the rerun only has to add a couple of trials
-    cfg = SearchConfig(n_trials=n_total, epochs=1, out=str(out), progress=False, pruner="none",
-                       space={"lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True}, "batch_size": 64})
+    cfg = SearchConfig(
+        n_trials=n_total,
+        epochs=1,
+        out=str(out),
+        progress=False,
+        pruner="none",
+        space={"lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True}, "batch_size": 64},
+    )
     study = search(model, cfg, train, test)
     after = _finished(url)
     assert all(after[n] == v for n, v in before.items())  # no finished trial lost or changed
@@ -113,9 +126,28 @@ def test_ctrl_c_prints_one_line_and_leaves_no_worker_running(tmp_path):
     space.write_text("lr: {type: float, low: 0.001, high: 0.3, log: true}\nbatch_size: 64\n")
     out = tmp_path / "run"
     cli = [os.path.join(os.path.dirname(sys.executable), "slimkit")]
-    args = [*cli, "search", "--model", "mlp", "--model-args", '{"in_features": 64, "hidden": 16}', "--data", "digits",
-            "--space", str(space), "--epochs", "1", "--n-trials", "500", "--workers", "2", "--pruner", "none",
-            "--out", str(out)]
+    args = [
+        *cli,
+        "search",
+        "--model",
+        "mlp",
+        "--model-args",
+        '{"in_features": 64, "hidden": 16}',
+        "--data",
+        "digits",
+        "--space",
+        str(space),
+        "--epochs",
+        "1",
+        "--n-trials",
+        "500",
+        "--workers",
+        "2",
+        "--pruner",
+        "none",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "SLIMKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     # its own session: Ctrl-C reaches the whole foreground process group, the CLI and its spawned worker
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -125,8 +157,11 @@ def test_ctrl_c_prints_one_line_and_leaves_no_worker_running(tmp_path):
         time.sleep(0.3)
         if (out / "best").exists():
             study = optuna.load_study(study_name="slimkit-search", storage=open_storage(url))
-            helpers = {int(t.user_attrs["worker"].split(":")[1]) for t in study.get_trials(deepcopy=False)
-                       if t.user_attrs.get("worker", "").startswith("1:")}
+            helpers = {
+                int(t.user_attrs["worker"].split(":")[1])
+                for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("worker", "").startswith("1:")
+            }
     assert helpers, f"the spawned worker never ran a trial: {proc.communicate()[1].decode()[-2000:]}"
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)

@@ -36,7 +36,7 @@ ShapeOpt = Annotated[
 ]
 ArgsOpt = Annotated[
     str | None,
-    typer.Option("--model-args", help='JSON keyword arguments for the model factory, e.g. \'{"num_classes": 100}\'.'),
+    typer.Option("--model-args", help="JSON keyword arguments for the model factory, e.g. '{\"num_classes\": 100}'."),
 ]
 
 
@@ -137,10 +137,15 @@ def check_out(path: Path, kind: str, option: str = "--out") -> Path:
             check_replaceable(path, kind)
         elif existing == "file":
             raise UsageError(f"{path} is a file, but a folder is needed; give a folder path; nothing was changed")
-        elif kind == "search" and existing not in (None, "empty") and not any(
-                os.path.lexists(path / name) for name in SEARCH_OUTPUTS):
-            raise UsageError(f"{path} is a folder of other files, not a slimkit search folder (no study.db, best/ "
-                             "or results.json); give a new or empty folder; nothing was changed")
+        elif (
+            kind == "search"
+            and existing not in (None, "empty")
+            and not any(os.path.lexists(path / name) for name in SEARCH_OUTPUTS)
+        ):
+            raise UsageError(
+                f"{path} is a folder of other files, not a slimkit search folder (no study.db, best/ "
+                "or results.json); give a new or empty folder; nothing was changed"
+            )
     except UsageError as exc:
         raise UsageError(f"{option} {exc}") from None
     anchor = path if container and existing else path.parent
@@ -149,6 +154,5 @@ def check_out(path: Path, kind: str, option: str = "--out") -> Path:
     if not anchor.is_dir():
         raise UsageError(f"{option} {path}: {anchor} is a file, so no folder can be made there; give another path")
     if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: the folder {anchor} is not writable (permission denied); give another "
-                         "path")
+        raise UsageError(f"{option} {path}: the folder {anchor} is not writable (permission denied); give another path")
     return path

@@ -34,8 +34,13 @@ def models() -> None:
 
 
 @fail_cleanly
-def profile(model: ModelOpt, weights: WeightsOpt = None, shape: ShapeOpt = None, model_args: ArgsOpt = None,
-            batch: Annotated[int, typer.Option(help="Batch size of the example input.")] = 1) -> None:
+def profile(
+    model: ModelOpt,
+    weights: WeightsOpt = None,
+    shape: ShapeOpt = None,
+    model_args: ArgsOpt = None,
+    batch: Annotated[int, typer.Option(help="Batch size of the example input.")] = 1,
+) -> None:
     """Print parameters, MACs, FLOPs and bytes on disk, per layer."""
     from slimkit.measure import profile as run_profile
 
@@ -64,8 +69,14 @@ def train(
 
     check_out(out, "file")
     check_holdout(holdout)
-    settings: dict[str, Any] = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-                                "batch_size": batch_size, "seed": seed}  # the config turns strings into enums
+    settings: dict[str, Any] = {
+        "epochs": epochs,
+        "lr": lr,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "seed": seed,
+    }  # the config turns strings into enums
     cfg = TrainConfig(**settings)
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
@@ -78,8 +89,13 @@ def train(
 
 
 @fail_cleanly
-def evaluate(model: ModelOpt, weights: WeightsOpt = None, data: DataOpt = "mnist10k", shape: ShapeOpt = None,
-             model_args: ArgsOpt = None) -> None:
+def evaluate(
+    model: ModelOpt,
+    weights: WeightsOpt = None,
+    data: DataOpt = "mnist10k",
+    shape: ShapeOpt = None,
+    model_args: ArgsOpt = None,
+) -> None:
     """Top-1 accuracy and loss on the test split of a data spec."""
     from slimkit.train import evaluate as run_evaluate
 

@@ -29,8 +29,9 @@ def distill(
     optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw.")] = "adam",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    cache_teacher: Annotated[bool, typer.Option(help="Compute the teacher's logits once (data without "
-                                                     "augmentation).")] = True,
+    cache_teacher: Annotated[
+        bool, typer.Option(help="Compute the teacher's logits once (data without augmentation).")
+    ] = True,
     holdout: Annotated[float, typer.Option(help=HOLDOUT_HELP)] = 0.1,
 ) -> None:
     """Distill a teacher into a student (Hinton KD) and save the student's weights."""
@@ -41,24 +42,36 @@ def distill(
 
     check_out(out, "file")
     check_holdout(holdout)
-    settings: dict[str, Any] = {"temperature": temperature, "alpha": alpha, "epochs": epochs, "lr": lr,
-                                "optimizer": optimizer, "batch_size": batch_size, "seed": seed,
-                                "cache_teacher": cache_teacher}  # the config turns strings into enums
+    settings: dict[str, Any] = {
+        "temperature": temperature,
+        "alpha": alpha,
+        "epochs": epochs,
+        "lr": lr,
+        "optimizer": optimizer,
+        "batch_size": batch_size,
+        "seed": seed,
+        "cache_teacher": cache_teacher,
+    }  # the config turns strings into enums
     cfg = DistillConfig(**settings)
     student_model = build_model(student, student_weights, student_args)
     teacher_model = build_model(teacher, teacher_weights, teacher_args)
     train_data, test_data = load_data(data, shape)
     train_data, val_data = holdout_split(train_data, test_data, holdout)
     result = run_distill(student_model, teacher_model, cfg, train_data, val_data)
-    save_weights(result.model, out, metadata={"distilled_from": teacher, "temperature": str(temperature),
-                                              "alpha": str(alpha)})
+    save_weights(
+        result.model, out, metadata={"distilled_from": teacher, "temperature": str(temperature), "alpha": str(alpha)}
+    )
     record = result.record
     decided = "held-out split" if holdout else "test split"
-    line = (f"teacher {record['teacher_accuracy']:.2f}%  student {record['student_accuracy_before']:.2f}% -> "
-            f"{record['student_accuracy']:.2f}% on the {decided} (T={temperature:g}, alpha={alpha:g})")
+    line = (
+        f"teacher {record['teacher_accuracy']:.2f}%  student {record['student_accuracy_before']:.2f}% -> "
+        f"{record['student_accuracy']:.2f}% on the {decided} (T={temperature:g}, alpha={alpha:g})"
+    )
     if holdout:  # the epoch was chosen on the held-out split: the test split is only reported
-        line += (f"; test accuracy: teacher {evaluate(teacher_model, test_data).accuracy:.2f}%, student "
-                 f"{evaluate(result.model, test_data).accuracy:.2f}%")
+        line += (
+            f"; test accuracy: teacher {evaluate(teacher_model, test_data).accuracy:.2f}%, student "
+            f"{evaluate(result.model, test_data).accuracy:.2f}%"
+        )
     console.print(f"{line} -> weights in {out}")
 
 

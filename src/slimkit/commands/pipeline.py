@@ -25,15 +25,19 @@ from slimkit.errors import UsageError
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="A recipe YAML file or a shipped recipe name.")]
 # the same words for every command that holds out part of the training split (compress, search, train, distill)
-HOLDOUT_HELP = ("Fraction (0 < f < 1) of the training split held out to decide on (accuracy budget, best epoch, "
-                "search selection); the test split is then only reported. 0 decides on the test split itself.")
+HOLDOUT_HELP = (
+    "Fraction (0 < f < 1) of the training split held out to decide on (accuracy budget, best epoch, "
+    "search selection); the test split is then only reported. 0 decides on the test split itself."
+)
 
 
 def check_holdout(holdout: float) -> None:
     """``--holdout`` is 0 or a fraction strictly between 0 and 1 (NaN refused)."""
     if not (holdout == 0 or 0 < holdout < 1):
-        raise UsageError(f"--holdout {holdout}: give a fraction of the training split, 0 < f < 1 (e.g. 0.1), or 0 "
-                         "to decide on the test split")
+        raise UsageError(
+            f"--holdout {holdout}: give a fraction of the training split, 0 < f < 1 (e.g. 0.1), or 0 "
+            "to decide on the test split"
+        )
 
 
 def holdout_split(train_data: Any, test_data: Any, holdout: float) -> tuple[Any, Any]:
@@ -79,8 +83,7 @@ def compress(
     if max_accuracy_drop is not None:  # through the constructor, so the override is validated like the recipe
         plan = dataclasses.replace(plan, max_accuracy_drop=max_accuracy_drop)
     # the example input comes from the data itself (its shape is what the model will see)
-    result = run_compress(net, plan, train_data, val_data, test_data=test_data if holdout else None,
-                          console=console)
+    result = run_compress(net, plan, train_data, val_data, test_data=test_data if holdout else None, console=console)
     console.print(result.table())
     path = save(result, artifact)
     html = write_report(path)
@@ -93,10 +96,15 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 or torch-export.")] = "onnx-int8",
     data: Annotated[str | None, typer.Option(help="Data spec for the parity check (its test split).")] = None,
     shape: ShapeOpt = None,
-    trust: Annotated[list[str] | None, typer.Option(
-        "--trust", metavar="MODULE",
-        help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
-             "only slimkit's zoo models are built.")] = None,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust",
+            metavar="MODULE",
+            help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
+            "only slimkit's zoo models are built.",
+        ),
+    ] = None,
 ) -> None:
     """Export an artifact to ONNX (fp32 / QDQ int8) or a torch.export program, inside the artifact folder."""
     from slimkit.export.artifact import load, update
@@ -114,8 +122,10 @@ def export(
             from slimkit.export.runtime import OrtModel, parity
 
             result = parity(model, OrtModel(path, threads=2), load_data(data, shape)[1])
-            console.print(f"parity vs PyTorch: max |diff| {result['max_abs_diff']:.3g}, "
-                          f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
+            console.print(
+                f"parity vs PyTorch: max |diff| {result['max_abs_diff']:.3g}, "
+                f"top-1 agreement {100 * result['top1_agreement']:.2f}%"
+            )
         update(artifact, files={path.name: path})
     console.print(f"wrote {artifact / path.name}")
 
@@ -123,10 +133,15 @@ def export(
 @fail_cleanly
 def report(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `slimkit compress`.")],
-    trust: Annotated[list[str] | None, typer.Option(
-        "--trust", metavar="MODULE",
-        help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
-             "only slimkit's zoo models are built.")] = None,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust",
+            metavar="MODULE",
+            help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
+            "only slimkit's zoo models are built.",
+        ),
+    ] = None,
 ) -> None:
     """Write report.md / report.html (with PNG plots) into an artifact and print its before/after table."""
     from slimkit._text import make_table

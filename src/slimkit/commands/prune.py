@@ -24,8 +24,10 @@ from slimkit.commands._common import (
 @fail_cleanly
 def prune(
     model: ModelOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pruned weights + record.json (an older one "
-                                                            "is replaced whole).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Folder for pruned weights + record.json (an older one is replaced whole)."),
+    ],
     weights: WeightsOpt = None,
     shape: ShapeOpt = None,
     model_args: ArgsOpt = None,
@@ -44,17 +46,28 @@ def prune(
     from slimkit.pruning import prune as run_prune
 
     check_out(out, "prune")
-    cfg = PruneConfig.from_dict(dict(amount=amount, target=target, importance=importance, allocation=allocation,
-                                     ignore=tuple(ignore or ()), round_to=round_to, max_sparsity=max_sparsity))
+    cfg = PruneConfig.from_dict(
+        dict(
+            amount=amount,
+            target=target,
+            importance=importance,
+            allocation=allocation,
+            ignore=tuple(ignore or ()),
+            round_to=round_to,
+            max_sparsity=max_sparsity,
+        )
+    )
     result = run_prune(build_model(model, weights, model_args), cfg, example(model, shape, model_args))
     with atomic_path(out, kind="prune") as tmp:  # weights and record appear together, or not at all
         tmp.mkdir()
         save_weights(result.model, tmp / "model.safetensors")
         (tmp / "record.json").write_text(json.dumps(result.record, indent=1))
     before, after = result.record["before"], result.record["after"]
-    console.print(f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,.0f} -> "
-                  f"{after['macs']:,.0f} ({result.record['reduction']['macs']:.1%} fewer); "
-                  f"{len(result.record['kept_intact'])} group(s) kept intact -> {out}")
+    console.print(
+        f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,.0f} -> "
+        f"{after['macs']:,.0f} ({result.record['reduction']['macs']:.1%} fewer); "
+        f"{len(result.record['kept_intact'])} group(s) kept intact -> {out}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -56,8 +56,9 @@ def _digits(seed: int, **_: object) -> tuple[ArrayDataset, ArrayDataset]:
     bunch = load_digits()
     x = bunch.images.astype(np.float32) / 16.0
     x = (x - x.mean()) / x.std()
-    return arrays_to_datasets(x, bunch.target, None, None, seed=seed, name="digits", keys=("images", "target", "", ""),
-                              num_classes=10)
+    return arrays_to_datasets(
+        x, bunch.target, None, None, seed=seed, name="digits", keys=("images", "target", "", ""), num_classes=10
+    )
 
 
 def _torchvision(name: str) -> Callable[..., tuple[Dataset, Dataset]]:
@@ -157,8 +158,10 @@ def split(data: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Datas
     cut = len(data) - max(1, round(fraction * len(data)))
     rest, held = order[:cut], order[cut:]
     if isinstance(data, ArrayDataset):
-        return (ArrayDataset(data.images[rest], data.labels[rest], f"{data.name}/fit"),
-                ArrayDataset(data.images[held], data.labels[held], f"{data.name}/val"))
+        return (
+            ArrayDataset(data.images[rest], data.labels[rest], f"{data.name}/fit"),
+            ArrayDataset(data.images[held], data.labels[held], f"{data.name}/val"),
+        )
     from torch.utils.data import Subset
 
     return Subset(data, rest.tolist()), Subset(data, held.tolist())

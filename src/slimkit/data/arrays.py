@@ -23,8 +23,10 @@ def check_labels(y: np.ndarray, source: str, num_classes: int | None = None) -> 
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise DataError(f"{source}: labels must be one class index per image, shape (N,); got shape {y.shape} "
-                        "(one-hot labels: take argmax(axis=1))")
+        raise DataError(
+            f"{source}: labels must be one class index per image, shape (N,); got shape {y.shape} "
+            "(one-hot labels: take argmax(axis=1))"
+        )
     if y.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if len(bad):
@@ -72,8 +74,10 @@ class ArrayDataset(TensorDataset):
 
 def _as_nchw(x: np.ndarray, source: str) -> torch.Tensor:
     if x.ndim < 2 or x.dtype.kind not in "biuf":
-        raise DataError(f"{source}: images must be a numeric array (N,H,W), (N,H,W,C), (N,C,H,W) or (N,F); got "
-                        f"shape {x.shape}, dtype {x.dtype}")
+        raise DataError(
+            f"{source}: images must be a numeric array (N,H,W), (N,H,W,C), (N,C,H,W) or (N,F); got "
+            f"shape {x.shape}, dtype {x.dtype}"
+        )
     check_finite(x, source)
     if x.ndim == 2:  # already flat features: (N, F) -> keep as is
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -88,8 +92,15 @@ def _as_nchw(x: np.ndarray, source: str) -> torch.Tensor:
 
 
 def arrays_to_datasets(
-    x: np.ndarray, y: np.ndarray, x_test: np.ndarray | None, y_test: np.ndarray | None, *, seed: int, name: str,
-    keys: tuple[str, str, str, str] = ("x_train", "y_train", "x_test", "y_test"), num_classes: int | None = None,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray | None,
+    y_test: np.ndarray | None,
+    *,
+    seed: int,
+    name: str,
+    keys: tuple[str, str, str, str] = ("x_train", "y_train", "x_test", "y_test"),
+    num_classes: int | None = None,
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Wrap arrays as datasets; without a test set, split 80/20 with a generator seeded by ``seed``.
 
@@ -139,19 +150,26 @@ def load_npz(path: Path, *, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
         y_key = next((k for k in ("y", "labels", "Y") if k in keys), None)
         if x_key is None or y_key is None:
             raise DataError(
-                f"{path}: expected arrays x_train/y_train[/x_test/y_test] or x/y or images/labels; "
-                f"found {sorted(keys)}"
+                f"{path}: expected arrays x_train/y_train[/x_test/y_test] or x/y or images/labels; found {sorted(keys)}"
             )
-        return arrays_to_datasets(_read(npz, x_key, path), _read(npz, y_key, path), None, None, seed=seed,
-                                  name=path.name, keys=(x_key, y_key, "", ""))
+        return arrays_to_datasets(
+            _read(npz, x_key, path),
+            _read(npz, y_key, path),
+            None,
+            None,
+            seed=seed,
+            name=path.name,
+            keys=(x_key, y_key, "", ""),
+        )
 
 
 def _read(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
     try:
         return npz[key]
     except Exception as exc:  # object arrays (pickles are refused), a damaged member
-        raise DataError(f"{path}: array {key!r} cannot be read ({' '.join(str(exc).split())}); store plain "
-                        "numeric arrays") from exc
+        raise DataError(
+            f"{path}: array {key!r} cannot be read ({' '.join(str(exc).split())}); store plain numeric arrays"
+        ) from exc
 
 
 def reshape_images(data: ArrayDataset, shape: tuple[int, int, int]) -> ArrayDataset:

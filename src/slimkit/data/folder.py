@@ -61,8 +61,10 @@ def _align_classes(test: Any, train: Any, test_dir: Path) -> Any:
         return test
     extra = sorted(set(test.classes) - set(train.classes))
     if extra:
-        raise DataError(f"{test_dir / extra[0]}: class {extra[0]!r} has no folder in the training tree; "
-                        f"training classes: {', '.join(train.classes)}")
+        raise DataError(
+            f"{test_dir / extra[0]}: class {extra[0]!r} has no folder in the training tree; "
+            f"training classes: {', '.join(train.classes)}"
+        )
     index = {test.class_to_idx[c]: train.class_to_idx[c] for c in test.classes}
     test.samples = [(file, index[target]) for file, target in test.samples]
     test.imgs, test.targets = test.samples, [target for _, target in test.samples]

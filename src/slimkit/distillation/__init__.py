@@ -32,5 +32,16 @@ from slimkit.distillation.losses import (
 )
 from slimkit.distillation.trainer import DistillResult, distill, kd_loss_fn
 
-__all__ = ["DistillConfig", "DistillResult", "attention_map", "attention_transfer_loss", "distill", "focal_loss",
-           "hint_adapter", "hint_loss", "hinton_loss", "kd_loss", "kd_loss_fn"]
+__all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "attention_map",
+    "attention_transfer_loss",
+    "distill",
+    "focal_loss",
+    "hint_adapter",
+    "hint_loss",
+    "hinton_loss",
+    "kd_loss",
+    "kd_loss_fn",
+]

@@ -25,12 +25,15 @@ def _layer_pairs(name: str, value: Any) -> LayerPairs:
     pairs = []
     example = "e.g. [['features.3', 'features.3']]"
     if value is not None and not isinstance(value, (list, tuple)):
-        raise UsageError(f"{name}={short_repr(value)}: expected a list of (student_layer, teacher_layer) pairs, "
-                         f"{example}")
+        raise UsageError(
+            f"{name}={short_repr(value)}: expected a list of (student_layer, teacher_layer) pairs, {example}"
+        )
     for item in value or ():
         if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(n, str) for n in item):
-            raise UsageError(f"{name}: each entry must be a (student_layer, teacher_layer) pair of module names, "
-                             f"{example}; got {short_repr(item)}")
+            raise UsageError(
+                f"{name}: each entry must be a (student_layer, teacher_layer) pair of module names, "
+                f"{example}; got {short_repr(item)}"
+            )
         pairs.append((item[0], item[1]))
     return tuple(pairs)
 
@@ -162,10 +165,20 @@ class DistillConfig(Config):
         restore_best: bool | None = None,
         progress: bool | None = None,
     ) -> None:
-        given = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "momentum": momentum,
-                 "weight_decay": weight_decay, "batch_size": batch_size, "schedule": schedule, "seed": seed,
-                 "patience": patience, "max_batches": max_batches, "restore_best": restore_best,
-                 "progress": progress}
+        given = {
+            "epochs": epochs,
+            "lr": lr,
+            "optimizer": optimizer,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "batch_size": batch_size,
+            "schedule": schedule,
+            "seed": seed,
+            "patience": patience,
+            "max_batches": max_batches,
+            "restore_best": restore_best,
+            "progress": progress,
+        }
         flat = {key: value for key, value in given.items() if value is not None}
         self.temperature = temperature
         self.alpha = alpha
@@ -182,18 +195,24 @@ class DistillConfig(Config):
         self.hints = _layer_pairs("hints", self.hints)  # before the type check: its message shows the shape
         self.attention = _layer_pairs("attention", self.attention)
         super().__post_init__()
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not self.temperature > 0
+        ):
             raise UsageError(f"temperature={self.temperature!r} must be a number > 0 (typical values: 1 to 20)")
         check_range("alpha", self.alpha, 0.0, 1.0)
         if self.focal_gamma < 0:
             raise UsageError(f"focal_gamma={self.focal_gamma!r} must be >= 0 (0: plain cross-entropy)")
         if self.hint_weight < 0 or self.attention_weight < 0:
-            raise UsageError(f"hint_weight={self.hint_weight!r} and attention_weight={self.attention_weight!r} "
-                             "must be >= 0")
+            raise UsageError(
+                f"hint_weight={self.hint_weight!r} and attention_weight={self.attention_weight!r} must be >= 0"
+            )
         if self.cache_teacher and (self.hints or self.attention):
-            raise UsageError("cache_teacher=True caches the teacher's logits only; hints and attention transfer "
-                             "need its features on every batch: set cache_teacher=False or drop hints/attention")
+            raise UsageError(
+                "cache_teacher=True caches the teacher's logits only; hints and attention transfer "
+                "need its features on every batch: set cache_teacher=False or drop hints/attention"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> DistillConfig:

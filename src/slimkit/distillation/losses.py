@@ -19,14 +19,23 @@ from torch import nn
 
 from slimkit.errors import UsageError
 
-__all__ = ["attention_map", "attention_transfer_loss", "focal_loss", "hint_adapter", "hint_loss", "hinton_loss",
-           "kd_loss"]
+__all__ = [
+    "attention_map",
+    "attention_transfer_loss",
+    "focal_loss",
+    "hint_adapter",
+    "hint_loss",
+    "hinton_loss",
+    "kd_loss",
+]
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     if student_logits.shape != teacher_logits.shape:
-        raise UsageError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape: the two models must share one output space")
+        raise UsageError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape: the two models must share one output space"
+        )
 
 
 def _check_temperature(temperature: float) -> None:
@@ -66,9 +75,15 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) 
     return -((1 - log_p.exp()).clamp_min(0) ** gamma * log_p).mean()
 
 
-def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                temperature: float, alpha: float, focal_gamma: float = 0.0,
-                terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def hinton_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    focal_gamma: float = 0.0,
+    terms: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``alpha · kd_loss + (1 - alpha) · CE(student, targets)`` (focal loss for the hard term when ``focal_gamma``).
 
     A term whose weight is 0 is not computed. ``terms``, when given, receives the unweighted terms that were
@@ -103,8 +118,10 @@ def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...])
     """
     s_dims, t_dims = len(student_shape), len(teacher_shape)
     if s_dims != t_dims or s_dims not in (2, 4):
-        raise UsageError(f"hint features must both be (N, C) or both (N, C, H, W); got student {tuple(student_shape)}"
-                         f" and teacher {tuple(teacher_shape)}")
+        raise UsageError(
+            f"hint features must both be (N, C) or both (N, C, H, W); got student {tuple(student_shape)}"
+            f" and teacher {tuple(teacher_shape)}"
+        )
     c_student, c_teacher = student_shape[1], teacher_shape[1]
     if c_student == c_teacher:
         return nn.Identity()
@@ -113,8 +130,9 @@ def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...])
     return nn.Conv2d(c_student, c_teacher, kernel_size=1, bias=False)
 
 
-def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
-              adapter: nn.Module | None = None) -> torch.Tensor:
+def hint_loss(
+    student_features: torch.Tensor, teacher_features: torch.Tensor, adapter: nn.Module | None = None
+) -> torch.Tensor:
     """FitNets hint: mean squared error between ``adapter(student_features)`` and the teacher's features.
 
     Feature maps of different spatial size are matched by adaptive average pooling of the student's map.
@@ -124,29 +142,34 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     if projected.ndim == teacher_features.ndim == 4 and projected.shape[2:] != teacher_features.shape[2:]:
         projected = F.adaptive_avg_pool2d(projected, _spatial(teacher_features))
     if projected.shape != teacher_features.shape:
-        raise UsageError(f"hint: student features {tuple(student_features.shape)} (after the adapter "
-                         f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
-                         "build the adapter with hint_adapter(student_shape, teacher_shape)")
+        raise UsageError(
+            f"hint: student features {tuple(student_features.shape)} (after the adapter "
+            f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
+            "build the adapter with hint_adapter(student_shape, teacher_shape)"
+        )
     return F.mse_loss(projected.float(), teacher_features.float())
 
 
 def attention_map(features: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Zagoruyko & Komodakis 2017 spatial attention: ``mean_c |A_c|^p`` flattened and L2-normalized, ``(N, H·W)``."""
     if features.ndim != 4:
-        raise UsageError(f"attention transfer needs convolutional feature maps (N, C, H, W); got "
-                         f"{tuple(features.shape)}")
+        raise UsageError(
+            f"attention transfer needs convolutional feature maps (N, C, H, W); got {tuple(features.shape)}"
+        )
     return F.normalize(features.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
-def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
-                            p: int = 2) -> torch.Tensor:
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Mean squared distance between normalized attention maps (the authors' reference form, their β/2 not applied).
 
     Channel counts may differ (the maps average over channels); a student map of another spatial size is pooled
     to the teacher's.
     """
     teacher_features = teacher_features.detach()
-    if student_features.ndim == 4 and teacher_features.ndim == 4 \
-            and student_features.shape[2:] != teacher_features.shape[2:]:
+    if (
+        student_features.ndim == 4
+        and teacher_features.ndim == 4
+        and student_features.shape[2:] != teacher_features.shape[2:]
+    ):
         student_features = F.adaptive_avg_pool2d(student_features, _spatial(teacher_features))
     return (attention_map(student_features, p) - attention_map(teacher_features, p)).pow(2).mean()

@@ -71,8 +71,9 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
             settings["alpha"] = alpha
         cfg = DistillConfig(**settings)
     else:
-        raise InputTypeError(f"kd_loss_fn: config must be a DistillConfig or a temperature, "
-                             f"got {type(config).__name__}")
+        raise InputTypeError(
+            f"kd_loss_fn: config must be a DistillConfig or a temperature, got {type(config).__name__}"
+        )
     temperature, weight, gamma = cfg.temperature, cfg.alpha, cfg.focal_gamma
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -150,8 +151,10 @@ def _check_cacheable(data: Data) -> Dataset:
         raise UsageError("cache_teacher=True needs a Dataset (the logits are stored per example), not a DataLoader")
     for i in range(min(2, _size(data))):
         if not torch.equal(data[i][0], data[i][0]):
-            raise UsageError(f"cache_teacher=True needs data without augmentation, but example {i} of the training "
-                             "data differs between two reads: set cache_teacher=False")
+            raise UsageError(
+                f"cache_teacher=True needs data without augmentation, but example {i} of the training "
+                "data differs between two reads: set cache_teacher=False"
+            )
     return data
 
 
@@ -221,8 +224,9 @@ def distill(
     try:
         with eval_mode(teacher):
             adapters = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
-            history, terms, cached = _train(model, teacher, cfg, train_data, val_data, adapters,
-                                            student_features, teacher_features)
+            history, terms, cached = _train(
+                model, teacher, cfg, train_data, val_data, adapters, student_features, teacher_features
+            )
     finally:
         student_features.remove()
         teacher_features.remove()
@@ -233,8 +237,10 @@ def distill(
         "loss_terms": dict(terms.per_epoch),
         "val_accuracy": history.val_accuracy,
         "best_epoch": history.best_epoch,
-        "adapters": {key: {"type": type(a).__name__, "weight_shape": list(getattr(a, "weight", torch.empty(0)).shape)}
-                     for key, a in adapters.items()},
+        "adapters": {
+            key: {"type": type(a).__name__, "weight_shape": list(getattr(a, "weight", torch.empty(0)).shape)}
+            for key, a in adapters.items()
+        },
         "teacher_accuracy": None,
         "student_accuracy_before": None,
         "student_accuracy": None,
@@ -252,12 +258,19 @@ def _run(role: str, model: nn.Module, inputs: torch.Tensor) -> Any:
         return model(inputs)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"the {role} cannot run on the training data (inputs of shape {tuple(inputs.shape)}): "
-                         f"{first}") from exc
+        raise UsageError(
+            f"the {role} cannot run on the training data (inputs of shape {tuple(inputs.shape)}): {first}"
+        ) from exc
 
 
-def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data: Data,
-                     student_features: _Capture, teacher_features: _Capture) -> nn.ModuleDict:
+def _check_and_build(
+    model: nn.Module,
+    teacher: nn.Module,
+    cfg: DistillConfig,
+    train_data: Data,
+    student_features: _Capture,
+    teacher_features: _Capture,
+) -> nn.ModuleDict:
     """Run both models on a few training examples: check the outputs agree and build the hint adapters."""
     inputs = _probe_inputs(train_data)
     was_training = model.training
@@ -274,8 +287,10 @@ def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, t
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UsageError(f"the {role} must return logits of shape (batch, classes); got {shape}")
     if student_out.shape[1] != teacher_out.shape[1]:
-        raise UsageError(f"output sizes differ: the student predicts {student_out.shape[1]} classes, the teacher "
-                         f"{teacher_out.shape[1]}; distillation needs one output space (same num_classes)")
+        raise UsageError(
+            f"output sizes differ: the student predicts {student_out.shape[1]} classes, the teacher "
+            f"{teacher_out.shape[1]}; distillation needs one output space (same num_classes)"
+        )
     adapters = nn.ModuleDict()
     for i, (s_name, t_name) in enumerate(cfg.hints):
         s_feat, t_feat = student_features.features[s_name], teacher_features.features[t_name]
@@ -294,9 +309,16 @@ def _check_and_build(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, t
     return adapters
 
 
-def _train(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data: Data, val_data: Data | None,
-           adapters: nn.ModuleDict, student_features: _Capture,
-           teacher_features: _Capture) -> tuple[FitResult, _Terms, bool]:
+def _train(
+    model: nn.Module,
+    teacher: nn.Module,
+    cfg: DistillConfig,
+    train_data: Data,
+    val_data: Data | None,
+    adapters: nn.ModuleDict,
+    student_features: _Capture,
+    teacher_features: _Capture,
+) -> tuple[FitResult, _Terms, bool]:
     cache = None
     if cfg.cache_teacher:
         dataset = _check_cacheable(train_data)
@@ -311,19 +333,27 @@ def _train(model: nn.Module, teacher: nn.Module, cfg: DistillConfig, train_data:
             with torch.no_grad():
                 teacher_logits = teacher(inputs)
         parts: dict[str, torch.Tensor] = {}
-        total = hinton_loss(outputs, teacher_logits, targets, cfg.temperature, cfg.alpha, cfg.focal_gamma,
-                            terms=parts)
+        total = hinton_loss(outputs, teacher_logits, targets, cfg.temperature, cfg.alpha, cfg.focal_gamma, terms=parts)
         for i, (s_name, t_name) in enumerate(cfg.hints):
-            parts[f"hint:{s_name}"] = hint_loss(student_features.take(s_name), teacher_features.take(t_name),
-                                                adapters[f"hint{i}"])
+            parts[f"hint:{s_name}"] = hint_loss(
+                student_features.take(s_name), teacher_features.take(t_name), adapters[f"hint{i}"]
+            )
             total = total + cfg.hint_weight * parts[f"hint:{s_name}"]
         for s_name, t_name in cfg.attention:
-            parts[f"attention:{s_name}"] = attention_transfer_loss(student_features.take(s_name),
-                                                                   teacher_features.take(t_name))
+            parts[f"attention:{s_name}"] = attention_transfer_loss(
+                student_features.take(s_name), teacher_features.take(t_name)
+            )
             total = total + cfg.attention_weight * parts[f"attention:{s_name}"]
         terms.add(parts, len(targets))
         return total
 
-    history = fit(model, train_data, val_data, cfg.train, loss_fn=loss_fn,
-                  extra_parameters=adapters.parameters(), on_epoch_end=terms.end_epoch)
+    history = fit(
+        model,
+        train_data,
+        val_data,
+        cfg.train,
+        loss_fn=loss_fn,
+        extra_parameters=adapters.parameters(),
+        on_epoch_end=terms.end_epoch,
+    )
     return history, terms, cache is not None

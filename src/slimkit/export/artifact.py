@@ -64,12 +64,28 @@ from slimkit.history import HISTORY_ATTR, history_of, replay_step, set_source, s
 
 WEIGHTS = "model.safetensors"
 
-__all__ = ["ArtifactError", "build_source", "load", "read_manifest", "save", "trusted_manifest", "update",
-           "weights_size"]
+__all__ = [
+    "ArtifactError",
+    "build_source",
+    "load",
+    "read_manifest",
+    "save",
+    "trusted_manifest",
+    "update",
+    "weights_size",
+]
 
 # what malformed but digest-valid manifest data can make torch / safetensors / a replay raise
-_BAD_DATA = (SlimkitError, LookupError, TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError,
-             SafetensorError)
+_BAD_DATA = (
+    SlimkitError,
+    LookupError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    RuntimeError,
+    ArithmeticError,
+    SafetensorError,
+)
 
 
 def sha256(path: Path) -> str:
@@ -183,8 +199,10 @@ def _regular_files(folder: Path) -> list[str]:
         for entry in sorted(dirs + files):
             path = Path(root) / entry
             if path.is_symlink():
-                raise ArtifactError(f"{path} is a symbolic link; an artifact holds only regular files and links are "
-                                    "never followed. Replace it with the file itself or remove it.")
+                raise ArtifactError(
+                    f"{path} is a symbolic link; an artifact holds only regular files and links are "
+                    "never followed. Replace it with the file itself or remove it."
+                )
             if entry in files:
                 names.append(path.relative_to(folder).as_posix())
     return sorted(names)
@@ -233,8 +251,10 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True, public_key: A
             if name not in present or not file.is_file():
                 raise ArtifactError(f"{file} is listed in {MANIFEST} but missing")
             if sha256(file) != expected:
-                raise ArtifactError(f"{file} was modified after the artifact was written (SHA-256 mismatch); "
-                                    "refusing to load it. Re-export the artifact from its source.")
+                raise ArtifactError(
+                    f"{file} was modified after the artifact was written (SHA-256 mismatch); "
+                    "refusing to load it. Re-export the artifact from its source."
+                )
         if WEIGHTS not in manifest["files"]:
             raise ArtifactError(f"{manifest_path} lists no {WEIGHTS}")
     return manifest
@@ -259,8 +279,9 @@ def build_source(manifest: dict[str, Any], origin: Path, trust: Iterable[str] = 
     with _field(origin, f"source (factory {source['factory']!r} with its kwargs)"):
         model = factory(**source["kwargs"])
     if not isinstance(model, nn.Module):
-        raise ArtifactError(f"{origin}: source.factory {source['factory']!r} returned {type(model).__name__}, "
-                            "not a torch.nn.Module")
+        raise ArtifactError(
+            f"{origin}: source.factory {source['factory']!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -277,16 +298,22 @@ def _trusted_factory(manifest: dict[str, Any], manifest_path: Path, trust: Itera
         return factory
     module = spec.partition(":")[0]
     if ":" not in spec:
-        raise ArtifactError(f"{manifest_path}: source.factory {spec!r} is not a slimkit zoo model nor registered in "
-                            "this process; import the package that registers it (slimkit.models.register) first")
+        raise ArtifactError(
+            f"{manifest_path}: source.factory {spec!r} is not a slimkit zoo model nor registered in "
+            "this process; import the package that registers it (slimkit.models.register) first"
+        )
     if module.split(".")[0] == "transformers":
-        raise ArtifactError(f"{manifest_path}: source.factory {spec!r} is a transformers class; rebuilding "
-                            "transformers models from their config is not supported yet, so it was not run. If you "
-                            f"trust this artifact's author, pass trust=[{spec!r}] (CLI: --trust {spec})")
-    raise ArtifactError(f"{manifest_path}: source.factory {spec!r} is not trusted, so it was not imported or run "
-                        "(an artifact may come from a stranger). If you trust its author, allow it with "
-                        f"trust=[{module!r}] (CLI: --trust {module}), or register the factory with "
-                        "slimkit.models.register before loading")
+        raise ArtifactError(
+            f"{manifest_path}: source.factory {spec!r} is a transformers class; rebuilding "
+            "transformers models from their config is not supported yet, so it was not run. If you "
+            f"trust this artifact's author, pass trust=[{spec!r}] (CLI: --trust {spec})"
+        )
+    raise ArtifactError(
+        f"{manifest_path}: source.factory {spec!r} is not trusted, so it was not imported or run "
+        "(an artifact may come from a stranger). If you trust its author, allow it with "
+        f"trust=[{module!r}] (CLI: --trust {module}), or register the factory with "
+        "slimkit.models.register before loading"
+    )
 
 
 def _as_trust(trust: Iterable[str] | str | None) -> list[str]:
@@ -317,8 +344,10 @@ def _field(origin: Path, field: str) -> Iterator[None]:
         raise
     except _BAD_DATA as exc:
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ArtifactError(f"{origin}: {field} does not fit the model it builds ({message}); the artifact is "
-                            "inconsistent, re-export it from its source") from exc
+        raise ArtifactError(
+            f"{origin}: {field} does not fit the model it builds ({message}); the artifact is "
+            "inconsistent, re-export it from its source"
+        ) from exc
 
 
 def load(path: str | os.PathLike, *, trust: Iterable[str] = (), public_key: Any = None) -> nn.Module:
@@ -354,8 +383,9 @@ def load(path: str | os.PathLike, *, trust: Iterable[str] = (), public_key: Any 
         with _field(origin, "packing"):
             unpacked = unpack_state_dict(tensors, manifest["packing"])
         if saved_dtype is not None:  # codes dequantize in float32: give the weights the model's own float dtype
-            unpacked = {k: v.to(saved_dtype) if k not in tensors and _is_weight(k, v) else v
-                        for k, v in unpacked.items()}
+            unpacked = {
+                k: v.to(saved_dtype) if k not in tensors and _is_weight(k, v) else v for k, v in unpacked.items()
+            }
         tensors = unpacked
     with _field(origin, f"the tensors of {WEIGHTS}"):
         _match_float_dtypes(model, tensors)
@@ -399,13 +429,17 @@ def _check_packing(model: nn.Module, tensors: dict[str, torch.Tensor], packing: 
     from slimkit.quantization.pack import PACK_VERSION, code_layout
 
     if packing["version"] != PACK_VERSION:
-        raise ArtifactError(f"{origin}: packing.version {packing['version']!r} is not supported (expected "
-                            f"{PACK_VERSION}); upgrade slimkit or re-export the artifact")
+        raise ArtifactError(
+            f"{origin}: packing.version {packing['version']!r} is not supported (expected "
+            f"{PACK_VERSION}); upgrade slimkit or re-export the artifact"
+        )
     own = model.state_dict()
     for key, tensor in tensors.items():
         if key in own and tuple(tensor.shape) != tuple(own[key].shape):
-            raise ArtifactError(f"{origin}: {WEIGHTS} tensor {key!r} has shape {tuple(tensor.shape)} but the model "
-                                f"rebuilt from source and history expects {tuple(own[key].shape)}")
+            raise ArtifactError(
+                f"{origin}: {WEIGHTS} tensor {key!r} has shape {tuple(tensor.shape)} but the model "
+                f"rebuilt from source and history expects {tuple(own[key].shape)}"
+            )
     for key, shape in packing["zeros"].items():
         field = f"packing.zeros.{key}"
         if not key.endswith("zero_point") or key not in own or key in tensors:
@@ -428,16 +462,23 @@ def _check_packing(model: nn.Module, tensors: dict[str, torch.Tensor], packing: 
         codes = tensors.get(f"{name}.weight.codes")
         needed = math.ceil(math.prod(info["codes_shape"]) / (8 // info["width"]))
         if codes is None or codes.dtype != torch.uint8 or codes.ndim != 1 or codes.numel() != needed:
-            raise ArtifactError(f"{origin}: {field} needs a 1-D uint8 tensor {name}.weight.codes of {needed} bytes in "
-                                f"{WEIGHTS}; the file does not hold one")
+            raise ArtifactError(
+                f"{origin}: {field} needs a 1-D uint8 tensor {name}.weight.codes of {needed} bytes in "
+                f"{WEIGHTS}; the file does not hold one"
+            )
         for part in ("scale", "zero_point"):
             key = f"{name}.weight_quant.{part}"
             if key not in tensors and key not in packing["zeros"]:
                 raise ArtifactError(f"{origin}: {field}: {WEIGHTS} has no {key!r} (nor packing.zeros)")
 
 
-def update(path: str | os.PathLike, *, files: dict[str, str | os.PathLike] | None = None,
-           metrics: dict[str, Any] | None = None, signing_key: Any = None) -> Path:
+def update(
+    path: str | os.PathLike,
+    *,
+    files: dict[str, str | os.PathLike] | None = None,
+    metrics: dict[str, Any] | None = None,
+    signing_key: Any = None,
+) -> Path:
     """Add files (e.g. ``model.onnx``, a report) or metrics to an existing artifact, atomically, re-hashing all.
 
     A signature is kept valid only by passing ``signing_key`` again; otherwise the stale one is removed.

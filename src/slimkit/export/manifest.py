@@ -33,8 +33,19 @@ DIGEST = "slimkit.json.sha256"
 SIGNATURE = "slimkit.json.sig"
 RESERVED = (MANIFEST, DIGEST, SIGNATURE)
 
-__all__ = ["DIGEST", "MANIFEST", "SIGNATURE", "ArtifactError", "Manifest", "digest_line", "read_small", "safe_name",
-           "sign", "validate", "verify"]
+__all__ = [
+    "DIGEST",
+    "MANIFEST",
+    "SIGNATURE",
+    "ArtifactError",
+    "Manifest",
+    "digest_line",
+    "read_small",
+    "safe_name",
+    "sign",
+    "validate",
+    "verify",
+]
 
 
 class ArtifactError(UsageError):
@@ -43,8 +54,12 @@ class ArtifactError(UsageError):
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)]
-FactorySpec = Annotated[str, StringConstraints(
-    pattern=r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:)?[A-Za-z_][A-Za-z0-9_.\-]*$", max_length=300)]
+FactorySpec = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:)?[A-Za-z_][A-Za-z0-9_.\-]*$", max_length=300
+    ),
+]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Dim = Annotated[int, Field(ge=0, le=2**31)]
 
@@ -115,15 +130,18 @@ def validate(data: Any, origin: str = MANIFEST) -> dict[str, Any]:
         raise ArtifactError(f"{origin}: the manifest must be a JSON object, not {type(data).__name__}")
     version = data.get("format_version")
     if data.get("format") == FORMAT and type(version) is int and version > FORMAT_VERSION:
-        raise ArtifactError(f"{origin}: format version {version} is newer than this slimkit reads ({FORMAT_VERSION}); "
-                            "upgrade slimkit")
+        raise ArtifactError(
+            f"{origin}: format version {version} is newer than this slimkit reads ({FORMAT_VERSION}); upgrade slimkit"
+        )
     try:
         Manifest.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        raise ArtifactError(f"{origin}: field {field!r}: {error['msg']}; the manifest is malformed, "
-                            "re-export the artifact from its source") from None
+        raise ArtifactError(
+            f"{origin}: field {field!r}: {error['msg']}; the manifest is malformed, "
+            "re-export the artifact from its source"
+        ) from None
     for name in data["files"]:
         safe_name(name, f"{origin}: files")
     return data
@@ -140,8 +158,10 @@ def safe_name(name: Any, where: str) -> str:
         raise ArtifactError(f"{where}: file name {name!r} is not a plain relative path")
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
-        raise ArtifactError(f"{where}: file name {name!r} leaves the artifact folder (absolute or '..'); "
-                            "use a name relative to the folder")
+        raise ArtifactError(
+            f"{where}: file name {name!r} leaves the artifact folder (absolute or '..'); "
+            "use a name relative to the folder"
+        )
     normal = str(PurePosixPath(*[part for part in path.parts if part != "."])) if path.parts else ""
     if normal in ("", ".") or normal in RESERVED:
         raise ArtifactError(f"{where}: file name {name!r} is empty or reserved ({', '.join(RESERVED)})")
@@ -156,8 +176,10 @@ def digest_line(data: bytes) -> str:
 def read_small(path: Path, limit: int = 1 << 26) -> bytes | None:
     """The bytes of a regular file inside an artifact (None if absent); a symlink or a huge file is refused."""
     if path.is_symlink():
-        raise ArtifactError(f"{path} is a symbolic link; an artifact holds only regular files (links are never "
-                            "followed). Replace it with the file itself.")
+        raise ArtifactError(
+            f"{path} is a symbolic link; an artifact holds only regular files (links are never "
+            "followed). Replace it with the file itself."
+        )
     if not path.exists():
         return None
     if not path.is_file() or path.stat().st_size > limit:
@@ -169,25 +191,33 @@ def verify(folder: Path, data: bytes, public_key: Any = None) -> None:
     """Check manifest bytes ``data`` against ``folder``'s digest file and, given ``public_key``, its signature."""
     digest = read_small(folder / DIGEST, 1 << 12)
     if digest is None:
-        raise ArtifactError(f"{folder / DIGEST} is missing, so {MANIFEST} is not covered by a digest; re-save the "
-                            "artifact with this slimkit")
+        raise ArtifactError(
+            f"{folder / DIGEST} is missing, so {MANIFEST} is not covered by a digest; re-save the "
+            "artifact with this slimkit"
+        )
     if digest.split()[:1] != [hashlib.sha256(data).hexdigest().encode()]:
-        raise ArtifactError(f"{folder / MANIFEST} was modified after the artifact was written (its SHA-256 does not "
-                            f"match {DIGEST}); refusing it. Re-export the artifact from its source.")
+        raise ArtifactError(
+            f"{folder / MANIFEST} was modified after the artifact was written (its SHA-256 does not "
+            f"match {DIGEST}); refusing it. Re-export the artifact from its source."
+        )
     if public_key is None:
         return
     key = _public_key(public_key)
     signature = read_small(folder / SIGNATURE, 1 << 12)
     if signature is None:
-        raise ArtifactError(f"{folder / SIGNATURE} is missing but a public key was given: the artifact is not signed; "
-                            "ask its author to save it with slimkit.save(..., signing_key=...)")
+        raise ArtifactError(
+            f"{folder / SIGNATURE} is missing but a public key was given: the artifact is not signed; "
+            "ask its author to save it with slimkit.save(..., signing_key=...)"
+        )
     from cryptography.exceptions import InvalidSignature
 
     try:
         key.verify(base64.b64decode(signature.strip(), validate=True), data)
     except (InvalidSignature, ValueError) as exc:
-        raise ArtifactError(f"{folder / SIGNATURE} does not verify with the given public key: the manifest was not "
-                            "signed by that key's owner or was changed since; do not load it") from exc
+        raise ArtifactError(
+            f"{folder / SIGNATURE} does not verify with the given public key: the manifest was not "
+            "signed by that key's owner or was changed since; do not load it"
+        ) from exc
 
 
 def sign(data: bytes, signing_key: Any) -> str:
@@ -216,12 +246,16 @@ def _private_key(key: Any):
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
     if not isinstance(key, (str, os.PathLike, bytes)):
-        raise InputTypeError(f"signing_key: expected an Ed25519PrivateKey, PEM bytes or a PEM file, got "
-                             f"{type(key).__name__}")
+        raise InputTypeError(
+            f"signing_key: expected an Ed25519PrivateKey, PEM bytes or a PEM file, got {type(key).__name__}"
+        )
     raw = _key_bytes(key)
     try:
-        loaded = (ed25519.Ed25519PrivateKey.from_private_bytes(raw) if len(raw) == 32
-                  else serialization.load_pem_private_key(raw, password=None))
+        loaded = (
+            ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+            if len(raw) == 32
+            else serialization.load_pem_private_key(raw, password=None)
+        )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"signing_key: not an unencrypted Ed25519 private key ({exc})") from exc
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
@@ -235,12 +269,16 @@ def _public_key(key: Any):
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key
     if not isinstance(key, (str, os.PathLike, bytes)):
-        raise InputTypeError(f"public_key: expected an Ed25519PublicKey, PEM bytes or a PEM file, got "
-                             f"{type(key).__name__}")
+        raise InputTypeError(
+            f"public_key: expected an Ed25519PublicKey, PEM bytes or a PEM file, got {type(key).__name__}"
+        )
     raw = _key_bytes(key)
     try:
-        loaded = (ed25519.Ed25519PublicKey.from_public_bytes(raw) if len(raw) == 32
-                  else serialization.load_pem_public_key(raw))
+        loaded = (
+            ed25519.Ed25519PublicKey.from_public_bytes(raw)
+            if len(raw) == 32
+            else serialization.load_pem_public_key(raw)
+        )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"public_key: not an Ed25519 public key ({exc})") from exc
     if not isinstance(loaded, ed25519.Ed25519PublicKey):

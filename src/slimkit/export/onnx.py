@@ -27,8 +27,14 @@ from slimkit.export.onnx_static import quantize_graph
 __all__ = ["OPSET", "export_onnx", "is_dynamic_model", "is_int8_model"]
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
-                int8: bool | None = None, int8_ops: tuple[str, ...] = ("Conv", "Gemm")) -> Path:
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    int8: bool | None = None,
+    int8_ops: tuple[str, ...] = ("Conv", "Gemm"),
+) -> Path:
     """Write ``model`` as ONNX (batch dimension dynamic), atomically.
 
     Args:
@@ -43,8 +49,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     quantized, dynamic = is_int8_model(model), is_dynamic_model(model)
     int8 = (quantized or dynamic) if int8 is None else int8
     if int8 and not (quantized or dynamic):
-        raise UsageError("export_onnx: int8=True needs a slimkit fake-quant model (slimkit.quantize(..., "
-                         "QuantConfig(act_bits=8, method='ptq', 'qat' or 'dynamic')))")
+        raise UsageError(
+            "export_onnx: int8=True needs a slimkit fake-quant model (slimkit.quantize(..., "
+            "QuantConfig(act_bits=8, method='ptq', 'qat' or 'dynamic')))"
+        )
     proto = export_float(float_twin(model), example_input)
     if int8:
         proto = quantize_graph(proto, model, tuple(int8_ops)) if quantized else dynamic_graph(proto, model)

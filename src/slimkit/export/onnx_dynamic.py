@@ -33,15 +33,31 @@ def _dynamic_lstm(graph: Any, node: Any, inits: dict) -> None:
         scale[scale == 0] = 1.0
         codes = np.clip(np.round(weight / scale[..., None]), -127, 127).astype(np.int8)
         tag = f"{weight_name}.dyn"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.ascontiguousarray(codes.transpose(0, 2, 1)), f"{tag}.codes"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{tag}.scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{tag}.zero_point")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(codes.transpose(0, 2, 1)), f"{tag}.codes"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{tag}.scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{tag}.zero_point"),
+            ]
+        )
         quantized.append(tag)
     w, r = quantized
-    new = helper.make_node("DynamicQuantizeLSTM", [inputs[0], f"{w}.codes", f"{r}.codes", *inputs[3:8], f"{w}.scale",
-                                                   f"{w}.zero_point", f"{r}.scale", f"{r}.zero_point"],
-                           list(node.output), name=f"{node.name}.dyn", domain="com.microsoft")
+    new = helper.make_node(
+        "DynamicQuantizeLSTM",
+        [
+            inputs[0],
+            f"{w}.codes",
+            f"{r}.codes",
+            *inputs[3:8],
+            f"{w}.scale",
+            f"{w}.zero_point",
+            f"{r}.scale",
+            f"{r}.zero_point",
+        ],
+        list(node.output),
+        name=f"{node.name}.dyn",
+        domain="com.microsoft",
+    )
     new.attribute.extend(node.attribute)
     graph.node.remove(node)
     graph.node.append(new)
@@ -63,8 +79,10 @@ def dynamic_graph(proto: Any, model: nn.Module) -> Any:
     int8_codes: dict[str, np.ndarray] = {}
     for name, layer in layers:
         if layer.bits != 8 or not layer.symmetric or layer.codes is None:
-            raise UsageError(f"export_onnx: dynamic layer {name!r} needs symmetric 8-bit per-channel or per-tensor "
-                             f"weights for MatMulInteger (has {layer.bits}-bit {layer.scheme} {layer.granularity})")
+            raise UsageError(
+                f"export_onnx: dynamic layer {name!r} needs symmetric 8-bit per-channel or per-tensor "
+                f"weights for MatMulInteger (has {layer.bits}-bit {layer.scheme} {layer.granularity})"
+            )
         int8_codes[name] = layer.codes.numpy().astype(np.int8)
         weight = dequantized[name] = layer.dequantized.numpy().astype(np.float32)
         for key in ((weight.shape, weight.tobytes()), (weight.T.shape, np.ascontiguousarray(weight.T).tobytes())):
@@ -91,8 +109,12 @@ def dynamic_graph(proto: Any, model: nn.Module) -> Any:
         if hit is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
-                                       or attrs.get("beta", 1.0) != 1.0 or not attrs.get("transB", 0)):
+        if node.op_type == "Gemm" and (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+            or not attrs.get("transB", 0)
+        ):
             raise UsageError(f"export_onnx: cannot map Gemm {node.name!r} of layer {hit[0][0]!r} to MatMulInteger")
         name, layer = hit[0]
         matched.update(n for n, _ in hit)
@@ -100,22 +122,32 @@ def dynamic_graph(proto: Any, model: nn.Module) -> Any:
         if tag not in added:
             codes = int8_codes[name]
             scale = np.broadcast_to(layer.scale.numpy(), (codes.shape[0],)).astype(np.float32)
-            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{tag}.codes"),
-                                      numpy_helper.from_array(np.array(0, np.int8), f"{tag}.zero_point"),
-                                      numpy_helper.from_array(scale, f"{tag}.scale")])
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{tag}.codes"),
+                    numpy_helper.from_array(np.array(0, np.int8), f"{tag}.zero_point"),
+                    numpy_helper.from_array(scale, f"{tag}.scale"),
+                ]
+            )
             added.add(tag)
         out, x = node.output[0], node.input[0]
         t = f"{node.name or out}.dyn"
         graph.node.remove(node)
         result = f"{t}.y" if node.op_type == "Gemm" and len(node.input) > 2 else out
-        graph.node.extend([
-            helper.make_node("DynamicQuantizeLinear", [x], [f"{t}.xq", f"{t}.xs", f"{t}.xz"], name=f"{t}.Q"),
-            helper.make_node("MatMulInteger", [f"{t}.xq", f"{tag}.codes", f"{t}.xz", f"{tag}.zero_point"],
-                             [f"{t}.i32"], name=f"{t}.MatMulInteger"),
-            helper.make_node("Cast", [f"{t}.i32"], [f"{t}.f32"], name=f"{t}.Cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{t}.xs", f"{tag}.scale"], [f"{t}.s"], name=f"{t}.Scale"),
-            helper.make_node("Mul", [f"{t}.f32", f"{t}.s"], [result], name=f"{t}.Mul"),
-        ])
+        graph.node.extend(
+            [
+                helper.make_node("DynamicQuantizeLinear", [x], [f"{t}.xq", f"{t}.xs", f"{t}.xz"], name=f"{t}.Q"),
+                helper.make_node(
+                    "MatMulInteger",
+                    [f"{t}.xq", f"{tag}.codes", f"{t}.xz", f"{tag}.zero_point"],
+                    [f"{t}.i32"],
+                    name=f"{t}.MatMulInteger",
+                ),
+                helper.make_node("Cast", [f"{t}.i32"], [f"{t}.f32"], name=f"{t}.Cast", to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{t}.xs", f"{tag}.scale"], [f"{t}.s"], name=f"{t}.Scale"),
+                helper.make_node("Mul", [f"{t}.f32", f"{t}.s"], [result], name=f"{t}.Mul"),
+            ]
+        )
         if result != out:
             graph.node.append(helper.make_node("Add", [result, node.input[2]], [out], name=f"{t}.Bias"))
     missing = [n for n, _ in layers if n not in matched]

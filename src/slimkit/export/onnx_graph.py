@@ -24,9 +24,16 @@ def export_float(model: nn.Module, example_input: torch.Tensor) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # torch types the target as a path only; a file object works (and is documented)
-        torch.onnx.export(model, (example_input,), buffer,  # type: ignore[arg-type]
-                          dynamo=False, opset_version=OPSET, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example_input,),
+            buffer,  # type: ignore[arg-type]
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 

@@ -26,8 +26,15 @@ __all__ = ["quantize_graph"]
 PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
 
 
-def _insert_qdq(graph: Any, tensor: str, consumers: list, scale: float, zero_point: int, tag: str,
-                done: dict[str, tuple[float, int, str]]) -> None:
+def _insert_qdq(
+    graph: Any,
+    tensor: str,
+    consumers: list,
+    scale: float,
+    zero_point: int,
+    tag: str,
+    done: dict[str, tuple[float, int, str]],
+) -> None:
     """Route ``consumers`` of ``tensor`` through ``QuantizeLinear -> DequantizeLinear``; a tensor already quantized
     with the same parameters reuses its pair (one ``Q`` per tensor, as ONNX Runtime's fusions expect)."""
     from onnx import helper, numpy_helper
@@ -37,11 +44,19 @@ def _insert_qdq(graph: Any, tensor: str, consumers: list, scale: float, zero_poi
         dq_out = previous[2]
     else:
         s_name, z_name = f"{tag}.scale", f"{tag}.zero_point"
-        graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
-                                  numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), z_name)])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
+                numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), z_name),
+            ]
+        )
         q_out, dq_out = f"{tag}.q", f"{tag}.dq"
-        graph.node.extend([helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=f"{tag}.Q"),
-                           helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{tag}.DQ")])
+        graph.node.extend(
+            [
+                helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=f"{tag}.Q"),
+                helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{tag}.DQ"),
+            ]
+        )
         done.setdefault(tensor, (scale, zero_point, dq_out))
     for node in consumers:
         for i, name in enumerate(node.input):
@@ -82,8 +97,10 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         if weight_name not in inits or len(nodes) != 1:
             raise UsageError(f"export_onnx: cannot find the ONNX Conv/Gemm of layer {name!r} (weight {weight_name})")
         if layer.codes is None:
-            raise UsageError(f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
-                             "export fp32 (int8=False) or quantize per channel")
+            raise UsageError(
+                f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
+                "export fp32 (int8=False) or quantize per channel"
+            )
         node = nodes[0]
         if node.op_type not in ops:  # left in float (with the dequantized weights of the simulated model)
             continue
@@ -91,14 +108,22 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         scale = layer.scale.numpy().astype(np.float32)
         zero = layer.zero_point.numpy().astype(dtype)
         graph.initializer.remove(inits[weight_name])
-        graph.initializer.extend([
-            numpy_helper.from_array(layer.codes.numpy().astype(dtype), f"{weight_name}.int8"),
-            numpy_helper.from_array(scale, f"{weight_name}.scale"),
-            numpy_helper.from_array(zero, f"{weight_name}.zero_point"),
-        ])
-        graph.node.append(helper.make_node("DequantizeLinear", [f"{weight_name}.int8", f"{weight_name}.scale",
-                                                                f"{weight_name}.zero_point"], [weight_name],
-                                           name=f"{weight_name}.DQ", axis=0))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(layer.codes.numpy().astype(dtype), f"{weight_name}.int8"),
+                numpy_helper.from_array(scale, f"{weight_name}.scale"),
+                numpy_helper.from_array(zero, f"{weight_name}.zero_point"),
+            ]
+        )
+        graph.node.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{weight_name}.int8", f"{weight_name}.scale", f"{weight_name}.zero_point"],
+                [weight_name],
+                name=f"{weight_name}.DQ",
+                axis=0,
+            )
+        )
         if iq is None:
             continue
         s_x, z_x = _act_params(iq, name, "activations")
@@ -107,14 +132,22 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
             bias_scale = (np.float32(s_x) * scale).astype(np.float32)
             bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
             graph.initializer.remove(inits[bias_name])
-            graph.initializer.extend([
-                numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), f"{bias_name}.int32"),
-                numpy_helper.from_array(bias_scale, f"{bias_name}.scale"),
-                numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), f"{bias_name}.zero_point"),
-            ])
-            graph.node.append(helper.make_node("DequantizeLinear", [f"{bias_name}.int32", f"{bias_name}.scale",
-                                                                    f"{bias_name}.zero_point"], [bias_name],
-                                               name=f"{bias_name}.DQ", axis=0))
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), f"{bias_name}.int32"),
+                    numpy_helper.from_array(bias_scale, f"{bias_name}.scale"),
+                    numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), f"{bias_name}.zero_point"),
+                ]
+            )
+            graph.node.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{bias_name}.int32", f"{bias_name}.scale", f"{bias_name}.zero_point"],
+                    [bias_name],
+                    name=f"{bias_name}.DQ",
+                    axis=0,
+                )
+            )
         # The input: quantized for this layer and for residual Adds reading the same tensor (so ORT runs them as
         # QLinearAdd), then again upstream through ops that commute with the quantizer.
         tensor, users, step = node.input[0], [node], 0
@@ -122,15 +155,20 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         while True:
             _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}", done)
             source = producer.get(tensor)
-            if (source is None or source.op_type not in PASS_THROUGH or len(consumers.get(tensor, [])) != 1
-                    or source.input[0] in inits):
+            if (
+                source is None
+                or source.op_type not in PASS_THROUGH
+                or len(consumers.get(tensor, [])) != 1
+                or source.input[0] in inits
+            ):
                 break
             tensor, users, step = source.input[0], [source], step + 1
             if len(consumers.get(tensor, [])) != 1:
                 break
         if layer.output is not None:  # the output feeds a residual Add: QLinearConv -> QLinearAdd
             s_y, z_y = _act_params(layer.output, name, "outputs")
-            _insert_qdq(graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y,
-                        f"{name}.output", done)
+            _insert_qdq(
+                graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y, f"{name}.output", done
+            )
     toposort(graph)
     return proto

@@ -35,8 +35,20 @@ from torch import nn
 
 from slimkit.errors import UsageError
 
-__all__ = ["FLOAT_TWIN", "FUSED_RNN", "INTEGER_LAYER", "PACK", "ActivationQuant", "FusedRNN", "IntegerLayer", "find",
-           "handled", "packed_state", "register", "unregister"]
+__all__ = [
+    "FLOAT_TWIN",
+    "FUSED_RNN",
+    "INTEGER_LAYER",
+    "PACK",
+    "ActivationQuant",
+    "FusedRNN",
+    "IntegerLayer",
+    "find",
+    "handled",
+    "packed_state",
+    "register",
+    "unregister",
+]
 
 FLOAT_TWIN = "float_twin"
 INTEGER_LAYER = "integer_layer"
@@ -137,8 +149,10 @@ def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     holds layers that have one (quantized layers as packed integer codes), else the plain state_dict and None."""
     packers = {handler for _, _, handler in handled(PACK, model)}
     if len(packers) > 1:
-        raise UsageError(f"cannot store the model: its layers need {len(packers)} different packings "
-                         f"({', '.join(sorted(getattr(p, '__qualname__', repr(p)) for p in packers))})")
+        raise UsageError(
+            f"cannot store the model: its layers need {len(packers)} different packings "
+            f"({', '.join(sorted(getattr(p, '__qualname__', repr(p)) for p in packers))})"
+        )
     if packers:
         tensors, meta = packers.pop()(model)
         return tensors, meta

@@ -64,11 +64,23 @@ def _quantizer():
     )
 
     extra = {"eps": 2**-12}
-    act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
-                           is_dynamic=False, observer_or_fake_quant_ctr=MinMaxObserver.with_args(**extra))
-    weight = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
-                              ch_axis=0, is_dynamic=False,
-                              observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(**extra))
+    act = QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=MinMaxObserver.with_args(**extra),
+    )
+    weight = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(**extra),
+    )
     quantizer = X86InductorQuantizer()
     quantizer.set_global(QuantizationConfig(act, act, weight, None, False))
     return quantizer
@@ -98,8 +110,9 @@ class TorchInt8Model:
         return f"TorchInt8Model(x86 oneDNN, lowered shapes={sorted(self._lowered)})"
 
 
-def to_torch_int8(model: nn.Module, calib: list[torch.Tensor] | torch.Tensor,
-                  example_input: torch.Tensor) -> TorchInt8Model:
+def to_torch_int8(
+    model: nn.Module, calib: list[torch.Tensor] | torch.Tensor, example_input: torch.Tensor
+) -> TorchInt8Model:
     """Quantize ``model`` (float, or a slimkit fake-quant model) to int8 oneDNN kernels; ``model`` is untouched.
 
     Args:

@@ -30,8 +30,18 @@ from slimkit.history import set_source
 from slimkit.models.weights import WeightsError, load_weights, save_weights
 from slimkit.models.zoo import ZOO, ModelSpec, register
 
-__all__ = ["ZOO", "ModelSpec", "WeightsError", "create", "input_shape", "load_weights", "register", "save_weights",
-           "trusted_factory", "trusting"]
+__all__ = [
+    "ZOO",
+    "ModelSpec",
+    "WeightsError",
+    "create",
+    "input_shape",
+    "load_weights",
+    "register",
+    "save_weights",
+    "trusted_factory",
+    "trusting",
+]
 
 # 'package.module:function': dotted identifiers, one colon, one identifier (no attribute paths, no spaces)
 FACTORY_SPEC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
@@ -95,7 +105,7 @@ def trusting(trust: Iterable[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        del _TRUSTED[len(_TRUSTED) - len(added):]
+        del _TRUSTED[len(_TRUSTED) - len(added) :]
 
 
 def _resolve(spec: str) -> Callable[..., nn.Module]:

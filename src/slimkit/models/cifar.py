@@ -19,16 +19,28 @@ class AlexNetCIFAR(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, fc_width: int = 1024, dropout: float = 0.5):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 192, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Dropout(dropout), nn.Linear(256 * 4 * 4, fc_width), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256 * 4 * 4, fc_width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(fc_width, fc_width),
+            nn.ReLU(inplace=True),
             nn.Linear(fc_width, num_classes),
         )
 
@@ -58,8 +70,11 @@ class VGG(nn.Module):
             if isinstance(item, str):  # "M"
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, item, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(item),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = item
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels, num_classes))

@@ -47,14 +47,20 @@ class LeNet5(nn.Module):
         super().__init__()
         pad = 2 if image_size == 28 else 0
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 6, 5, padding=pad),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         side = ((image_size + 2 * pad - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * side * side, 120), nn.ReLU(inplace=True),
-            nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(16 * side * side, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
             nn.Linear(84, num_classes),
         )
 

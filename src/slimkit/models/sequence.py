@@ -37,16 +37,25 @@ def lstm_rows(hidden: int = 128, layers: int = 1, num_classes: int = 10) -> RowL
 class TinyViT(nn.Module):
     """Patch embedding (a strided conv), class token, learned positions, pre-norm transformer encoder, linear head."""
 
-    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, patch: int = 7, num_classes: int = 10,
-                 in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        patch: int = 7,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ) -> None:
         super().__init__()
         if image_size % patch:
             raise UsageError(f"TinyViT: image_size={image_size} is not a multiple of patch={patch}")
         self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -57,7 +66,14 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.encoder(tokens)[:, 0]))
 
 
-def vit_tiny(dim: int = 64, depth: int = 4, heads: int = 4, patch: int = 7, num_classes: int = 10,
-             in_channels: int = 1, image_size: int = 28) -> TinyViT:
+def vit_tiny(
+    dim: int = 64,
+    depth: int = 4,
+    heads: int = 4,
+    patch: int = 7,
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+) -> TinyViT:
     """ViT: 7x7 patches, dim 64, 4 pre-norm blocks of 4 heads (139,018 params on 28x28 digits)."""
     return TinyViT(dim, depth, heads, patch, num_classes, in_channels, image_size)

@@ -22,7 +22,29 @@ from slimkit.pruning.sensitivity import SensitivityResult, sensitivity
 from slimkit.pruning.sparse import SparseResult, SparsityConfig, SparsityMode, pack_sparse, sparsify, unpack_sparse
 from slimkit.pruning.surgery import register_surgery
 
-__all__ = ["CRITERIA", "Allocation", "Group", "Importance", "PruneConfig", "PruneResult", "SensitivityResult",
-           "SparseResult", "SparsityConfig", "SparsityMode", "Target", "apply_record", "apply_record_", "build_graph",
-           "l1_penalty", "pack_sparse", "prune", "register_graph_handler", "register_importance", "register_surgery",
-           "replay", "sensitivity", "sparsify", "unpack_sparse"]
+__all__ = [
+    "CRITERIA",
+    "Allocation",
+    "Group",
+    "Importance",
+    "PruneConfig",
+    "PruneResult",
+    "SensitivityResult",
+    "SparseResult",
+    "SparsityConfig",
+    "SparsityMode",
+    "Target",
+    "apply_record",
+    "apply_record_",
+    "build_graph",
+    "l1_penalty",
+    "pack_sparse",
+    "prune",
+    "register_graph_handler",
+    "register_importance",
+    "register_surgery",
+    "replay",
+    "sensitivity",
+    "sparsify",
+    "unpack_sparse",
+]

@@ -35,10 +35,10 @@ def measure(model: nn.Module, example_input) -> dict[str, float]:
 
 @dataclass
 class _Entry:
-    kind: str            # dense | through | heads
+    kind: str  # dense | through | heads
     macs: float
-    scaled: float        # params scaling with out*in (dense), with in (through), with heads (heads)
-    out_only: float      # params scaling with out only (biases)
+    scaled: float  # params scaling with out*in (dense), with in (through), with heads (heads)
+    out_only: float  # params scaling with out only (biases)
     fixed: float
     out_group: int | None
     in_parts: list[tuple[int | None, int, int]]  # (group index, channels, block)
@@ -67,15 +67,39 @@ class CostModel:
             params = {k: p.numel() for k, p in module.named_parameters()}
             if name in graph.heads_space:
                 scaled = params.get("in_proj_weight", 0) + params.get("in_proj_bias", 0) + params["out_proj.weight"]
-                entry = _Entry("heads", macs.get(name, 0.0), scaled, 0, params.get("out_proj.bias", 0),
-                               group_index(graph.heads_space[name]), [], 1)
+                entry = _Entry(
+                    "heads",
+                    macs.get(name, 0.0),
+                    scaled,
+                    0,
+                    params.get("out_proj.bias", 0),
+                    group_index(graph.heads_space[name]),
+                    [],
+                    1,
+                )
             elif name in graph.out_space:
                 bias = params.get("bias", 0)
-                entry = _Entry("dense", macs.get(name, 0.0), sum(params.values()) - bias, bias, 0,
-                               group_index(graph.out_space[name]), parts, sum(c * b for _, c, b in parts))
+                entry = _Entry(
+                    "dense",
+                    macs.get(name, 0.0),
+                    sum(params.values()) - bias,
+                    bias,
+                    0,
+                    group_index(graph.out_space[name]),
+                    parts,
+                    sum(c * b for _, c, b in parts),
+                )
             else:
-                entry = _Entry("through", macs.get(name, 0.0) if isinstance(module, CONVS + TRANSPOSED) else 0.0,
-                               sum(params.values()), 0, 0, None, parts, sum(c * b for _, c, b in parts))
+                entry = _Entry(
+                    "through",
+                    macs.get(name, 0.0) if isinstance(module, CONVS + TRANSPOSED) else 0.0,
+                    sum(params.values()),
+                    0,
+                    0,
+                    None,
+                    parts,
+                    sum(c * b for _, c, b in parts),
+                )
             self.entries.append(entry)
         for space, op_macs in graph.head_ops:  # q @ k^T and attn @ v scale with the kept heads
             self.entries.append(_Entry("heads", op_macs, 0, 0, 0, group_index(space), [], 1))
@@ -119,8 +143,16 @@ def _snap(keep: int, units: int, limits: GroupLimits) -> int:
     return min(keep, units)
 
 
-def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLimits], cost: CostModel,
-             rule: str, target: str, amount: float, sensitivity: list | None = None) -> list[int]:
+def allocate(
+    graph: PruneGraph,
+    scores: list[torch.Tensor],
+    limits: list[GroupLimits],
+    cost: CostModel,
+    rule: str,
+    target: str,
+    amount: float,
+    sensitivity: list | None = None,
+) -> list[int]:
     """Units kept per group so that ``target`` (channels/macs/params) is reduced by ``amount``."""
     units = [g.units for g in graph.groups]
     unit = [g.unit for g in graph.groups]
@@ -147,8 +179,10 @@ def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLi
         caps = [1 - lim.min_keep / n for n, lim in zip(units, limits)]
 
         def family(s: float) -> list[int]:
-            return [_snap(n - math.floor(n * min(cap, s * w / top)), n, lim)
-                    for n, w, cap, lim in zip(units, weights, caps, limits)]
+            return [
+                _snap(n - math.floor(n * min(cap, s * w / top)), n, lim)
+                for n, w, cap, lim in zip(units, weights, caps, limits)
+            ]
     elif rule == "sensitivity":
         if sensitivity is None:
             raise UsageError("allocation rule 'sensitivity' needs the per-group sensitivity curves")
@@ -161,6 +195,7 @@ def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLi
                 keep.append(_snap(n - math.floor(n * ratio), n, lim))
             return keep
     else:
+
         def family(s: float) -> list[int]:
             return [_snap(n - math.floor(n * s), n, lim) for n, lim in zip(units, limits)]
 
@@ -183,7 +218,7 @@ def allocate(graph: PruneGraph, scores: list[torch.Tensor], limits: list[GroupLi
     def badness(keep: list[int]) -> tuple:
         off_target = abs(reduction(keep) - amount) > _TOLERANCE
         if rule == "global":  # importance removed (normalized scores of the cut units)
-            return off_target, sum(float(o[:n - k].sum()) for o, n, k in zip(order, units, keep))
+            return off_target, sum(float(o[: n - k].sum()) for o, n, k in zip(order, units, keep))
         # per-layer rules: the deepest over-cut of any group beyond the family's own ratio (minimax)
         over = [(r - k) / n for k, r, n in zip(keep, reference, units)]
         return off_target, max(over, default=0.0), sum(o * o for o in over)
@@ -211,7 +246,7 @@ def _give_back(keep, order, limits, units, reduction, amount, rule: str) -> list
                 loss = max(current - after, 1e-12)
                 key: tuple[float, ...]
                 if rule == "global":
-                    key = (-float(order[i][units[i] - trial[i]:units[i] - k].sum()) / loss,)
+                    key = (-float(order[i][units[i] - trial[i] : units[i] - k].sum()) / loss,)
                 else:
                     key = (-(1 - k / units[i]), loss)
                 moves.append((key, after, trial))
@@ -241,7 +276,7 @@ def _top_up(keep, order, limits, units, reduction, amount, rule: str, slack: flo
                 gain = max(after - current, 1e-12)
                 key: tuple[float, ...]
                 if rule == "global":
-                    lost = float(order[i][units[i] - k:units[i] - k + lim.step].sum())
+                    lost = float(order[i][units[i] - k : units[i] - k + lim.step].sum())
                     key = (lost / gain,)
                 else:
                     key = (1 - trial[i] / units[i], -gain)

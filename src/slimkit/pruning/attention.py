@@ -21,8 +21,15 @@ __all__ = ["PrunedMultiheadAttention", "as_attention", "prune_heads"]
 class PrunedMultiheadAttention(nn.Module):
     """Self/cross attention with ``num_heads`` heads of ``head_dim`` over an ``embed_dim`` residual stream."""
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
         inner = num_heads * head_dim
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
@@ -31,8 +38,17 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         batch, q_len, _ = query.shape
@@ -47,7 +63,7 @@ class PrunedMultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
+            scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
@@ -56,8 +72,9 @@ class PrunedMultiheadAttention(nn.Module):
             out = probs @ v
             weights = probs.mean(1) if average_attn_weights else probs
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None
+            )
         out = self.out_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -67,8 +84,11 @@ class PrunedMultiheadAttention(nn.Module):
 def _additive_mask(attn_mask, key_padding_mask, q, batch, heads):
     mask = None
     if attn_mask is not None:
-        mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(
-            attn_mask, float("-inf"))
+        mask = (
+            attn_mask
+            if attn_mask.dtype != torch.bool
+            else torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+        )
         if mask.dim() == 3:
             mask = mask.view(batch, heads, *mask.shape[-2:])
     if key_padding_mask is not None:
@@ -83,8 +103,10 @@ def _additive_mask(attn_mask, key_padding_mask, q, batch, heads):
 def as_attention(module: nn.Module) -> nn.MultiheadAttention | PrunedMultiheadAttention:
     """``module`` as an attention layer whose heads slimkit can prune, or a ``UsageError`` naming its type."""
     if not isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-        raise UsageError(f"cannot prune the attention heads of {type(module).__name__}: only nn.MultiheadAttention "
-                         "and PrunedMultiheadAttention are supported; name it in PruneConfig.ignore")
+        raise UsageError(
+            f"cannot prune the attention heads of {type(module).__name__}: only nn.MultiheadAttention "
+            "and PrunedMultiheadAttention are supported; name it in PruneConfig.ignore"
+        )
     return module
 
 
@@ -95,13 +117,20 @@ def prune_heads(module: nn.Module, keep: torch.Tensor | None) -> nn.Module:
     attention = as_attention(module)
     head_dim = attention.head_dim
     if len(keep) % head_dim:
-        raise UsageError(f"attention heads are pruned whole: {len(keep)} kept channels is not a multiple of "
-                         f"head_dim={head_dim}")
+        raise UsageError(
+            f"attention heads are pruned whole: {len(keep)} kept channels is not a multiple of head_dim={head_dim}"
+        )
     inner = attention.in_proj_weight.shape[0] // 3
     rows = torch.cat([keep + i * inner for i in range(3)])
     in_bias, out_bias = attention.in_proj_bias, attention.out_proj.bias
-    new = PrunedMultiheadAttention(attention.embed_dim, len(keep) // head_dim, head_dim, attention.dropout,
-                                   in_bias is not None, attention.batch_first)
+    new = PrunedMultiheadAttention(
+        attention.embed_dim,
+        len(keep) // head_dim,
+        head_dim,
+        attention.dropout,
+        in_bias is not None,
+        attention.batch_first,
+    )
     with torch.no_grad():
         new.in_proj_weight.copy_(attention.in_proj_weight[rows])
         new.out_proj.weight.copy_(attention.out_proj.weight[:, keep])

@@ -84,17 +84,22 @@ class PruneConfig(Config):
         if self.sensitivity is not None and not isinstance(self.sensitivity, dict):
             curves = getattr(self.sensitivity, "curves", None)
             if not isinstance(curves, dict):
-                raise InputTypeError(f"sensitivity={type(self.sensitivity).__name__}: give the result of "
-                                "slimkit.pruning.sensitivity(...) or {group: [[ratio, accuracy], ...]}")
+                raise InputTypeError(
+                    f"sensitivity={type(self.sensitivity).__name__}: give the result of "
+                    "slimkit.pruning.sensitivity(...) or {group: [[ratio, accuracy], ...]}"
+                )
             self.sensitivity = curves
         if isinstance(self.finetune, int) and not isinstance(self.finetune, bool):
             if self.finetune < 0:
-                raise UsageError(f"finetune={self.finetune} epochs must be >= 0 (0: prune step by step without "
-                                 "training)")
+                raise UsageError(
+                    f"finetune={self.finetune} epochs must be >= 0 (0: prune step by step without training)"
+                )
             self.finetune = TrainConfig(epochs=self.finetune) if self.finetune else _no_training()
         elif self.finetune is not None and not isinstance(self.finetune, (TrainConfig, dict)):
-            raise InputTypeError(f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
-                            "or a number of epochs")
+            raise InputTypeError(
+                f"finetune={self.finetune!r}: give a slimkit.train.TrainConfig, a dict of its fields "
+                "or a number of epochs"
+            )
         super().__post_init__()
         check_range("amount", self.amount, 0.0, 0.999)
         check_range("max_sparsity", self.max_sparsity, 0.0, 1.0)
@@ -127,9 +132,11 @@ class PruneConfig(Config):
         name a recipe could load back: ``UsageError`` (``strict=False``: its ``__name__``, for records)."""
         data = super().to_dict()
         if strict and callable(self.importance) and _name_of(self.importance) is None:
-            raise UsageError(f"PruneConfig.importance={self.importance_name!r} is a callable that is not registered, "
-                             "so the config cannot be saved; register it with "
-                             "@slimkit.pruning.register_importance('name') and pass the name")
+            raise UsageError(
+                f"PruneConfig.importance={self.importance_name!r} is a callable that is not registered, "
+                "so the config cannot be saved; register it with "
+                "@slimkit.pruning.register_importance('name') and pass the name"
+            )
         data["importance"] = self.importance_name
         if self.finetune is not None and self.finetune.epochs == 0:
             data["finetune"] = 0

@@ -19,8 +19,19 @@ from slimkit.pruning.graph import Group, PruneGraph, build_graph, trace
 from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
 from slimkit.pruning.surgery import apply_plan, decode_indices, encode_indices
 
-__all__ = ["PruneResult", "apply_record", "apply_record_", "compose_records", "compute_gradients", "group_scores",
-           "is_ignored", "matches_any", "plan_edits", "prune_once", "replay"]
+__all__ = [
+    "PruneResult",
+    "apply_record",
+    "apply_record_",
+    "compose_records",
+    "compute_gradients",
+    "group_scores",
+    "is_ignored",
+    "matches_any",
+    "plan_edits",
+    "prune_once",
+    "replay",
+]
 
 RECORD_FORMAT = 1
 
@@ -95,9 +106,11 @@ def plan_edits(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model:
             offset += seg.channels * seg.block
         inn = torch.cat(parts) if changed else None
         if out is not None or inn is not None:
-            plan[name] = {"type": type(model.get_submodule(name)).__name__,
-                          "out": None if out is None else encode_indices(out),
-                          "in": None if inn is None else encode_indices(inn)}
+            plan[name] = {
+                "type": type(model.get_submodule(name)).__name__,
+                "out": None if out is None else encode_indices(out),
+                "in": None if inn is None else encode_indices(inn),
+            }
     for name, (space, dim) in graph.params.items():  # per-channel parameters used in forward (x * self.scale)
         keep = keep_of(space)
         if keep is not None:
@@ -107,20 +120,23 @@ def plan_edits(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model:
         if keep is None:
             continue
         for module, attr, per in group.attrs:
-            edit = plan.setdefault(module, {"type": type(model.get_submodule(module)).__name__, "out": None,
-                                            "in": None})
+            edit = plan.setdefault(
+                module, {"type": type(model.get_submodule(module)).__name__, "out": None, "in": None}
+            )
             edit.setdefault("attrs", {})[attr] = len(keep) // per
     return plan
 
 
-def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, *, train_data=None,
-               loss_fn=None) -> tuple[nn.Module, dict[str, Any]]:
+def prune_once(
+    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, *, train_data=None, loss_fn=None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a deep copy of ``model`` once, by ``cfg.amount`` of ``cfg.target``; returns (model, record)."""
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example_input, tuple(cfg.leaf_modules))
     ignored = [g for g in graph.groups if is_ignored(g, cfg)]
-    kept_intact = list(graph.kept_intact) + [{"group": g.id, "modules": g.names, "reasons": ["ignored by config"]}
-                                             for g in ignored]
+    kept_intact = list(graph.kept_intact) + [
+        {"group": g.id, "modules": g.names, "reasons": ["ignored by config"]} for g in ignored
+    ]
     graph.groups = [g for g in graph.groups if g not in ignored]
     graph.group_of_space = {k: g for k, g in graph.group_of_space.items() if g not in ignored}
     cost = CostModel(work, graph, example_input)
@@ -130,8 +146,10 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     if cfg.amount > 0:
         if not graph.groups:
             reasons = "; ".join(dict.fromkeys(r for k in kept_intact for r in k["reasons"][:1]))
-            raise UsageError(f"cannot remove {cfg.amount:.0%} of the {target}: nothing to prune, every channel "
-                             f"group is ignored or kept intact ({reasons}). Ignore fewer layers")
+            raise UsageError(
+                f"cannot remove {cfg.amount:.0%} of the {target}: nothing to prune, every channel "
+                f"group is ignored or kept intact ({reasons}). Ignore fewer layers"
+            )
         criterion = resolve(cfg.importance, cfg.seed)
         if cfg.importance_name in NEEDS_GRADIENTS:
             compute_gradients(work, train_data, loss_fn, cfg.taylor_batches)
@@ -155,17 +173,27 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
         if not keep_channels:
             raise
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UsageError(f"the pruned {type(model).__name__} fails on the example input ({first}): a tensor the "
-                         "trace could not follow depends on pruned channels. Name the layers around it in "
-                         "PruneConfig.ignore or PruneConfig.leaf_modules") from exc
+        raise UsageError(
+            f"the pruned {type(model).__name__} fails on the example input ({first}): a tensor the "
+            "trace could not follow depends on pruned channels. Name the layers around it in "
+            "PruneConfig.ignore or PruneConfig.leaf_modules"
+        ) from exc
     record: dict[str, Any] = {
         "format": RECORD_FORMAT,
         "config": cfg.to_dict(strict=False),  # an unregistered callable criterion is recorded by its __name__
         "modules": plan,
-        "groups": [{"id": g.id, "size": g.size, "unit": g.unit, "kept": len(keep_channels.get(id(g), range(g.size))),
-                    "keep": encode_indices(keep_channels.get(id(g), torch.arange(g.size))), "members": g.names,
-                    **({"params": [name for name, _ in g.params]} if g.params else {})}
-                   for g in graph.groups],
+        "groups": [
+            {
+                "id": g.id,
+                "size": g.size,
+                "unit": g.unit,
+                "kept": len(keep_channels.get(id(g), range(g.size))),
+                "keep": encode_indices(keep_channels.get(id(g), torch.arange(g.size))),
+                "members": g.names,
+                **({"params": [name for name, _ in g.params]} if g.params else {}),
+            }
+            for g in graph.groups
+        ],
         "kept_intact": kept_intact,
         "before": before,
         "after": after_cost,
@@ -176,14 +204,21 @@ def prune_once(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, 
     if cfg.amount > 0 and target != "channels":
         achieved = record["reduction"][target]
         if abs(achieved - cfg.amount) > cfg.tolerance:
-            raise UsageError(f"could only reach {achieved:.1%} {target} reduction instead of {cfg.amount:.1%}: "
-                             "the channel groups are too coarse; use allocation='global', a smaller round_to or a "
-                             "larger max_sparsity")
+            raise UsageError(
+                f"could only reach {achieved:.1%} {target} reduction instead of {cfg.amount:.1%}: "
+                "the channel groups are too coarse; use allocation='global', a smaller round_to or a "
+                "larger max_sparsity"
+            )
     return work, record
 
 
-def _check_head_splits(model: nn.Module, graph: PruneGraph, keep_channels: dict[int, torch.Tensor],
-                       example_input: torch.Tensor, cfg: PruneConfig) -> None:
+def _check_head_splits(
+    model: nn.Module,
+    graph: PruneGraph,
+    keep_channels: dict[int, torch.Tensor],
+    example_input: torch.Tensor,
+    cfg: PruneConfig,
+) -> None:
     """After rewriting head-count attributes, every head split must see the kept head count (the attribute was
     matched by value, so prove it is the one the reshape reads)."""
     expected: dict[str, tuple[tuple[int, ...], Group]] = {}
@@ -192,7 +227,7 @@ def _check_head_splits(model: nn.Module, graph: PruneGraph, keep_channels: dict[
         keep = None if group is None else keep_channels.get(id(group))
         if group is not None and keep is not None:
             per = shape[dim + 1]
-            expected[node] = (*shape[:dim], len(keep) // per, *shape[dim + 1:]), group
+            expected[node] = (*shape[:dim], len(keep) // per, *shape[dim + 1 :]), group
     if not expected:
         return
     failure = ""
@@ -204,9 +239,11 @@ def _check_head_splits(model: nn.Module, graph: PruneGraph, keep_channels: dict[
         meta = nodes[name].meta.get("tensor_meta") if name in nodes else None
         got = tuple(meta.shape) if meta is not None else f"an error ({failure})" if not nodes else None
         if got != shape:
-            raise UsageError(f"after removing heads of {group.id!r} (attributes {group.attrs}), reshape {name!r} "
-                             f"gives {got} instead of {shape}: the head count it reads is not that attribute. Name "
-                             "the attention module in PruneConfig.leaf_modules or ignore it")
+            raise UsageError(
+                f"after removing heads of {group.id!r} (attributes {group.attrs}), reshape {name!r} "
+                f"gives {got} instead of {shape}: the head count it reads is not that attribute. Name "
+                "the attention module in PruneConfig.leaf_modules or ignore it"
+            )
 
 
 def is_ignored(group: Group, cfg: PruneConfig) -> bool:
@@ -219,9 +256,11 @@ def group_scores(criterion: Callable[[Group], Any], group: Group) -> torch.Tenso
     """``criterion(group)`` as a float tensor, checked: one finite score per unit."""
     scores = torch.as_tensor(criterion(group), dtype=torch.float32).flatten()
     if scores.numel() != group.units or not torch.isfinite(scores).all():
-        raise UsageError(f"importance criterion returned {scores.numel()} scores (finite: "
-                         f"{bool(torch.isfinite(scores).all())}) for group {group.id!r}, which has {group.units} "
-                         "units: return one finite score per unit")
+        raise UsageError(
+            f"importance criterion returned {scores.numel()} scores (finite: "
+            f"{bool(torch.isfinite(scores).all())}) for group {group.id!r}, which has {group.units} "
+            "units: return one finite score per unit"
+        )
     return scores
 
 
@@ -233,9 +272,11 @@ def _check_reachable(graph, limits, cost, cfg, kept_intact) -> None:
     best = 1 - (macs / cost.total_macs if cfg.target.value == "macs" else params / cost.total_params)
     if best < cfg.amount - cfg.tolerance:
         intact = ", ".join(dict.fromkeys(m for k in kept_intact for m in k["modules"][:2]))[:300]
-        raise UsageError(f"cannot remove {cfg.amount:.0%} of the {cfg.target.value}: with max_sparsity="
-                         f"{cfg.max_sparsity} and the ignored/intact layers ({intact or 'none'}) at most "
-                         f"{best:.1%} can go. Lower amount, raise max_sparsity or ignore fewer layers")
+        raise UsageError(
+            f"cannot remove {cfg.amount:.0%} of the {cfg.target.value}: with max_sparsity="
+            f"{cfg.max_sparsity} and the ignored/intact layers ({intact or 'none'}) at most "
+            f"{best:.1%} can go. Lower amount, raise max_sparsity or ignore fewer layers"
+        )
 
 
 def _sensitivity_curves(graph, cfg: PruneConfig):
@@ -243,17 +284,20 @@ def _sensitivity_curves(graph, cfg: PruneConfig):
     if cfg.allocation.value != "sensitivity":
         return None
     if not cfg.sensitivity:
-        raise UsageError("allocation='sensitivity' needs PruneConfig.sensitivity (the result of "
-                         "slimkit.pruning.sensitivity(...)) or val_data passed to prune")
+        raise UsageError(
+            "allocation='sensitivity' needs PruneConfig.sensitivity (the result of "
+            "slimkit.pruning.sensitivity(...)) or val_data passed to prune"
+        )
     curves = []
     for group in graph.groups:
         if group.id not in cfg.sensitivity:
-            raise UsageError(f"sensitivity table has no entry for group {group.id!r}; rerun the analysis on "
-                             "this model")
+            raise UsageError(f"sensitivity table has no entry for group {group.id!r}; rerun the analysis on this model")
         points = sorted((float(r), float(a)) for r, a in cfg.sensitivity[group.id])
         if not points or points[0][0] != 0.0:
-            raise UsageError(f"sensitivity curve of group {group.id!r} lacks the [0, baseline accuracy] point; "
-                             "use slimkit.pruning.sensitivity(...)")
+            raise UsageError(
+                f"sensitivity curve of group {group.id!r} lacks the [0, baseline accuracy] point; "
+                "use slimkit.pruning.sensitivity(...)"
+            )
         curves.append([(r, points[0][1] - a) for r, a in points])
     return curves
 
@@ -271,8 +315,11 @@ def compose_records(first: dict | None, second: dict) -> dict:
     modules = copy.deepcopy(first["modules"])
     for name, edit in second["modules"].items():
         old = modules.get(name, {"type": edit["type"], "out": None, "in": None})
-        modules[name] = {"type": old["type"], "out": _compose(old["out"], edit["out"]),
-                         "in": _compose(old["in"], edit["in"])}
+        modules[name] = {
+            "type": old["type"],
+            "out": _compose(old["out"], edit["out"]),
+            "in": _compose(old["in"], edit["in"]),
+        }
         if "attrs" in old or "attrs" in edit:  # absolute values: the later step wins
             modules[name]["attrs"] = {**old.get("attrs", {}), **edit.get("attrs", {})}
         if "dim" in old or "dim" in edit:  # a per-channel parameter: cut along the same dim every time
@@ -299,8 +346,10 @@ def apply_record_(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
     if not isinstance(record, dict) or "modules" not in record:
         raise UsageError("not a pruning record: expected a dict with 'modules' (PruneResult.record)")
     if record.get("format", RECORD_FORMAT) > RECORD_FORMAT:
-        raise UsageError(f"pruning record format {record['format']} is newer than this slimkit understands "
-                         f"({RECORD_FORMAT}); upgrade slimkit")
+        raise UsageError(
+            f"pruning record format {record['format']} is newer than this slimkit understands "
+            f"({RECORD_FORMAT}); upgrade slimkit"
+        )
     with torch.no_grad():
         return apply_plan(fresh_model, record["modules"])
 

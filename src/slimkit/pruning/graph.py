@@ -39,26 +39,101 @@ TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+    nn.Identity,
 )
 PASS_MODULES = (
-    *ELEMENTWISE_MODULES, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Upsample, nn.ZeroPad2d,
+    *ELEMENTWISE_MODULES,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+    nn.ZeroPad2d,
 )
 ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish,
-    F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.clone,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.dropout,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.clone,
 }
 PASS_FUNCTIONS = ELEMENTWISE_FUNCTIONS | {
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
-    F.avg_pool1d, F.max_pool1d, F.interpolate, F.pad,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.avg_pool2d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.max_pool1d,
+    F.interpolate,
+    F.pad,
 }
-PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach",
-                "sigmoid_", "clamp", "clamp_", "hardtanh_", "exp", "abs", "neg"}
-BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-          torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
+PASS_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "float",
+    "to",
+    "type_as",
+    "detach",
+    "sigmoid_",
+    "clamp",
+    "clamp_",
+    "hardtanh_",
+    "exp",
+    "abs",
+    "neg",
+}
+BINARY = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+}
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 SHAPE_QUERIES = {"size", "dim", "numel"}
 MATMUL = {operator.matmul, torch.matmul}
@@ -95,6 +170,7 @@ class Value:
 
     def moved(self, where: Callable[[int], int]) -> Value:
         """The same layout with every tracked dim ``d`` moved to ``where(d)``."""
+
         def move(d: int | None) -> int | None:
             return None if d is None else where(d)
 
@@ -146,7 +222,7 @@ class PruneGraph:
 
     groups: list[Group]
     kept_intact: list[dict]
-    out_space: dict[str, int]          # module -> space of its output channels (producers)
+    out_space: dict[str, int]  # module -> space of its output channels (producers)
     in_segs: dict[str, tuple[Seg, ...]]  # module -> segments of the channels it reads (consumers, through)
     heads_space: dict[str, int]
     group_of_space: dict[int, Group]
@@ -222,8 +298,9 @@ METHOD_HANDLERS: dict[str, _Handler] = {}
 STAGES = ("node", "tensor", "channels")
 
 
-def register_graph_handler(*keys: object, heads: bool = False,
-                           stage: str = "channels") -> Callable[[GraphHandler], GraphHandler]:
+def register_graph_handler(
+    *keys: object, heads: bool = False, stage: str = "channels"
+) -> Callable[[GraphHandler], GraphHandler]:
     """Teach the pruning graph how channels flow through a module type, a function or a tensor method.
 
     ``keys`` are module classes (``nn.Linear``; a module of a registered class is not traced into, and the handler
@@ -296,7 +373,7 @@ class Walker:
         self.in_segs: dict[str, tuple[Seg, ...]] = {}
         self.heads_space: dict[str, int] = {}
         self.order: dict[int, int] = {}
-        self.copies: dict[int, tuple[int, int]] = {}        # fused producer space -> (heads space, parts)
+        self.copies: dict[int, tuple[int, int]] = {}  # fused producer space -> (heads space, parts)
         self.head_attrs: dict[int, set[tuple[str, str, int]]] = {}
         self.head_ops: list[tuple[int, float]] = []
         self.head_splits: list[tuple[str, int, int, tuple[int, ...]]] = []  # (node, space, heads dim, shape)
@@ -449,7 +526,8 @@ class Walker:
         entry = FUNCTION_HANDLERS.get(node.target) if lookup else None
         fname = _fname(node)
         if not (entry is not None and entry.heads) and any(
-                v.heads for v in self.values_in(node) if isinstance(v, Value)):
+            v.heads for v in self.values_in(node) if isinstance(v, Value)
+        ):
             return self.unknown(node, f"function {fname} on attention heads")
         if entry is not None and entry.stage != "channels":
             return entry.fn(self, node, None)
@@ -501,8 +579,11 @@ class Walker:
         for seg in x.segs:
             offsets.append(offsets[-1] + seg.channels * seg.block)
         if module.in_channels != module.out_channels:
-            return self.unknown(node, f"grouped {kind} {name!r} with in_channels {module.in_channels} != "
-                                      f"out_channels {module.out_channels} (groups={module.groups}, kept intact)")
+            return self.unknown(
+                node,
+                f"grouped {kind} {name!r} with in_channels {module.in_channels} != "
+                f"out_channels {module.out_channels} (groups={module.groups}, kept intact)",
+            )
         if per > 1 and any(s.block != 1 or s.channels % per or o % per for s, o in zip(x.segs, offsets)):
             return self.unknown(node, f"grouped {kind} {name!r} whose groups straddle concatenated inputs")
         self.read(name, x, "through")
@@ -518,8 +599,12 @@ class Walker:
         shape = self.dims(node.args[0])
         embed = Value(len(shape) - 1, (Seg(self.sp.new(module.embed_dim, reason), module.embed_dim),))
         weights = Value(None, ())
-        if (getattr(module, "_qkv_same_embed_dim", True) and getattr(module, "bias_k", None) is None
-                and not getattr(module, "add_zero_attn", False) and module.num_heads > 1):
+        if (
+            getattr(module, "_qkv_same_embed_dim", True)
+            and getattr(module, "bias_k", None) is None
+            and not getattr(module, "add_zero_attn", False)
+            and module.num_heads > 1
+        ):
             inner = module.num_heads * module.head_dim
             self.new_producer(name, inner, len(shape) - 1, role="heads", unit=module.head_dim)
         return (embed, weights)
@@ -533,7 +618,7 @@ class Walker:
             return Value(x.dim - (end - start), x.segs)
         if x.dim != start:
             return self.unknown(node, "flatten that interleaves channels")
-        inner = math.prod(shape[start + 1:end + 1])
+        inner = math.prod(shape[start + 1 : end + 1])
         return Value(start, tuple(Seg(s.space, s.channels, s.block * inner) for s in x.segs))
 
     def reshape(self, node: fx.Node, x: Value, sizes: Any) -> Value | None:
@@ -542,7 +627,7 @@ class Walker:
         if x.heads:
             return self.merge_heads(node, x, sizes, src, dst)
         literal = sizes[c] if len(sizes) > c else None
-        if dst[:c + 1] == src[:c + 1]:
+        if dst[: c + 1] == src[: c + 1]:
             if isinstance(literal, int) and literal != -1:
                 return self.unknown(node, f"reshape with a literal channel count {literal}")
             if isinstance(literal, fx.Node) and not self.follows(literal, x):
@@ -550,7 +635,7 @@ class Walker:
             return x
         # merge of dims [c, e] into one (a flatten written as view/reshape)
         for end in range(c + 1, len(src)):
-            if dst == (*src[:c], math.prod(src[c:end + 1]), *src[end + 1:]):
+            if dst == (*src[:c], math.prod(src[c : end + 1]), *src[end + 1 :]):
                 if isinstance(literal, int) and literal != -1:
                     return self.unknown(node, f"reshape with a literal feature count {literal}")
                 return self.flatten(node, x, src, c, end)
@@ -560,13 +645,14 @@ class Walker:
         split = self.split_heads(node, x, sizes, src, dst)
         return split if split is not None else self.unknown(node, f"reshape {src} -> {dst} that splits channels")
 
-    def unit_dims(self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...],
-                  dst: tuple[int, ...]) -> Value | None:
+    def unit_dims(
+        self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...], dst: tuple[int, ...]
+    ) -> Value | None:
         """A reshape that only adds or removes dims of size 1 (``scale.view(1, -1, 1, 1)``): the channels move to
         the matching dim. ``None`` when the reshape does more."""
         if src[x.dim] == 1 or [n for n in src if n != 1] != [n for n in dst if n != 1]:
             return None
-        rank = sum(n != 1 for n in src[:x.dim])
+        rank = sum(n != 1 for n in src[: x.dim])
         c = [d for d, n in enumerate(dst) if n != 1][rank]
         literal = sizes[c] if len(sizes) == len(dst) else None
         if isinstance(literal, int) and literal != -1:
@@ -584,7 +670,8 @@ class Walker:
         elif arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
             base = arg.args[0]
             if (base.op == "call_function" and base.target is getattr and base.args[1:] == ("shape",)) or (
-                    base.op == "call_method" and base.target == "size" and len(base.args) == 1):
+                base.op == "call_method" and base.target == "size" and len(base.args) == 1
+            ):
                 src, idx = base.args[0], arg.args[1]
         value = self.env.get(src) if isinstance(src, fx.Node) else None
         if not isinstance(value, Value) or value.heads or value.chdim is None or not isinstance(idx, int):
@@ -653,26 +740,39 @@ class Walker:
             found = [k for k in found if k in HEAD_COUNT_NAMES]
         return (owner, found[0]) if len(found) == 1 else None
 
-    def split_heads(self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...],
-                    dst: tuple[int, ...]) -> Value | None:
+    def split_heads(
+        self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...], dst: tuple[int, ...]
+    ) -> Value | None:
         """``reshape(B, N, [parts,] heads, head_dim)`` of a projection's output: a heads value, or None."""
         c, k = x.dim, len(dst) - len(src) + 1
-        if (k not in (2, 3) or len(x.segs) != 1 or x.segs[0].block != 1 or dst[:c] != src[:c]
-                or dst[c + k:] != src[c + 1:] or len(sizes) != len(dst)):
+        if (
+            k not in (2, 3)
+            or len(x.segs) != 1
+            or x.segs[0].block != 1
+            or dst[:c] != src[:c]
+            or dst[c + k :] != src[c + 1 :]
+            or len(sizes) != len(dst)
+        ):
             return None
         parts, heads, head_dim = (dst[c] if k == 3 else 1), dst[c + k - 2], dst[c + k - 1]
         p_arg, h_arg, d_arg = (sizes[c] if k == 3 else 1), sizes[c + k - 2], sizes[c + k - 1]
         if any(isinstance(a, fx.Node) or not isinstance(a, int) for a in (p_arg, h_arg, d_arg)):
-            return self.unknown(node, f"reshape into attention heads with a computed size {sizes} (write the "
-                                      "head count and head_dim as module attributes or -1)")
+            return self.unknown(
+                node,
+                f"reshape into attention heads with a computed size {sizes} (write the "
+                "head count and head_dim as module attributes or -1)",
+            )
         if heads == 1 or head_dim == 1:
             return None
         attr = None
         if h_arg != -1:
             attr = self.head_count_attr(node, heads)
             if attr is None:
-                return self.unknown(node, f"reshape with a literal head count {heads} that is no int attribute "
-                                          "of the module (cannot be rewritten)")
+                return self.unknown(
+                    node,
+                    f"reshape with a literal head count {heads} that is no int attribute "
+                    "of the module (cannot be rewritten)",
+                )
         space = x.segs[0].space
         if parts > 1:
             target = self.sp.new(heads * head_dim, unit=head_dim)
@@ -686,20 +786,25 @@ class Walker:
         seg = (Seg(target, heads * head_dim),)
         return Value(c + k - 2, seg, True, c + k - 1, c if k == 3 else None)
 
-    def merge_heads(self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...],
-                    dst: tuple[int, ...]) -> Value | None:
+    def merge_heads(
+        self, node: fx.Node, x: Value, sizes: Any, src: tuple[int, ...], dst: tuple[int, ...]
+    ) -> Value | None:
         """``(..., heads, head_dim, ...) -> (..., heads * head_dim, ...)`` back into channels."""
         c = x.dim
-        if x.hdim != c + 1 or x.pdim is not None or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2:]):
+        if x.hdim != c + 1 or x.pdim is not None or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2 :]):
             return self.unknown(node, f"reshape {src} -> {dst} of attention heads")
         arg = sizes[c] if len(sizes) > c else None
         if arg != -1:
-            return self.unknown(node, f"reshape of attention heads back to a fixed width ({arg}); write -1 so "
-                                      "the width follows the kept heads")
+            return self.unknown(
+                node,
+                f"reshape of attention heads back to a fixed width ({arg}); write -1 so "
+                "the width follows the kept heads",
+            )
         return Value(c, x.segs)
 
-    def heads_binary(self, node: fx.Node, tensors: list[tuple[fx.Node, Value]], out_shape: tuple[int, ...],
-                     where: str) -> Value | None:
+    def heads_binary(
+        self, node: fx.Node, tensors: list[tuple[fx.Node, Value]], out_shape: tuple[int, ...], where: str
+    ) -> Value | None:
         base = next((v for a, v in tensors if v.heads and len(self.dims(a)) == len(out_shape)), None)
         if base is None:
             return self.unknown(node, f"{where} broadcasting attention heads")
@@ -707,14 +812,18 @@ class Walker:
             shape = self.dims(arg)
             if value is base:
                 continue
-            if value.heads and len(shape) == len(out_shape) and (value.chdim, value.hdim, value.pdim) == (
-                    base.chdim, base.hdim, base.pdim):
+            if (
+                value.heads
+                and len(shape) == len(out_shape)
+                and (value.chdim, value.hdim, value.pdim) == (base.chdim, base.hdim, base.pdim)
+            ):
                 for a, b in zip(base.segs, value.segs):
                     self.sp.union(a.space, b.space, f"{where} ({node.name})")
                 continue
             lead = len(out_shape) - len(shape)
-            if value.heads or any(d is not None and d - lead >= 0 and shape[d - lead] != 1
-                                  for d in (base.chdim, base.hdim, base.pdim)):
+            if value.heads or any(
+                d is not None and d - lead >= 0 and shape[d - lead] != 1 for d in (base.chdim, base.hdim, base.pdim)
+            ):
                 return self.unknown(node, f"{where} mixing attention heads with other channels")
         return base
 
@@ -725,14 +834,23 @@ class Walker:
         sa, sb, out = self.dims(node.args[0]), self.dims(node.args[1]), self.dims(node)
         nd = len(out)
         batch = nd - 2
-        ok = (len(sa) == len(sb) == nd and a.chdim == b.chdim and a.chdim is not None and a.chdim < batch
-              and a.pdim is None is b.pdim)
-        a_free = a.hdim == nd - 2       # head_dim survives on the rows of a
-        b_free = b.hdim == nd - 1       # ... or on the columns of b
+        ok = (
+            len(sa) == len(sb) == nd
+            and a.chdim == b.chdim
+            and a.chdim is not None
+            and a.chdim < batch
+            and a.pdim is None is b.pdim
+        )
+        a_free = a.hdim == nd - 2  # head_dim survives on the rows of a
+        b_free = b.hdim == nd - 1  # ... or on the columns of b
         contracted = (a.hdim == nd - 1, b.hdim == nd - 2)
-        if not ok or contracted[0] != contracted[1] or (a_free and b_free) or (
-                a.hdim is not None and not (a_free or contracted[0])) or (
-                b.hdim is not None and not (b_free or contracted[1])):
+        if (
+            not ok
+            or contracted[0] != contracted[1]
+            or (a_free and b_free)
+            or (a.hdim is not None and not (a_free or contracted[0]))
+            or (b.hdim is not None and not (b_free or contracted[1]))
+        ):
             return self.unknown(node, f"{where} of attention heads in an unsupported layout")
         for x, y in zip(a.segs, b.segs):
             self.sp.union(x.space, y.space, f"{where} ({node.name})")
@@ -744,8 +862,11 @@ class Walker:
         extra = any(isinstance(v, fx.Node) for v in [*node.kwargs.values(), *node.args[3:]])
         nd = len(self.dims(node))
         values = [v for v in found if v is not None]
-        if extra or len(values) != len(found) or any(not v.heads or v.hdim != nd - 1 or v.pdim is not None or
-                                                     v.chdim != values[0].chdim for v in values):
+        if (
+            extra
+            or len(values) != len(found)
+            or any(not v.heads or v.hdim != nd - 1 or v.pdim is not None or v.chdim != values[0].chdim for v in values)
+        ):
             return self.unknown(node, "scaled_dot_product_attention (with a mask, or not on attention heads)")
         for v in values[1:]:
             self.sp.union(values[0].segs[0].space, v.segs[0].space, f"scaled_dot_product_attention ({node.name})")
@@ -773,7 +894,8 @@ class Walker:
             return self.unknown(node, "indexing")
         if source.heads:
             if any(i != slice(None) for pos, i in enumerate(index) if pos in (source.chdim, source.hdim)) or (
-                    source.pdim is not None and source.pdim < len(index) and not isinstance(index[source.pdim], int)):
+                source.pdim is not None and source.pdim < len(index) and not isinstance(index[source.pdim], int)
+            ):
                 return self.unknown(node, "indexing into attention heads")
             dropped = [pos for pos, i in enumerate(index) if isinstance(i, int)]
             out = source.moved(lambda d: d - sum(p < d for p in dropped))
@@ -828,7 +950,6 @@ class Walker:
             return self.unknown(node, "reduction over channels")
         keep = len(self.dims(node)) == ndim
         return Value(x.chdim if keep else x.chdim - sum(d < x.chdim for d in dims), x.segs)
-
 
 
 # -- the built-in handlers: how channels flow through torch's own layers, functions and methods ------------------
@@ -954,8 +1075,9 @@ def _cat(walker: Walker, node: fx.Node, x: Value | None) -> object:
 
 @register_graph_handler(torch.flatten)
 def _flatten(walker: Walker, node: fx.Node, x: Value | None) -> object:
-    return walker.flatten(node, _channels(x), walker.dims(node.args[0]), _arg(node, 1, "start_dim", 0),
-                          _arg(node, 2, "end_dim", -1))
+    return walker.flatten(
+        node, _channels(x), walker.dims(node.args[0]), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+    )
 
 
 @register_graph_handler(torch.reshape, heads=True)
@@ -1006,8 +1128,9 @@ def _matmul_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
 
 @register_graph_handler("flatten")
 def _flatten_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
-    return walker.flatten(node, _channels(x), walker.dims(node.args[0]), _arg(node, 1, "start_dim", 0),
-                          _arg(node, 2, "end_dim", -1))
+    return walker.flatten(
+        node, _channels(x), walker.dims(node.args[0]), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+    )
 
 
 @register_graph_handler("view", "reshape", heads=True)
@@ -1048,8 +1171,12 @@ class _Tracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if (qualname in self.leaves or type(m).__name__ in self.leaves or isinstance(m, PrunedMultiheadAttention)
-                or type(m) in MODULE_HANDLERS):  # a registered module type is handled whole, not traced into
+        if (
+            qualname in self.leaves
+            or type(m).__name__ in self.leaves
+            or isinstance(m, PrunedMultiheadAttention)
+            or type(m) in MODULE_HANDLERS
+        ):  # a registered module type is handled whole, not traced into
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -1062,7 +1189,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...]
         raise UsageError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {_first_line(exc)}). Make the "
             "control flow independent of tensor values, or name the offending submodule in "
-            "PruneConfig.leaf_modules so it is kept intact") from exc
+            "PruneConfig.leaf_modules so it is kept intact"
+        ) from exc
     gm = fx.GraphModule(model, graph)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     prop = _ShapeProp(gm)
@@ -1071,9 +1199,11 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...]
             prop.propagate(*inputs)
     except Exception as exc:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
-        raise UsageError(f"{type(model).__name__} fails on the example input of shape "
-                         f"{shapes[0] if len(shapes) == 1 else shapes}{_where(model, prop.current)}: "
-                         f"{_first_line(exc.__cause__ or exc)}. Pass an input of the shape the model expects") from exc
+        raise UsageError(
+            f"{type(model).__name__} fails on the example input of shape "
+            f"{shapes[0] if len(shapes) == 1 else shapes}{_where(model, prop.current)}: "
+            f"{_first_line(exc.__cause__ or exc)}. Pass an input of the shape the model expects"
+        ) from exc
     return gm
 
 
@@ -1118,29 +1248,55 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
     groups: list[Group] = []
     group_of_space: dict[int, Group] = {}
     kept: list[dict[str, Any]] = []
-    roots = sorted({sp.find(s) for s in walker.order}, key=lambda r: min(
-        walker.order[s] for s in walker.order if sp.find(s) == r))
+    roots = sorted(
+        {sp.find(s) for s in walker.order}, key=lambda r: min(walker.order[s] for s in walker.order if sp.find(s) == r)
+    )
     for root in roots:
         members = sp.members[root]
         producers = [m for m in members if m.role in ("out", "heads")]
         gid = f"{producers[0].module}:{producers[0].role}"
         params = [(name, dim) for name, (space, dim) in walker.params.items() if sp.find(space) == root]
         if root in sp.frozen:
-            kept.append({"group": gid, "modules": list(dict.fromkeys(m.module for m in members)),
-                         "reasons": sp.frozen[root], **({"params": [p for p, _ in params]} if params else {})})
+            kept.append(
+                {
+                    "group": gid,
+                    "modules": list(dict.fromkeys(m.module for m in members)),
+                    "reasons": sp.frozen[root],
+                    **({"params": [p for p, _ in params]} if params else {}),
+                }
+            )
             continue
         attrs = sorted({a for space, found in walker.head_attrs.items() if sp.find(space) == root for a in found})
-        group = Group(gid, sp.size[root], sp.unit[root], members,
-                      {m.module: walker.modules[m.module] for m in members}, attrs, params)
+        group = Group(
+            gid,
+            sp.size[root],
+            sp.unit[root],
+            members,
+            {m.module: walker.modules[m.module] for m in members},
+            attrs,
+            params,
+        )
         groups.append(group)
         group_of_space[root] = group
     for root, reasons in sp.frozen.items():
         used = [name for name, (space, _) in walker.params.items() if sp.find(space) == root]
-        if root not in roots and (used or any(not r.startswith(("model input", "model output", "embedding dim"))
-                                              for r in reasons)):
+        if root not in roots and (
+            used or any(not r.startswith(("model input", "model output", "embedding dim")) for r in reasons)
+        ):
             kept.append({"group": None, "modules": [], "reasons": reasons, **({"params": used} if used else {})})
-    return PruneGraph(groups, kept, walker.out_space, walker.in_segs, walker.heads_space, group_of_space, sp.find,
-                      out_copies, walker.head_ops, walker.head_splits, walker.params)
+    return PruneGraph(
+        groups,
+        kept,
+        walker.out_space,
+        walker.in_segs,
+        walker.heads_space,
+        group_of_space,
+        sp.find,
+        out_copies,
+        walker.head_ops,
+        walker.head_splits,
+        walker.params,
+    )
 
 
 def _tensor_dims(walker: Walker, owner: str, attr: str, fused: dict[str, int]) -> dict[int, tuple[Seg, ...]] | None:
@@ -1173,8 +1329,9 @@ def _tie_shared(walker: Walker, fused: dict[str, int], is_leaf) -> None:
             continue
         for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is not None:
-                uses.setdefault(id(tensor), []).append((f"{owner}.{attr}" if owner else attr,
-                                                        _tensor_dims(walker, owner, attr, fused)))
+                uses.setdefault(id(tensor), []).append(
+                    (f"{owner}.{attr}" if owner else attr, _tensor_dims(walker, owner, attr, fused))
+                )
     for target, found in walker.attr_uses.items():
         try:
             tensor = walker.model.get_parameter(target)
@@ -1192,8 +1349,11 @@ def _tie_shared(walker: Walker, fused: dict[str, int], is_leaf) -> None:
                 for segs in (found or {}).values():
                     walker.freeze(Value(0, segs), f"{where} (kept intact)")
                 owner = name.rpartition(".")[0]
-                spaces = [walker.out_space.get(owner), walker.heads_space.get(owner),
-                          *(s.space for s in walker.in_segs.get(owner, ()))]
+                spaces = [
+                    walker.out_space.get(owner),
+                    walker.heads_space.get(owner),
+                    *(s.space for s in walker.in_segs.get(owner, ())),
+                ]
                 for space in (s for s in spaces if s is not None):
                     walker.sp.freeze(space, f"{where} (kept intact)")
             continue

@@ -33,6 +33,7 @@ def register_importance(name: str) -> Callable[[Criterion], Criterion]:
         ... def bias_l1(group):
         ...     return group_slices(group, ("out",))[-1].abs().sum(1)
     """
+
     def wrap(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
         return fn
@@ -83,8 +84,12 @@ def _member_slices(module: nn.Module, member: Member, size: int, attr: str) -> l
     return out
 
 
-def group_slices(group: Group, roles: tuple[str, ...] = ("out", "in", "through", "heads"),
-                 attr: str = "data", types: tuple[type, ...] | None = None) -> list[torch.Tensor]:
+def group_slices(
+    group: Group,
+    roles: tuple[str, ...] = ("out", "in", "through", "heads"),
+    attr: str = "data",
+    types: tuple[type, ...] | None = None,
+) -> list[torch.Tensor]:
     """The group's parameters as ``(units, k)`` matrices, one per member (filtered by role / module type)."""
     result = []
     for member in group.members:
@@ -125,8 +130,9 @@ def l2(group: Group) -> torch.Tensor:
 def fpgm(group: Group) -> torch.Tensor:
     """Filter pruning via geometric median (He et al. 2019): a unit whose filters are close to all others
     (small summed distance, i.e. near the geometric median) is replaceable, so it scores low."""
-    filters = _cat(group_slices(group, ("out", "heads", "through"), types=(*CONVS, nn.Linear, nn.MultiheadAttention)),
-                   group)
+    filters = _cat(
+        group_slices(group, ("out", "heads", "through"), types=(*CONVS, nn.Linear, nn.MultiheadAttention)), group
+    )
     return torch.cdist(filters, filters).sum(1)
 
 
@@ -138,7 +144,7 @@ def bn_scale(group: Group) -> torch.Tensor:
     for m in group.members:
         module = group.modules[m.module]
         if m.role == "through" and isinstance(module, norms) and module.weight is not None:
-            gammas.append(module.weight.detach()[m.offset:m.offset + group.size])
+            gammas.append(module.weight.detach()[m.offset : m.offset + group.size])
     if not gammas:
         return l2(group)
     return torch.stack([g.float().abs().view(group.units, -1).sum(1) for g in gammas]).sum(0)
@@ -153,7 +159,6 @@ def taylor(group: Group) -> torch.Tensor:
     if not weights:
         return torch.zeros(group.units)
     return _add((w * g).sum(1) for w, g in zip(weights, grads)).pow(2)
-
 
 
 class RandomImportance:
@@ -179,14 +184,19 @@ def resolve(importance: str | Criterion, seed: int = 0) -> Criterion:
     if name == "random":
         return RandomImportance(seed)
     if name not in CRITERIA:
-        raise UsageError(f"importance={name!r} is not known; choose one of {', '.join(sorted(CRITERIA))} "
-                         "or pass a callable (group) -> scores")
+        raise UsageError(
+            f"importance={name!r} is not known; choose one of {', '.join(sorted(CRITERIA))} "
+            "or pass a callable (group) -> scores"
+        )
     return CRITERIA[name]
 
 
 def l1_penalty(model: nn.Module, strength: float = 1e-4) -> torch.Tensor:
     """``strength * sum |gamma|`` over the BatchNorm layers: add it to the training loss before ``bn_scale``
     pruning (network slimming) so that unimportant channels are pushed to zero."""
-    norms = [m.weight for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight is not None]
+    norms = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight is not None
+    ]
     return strength * _add(w.abs().sum() for w in norms) if norms else torch.zeros(())

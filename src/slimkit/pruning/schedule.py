@@ -38,12 +38,15 @@ def _check_input(model: nn.Module, config: PruneConfig, example_input) -> None:
     if not isinstance(config, PruneConfig):
         raise InputTypeError(f"prune: config must be a slimkit.PruneConfig, got {type(config).__name__}")
     if not isinstance(example_input, torch.Tensor):
-        raise InputTypeError(f"prune: example_input must be a tensor batch (e.g. torch.zeros(1, 3, 32, 32)), got "
-                        f"{type(example_input).__name__}")
+        raise InputTypeError(
+            f"prune: example_input must be a tensor batch (e.g. torch.zeros(1, 3, 32, 32)), got "
+            f"{type(example_input).__name__}"
+        )
 
 
-def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, train_data=None, val_data=None, *,
-          loss_fn=None) -> PruneResult:
+def prune(
+    model: nn.Module, config: PruneConfig, example_input: torch.Tensor, train_data=None, val_data=None, *, loss_fn=None
+) -> PruneResult:
     """Structured pruning of a copy of ``model``; the caller's model is untouched.
 
     Args:
@@ -63,8 +66,15 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, tr
     if config.allocation.value == "sensitivity" and not config.sensitivity and val_data is not None:
         from slimkit.pruning.sensitivity import sensitivity
 
-        table = sensitivity(model, example_input, val_data, importance=config.importance, ignore=config.ignore,
-                            leaf_modules=config.leaf_modules, train_data=train_data)
+        table = sensitivity(
+            model,
+            example_input,
+            val_data,
+            importance=config.importance,
+            ignore=config.ignore,
+            leaf_modules=config.leaf_modules,
+            train_data=train_data,
+        )
         config = dataclasses.replace(config, sensitivity=table.curves)
     iterative = config.steps > 1 or (config.finetune is not None and train_data is not None)
     if not iterative:
@@ -86,8 +96,10 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
     if folder is not None and (folder / "state.json").exists():
         state = json.loads((folder / "state.json").read_text())
         if state.get("config") != _fingerprint(cfg):
-            raise UsageError(f"checkpoint folder {folder} belongs to a different PruneConfig; use another "
-                             "checkpoint_dir or delete it")
+            raise UsageError(
+                f"checkpoint folder {folder} belongs to a different PruneConfig; use another "
+                "checkpoint_dir or delete it"
+            )
         if state["record"] is not None:
             current = apply_record_(copy.deepcopy(model), state["record"])
             load_weights(current, folder / "current.safetensors")
@@ -98,22 +110,37 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
     with progress_bar(finetune.progress) as bar:
         task = bar.add_task("prune", total=cfg.steps, info="", completed=state["done"])
         for index in range(state["done"], cfg.steps):
-            done = 0.0 if not state["record"] else (
-                targets[index - 1] if cfg.target.value == "channels" else state["record"]["reduction"][_metric(cfg)])
+            done = (
+                0.0
+                if not state["record"]
+                else (
+                    targets[index - 1] if cfg.target.value == "channels" else state["record"]["reduction"][_metric(cfg)]
+                )
+            )
             relative = 1 - (1 - targets[index]) / (1 - done)
-            step_cfg = dataclasses.replace(cfg, amount=min(max(relative, 0.0), 0.999), steps=1, finetune=None,
-                                           tolerance=cfg.tolerance / (1 - done))
+            step_cfg = dataclasses.replace(
+                cfg, amount=min(max(relative, 0.0), 0.999), steps=1, finetune=None, tolerance=cfg.tolerance / (1 - done)
+            )
             pruned, record = prune_once(current, step_cfg, example_input, train_data=train_data, loss_fn=loss_fn)
             if train_data is not None and finetune.epochs > 0:
                 fit(pruned, train_data, val_data, finetune, loss_fn=loss_fn)
             combined = compose_records(state["record"], record)
             accuracy = evaluate(pruned, val_data).accuracy if val_data is not None else None
-            entry = {"step": index + 1, "target": targets[index], "macs_reduction": combined["reduction"]["macs"],
-                     "params_reduction": combined["reduction"]["params"], "accuracy": accuracy,
-                     "drop": None if accuracy is None or baseline is None else baseline - accuracy}
+            entry = {
+                "step": index + 1,
+                "target": targets[index],
+                "macs_reduction": combined["reduction"]["macs"],
+                "params_reduction": combined["reduction"]["params"],
+                "accuracy": accuracy,
+                "drop": None if accuracy is None or baseline is None else baseline - accuracy,
+            }
             state["log"].append(entry)
-            bar.update(task, advance=1, description=f"prune step {index + 1}/{cfg.steps}",
-                       info=f"-{entry['macs_reduction']:.0%} MACs acc {accuracy}")
+            bar.update(
+                task,
+                advance=1,
+                description=f"prune step {index + 1}/{cfg.steps}",
+                info=f"-{entry['macs_reduction']:.0%} MACs acc {accuracy}",
+            )
             limit = cfg.max_accuracy_drop
             if limit is not None and entry["drop"] is not None and entry["drop"] > limit:
                 entry["stopped"] = f"drop {entry['drop']:.2f} > max_accuracy_drop {cfg.max_accuracy_drop}"
@@ -125,12 +152,19 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
                 save_weights(current, folder / "current.safetensors")
                 write_text(folder / "state.json", json.dumps(state, indent=1))
     if best_model is model:
-        best_model, best_record = copy.deepcopy(model), prune_once(
-            model, dataclasses.replace(cfg, amount=0.0, steps=1, finetune=None), example_input)[1]
+        best_model, best_record = (
+            copy.deepcopy(model),
+            prune_once(model, dataclasses.replace(cfg, amount=0.0, steps=1, finetune=None), example_input)[1],
+        )
     if best_record is None:  # a checkpoint whose best step is not its last finished one (slimkit writes none)
         raise UsageError(f"checkpoint folder {folder} records no pruned model for its best step; delete it")
-    record = dict(best_record, steps=state["log"], baseline_accuracy=baseline, stopped_early=stopped,
-                  config=cfg.to_dict(strict=False))
+    record = dict(
+        best_record,
+        steps=state["log"],
+        baseline_accuracy=baseline,
+        stopped_early=stopped,
+        config=cfg.to_dict(strict=False),
+    )
     return PruneResult(record_step(best_model, model, "prune", record), record, state["log"])
 
 

@@ -50,8 +50,13 @@ class SensitivityResult:
         for group, pts in self.curves.items():
             acc = dict((r, a) for r, a in pts)
             rows.append([group, self.units.get(group, ""), *(f"{acc[r]:.2f}" if r in acc else "" for r in ratios)])
-        return render(make_table(f"sensitivity (accuracy %, baseline {self.baseline:.2f})",
-                                 ["group", "units", *(f"{r:.0%}" for r in ratios)], rows))
+        return render(
+            make_table(
+                f"sensitivity (accuracy %, baseline {self.baseline:.2f})",
+                ["group", "units", *(f"{r:.0%}" for r in ratios)],
+                rows,
+            )
+        )
 
     def plot(self, path: str | Path) -> Path:
         """Accuracy versus ratio, one line per group, as a PNG (matplotlib, imported here)."""
@@ -72,8 +77,18 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Pat
     return save_png(fig, path)
 
 
-def sensitivity(model: nn.Module, example_input: torch.Tensor, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9),
-                groups=None, *, importance="l2", ignore=(), leaf_modules=(), train_data=None) -> SensitivityResult:
+def sensitivity(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    val_data,
+    ratios=(0.1, 0.3, 0.5, 0.7, 0.9),
+    groups=None,
+    *,
+    importance="l2",
+    ignore=(),
+    leaf_modules=(),
+    train_data=None,
+) -> SensitivityResult:
     """Accuracy of ``model`` on ``val_data`` when each group alone is pruned at each ratio (no fine-tuning).
 
     Args:

@@ -87,8 +87,7 @@ def sparsify(model: nn.Module, config: SparsityConfig) -> SparseResult:
     if not isinstance(config, SparsityConfig):
         raise InputTypeError(f"sparsify: config must be a SparsityConfig, got {type(config).__name__}")
     new = copy.deepcopy(model)
-    layers = {name: m for name, m in new.named_modules()
-              if isinstance(m, LAYERS) and not matches(name, config.ignore)}
+    layers = {name: m for name, m in new.named_modules() if isinstance(m, LAYERS) and not matches(name, config.ignore)}
     skipped = {}
     if config.mode is SparsityMode.NM:
         for name, layer in list(layers.items()):
@@ -97,8 +96,10 @@ def sparsify(model: nn.Module, config: SparsityConfig) -> SparseResult:
                 skipped[name] = f"{inputs} inputs per output are not a multiple of m={config.m}"
                 del layers[name]
     if not layers:
-        raise UsageError("sparsify: no Conv/Linear layer left to sparsify (all ignored or incompatible: "
-                         f"{skipped or config.ignore}); ignore fewer layers")
+        raise UsageError(
+            "sparsify: no Conv/Linear layer left to sparsify (all ignored or incompatible: "
+            f"{skipped or config.ignore}); ignore fewer layers"
+        )
     with torch.no_grad():
         if config.mode is SparsityMode.GLOBAL:
             pooled = torch.cat([lay.weight.abs().flatten() for lay in layers.values()])
@@ -118,10 +119,14 @@ def sparsify(model: nn.Module, config: SparsityConfig) -> SparseResult:
             w.masked_fill_(~keep, 0.0)  # not mul_: that leaves -0.0, whose sign bit would be stored
             stats[name] = 1 - int(keep.sum()) / keep.numel()
     total = sum(layers[n].weight.numel() for n in stats)
-    record = {"config": config.to_dict(), "layers": stats, "skipped": skipped,
-              "sparsity": sum(s * layers[n].weight.numel() for n, s in stats.items()) / total,
-              "note": "zeros are stored densely in the module: dense kernels are not faster; use pack_sparse to "
-                      "shrink the file"}
+    record = {
+        "config": config.to_dict(),
+        "layers": stats,
+        "skipped": skipped,
+        "sparsity": sum(s * layers[n].weight.numel() for n, s in stats.items()) / total,
+        "note": "zeros are stored densely in the module: dense kernels are not faster; use pack_sparse to "
+        "shrink the file",
+    }
     return SparseResult(record_step(new, model, "sparsify", record), record)
 
 
@@ -165,14 +170,18 @@ def unpack_sparse(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             try:
                 values, shape = packed[base + VALUES], torch.Size(packed[base + SHAPE].tolist())
             except KeyError as err:
-                raise UsageError(f"unpack_sparse: {base!r} has a mask but no {err.args[0]!r}: the file is not "
-                                 "from pack_sparse or is truncated") from None
+                raise UsageError(
+                    f"unpack_sparse: {base!r} has a mask but no {err.args[0]!r}: the file is not "
+                    "from pack_sparse or is truncated"
+                ) from None
             numel = shape.numel()
             bits = (t[:, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
             nonzero = bits.flatten()[:numel].bool()
             if int(nonzero.sum()) != values.numel():
-                raise UsageError(f"unpack_sparse: {base!r} mask has {int(nonzero.sum())} bits set but "
-                                 f"{values.numel()} values are stored: corrupted file")
+                raise UsageError(
+                    f"unpack_sparse: {base!r} mask has {int(nonzero.sum())} bits set but "
+                    f"{values.numel()} values are stored: corrupted file"
+                )
             dense = torch.zeros(numel, dtype=values.dtype)
             dense[nonzero] = values
             out[base] = dense.reshape(shape)

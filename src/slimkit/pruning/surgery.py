@@ -51,8 +51,10 @@ def _grouped(module, keep):
     indices for input and output; dim 0 of the weight is per channel for Conv and ConvTranspose alike."""
     per = module.in_channels // module.groups
     if len(keep) % per or not torch.equal(keep.view(-1, per) % per, torch.arange(per).expand(len(keep) // per, -1)):
-        raise UsageError(f"grouped {type(module).__name__} (groups={module.groups}) is pruned by whole groups of "
-                         f"{per} channels; got {len(keep)} kept channels that split a group")
+        raise UsageError(
+            f"grouped {type(module).__name__} (groups={module.groups}) is pruned by whole groups of "
+            f"{per} channels; got {len(keep)} kept channels that split a group"
+        )
     _take(module.weight, keep, 0)
     _take(module.bias, keep, 0)
     module.in_channels = module.out_channels = len(keep)
@@ -92,8 +94,9 @@ def _linear(module, out_keep, in_keep):
     return module
 
 
-@register_surgery(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                  nn.InstanceNorm3d)
+@register_surgery(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d
+)
 def _batch_norm(module, out_keep, in_keep):
     for t in (module.weight, module.bias, module.running_mean, module.running_var):
         _take(t, in_keep, 0)
@@ -133,7 +136,7 @@ def _attention(module, out_keep, in_keep):
 def encode_indices(index: torch.Tensor | list[int]) -> list[list[int]]:
     """Sorted indices as ``[[start, stop), ...]`` runs (flatten blocks and untouched spans stay tiny in JSON)."""
     runs: list[list[int]] = []
-    for i in (index.tolist() if isinstance(index, torch.Tensor) else index):
+    for i in index.tolist() if isinstance(index, torch.Tensor) else index:
         if runs and runs[-1][1] == i:
             runs[-1][1] = i + 1
         else:
@@ -180,17 +183,23 @@ def _cut_tensor(model: nn.Module, name: str, edit: dict, cut: dict[int, torch.Te
     tensor = _tensor_at(model, name)
     dim = edit.get("dim")
     if tensor is None or not isinstance(dim, int) or not 0 <= dim < tensor.ndim or edit.get("in") is None:
-        raise UsageError(f"the pruning record cuts tensor {name!r} along dim {dim!r}, which this model does not "
-                         "have: apply the record to the same architecture it was made on")
+        raise UsageError(
+            f"the pruning record cuts tensor {name!r} along dim {dim!r}, which this model does not "
+            "have: apply the record to the same architecture it was made on"
+        )
     keep = decode_indices(edit["in"])
     size = cut[id(tensor)].shape[dim] if id(tensor) in cut else tensor.shape[dim]
     if keep.numel() and int(keep.max()) >= size:
-        raise UsageError(f"the pruning record keeps index {int(keep.max())} of {name!r}, which has {size} along "
-                         f"dim {dim}: apply the record to the same architecture it was made on")
+        raise UsageError(
+            f"the pruning record keeps index {int(keep.max())} of {name!r}, which has {size} along "
+            f"dim {dim}: apply the record to the same architecture it was made on"
+        )
     if id(tensor) in cut:  # shared with a layer cut before: it must have been cut the same way
         if not torch.equal(cut[id(tensor)].index_select(dim, keep), tensor):
-            raise UsageError(f"tensor {name!r} is shared with a layer that was pruned differently; keep them "
-                             "intact (PruneConfig.ignore)")
+            raise UsageError(
+                f"tensor {name!r} is shared with a layer that was pruned differently; keep them "
+                "intact (PruneConfig.ignore)"
+            )
         return
     cut[id(tensor)] = tensor.detach().clone()
     _take(tensor, keep, dim)
@@ -209,20 +218,26 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise UsageError(f"the pruning record names module {name!r}, which this model does not have: "
-                             "apply the record to the same architecture it was made on") from None
+            raise UsageError(
+                f"the pruning record names module {name!r}, which this model does not have: "
+                "apply the record to the same architecture it was made on"
+            ) from None
         for attr, value in (edit.get("attrs") or {}).items():
             if not isinstance(getattr(module, attr, None), int):
-                raise UsageError(f"the pruning record sets {name}.{attr}, which is not an int attribute of "
-                                 f"{type(module).__name__}: apply the record to the same architecture")
+                raise UsageError(
+                    f"the pruning record sets {name}.{attr}, which is not an int attribute of "
+                    f"{type(module).__name__}: apply the record to the same architecture"
+                )
             setattr(module, attr, int(value))
         if edit.get("out") is None and edit.get("in") is None:
             continue
         handler = next((fn for cls, fn in SURGERY.items() if type(module) is cls), None)
         handler = handler or next((fn for cls, fn in SURGERY.items() if isinstance(module, cls)), None)
         if handler is None:
-            raise InputTypeError(f"no channel surgery for {type(module).__name__} ({name!r}); register one with "
-                            "slimkit.pruning.surgery.register_surgery")
+            raise InputTypeError(
+                f"no channel surgery for {type(module).__name__} ({name!r}); register one with "
+                "slimkit.pruning.surgery.register_surgery"
+            )
         out_keep = decode_indices(edit["out"]) if edit.get("out") is not None else None
         in_keep = decode_indices(edit["in"]) if edit.get("in") is not None else None
         # a shared tensor already cut by another layer: this layer's surgery cuts a stand-in copy of the original,
@@ -240,8 +255,10 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
         new = handler(module, out_keep, in_keep)
         for store, attr, tensor, stand_in in stand_ins:
             if store.get(attr) is not stand_in or not torch.equal(stand_in, tensor):
-                raise UsageError(f"{name}.{attr} is shared with a layer that was pruned differently; keep them intact "
-                                 "(PruneConfig.ignore) or untie them")
+                raise UsageError(
+                    f"{name}.{attr} is shared with a layer that was pruned differently; keep them intact "
+                    "(PruneConfig.ignore) or untie them"
+                )
             store[attr] = tensor
         if new is not module:
             set_module(model, name, new)

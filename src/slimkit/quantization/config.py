@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from torch import nn
 
 from slimkit._modules import matches
-from slimkit.config import Config, check_range, check_type
+from slimkit.config import Config, check_range, check_type, nearest, short_repr
 from slimkit.errors import UsageError
 from slimkit.quantization.math import Granularity, ObserverKind
 
-__all__ = ["LayerSpec", "Method", "QuantConfig", "Scheme", "plan_layers", "quantizable", "unsupported"]
+__all__ = [
+    "LayerSpec",
+    "Method",
+    "PTQSettings",
+    "QATSettings",
+    "QuantConfig",
+    "Scheme",
+    "plan_layers",
+    "quantizable",
+    "unsupported",
+]
 
 
 class Method(str, enum.Enum):
@@ -31,11 +42,128 @@ class Scheme(str, enum.Enum):
 
 
 OVERRIDE_KEYS = {"weight_bits", "act_bits", "scheme", "granularity", "group_size"}
+S = TypeVar("S", "PTQSettings", "QATSettings")
+V = TypeVar("V")
+
+
+class _Unset(enum.Enum):
+    """The default of a flat keyword: "not given" (``None`` is a value of ``max_batches`` and
+    ``freeze_observer_epoch``)."""
+
+    UNSET = 0
+
+
+UNSET = _Unset.UNSET
 
 
 @dataclass
+class PTQSettings(Config):
+    """What only ``method="ptq"`` reads, after calibration.
+
+    Args:
+        bias_correction: remove the mean output shift caused by weight rounding.
+        adaround: learn each uniform weight's rounding (up or down) layer by layer to reconstruct the float layer's
+            output on the calibration data (AdaRound; ``adaround.py``); needs ``method="ptq"``.
+        adaround_iters, adaround_lr: AdaRound's optimizer steps per layer and its Adam learning rate.
+    """
+
+    bias_correction: bool = True
+    adaround: bool = False
+    adaround_iters: int = 300
+    adaround_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("adaround_lr", self.adaround_lr, 0.0, 10.0, low_open=True)
+        if self.adaround_iters < 1:
+            raise UsageError(f"adaround_iters={self.adaround_iters} must be >= 1")
+
+
+@dataclass
+class QATSettings(Config):
+    """What only ``method="qat"`` reads: the training run (Adam; the best epoch on ``val_data`` is kept).
+
+    Args:
+        epochs, lr, max_batches: QAT training (``max_batches``: batches per epoch, None for all).
+        lsq: learn the quantizers' step sizes (LSQ) instead of re-deriving them from min-max.
+        freeze_bn_epoch: BN statistics freeze from this epoch on (0: frozen throughout).
+        freeze_observer_epoch: quantizer ranges (LSQ steps, min-max weight scales) freeze from this epoch on
+            (None: never).
+    """
+
+    epochs: int = 3
+    lr: float = 1e-3
+    max_batches: int | None = None
+    lsq: bool = True
+    freeze_bn_epoch: int = 1
+    freeze_observer_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs < 0:
+            raise UsageError(f"epochs={self.epochs} must be >= 1 (QAT epochs)")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise UsageError(f"max_batches={self.max_batches} must be >= 1 (or None: every batch)")
+        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        for name in ("freeze_bn_epoch", "freeze_observer_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"{name}={value} must be >= 0 (an epoch index)")
+
+
+#: the flat spellings ``QuantConfig`` takes for its sections' fields (``QuantConfig(adaround=True, epochs=3)``)
+PTQ_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PTQSettings))
+QAT_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(QATSettings))
+
+
+def _section(cls: type[S], name: str, given: Any, flat: dict[str, Any]) -> S | Any:
+    """The section ``name`` (``given``: a settings object, a mapping of its fields or None) with the flat keys applied
+    on top; always a new object, so two configs never share a section.
+
+    Flat values are type-checked here so a bad one is named as a ``QuantConfig`` field (``QuantConfig.epochs=2.7:
+    expected int``); ranges are then checked by the section itself.
+    """
+    hints = typing.get_type_hints(cls)
+    checked = {key: check_type(f"QuantConfig.{key}", value, hints[key]) for key, value in flat.items()}
+    if given is None:
+        return cls(**checked)
+    if isinstance(given, dict):
+        try:
+            return cls.from_dict({**given, **checked})
+        except UsageError as exc:
+            raise UsageError(f"QuantConfig.{name}: {exc}") from None
+    if isinstance(given, cls):
+        return dataclasses.replace(given, **checked)
+    return given  # not a settings object: the field's type check names it
+
+
+class _SectionField(Generic[V]):
+    """``QuantConfig.<name>`` reads and writes ``QuantConfig.<section>.<name>`` (the flat spelling of before)."""
+
+    def __init__(self, section: str) -> None:
+        self.section = section
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @typing.overload
+    def __get__(self, obj: None, owner: type) -> _SectionField[V]: ...
+
+    @typing.overload
+    def __get__(self, obj: QuantConfig, owner: type) -> V: ...
+
+    def __get__(self, obj: QuantConfig | None, owner: type) -> V | _SectionField[V]:
+        if obj is None:
+            return self
+        return typing.cast(V, getattr(getattr(obj, self.section), self.name))
+
+    def __set__(self, obj: QuantConfig, value: V) -> None:
+        setattr(getattr(obj, self.section), self.name, value)
+
+
+@dataclass(init=False)
 class QuantConfig(Config):
-    """What to quantize and how.
+    """What to quantize and how: the fields every method reads, then one section per method.
 
     Args:
         weight_bits: 1 (binary), 2 (ternary with ``scheme="ternary"``) .. 8.
@@ -44,21 +172,34 @@ class QuantConfig(Config):
             ``qat`` (quantization-aware training on the data passed to ``quantize``).
         scheme: ``symmetric`` / ``affine`` uniform weights, ``ternary`` (TWN) or ``binary`` (scaled sign).
         granularity, group_size: weight scales per tensor, per output channel or per group of input elements.
-        observer: activation range estimator: minmax, moving_average, percentile, mse, histogram (KL).
+        observer: activation range estimator: minmax, moving_average, percentile, mse, histogram (KL); PTQ
+            calibrates with it, QAT starts its ranges from it.
         overrides: ``{name or "re:pattern": {"weight_bits": 4, ...}}`` per layer.
         ignore: layer names or ``re:`` patterns kept in float.
         keep_first_last_8bit: first and last quantized layers use 8-bit symmetric weights (standard practice).
-        calibration_batches, batch_size: calibration data used (``batch_size`` also for QAT).
-        bias_correction: PTQ removes the mean output shift caused by weight rounding.
-        adaround, adaround_iters, adaround_lr: PTQ learns each uniform weight's rounding (up or down) layer by
-            layer to reconstruct the float layer's output on the calibration data (AdaRound; ``adaround.py``).
-        epochs, lr, max_batches: QAT training; ``lsq`` learns step sizes; BN statistics freeze from
-            ``freeze_bn_epoch`` on (0: frozen throughout); quantizer ranges (LSQ steps, min-max weight scales)
-            freeze from ``freeze_observer_epoch`` on (None: never).
+        calibration_batches, batch_size: calibration data used by PTQ and QAT (``batch_size`` also for QAT's
+            training).
+        fold_bn: fold BatchNorm into the preceding conv (PTQ before calibration, QAT after training).
+        seed: AdaRound's batch sampling and QAT's training.
+        ptq: ``PTQSettings`` (or a mapping of its fields): ``bias_correction``, ``adaround``, ``adaround_iters``,
+            ``adaround_lr``.
+        qat: ``QATSettings`` (or a mapping of its fields): ``epochs``, ``lr``, ``max_batches``, ``lsq``,
+            ``freeze_bn_epoch``, ``freeze_observer_epoch``.
+        bias_correction, ..., freeze_observer_epoch: flat spellings of the section fields (keyword only, as in
+            recipes); they are applied on top of ``ptq`` / ``qat``. ``config.epochs`` reads and writes
+            ``config.qat.epochs``.
+
+    ``to_dict`` writes the nested form (``{"weight_bits": 8, ..., "ptq": {...}, "qat": {"epochs": 3, ...}}``);
+    ``from_dict`` reads it and the flat one (``{"method": "qat", "epochs": 3}``).
 
     Example:
-        >>> QuantConfig(weight_bits=2, scheme="ternary", method="qat", epochs=3).weight_bits
-        2
+        >>> cfg = QuantConfig(weight_bits=2, scheme="ternary", method="qat", epochs=3)
+        >>> cfg.qat.epochs, cfg.epochs
+        (3, 3)
+        >>> cfg == QuantConfig(weight_bits=2, scheme="ternary", method="qat", qat=QATSettings(epochs=3))
+        True
+        >>> QuantConfig.from_dict(cfg.to_dict()) == cfg
+        True
     """
 
     weight_bits: int = 8
@@ -73,62 +214,137 @@ class QuantConfig(Config):
     keep_first_last_8bit: bool = True
     calibration_batches: int = 16
     batch_size: int = 64
-    bias_correction: bool = True
-    adaround: bool = False
-    adaround_iters: int = 300
-    adaround_lr: float = 1e-2
     fold_bn: bool = True
-    epochs: int = 3
-    lr: float = 1e-3
-    max_batches: int | None = None
-    lsq: bool = True
-    freeze_bn_epoch: int = 1
-    freeze_observer_epoch: int | None = None
     seed: int = 0
+    ptq: PTQSettings = field(default_factory=PTQSettings)
+    qat: QATSettings = field(default_factory=QATSettings)
+
+    # the flat spellings of the section fields (not dataclass fields: no annotation)
+    bias_correction = _SectionField[bool]("ptq")
+    adaround = _SectionField[bool]("ptq")
+    adaround_iters = _SectionField[int]("ptq")
+    adaround_lr = _SectionField[float]("ptq")
+    epochs = _SectionField[int]("qat")
+    lr = _SectionField[float]("qat")
+    max_batches = _SectionField["int | None"]("qat")
+    lsq = _SectionField[bool]("qat")
+    freeze_bn_epoch = _SectionField[int]("qat")
+    freeze_observer_epoch = _SectionField["int | None"]("qat")
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        act_bits: int | None = 8,
+        method: Method | str = Method.PTQ,
+        scheme: Scheme | str = Scheme.SYMMETRIC,
+        granularity: Granularity | str = Granularity.PER_CHANNEL,
+        group_size: int = 0,
+        observer: ObserverKind | str = ObserverKind.MINMAX,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        ignore: tuple[str, ...] | list[str] | str = (),
+        keep_first_last_8bit: bool = True,
+        calibration_batches: int = 16,
+        batch_size: int = 64,
+        fold_bn: bool = True,
+        seed: int = 0,
+        ptq: PTQSettings | dict[str, Any] | None = None,
+        qat: QATSettings | dict[str, Any] | None = None,
+        *,
+        bias_correction: bool | _Unset = UNSET,
+        adaround: bool | _Unset = UNSET,
+        adaround_iters: int | _Unset = UNSET,
+        adaround_lr: float | _Unset = UNSET,
+        epochs: int | _Unset = UNSET,
+        lr: float | _Unset = UNSET,
+        max_batches: int | None | _Unset = UNSET,
+        lsq: bool | _Unset = UNSET,
+        freeze_bn_epoch: int | _Unset = UNSET,
+        freeze_observer_epoch: int | None | _Unset = UNSET,
+    ) -> None:
+        flat_ptq = {
+            "bias_correction": bias_correction,
+            "adaround": adaround,
+            "adaround_iters": adaround_iters,
+            "adaround_lr": adaround_lr,
+        }
+        flat_qat = {
+            "epochs": epochs,
+            "lr": lr,
+            "max_batches": max_batches,
+            "lsq": lsq,
+            "freeze_bn_epoch": freeze_bn_epoch,
+            "freeze_observer_epoch": freeze_observer_epoch,
+        }
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.method = typing.cast(Method, method)  # coerced (and checked) by Config.__post_init__
+        self.scheme = typing.cast(Scheme, scheme)
+        self.granularity = typing.cast(Granularity, granularity)
+        self.group_size = group_size
+        self.observer = typing.cast(ObserverKind, observer)
+        self.overrides = {} if overrides is None else overrides
+        self.ignore = typing.cast("tuple[str, ...]", ignore)
+        self.keep_first_last_8bit = keep_first_last_8bit
+        self.calibration_batches = calibration_batches
+        self.batch_size = batch_size
+        self.fold_bn = fold_bn
+        self.seed = seed
+        self.ptq = _section(PTQSettings, "ptq", ptq, {k: v for k, v in flat_ptq.items() if v is not UNSET})
+        self.qat = _section(QATSettings, "qat", qat, {k: v for k, v in flat_qat.items() if v is not UNSET})
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.weight_bits == 1 and self.scheme is Scheme.SYMMETRIC:
             self.scheme = Scheme.BINARY  # 1 bit means binary (scaled sign)
         _check_bits(self.weight_bits, self.act_bits, self.scheme, "QuantConfig")
-        if self.method is Method.DYNAMIC and ((self.weight_bits, self.act_bits, self.scheme) != (8, 8, Scheme.SYMMETRIC)
-                                              or self.granularity is Granularity.PER_GROUP):
-            raise UsageError("method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8, "
-                             "scheme='symmetric' and per-channel or per-tensor scales (got "
-                             f"{self.weight_bits}, {self.act_bits}, {self.scheme.value!r}, "
-                             f"{self.granularity.value!r}); "
-                             "use method='ptq' or 'qat' for other settings")
+        if self.method is Method.DYNAMIC and (
+            (self.weight_bits, self.act_bits, self.scheme) != (8, 8, Scheme.SYMMETRIC)
+            or self.granularity is Granularity.PER_GROUP
+        ):
+            raise UsageError(
+                "method='dynamic' runs int8 kernels: it needs weight_bits=8, act_bits=8, "
+                "scheme='symmetric' and per-channel or per-tensor scales (got "
+                f"{self.weight_bits}, {self.act_bits}, {self.scheme.value!r}, "
+                f"{self.granularity.value!r}); "
+                "use method='ptq' or 'qat' for other settings"
+            )
         if self.granularity is Granularity.PER_GROUP and self.group_size < 1:
             raise UsageError(f"granularity='per_group' needs group_size >= 1, got {self.group_size}")
         if self.calibration_batches < 1:
             raise UsageError(f"calibration_batches={self.calibration_batches} must be >= 1")
         if self.batch_size < 1:
             raise UsageError(f"batch_size={self.batch_size} must be >= 1")
-        if self.epochs < 0 or (self.method is Method.QAT and self.epochs < 1):
-            raise UsageError(f"epochs={self.epochs} must be >= 1 (QAT epochs)")
+        if self.method is Method.QAT and self.qat.epochs < 1:
+            raise UsageError(f"epochs={self.qat.epochs} must be >= 1 (QAT epochs)")
         if self.group_size < 0:
             raise UsageError(f"group_size={self.group_size} must be >= 0")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise UsageError(f"max_batches={self.max_batches} must be >= 1 (or None: every batch)")
-        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
-        check_range("adaround_lr", self.adaround_lr, 0.0, 10.0, low_open=True)
-        if self.adaround_iters < 1:
-            raise UsageError(f"adaround_iters={self.adaround_iters} must be >= 1")
-        if self.adaround and self.method is not Method.PTQ:
-            raise UsageError(f"adaround=True needs method='ptq' (got {self.method.value!r}); QAT learns the "
-                             "weights themselves")
-        for name in ("freeze_bn_epoch", "freeze_observer_epoch"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UsageError(f"{name}={value} must be >= 0 (an epoch index)")
+        if self.ptq.adaround and self.method is not Method.PTQ:
+            raise UsageError(
+                f"adaround=True needs method='ptq' (got {self.method.value!r}); QAT learns the weights themselves"
+            )
         for key, spec in self.overrides.items():
             if not isinstance(spec, dict):
                 raise UsageError(f"overrides[{key!r}] must be a dict like {{'weight_bits': 4}}, got {spec!r}")
             unknown = set(spec) - OVERRIDE_KEYS
             if unknown:
-                raise UsageError(f"overrides[{key!r}]: unknown keys {sorted(map(str, unknown))}; "
-                                 f"allowed {sorted(OVERRIDE_KEYS)}")
+                raise UsageError(
+                    f"overrides[{key!r}]: unknown keys {sorted(map(str, unknown))}; allowed {sorted(OVERRIDE_KEYS)}"
+                )
             self.overrides[key] = _override_spec(key, spec)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> QuantConfig:
+        """Build from a mapping of the fields, nested (``qat: {epochs: 3}``) or flat (``epochs: 3``) or both."""
+        if data is not None and not isinstance(data, dict):
+            raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
+        names = {f.name for f in dataclasses.fields(cls)} | set(PTQ_KEYS) | set(QAT_KEYS)
+        for key in data or {}:
+            if not isinstance(key, str):
+                raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")
+            if key not in names:
+                raise UsageError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
+        return cls(**(data or {}))
 
 
 def _override_spec(key: str, spec: dict[str, Any]) -> dict[str, Any]:

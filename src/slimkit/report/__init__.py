@@ -74,26 +74,55 @@ def summary_rows(metrics: dict[str, Any]) -> list[list[str]]:
         return f"{b[key] / max(f[key], 1):.2f}x smaller"
 
     rows = [
-        ["validation accuracy (%)", f"{b['accuracy']:.2f}", f"{f['accuracy']:.2f}",
-         f"{f['accuracy'] - b['accuracy']:+.2f} pt"],
+        [
+            "validation accuracy (%)",
+            f"{b['accuracy']:.2f}",
+            f"{f['accuracy']:.2f}",
+            f"{f['accuracy'] - b['accuracy']:+.2f} pt",
+        ],
         ["params", human(b["params"]), human(f["params"]), ratio("params")],
         ["MACs", human(b["macs"]), human(f["macs"]), ratio("macs")],
         ["bytes on disk", human(b["size_bytes"], "B"), human(f["size_bytes"], "B"), ratio("size_bytes")],
     ]
     if "test_accuracy" in b and "test_accuracy" in f:
         after = f.get("deployed_test_accuracy", f["test_accuracy"])
-        rows.insert(1, ["test accuracy, deployed (%)", f"{b['test_accuracy']:.2f}", f"{after:.2f}",
-                        f"{after - b['test_accuracy']:+.2f} pt"])
+        rows.insert(
+            1,
+            [
+                "test accuracy, deployed (%)",
+                f"{b['test_accuracy']:.2f}",
+                f"{after:.2f}",
+                f"{after - b['test_accuracy']:+.2f} pt",
+            ],
+        )
     if "deployed_accuracy" in f:
-        rows.append(["validation accuracy, deployed ONNX (%)", f"{b['accuracy']:.2f}", f"{f['deployed_accuracy']:.2f}",
-                     f"{f['deployed_accuracy'] - b['accuracy']:+.2f} pt"])
-        rows.append(["deployed ONNX file", human(b["size_bytes"], "B"), human(f["deployed_bytes"], "B"),
-                     f"{b['size_bytes'] / max(f['deployed_bytes'], 1):.2f}x smaller"])
+        rows.append(
+            [
+                "validation accuracy, deployed ONNX (%)",
+                f"{b['accuracy']:.2f}",
+                f"{f['deployed_accuracy']:.2f}",
+                f"{f['deployed_accuracy'] - b['accuracy']:+.2f} pt",
+            ]
+        )
+        rows.append(
+            [
+                "deployed ONNX file",
+                human(b["size_bytes"], "B"),
+                human(f["deployed_bytes"], "B"),
+                f"{b['size_bytes'] / max(f['deployed_bytes'], 1):.2f}x smaller",
+            ]
+        )
     for bs, before_ms in b.get("latency_ms", {}).items():
         after_ms = f.get("latency_ms", {}).get(bs)
         if after_ms:
-            rows.append([f"latency batch {bs} (ms)", f"{before_ms:.3f}", f"{after_ms:.3f}",
-                         f"{before_ms / after_ms:.2f}x faster"])
+            rows.append(
+                [
+                    f"latency batch {bs} (ms)",
+                    f"{before_ms:.3f}",
+                    f"{after_ms:.3f}",
+                    f"{before_ms / after_ms:.2f}x faster",
+                ]
+            )
     return rows
 
 
@@ -109,9 +138,11 @@ def _html_table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-CSS = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-       "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.5em 0}")
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.5em 0}"
+)
 
 
 def write_report(path: str | os.PathLike, *, trust: Iterable[str] = ()) -> Path:
@@ -131,8 +162,18 @@ def write_report(path: str | os.PathLike, *, trust: Iterable[str] = ()) -> Path:
     steps = metrics.get("steps", [])
     header = ["metric", "before", "after", "change"]
     summary = summary_rows(metrics)
-    step_rows = [[s["kind"], s["status"], f"{s['accuracy']:.2f}", human(s["params"]), human(s["macs"]),
-                  human(s["size_bytes"], "B"), "; ".join(s.get("notes", []))] for s in steps]
+    step_rows = [
+        [
+            s["kind"],
+            s["status"],
+            f"{s['accuracy']:.2f}",
+            human(s["params"]),
+            human(s["macs"]),
+            human(s["size_bytes"], "B"),
+            "; ".join(s.get("notes", [])),
+        ]
+        for s in steps
+    ]
     step_header = ["step", "outcome", "accuracy (%)", "params", "MACs", "on disk", "notes"]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -150,20 +191,37 @@ def write_report(path: str | os.PathLike, *, trust: Iterable[str] = ()) -> Path:
             charts.append(("Pruning sensitivity", plots.sensitivity(curves, tmp / "sensitivity.png")))
         title = f"slimkit report: {manifest['source']['factory']} ({metrics.get('recipe', {}).get('name', 'custom')})"
         parity = metrics.get("parity")
-        parity_line = (f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, top-1 agreement "
-                       f"{100 * parity['top1_agreement']:.2f}% of {parity['count']} inputs" if parity else "")
-        md = [f"# {title}", "", _md_table(header, summary), "", "## Steps", "", _md_table(step_header, step_rows), "",
-              parity_line, ""]
+        parity_line = (
+            f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, top-1 agreement "
+            f"{100 * parity['top1_agreement']:.2f}% of {parity['count']} inputs"
+            if parity
+            else ""
+        )
+        md = [
+            f"# {title}",
+            "",
+            _md_table(header, summary),
+            "",
+            "## Steps",
+            "",
+            _md_table(step_header, step_rows),
+            "",
+            parity_line,
+            "",
+        ]
         md += [f"## {caption}\n\n![{caption}]({png.name})\n" for caption, png in charts]
         (tmp / "report.md").write_text("\n".join(md))
         images = "".join(
             f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
-            f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" for caption, png in charts
+            f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>"
+            for caption, png in charts
         )
-        page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{_html_table(header, summary)}"
-                f"<h2>Steps</h2>{_html_table(step_header, step_rows)}<p>{html.escape(parity_line)}</p>{images}"
-                "</body></html>")
+        page = (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{_html_table(header, summary)}"
+            f"<h2>Steps</h2>{_html_table(step_header, step_rows)}<p>{html.escape(parity_line)}</p>{images}"
+            "</body></html>"
+        )
         (tmp / "report.html").write_text(page)
         files: dict[str, str | os.PathLike] = {p.name: p for p in tmp.iterdir()}
         update(folder, files=files)

@@ -13,5 +13,16 @@ from slimkit.tuning.results import SearchResult, SearchStudy
 from slimkit.tuning.saving import load_model
 from slimkit.tuning.study import search
 
-__all__ = ["Pruner", "Sampler", "SearchConfig", "SearchResult", "SearchStudy", "best_index", "dominates",
-           "feasible_front", "load_model", "pareto_front", "search"]
+__all__ = [
+    "Pruner",
+    "Sampler",
+    "SearchConfig",
+    "SearchResult",
+    "SearchStudy",
+    "best_index",
+    "dominates",
+    "feasible_front",
+    "load_model",
+    "pareto_front",
+    "search",
+]

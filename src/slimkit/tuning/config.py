@@ -94,8 +94,9 @@ class SearchConfig(Config):
         if not self.study_name:
             raise UsageError("study_name must not be empty")
         if not isinstance(self.space, (dict, str)):
-            raise InputTypeError(f"space must be a dict of name -> spec or a preset name, "
-                                 f"got {type(self.space).__name__}")
+            raise InputTypeError(
+                f"space must be a dict of name -> spec or a preset name, got {type(self.space).__name__}"
+            )
         self.out = str(self.out)
 
     @property

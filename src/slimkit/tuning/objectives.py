@@ -16,8 +16,7 @@ from torch import nn
 from slimkit.config import nearest
 from slimkit.errors import UsageError
 
-__all__ = ["OBJECTIVES", "LatencyCache", "Measurer", "accuracy_threshold", "architecture_signature",
-           "check_objectives"]
+__all__ = ["OBJECTIVES", "LatencyCache", "Measurer", "accuracy_threshold", "architecture_signature", "check_objectives"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,9 @@ def check_objectives(names: Sequence[str]) -> tuple[str, ...]:
         raise UsageError(f"objectives is empty; choose from {', '.join(OBJECTIVES)}")
     for name in names:
         if name not in OBJECTIVES:
-            raise UsageError(f"unknown objective {name!r}; {nearest(str(name), OBJECTIVES)} "
-                             f"(objectives: {', '.join(OBJECTIVES)})")
+            raise UsageError(
+                f"unknown objective {name!r}; {nearest(str(name), OBJECTIVES)} (objectives: {', '.join(OBJECTIVES)})"
+            )
     if len(set(names)) != len(names):
         raise UsageError(f"objectives {names} repeat a name")
     return names
@@ -61,8 +61,10 @@ def architecture_signature(model: nn.Module) -> str:
     dtypes. Two models with the same signature run the same kernels on the same shapes."""
     parts = []
     for name, module in model.named_modules():
-        tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in
-                   [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        tensors = [
+            (n, tuple(t.shape), str(t.dtype))
+            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        ]
         parts.append((name, type(module).__module__ + "." + type(module).__qualname__, module.extra_repr(), tensors))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -102,9 +104,19 @@ class Measurer:
     ``baseline_ms``: the input model's latency measured before (a study stores it so that every worker and every
     resumed run scales by the same number); measured on first use when None."""
 
-    def __init__(self, baseline: nn.Module, val_data: Any, example_input: torch.Tensor, objectives: Sequence[str],
-                 *, latency_batch: int = 64, threads: int = 2, cache: LatencyCache | None = None,
-                 macs: bool = True, baseline_ms: float | None = None) -> None:
+    def __init__(
+        self,
+        baseline: nn.Module,
+        val_data: Any,
+        example_input: torch.Tensor,
+        objectives: Sequence[str],
+        *,
+        latency_batch: int = 64,
+        threads: int = 2,
+        cache: LatencyCache | None = None,
+        macs: bool = True,
+        baseline_ms: float | None = None,
+    ) -> None:
         self.baseline, self.val_data, self.example = baseline, val_data, example_input
         self.objectives = tuple(objectives)
         self.latency_batch, self.threads = latency_batch, threads
@@ -119,8 +131,17 @@ class Measurer:
             # the lowest of three medians: a burst of load from other processes must not scale every latency
             # this study reports (they are all baseline_ms x a side-by-side ratio)
             self._baseline_ms = min(
-                measure_latency(self.baseline, self.example, (self.latency_batch,), threads=self.threads,
-                                repeats=30, max_seconds=2.0)[self.latency_batch].median * 1e3 for _ in range(3))
+                measure_latency(
+                    self.baseline,
+                    self.example,
+                    (self.latency_batch,),
+                    threads=self.threads,
+                    repeats=30,
+                    max_seconds=2.0,
+                )[self.latency_batch].median
+                * 1e3
+                for _ in range(3)
+            )
         return self._baseline_ms
 
     def speedup(self, model: nn.Module) -> float:
@@ -130,8 +151,14 @@ class Measurer:
             return cached
         from slimkit.measure import benchmark_latency
 
-        res = benchmark_latency({"base": self.baseline, "cand": model}, self.example, (self.latency_batch,),
-                                threads=self.threads, repeats=20, max_seconds=5.0)
+        res = benchmark_latency(
+            {"base": self.baseline, "cand": model},
+            self.example,
+            (self.latency_batch,),
+            threads=self.threads,
+            repeats=20,
+            max_seconds=5.0,
+        )
         value = res["base"][self.latency_batch].median / res["cand"][self.latency_batch].median
         self.cache.put(key, value)
         return value
@@ -144,8 +171,11 @@ class Measurer:
         model.eval()
         if accuracy is None:
             accuracy = evaluate(model, self.val_data).accuracy
-        metrics = {"accuracy": float(accuracy), "size_bytes": float(model_size(model)),
-                   "params": float(count_params(model)[0])}
+        metrics = {
+            "accuracy": float(accuracy),
+            "size_bytes": float(model_size(model)),
+            "params": float(count_params(model)[0]),
+        }
         if self.macs:
             metrics["macs"] = float(profile(model, self.example[:1]).macs)
         if latency and "latency" in self.objectives:

@@ -39,8 +39,9 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
 
 def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
     """Indices (ascending) of the points no other point dominates; equal points are all kept."""
-    return [i for i, p in enumerate(points)
-            if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+    return [
+        i for i, p in enumerate(points) if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)
+    ]
 
 
 @dataclass
@@ -62,8 +63,9 @@ def _best_key(c: Candidate, objectives: Sequence[str], directions: Sequence[str]
     oriented = _oriented(c.values, directions)
     # cost objectives (latency, size, MACs) first in the order given, accuracy last: "the fastest/smallest
     # feasible result", ties broken by accuracy. Lexicographic minima are always Pareto-optimal.
-    order = [i for i, o in enumerate(objectives) if o != "accuracy"] + \
-            [i for i, o in enumerate(objectives) if o == "accuracy"]
+    order = [i for i, o in enumerate(objectives) if o != "accuracy"] + [
+        i for i, o in enumerate(objectives) if o == "accuracy"
+    ]
     ranked = tuple(oriented[i] for i in order)
     if c.feasible:
         return (0, *ranked, c.number)

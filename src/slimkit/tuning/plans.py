@@ -34,6 +34,5 @@ def run_params(params: dict[str, Any], ctx: TrialContext, on_epoch_end: EpochHoo
     loss_fn = None
     if ctx.teacher is not None and ("temperature" in params or "alpha" in params):
         loss_fn = _kd_loss(ctx.teacher, params)
-    fit(model, ctx.train_data, ctx.val_data, train_config(params, ctx), loss_fn=loss_fn,
-        on_epoch_end=on_epoch_end)
+    fit(model, ctx.train_data, ctx.val_data, train_config(params, ctx), loss_fn=loss_fn, on_epoch_end=on_epoch_end)
     return model

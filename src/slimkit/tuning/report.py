@@ -29,8 +29,14 @@ class SearchProgress:
 
         self.config, self.threshold = config, threshold
         self.enabled = enabled = config.progress and not os.environ.get("SLIMKIT_NO_PROGRESS")
-        self.bar = Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[best]}"), disable=not enabled)
+        self.bar = Progress(
+            TextColumn("search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[best]}"),
+            disable=not enabled,
+        )
         self.task = self.bar.add_task("search", total=config.n_trials, completed=finished, best="")
 
     def __enter__(self) -> SearchProgress:
@@ -46,8 +52,9 @@ class SearchProgress:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         trials = study.get_trials(deepcopy=False)
         finished = sum(t.state in states for t in trials)
-        done = [candidate_of(t) for t in trials
-                if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs]
+        done = [
+            candidate_of(t) for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs
+        ]
         bi = best_index(done, self.config.objectives, self.config.directions)
         best = "" if bi is None else f"best so far: trial {done[bi].number} {format_metrics(done[bi].extra['metrics'])}"
         if bi is not None and not done[bi].feasible:
@@ -98,8 +105,11 @@ def plot_pareto(summary: SearchStudy, path: str | os.PathLike) -> Path | None:
         return None
     import optuna
 
-    trials = [t for t in summary.study.get_trials(deepcopy=False)
-              if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs]
+    trials = [
+        t
+        for t in summary.study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs
+    ]
     costs = [o for o in summary.objectives if o != "accuracy"]
     xkey = OBJECTIVES[costs[0]].metric if costs else None
 
@@ -107,14 +117,31 @@ def plot_pareto(summary: SearchStudy, path: str | os.PathLike) -> Path | None:
         return metrics.get(xkey, float("nan")) if xkey else number
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.scatter([x_of(t.user_attrs["metrics"], t.number) for t in trials],
-               [t.user_attrs["metrics"]["accuracy"] for t in trials], s=18, c="#9aa", label="trials")
+    ax.scatter(
+        [x_of(t.user_attrs["metrics"], t.number) for t in trials],
+        [t.user_attrs["metrics"]["accuracy"] for t in trials],
+        s=18,
+        c="#9aa",
+        label="trials",
+    )
     front = sorted(summary.pareto, key=lambda r: x_of(r.metrics, r.trial))
-    ax.plot([x_of(r.metrics, r.trial) for r in front], [r.metrics["accuracy"] for r in front], "o-", c="#1f77b4",
-            label="Pareto set")
+    ax.plot(
+        [x_of(r.metrics, r.trial) for r in front],
+        [r.metrics["accuracy"] for r in front],
+        "o-",
+        c="#1f77b4",
+        label="Pareto set",
+    )
     if summary.best is not None:
-        ax.scatter([x_of(summary.best.metrics, summary.best.trial)], [summary.best.metrics["accuracy"]], s=120,
-                   marker="*", c="#d62728", zorder=5, label="best")
+        ax.scatter(
+            [x_of(summary.best.metrics, summary.best.trial)],
+            [summary.best.metrics["accuracy"]],
+            s=120,
+            marker="*",
+            c="#d62728",
+            zorder=5,
+            label="best",
+        )
     if xkey and xkey in summary.baseline:
         ax.scatter([summary.baseline[xkey]], [summary.baseline["accuracy"]], marker="s", c="k", label="input model")
     if summary.threshold is not None:
@@ -134,18 +161,40 @@ def write_report(summary: SearchStudy, config: SearchConfig) -> Path:
 
     out = Path(config.out)
     summary.importances = importances(summary.study, summary.objectives)
-    trials = [{"trial": t.number, "state": t.state.name.lower(), "plan": t.user_attrs.get("plan", t.params),
-               "metrics": t.user_attrs.get("metrics"), "violation": t.user_attrs.get("violation")}
-              for t in summary.study.get_trials(deepcopy=False)
-              if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    data = {"objectives": list(summary.objectives), "baseline": summary.baseline, "threshold": summary.threshold,
-            "best": summary.best.to_dict() if summary.best else None, "pareto": [r.to_dict() for r in summary.pareto],
-            "importances": summary.importances, "message": summary.message, "trials": trials,
-            "config": config.to_dict()}
+    trials = [
+        {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "plan": t.user_attrs.get("plan", t.params),
+            "metrics": t.user_attrs.get("metrics"),
+            "violation": t.user_attrs.get("violation"),
+        }
+        for t in summary.study.get_trials(deepcopy=False)
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    data = {
+        "objectives": list(summary.objectives),
+        "baseline": summary.baseline,
+        "threshold": summary.threshold,
+        "best": summary.best.to_dict() if summary.best else None,
+        "pareto": [r.to_dict() for r in summary.pareto],
+        "importances": summary.importances,
+        "message": summary.message,
+        "trials": trials,
+        "config": config.to_dict(),
+    }
     write_text(out / "results.json", json.dumps(data, indent=1, default=str) + "\n")
     plot = plot_pareto(summary, out / "pareto.png")
-    lines = [f"# slimkit search: {config.study_name}", "", f"Storage: `{_redacted(config.storage_url)}`", "",
-             "```", str(summary), "```", ""]
+    lines = [
+        f"# slimkit search: {config.study_name}",
+        "",
+        f"Storage: `{_redacted(config.storage_url)}`",
+        "",
+        "```",
+        str(summary),
+        "```",
+        "",
+    ]
     if plot is not None:
         lines += ["![Pareto set](pareto.png)", ""]
     for objective, values in summary.importances.items():

@@ -33,9 +33,16 @@ def format_metrics(metrics: dict[str, float], objectives: tuple[str, ...] = ()) 
 
 def candidate_of(trial: Any) -> Candidate:
     """A finished Optuna trial as the selection math sees it."""
-    return Candidate(trial.number, tuple(trial.values), float(trial.user_attrs.get("violation", 0.0)),
-                     {"params": dict(trial.params), "metrics": dict(trial.user_attrs.get("metrics", {})),
-                      "plan": dict(trial.user_attrs.get("plan", trial.params))})
+    return Candidate(
+        trial.number,
+        tuple(trial.values),
+        float(trial.user_attrs.get("violation", 0.0)),
+        {
+            "params": dict(trial.params),
+            "metrics": dict(trial.user_attrs.get("metrics", {})),
+            "plan": dict(trial.user_attrs.get("plan", trial.params)),
+        },
+    )
 
 
 @dataclass
@@ -58,17 +65,24 @@ class SearchResult:
     def model(self) -> nn.Module:
         if self._model is None:
             if self.path is None:
-                raise MissingFileError(f"trial {self.trial}: its model was not saved (it never improved the best "
-                                        "result or the Pareto set)")
+                raise MissingFileError(
+                    f"trial {self.trial}: its model was not saved (it never improved the best result or the Pareto set)"
+                )
             from slimkit.tuning.saving import load_model
 
             self._model = load_model(self.path, self.template)
         return self._model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trial": self.trial, "plan": self.plan, "metrics": self.metrics, "values": list(self.values),
-                "feasible": self.feasible, "violation": self.violation,
-                "path": str(self.path) if self.path else None}
+        return {
+            "trial": self.trial,
+            "plan": self.plan,
+            "metrics": self.metrics,
+            "values": list(self.values),
+            "feasible": self.feasible,
+            "violation": self.violation,
+            "path": str(self.path) if self.path else None,
+        }
 
 
 @dataclass
@@ -100,8 +114,10 @@ class SearchStudy:
 
     def _best(self) -> SearchResult:
         if self.best is None:
-            raise UsageError(f"search in {self.out}: no trial finished, so there is no best model to save or use; "
-                             "rerun the search with more n_trials")
+            raise UsageError(
+                f"search in {self.out}: no trial finished, so there is no best model to save or use; "
+                "rerun the search with more n_trials"
+            )
         return self.best
 
     @property
@@ -116,20 +132,40 @@ class SearchStudy:
         return {**best.metrics, "trial": best.trial, "plan": dict(best.plan), "baseline": dict(self.baseline)}
 
     def table(self) -> Table:
-        cols = ["", "trial", *[f"{o} ({OBJECTIVES[o].unit})" if OBJECTIVES[o].unit else o for o in self.objectives],
-                "feasible", "plan"]
+        cols = [
+            "",
+            "trial",
+            *[f"{o} ({OBJECTIVES[o].unit})" if OBJECTIVES[o].unit else o for o in self.objectives],
+            "feasible",
+            "plan",
+        ]
         rows: list[list[object]] = [["input", "-", *[_fmt(o, self.baseline) for o in self.objectives], "-", ""]]
         for r in self.pareto:
             mark = "best" if self.best is not None and r.trial == self.best.trial else "pareto"
-            rows.append([mark, r.trial, *[_fmt(o, r.metrics) for o in self.objectives], "yes" if r.feasible else "no",
-                         _short_plan(r.plan)])
+            rows.append(
+                [
+                    mark,
+                    r.trial,
+                    *[_fmt(o, r.metrics) for o in self.objectives],
+                    "yes" if r.feasible else "no",
+                    _short_plan(r.plan),
+                ]
+            )
         if self.best is not None and all(r.trial != self.best.trial for r in self.pareto):
             r = self.best
-            rows.append(["best", r.trial, *[_fmt(o, r.metrics) for o in self.objectives],
-                         "yes" if r.feasible else "no", _short_plan(r.plan)])
+            rows.append(
+                [
+                    "best",
+                    r.trial,
+                    *[_fmt(o, r.metrics) for o in self.objectives],
+                    "yes" if r.feasible else "no",
+                    _short_plan(r.plan),
+                ]
+            )
         budget = "" if self.threshold is None else f", accuracy >= {self.threshold:.2f}%"
-        return make_table(f"search: {self.finished} finished, {self.pruned} pruned, {self.failed} failed{budget}",
-                          cols, rows)
+        return make_table(
+            f"search: {self.finished} finished, {self.pruned} pruned, {self.failed} failed{budget}", cols, rows
+        )
 
     def __str__(self) -> str:
         text = render(self.table(), width=160)

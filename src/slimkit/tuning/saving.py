@@ -57,8 +57,7 @@ def read_result(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model(folder: str | os.PathLike, template: nn.Module | None = None, *,
-               trust: Iterable[str] = ()) -> nn.Module:
+def load_model(folder: str | os.PathLike, template: nn.Module | None = None, *, trust: Iterable[str] = ()) -> nn.Module:
     """Rebuild the saved model (``template``: the input model, needed only for models without a factory).
 
     ``trust``: modules (or ``module:function``) the artifact's factory may come from besides the zoo and factories
@@ -74,8 +73,10 @@ def load_model(folder: str | os.PathLike, template: nn.Module | None = None, *,
 
         return load(folder / "model", trust=trust)
     if template is None:
-        raise UsageError(f"{folder}: the model was saved as weights only (it has no slimkit factory); pass the "
-                         "original model as template to load it")
+        raise UsageError(
+            f"{folder}: the model was saved as weights only (it has no slimkit factory); pass the "
+            "original model as template to load it"
+        )
     from slimkit.models.weights import load_weights
 
     model = copy.deepcopy(template)

@@ -42,8 +42,17 @@ __all__ = [
     "suggest",
 ]
 
-TRAINING_PARAMS = ("lr", "weight_decay", "batch_size", "optimizer", "momentum", "epochs", "schedule",
-                   "temperature", "alpha")
+TRAINING_PARAMS = (
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "optimizer",
+    "momentum",
+    "epochs",
+    "schedule",
+    "temperature",
+    "alpha",
+)
 PLAN_PARAMS = ("prune_amount", "prune_criterion", "prune_allocation", "distill", "bits")
 BIT_CHOICES = (32, 8, 4, 2, 1)
 PRESETS = ("training", "compression")
@@ -53,8 +62,11 @@ PRESETS = ("training", "compression")
 CRITERIA = ("l1", "l2", "fpgm")
 ALLOCATIONS = ("uniform", "global", "proportional")
 
-_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
-         "categorical": {"type", "choices"}}
+_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
 
 
 def available(module: str) -> bool:
@@ -111,8 +123,10 @@ def _check_name(name: str) -> None:
         raise UsageError(f"search space: parameter names must be non-empty strings, got {name!r}")
     if name in TRAINING_PARAMS or is_plan_param(name):
         return
-    raise UsageError(f"search space: unknown parameter {name!r}; {nearest(name, [*TRAINING_PARAMS, *PLAN_PARAMS])}"
-                     " (or 'bits/<module prefix>')")
+    raise UsageError(
+        f"search space: unknown parameter {name!r}; {nearest(name, [*TRAINING_PARAMS, *PLAN_PARAMS])}"
+        " (or 'bits/<module prefix>')"
+    )
 
 
 def _parse_one(name: str, spec: Any) -> ParamSpec:
@@ -121,12 +135,13 @@ def _parse_one(name: str, spec: Any) -> ParamSpec:
         return ParamSpec(name, "constant", constant=spec)
     kind = spec.get("type")
     if kind not in _KEYS:
-        raise UsageError(f"search space {name!r}: type={kind!r} is not valid; choose 'float', 'int' or "
-                         "'categorical'")
+        raise UsageError(f"search space {name!r}: type={kind!r} is not valid; choose 'float', 'int' or 'categorical'")
     unknown = set(spec) - _KEYS[kind]
     if unknown:
-        raise UsageError(f"search space {name!r}: unknown key {sorted(unknown)[0]!r} for type {kind!r}; "
-                         f"allowed {sorted(_KEYS[kind])}")
+        raise UsageError(
+            f"search space {name!r}: unknown key {sorted(unknown)[0]!r} for type {kind!r}; "
+            f"allowed {sorted(_KEYS[kind])}"
+        )
     if kind == "categorical":
         choices = tuple(spec.get("choices") or ())
         if not choices:
@@ -141,8 +156,9 @@ def _parse_one(name: str, spec: Any) -> ParamSpec:
     try:
         low, high = cast(low), cast(high)
     except (TypeError, ValueError):
-        raise UsageError(f"search space {name!r}: low={spec['low']!r} and high={spec['high']!r} "
-                         "must be numbers") from None
+        raise UsageError(
+            f"search space {name!r}: low={spec['low']!r} and high={spec['high']!r} must be numbers"
+        ) from None
     if low > high:
         raise UsageError(f"search space {name!r}: low={low} is above high={high}")
     log = bool(spec.get("log", False))
@@ -159,12 +175,15 @@ def _parse_one(name: str, spec: Any) -> ParamSpec:
 def parse_space(space: Mapping[str, Any]) -> dict[str, ParamSpec]:
     """Validate a declared space. Raises ``ValueError`` for an empty space (nothing to search) or a bad spec."""
     if not isinstance(space, Mapping):
-        raise InputTypeError(f"search space must be a dict of name -> spec or a preset name {PRESETS}, "
-                        f"got {type(space).__name__}")
+        raise InputTypeError(
+            f"search space must be a dict of name -> spec or a preset name {PRESETS}, got {type(space).__name__}"
+        )
     parsed = {name: _parse_one(name, spec) for name, spec in space.items()}
     if not any(p.kind != "constant" for p in parsed.values()):
-        raise UsageError("the search space is empty: declare at least one parameter with a range or several "
-                         f"choices (or use a preset: {', '.join(PRESETS)})")
+        raise UsageError(
+            "the search space is empty: declare at least one parameter with a range or several "
+            f"choices (or use a preset: {', '.join(PRESETS)})"
+        )
     return parsed
 
 
@@ -174,8 +193,9 @@ def layer_groups(model: nn.Module) -> list[str]:
     return groups or [""]
 
 
-def preset(name: str, model: nn.Module, *, epochs: int, teacher: bool = False,
-           distill_available: bool = False) -> dict[str, Any]:
+def preset(
+    name: str, model: nn.Module, *, epochs: int, teacher: bool = False, distill_available: bool = False
+) -> dict[str, Any]:
     """The declared space of a named preset for ``model``.
 
     ``training``: learning rate, weight decay, batch size, optimizer (and distillation temperature/alpha when a

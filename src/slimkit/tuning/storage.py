@@ -25,8 +25,16 @@ from typing import Any
 
 from slimkit.errors import UsageError
 
-__all__ = ["budget_state", "has_heartbeat", "heartbeat_seconds", "open_storage", "reap_dead_trials", "redact",
-           "retry_trial", "trial_over_budget"]
+__all__ = [
+    "budget_state",
+    "has_heartbeat",
+    "heartbeat_seconds",
+    "open_storage",
+    "reap_dead_trials",
+    "redact",
+    "retry_trial",
+    "trial_over_budget",
+]
 
 HEARTBEAT_ENV = "SLIMKIT_SEARCH_HEARTBEAT"  # seconds between heartbeats (default 10); a trial is dead after 3x
 HEARTBEAT_S = 10
@@ -53,7 +61,7 @@ def redact(url: str) -> str:
 
 def _journal_path(url: str) -> Path | None:
     if url.startswith("journal:"):
-        rest = url[len("journal:"):]
+        rest = url[len("journal:") :]
         return Path(rest[2:] if rest.startswith("//") else rest)
     if "://" not in url and url.endswith((".log", ".journal")):
         return Path(url)
@@ -85,8 +93,10 @@ def open_storage(url: str) -> Any:
             raise UsageError(f"cannot reach storage {shown}: {type(exc).__name__}: {exc}") from exc
         return storage
     if "://" not in url:
-        raise UsageError(f"storage {shown!r} is not a URL; use sqlite:///PATH.db, postgresql://USER@HOST/DB, "
-                         "journal:PATH or redis://HOST:PORT")
+        raise UsageError(
+            f"storage {shown!r} is not a URL; use sqlite:///PATH.db, postgresql://USER@HOST/DB, "
+            "journal:PATH or redis://HOST:PORT"
+        )
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         path = url.split("sqlite:///", 1)[-1] if url.startswith("sqlite:///") else ""
@@ -105,8 +115,10 @@ def open_storage(url: str) -> Any:
         raise UsageError(f"storage {shown} needs a database driver that is not installed{hint}: {exc}") from exc
     except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot reach storage {shown}: {first}. Check the URL, the server and the "
-                         "credentials, or use the default SQLite file (omit --storage)") from exc
+        raise UsageError(
+            f"cannot reach storage {shown}: {first}. Check the URL, the server and the "
+            "credentials, or use the default SQLite file (omit --storage)"
+        ) from exc
 
 
 def _rdb(url: str, engine_kwargs: dict[str, Any], attempts: int = 6) -> Any:
@@ -118,19 +130,23 @@ def _rdb(url: str, engine_kwargs: dict[str, Any], attempts: int = 6) -> Any:
     interval, grace = heartbeat_seconds()
     # optuna >= 4.9 renamed failed_trial_callback
     parameters = inspect.signature(optuna.storages.RDBStorage).parameters
-    callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters \
-        else "failed_trial_callback"
+    callback = (
+        "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
+    )
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 callbacks: dict[str, Any] = {callback: retry_trial}  # the keyword's name depends on Optuna's version
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                                  grace_period=grace, **callbacks)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace, **callbacks
+                )
         except Exception as exc:
             # SQLite: a table or the version row exists, the file is locked; PostgreSQL: a catalog row exists
-            racing = any(sign in str(exc) for sign in ("already exists", "database is locked", "UNIQUE constraint",
-                                                         "duplicate key"))
+            racing = any(
+                sign in str(exc)
+                for sign in ("already exists", "database is locked", "UNIQUE constraint", "duplicate key")
+            )
             if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
@@ -148,8 +164,14 @@ def retry_trial(study: Any, trial: Any) -> None:
     if len(history) > MAX_RETRY:
         return
     system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
-                                              distributions=trial.distributions, system_attrs=system_attrs))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            system_attrs=system_attrs,
+        )
+    )
 
 
 def has_heartbeat(url: str) -> bool:
@@ -238,6 +260,7 @@ def trial_over_budget(study: Any, number: int, n_trials: int) -> bool:
 
     TrialState = optuna.trial.TrialState
     finished, unfinished = (TrialState.COMPLETE, TrialState.PRUNED), (TrialState.RUNNING, TrialState.WAITING)
-    taken = sum(t.state in finished or (t.state in unfinished and t.number < number)
-                for t in study.get_trials(deepcopy=False))
+    taken = sum(
+        t.state in finished or (t.state in unfinished and t.number < number) for t in study.get_trials(deepcopy=False)
+    )
     return taken >= n_trials

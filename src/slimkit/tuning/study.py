@@ -47,19 +47,34 @@ BEST_LOCK = ".best.lock"  # in <out>: held while deciding whether a trial replac
 def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | None) -> dict[str, spaces.ParamSpec]:
     space = config.space
     if isinstance(space, str):
-        space = spaces.preset(space, model, epochs=config.epochs, teacher=teacher is not None,
-                              distill_available=spaces.available("distillation"))
+        space = spaces.preset(
+            space,
+            model,
+            epochs=config.epochs,
+            teacher=teacher is not None,
+            distill_available=spaces.available("distillation"),
+        )
     parsed = spaces.parse_space(space)
-    needs = {"prune_": "pruning", "bits": "quantization", "distill": "distillation", "temperature": "distillation",
-             "alpha": "distillation"}
+    needs = {
+        "prune_": "pruning",
+        "bits": "quantization",
+        "distill": "distillation",
+        "temperature": "distillation",
+        "alpha": "distillation",
+    }
     for name in parsed:
         for prefix, package in needs.items():
             if name.startswith(prefix) and not spaces.available(package):
                 raise UsageError(f"search space parameter {name!r} needs slimkit.{package}, which is not installed")
-    if teacher is None and not any(spaces.is_plan_param(n) for n in parsed) \
-            and ("temperature" in parsed or "alpha" in parsed):
-        raise UsageError("search space has 'temperature'/'alpha' (distillation) but no teacher was given: pass "
-                         "teacher=... or drop them")
+    if (
+        teacher is None
+        and not any(spaces.is_plan_param(n) for n in parsed)
+        and ("temperature" in parsed or "alpha" in parsed)
+    ):
+        raise UsageError(
+            "search space has 'temperature'/'alpha' (distillation) but no teacher was given: pass "
+            "teacher=... or drop them"
+        )
     return parsed
 
 
@@ -113,9 +128,14 @@ def _open_study(config: SearchConfig, worker: int) -> Any:
     n_startup = min(10, max(3, config.n_trials // 4))
     try:
         directions = [optuna.study.StudyDirection[d.upper()] for d in config.directions]
-        return optuna.create_study(storage=storage, study_name=config.study_name, directions=directions,
-                                   sampler=_sampler(config, worker, n_startup), pruner=_pruner(config, config.epochs),
-                                   load_if_exists=True)
+        return optuna.create_study(
+            storage=storage,
+            study_name=config.study_name,
+            directions=directions,
+            sampler=_sampler(config, worker, n_startup),
+            pruner=_pruner(config, config.epochs),
+            load_if_exists=True,
+        )
     except ValueError as exc:
         raise UsageError(f"study {config.study_name!r} in {config.storage_url}: {exc}") from exc
 
@@ -127,17 +147,26 @@ def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchCon
         return settings
     for key in ("objectives", "space", "max_accuracy_drop", "relative"):
         if stored.get(key) != settings.get(key):
-            raise UsageError(f"study {config.study_name!r} in {config.storage_url} was created with {key}="
-                             f"{stored.get(key)!r}, not {settings.get(key)!r}: rerun with the same settings to "
-                             "continue it, or pick a new study_name (--study-name)")
+            raise UsageError(
+                f"study {config.study_name!r} in {config.storage_url} was created with {key}="
+                f"{stored.get(key)!r}, not {settings.get(key)!r}: rerun with the same settings to "
+                "continue it, or pick a new study_name (--study-name)"
+            )
     return stored
 
 
 class _Worker:
     """Runs trials of one study in this process; saves every trial that improves the best or the Pareto set."""
 
-    def __init__(self, model: nn.Module, config: SearchConfig, train_data: Any, val_data: Any,
-                 teacher: nn.Module | None, worker: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SearchConfig,
+        train_data: Any,
+        val_data: Any,
+        teacher: nn.Module | None,
+        worker: int,
+    ) -> None:
         self.config, self.worker = config, worker
         self.out = Path(config.out)
         self.space = resolve_space(config, model, teacher)
@@ -145,12 +174,20 @@ class _Worker:
         self.study = _open_study(config, worker)
         self.settings = self.study.user_attrs.get(ATTR, {})
         self.threshold = self.settings.get("threshold")
-        self.ctx = TrialContext(model, train_data, val_data, example, config.epochs, config.seed,
-                                config.max_batches, teacher)
-        self.measure = Measurer(model, val_data, example, config.objectives, latency_batch=config.latency_batch,
-                                threads=config.threads, cache=LatencyCache(self.out / "latency_cache.json"),
-                                macs=any(spaces.is_plan_param(n) for n in self.space),
-                                baseline_ms=self.settings.get("baseline", {}).get("latency_ms"))
+        self.ctx = TrialContext(
+            model, train_data, val_data, example, config.epochs, config.seed, config.max_batches, teacher
+        )
+        self.measure = Measurer(
+            model,
+            val_data,
+            example,
+            config.objectives,
+            latency_batch=config.latency_batch,
+            threads=config.threads,
+            cache=LatencyCache(self.out / "latency_cache.json"),
+            macs=any(spaces.is_plan_param(n) for n in self.space),
+            baseline_ms=self.settings.get("baseline", {}).get("latency_ms"),
+        )
         self.progress: Any = None
         self.quiet = _QuietFailures()
         # Ctrl-C interrupts training and measuring at once; during a storage call it waits for the call to end
@@ -213,8 +250,9 @@ class _Worker:
         self._save_if_improving(trial.number, params, metrics, values, violation, model)
         return values[0] if single else values
 
-    def _save_if_improving(self, number: int, params: dict, metrics: dict, values: tuple, violation: float,
-                           model: nn.Module) -> None:
+    def _save_if_improving(
+        self, number: int, params: dict, metrics: dict, values: tuple, violation: float, model: nn.Module
+    ) -> None:
         import optuna
 
         trials = self.study.get_trials(deepcopy=False)
@@ -225,9 +263,17 @@ class _Worker:
         in_front = len(pool) - 1 in feasible_front(pool, self.config.directions)
         if not (is_best or in_front):
             return
-        info = {"trial": number, "plan": params, "metrics": metrics, "objectives": list(self.config.objectives),
-                "values": list(values), "violation": violation, "feasible": violation <= 0,
-                "threshold": self.threshold, "study": self.config.study_name}
+        info = {
+            "trial": number,
+            "plan": params,
+            "metrics": metrics,
+            "objectives": list(self.config.objectives),
+            "values": list(values),
+            "violation": violation,
+            "feasible": violation <= 0,
+            "threshold": self.threshold,
+            "study": self.config.study_name,
+        }
         folder = save_result(model, self.out / "pareto" / f"trial-{number:04d}", info)
         if is_best:  # other workers may have saved a better one meanwhile: decided again under the lock
             failed = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
@@ -348,8 +394,9 @@ def _saved_candidate(folder: Path, config: SearchConfig) -> Candidate | None:
         return None
 
 
-def promote_best(folder: Path, candidate: Candidate, config: SearchConfig,
-                 replaceable: set[int] | frozenset[int] = frozenset()) -> bool:
+def promote_best(
+    folder: Path, candidate: Candidate, config: SearchConfig, replaceable: set[int] | frozenset[int] = frozenset()
+) -> bool:
     """Copy the saved result ``folder`` to ``<out>/best`` unless what is there is at least as good.
 
     The comparison and the copy happen under one lock, so of two workers finishing at once the worse never
@@ -359,8 +406,11 @@ def promote_best(folder: Path, candidate: Candidate, config: SearchConfig,
         saved = _saved_candidate(best, config)
         if saved is not None and saved.number == candidate.number:
             return False
-        if saved is not None and saved.number not in replaceable \
-                and best_index([saved, candidate], config.objectives, config.directions) == 0:
+        if (
+            saved is not None
+            and saved.number not in replaceable
+            and best_index([saved, candidate], config.objectives, config.directions) == 0
+        ):
             return False
         copy_result(folder, best)
         return True
@@ -392,8 +442,14 @@ def _count_finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any = None, val_data: Any = None, *,
-           teacher: nn.Module | None = None) -> SearchStudy:
+def search(
+    model: nn.Module,
+    config: SearchConfig | None = None,
+    train_data: Any = None,
+    val_data: Any = None,
+    *,
+    teacher: nn.Module | None = None,
+) -> SearchStudy:
     """Search training hyperparameters or compression plans for ``model`` with Optuna.
 
     Every trial starts from ``model`` (never modified). The study lives in ``config.storage`` (SQLite under
@@ -421,13 +477,23 @@ def search(model: nn.Module, config: SearchConfig | None = None, train_data: Any
     space = resolve_space(config, model, teacher)  # bad spaces fail before anything is written
     Path(config.out).mkdir(parents=True, exist_ok=True)
     study = _open_study(config, 0)
-    settings: dict[str, Any] = {"objectives": list(config.objectives),
-                                "space": {k: p.to_dict() for k, p in space.items()},
-                                "max_accuracy_drop": config.max_accuracy_drop, "relative": config.relative}
+    settings: dict[str, Any] = {
+        "objectives": list(config.objectives),
+        "space": {k: p.to_dict() for k, p in space.items()},
+        "max_accuracy_drop": config.max_accuracy_drop,
+        "relative": config.relative,
+    }
     if ATTR not in study.user_attrs:
         example = example_from(val_data)
-        measurer = Measurer(model, val_data, example, config.objectives, latency_batch=config.latency_batch,
-                            threads=config.threads, macs=any(spaces.is_plan_param(n) for n in space))
+        measurer = Measurer(
+            model,
+            val_data,
+            example,
+            config.objectives,
+            latency_batch=config.latency_batch,
+            threads=config.threads,
+            macs=any(spaces.is_plan_param(n) for n in space),
+        )
         baseline = measurer(model, evaluate(model, val_data).accuracy, latency=False)
         if "latency" in config.objectives:
             baseline["latency_ms"], baseline["speedup"] = measurer.baseline_ms(), 1.0
@@ -486,15 +552,18 @@ def _start_workers(model, config, train_data, val_data, teacher) -> list:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(model, config.to_dict(), train_data, val_data, teacher, i),
-                         daemon=False) for i in range(1, config.workers)]
+    procs = [
+        ctx.Process(target=_worker_main, args=(model, config.to_dict(), train_data, val_data, teacher, i), daemon=False)
+        for i in range(1, config.workers)
+    ]
     for p in procs:
         p.start()
     return procs
 
 
-def summarize(study: Any, config: SearchConfig, template: nn.Module | None, settings: dict | None = None
-              ) -> SearchStudy:
+def summarize(
+    study: Any, config: SearchConfig, template: nn.Module | None, settings: dict | None = None
+) -> SearchStudy:
     """Build the ``SearchStudy`` from the trials in storage, tidy ``<out>/pareto`` and write the report."""
     import optuna
 
@@ -510,13 +579,22 @@ def summarize(study: Any, config: SearchConfig, template: nn.Module | None, sett
 
     def result(i: int, path: Path | None) -> SearchResult:
         c = cands[i]
-        return SearchResult(c.number, c.extra["plan"], c.extra["metrics"], c.values, c.feasible, c.violation,
-                            path if path is not None and path.is_dir() else None, template)
+        return SearchResult(
+            c.number,
+            c.extra["plan"],
+            c.extra["metrics"],
+            c.values,
+            c.feasible,
+            c.violation,
+            path if path is not None and path.is_dir() else None,
+            template,
+        )
 
     front = sorted(feasible_front(cands, directions), key=lambda i: cands[i].values)
     bi = best_index(cands, config.objectives, directions)
-    keep = {f"trial-{cands[i].number:04d}" for i in front} | ({f"trial-{cands[bi].number:04d}"} if bi is not None
-                                                              else set())
+    keep = {f"trial-{cands[i].number:04d}" for i in front} | (
+        {f"trial-{cands[bi].number:04d}"} if bi is not None else set()
+    )
     pareto_dir = out / "pareto"
     if pareto_dir.is_dir():
         for folder in pareto_dir.iterdir():
@@ -532,13 +610,29 @@ def summarize(study: Any, config: SearchConfig, template: nn.Module | None, sett
         best = result(bi, best_dir if _saved_trial(best_dir) == cands[bi].number else None)
     threshold = settings.get("threshold")
     message = _message(best, threshold, config, len(done))
-    skipped = [t.user_attrs["pruned_reason"] for t in trials if t.state == optuna.trial.TrialState.PRUNED
-               and str(t.user_attrs.get("pruned_reason", "")).startswith("plan not applicable")]
+    skipped = [
+        t.user_attrs["pruned_reason"]
+        for t in trials
+        if t.state == optuna.trial.TrialState.PRUNED
+        and str(t.user_attrs.get("pruned_reason", "")).startswith("plan not applicable")
+    ]
     if skipped:
-        message += (f"\n{len(skipped)} trial(s) were pruned because a verb could not apply their plan; "
-                    f"first: {skipped[0]}")
-    summary = SearchStudy(best, pareto, study, config.objectives, settings.get("baseline", {}), threshold, out,
-                          len(done), pruned, failed, message)
+        message += (
+            f"\n{len(skipped)} trial(s) were pruned because a verb could not apply their plan; first: {skipped[0]}"
+        )
+    summary = SearchStudy(
+        best,
+        pareto,
+        study,
+        config.objectives,
+        settings.get("baseline", {}),
+        threshold,
+        out,
+        len(done),
+        pruned,
+        failed,
+        message,
+    )
     from slimkit.tuning.report import write_report
 
     write_report(summary, config)
@@ -556,13 +650,17 @@ def _saved_trial(folder: Path) -> int | None:
 
 def _message(best: SearchResult | None, threshold: float | None, config: SearchConfig, n_done: int) -> str:
     if best is None:
-        return ("no trial finished: nothing to report (all were pruned or failed, or n_trials was reached by "
-                "pruned trials); rerun with more n_trials")
+        return (
+            "no trial finished: nothing to report (all were pruned or failed, or n_trials was reached by "
+            "pruned trials); rerun with more n_trials"
+        )
     if not best.feasible:
         budget = f"{config.max_accuracy_drop} {'% of the input accuracy' if config.relative else 'points'}"
-        return (f"no trial satisfied max_accuracy_drop={budget} (accuracy >= {threshold:.2f}%) in {n_done} finished "
-                f"trials; kept the closest result: trial {best.trial}, {format_metrics(best.metrics)}, "
-                f"{best.violation:.2f} points short. Loosen the budget or search longer.")
+        return (
+            f"no trial satisfied max_accuracy_drop={budget} (accuracy >= {threshold:.2f}%) in {n_done} finished "
+            f"trials; kept the closest result: trial {best.trial}, {format_metrics(best.metrics)}, "
+            f"{best.violation:.2f} points short. Loosen the budget or search longer."
+        )
     if math.isfinite(best.violation):
         return f"best: trial {best.trial}, {format_metrics(best.metrics)}, saved in {best.path}"
     return ""
