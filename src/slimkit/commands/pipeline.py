@@ -23,6 +23,15 @@ from slimkit.commands._common import (
 )
 from slimkit.errors import UsageError
 
+TrustOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trust",
+        metavar="MODULE",
+        help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
+        "only slimkit's zoo models are built.",
+    ),
+]
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="A recipe YAML file or a shipped recipe name.")]
 # the same words for every command that holds out part of the training split (compress, search, train, distill)
 HOLDOUT_HELP = (
@@ -96,15 +105,7 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, onnx-int8 or torch-export.")] = "onnx-int8",
     data: Annotated[str | None, typer.Option(help="Data spec for the parity check (its test split).")] = None,
     shape: ShapeOpt = None,
-    trust: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--trust",
-            metavar="MODULE",
-            help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
-            "only slimkit's zoo models are built.",
-        ),
-    ] = None,
+    trust: TrustOpt = None,
 ) -> None:
     """Export an artifact to ONNX (fp32 / QDQ int8) or a torch.export program, inside the artifact folder."""
     from slimkit.export.artifact import load, update
@@ -133,15 +134,7 @@ def export(
 @fail_cleanly
 def report(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `slimkit compress`.")],
-    trust: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--trust",
-            metavar="MODULE",
-            help="Allow the artifact's factory from this module (or exact module:function); repeatable. Without it "
-            "only slimkit's zoo models are built.",
-        ),
-    ] = None,
+    trust: TrustOpt = None,
 ) -> None:
     """Write report.md / report.html (with PNG plots) into an artifact and print its before/after table."""
     from slimkit._text import make_table
