@@ -51,8 +51,10 @@ def test_histogram_observer_matches_minmax_accuracy_on_mnist(mnist):
     fit(model, train.subset(3000), None, TrainConfig(epochs=5, lr=3e-3, progress=False))
     assert evaluate(model, test).accuracy > 90
     calib = train.subset(1024)
-    accuracy = {obs: evaluate(quantize(model, QuantConfig(observer=obs), calib).model, test).accuracy
-                for obs in ("minmax", "histogram")}
+    accuracy = {
+        obs: evaluate(quantize(model, QuantConfig(observer=obs), calib).model, test).accuracy
+        for obs in ("minmax", "histogram")
+    }
     assert accuracy["histogram"] >= accuracy["minmax"] - 0.5, accuracy
 
 
@@ -73,8 +75,13 @@ def test_first_last_kept_8bit_and_overrides(digits_mlp, digits):
     train, _ = digits
     result = quantize(digits_mlp, QuantConfig(weight_bits=4, act_bits=None), train)
     assert [layer["weight_bits"] for layer in result.record["layers"]] == [8, 8]
-    result = quantize(digits_mlp, QuantConfig(weight_bits=4, act_bits=None, keep_first_last_8bit=False,
-                                              overrides={"re:3": {"weight_bits": 6}}, ignore=()), train)
+    result = quantize(
+        digits_mlp,
+        QuantConfig(
+            weight_bits=4, act_bits=None, keep_first_last_8bit=False, overrides={"re:3": {"weight_bits": 6}}, ignore=()
+        ),
+        train,
+    )
     assert [layer["weight_bits"] for layer in result.record["layers"]] == [4, 6]
     result = quantize(digits_mlp, QuantConfig(ignore=("3",)), train)
     assert "3" in result.record["skipped"] and isinstance(result.model[3], nn.Linear)
@@ -116,16 +123,19 @@ def test_ptq_on_resnet_folds_and_replays():
     assert torch.equal(fresh(calib), result.model(calib))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(weight_bits=9), "weight_bits"),
-    (dict(act_bits=1), "act_bits"),
-    (dict(weight_bits=1, scheme="affine"), "binary"),
-    (dict(method="dynamic", weight_bits=4), "dynamic"),
-    (dict(scheme="ternary"), "ternary"),
-    (dict(granularity="per_group"), "group_size"),
-    (dict(method="int8"), "method"),
-    (dict(overrides={"fc": {"bits": 4}}), "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(weight_bits=9), "weight_bits"),
+        (dict(act_bits=1), "act_bits"),
+        (dict(weight_bits=1, scheme="affine"), "binary"),
+        (dict(method="dynamic", weight_bits=4), "dynamic"),
+        (dict(scheme="ternary"), "ternary"),
+        (dict(granularity="per_group"), "group_size"),
+        (dict(method="int8"), "method"),
+        (dict(overrides={"fc": {"bits": 4}}), "unknown keys"),
+    ],
+)
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**bad)
@@ -196,10 +206,25 @@ def test_qat_reduces_loss_of_ternary_model_on_real_digits(mnist):
 def test_qat_binary_with_bn_freezing_on_a_conv_net(digits):
     train, test = digits
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
-    cfg = QuantConfig(weight_bits=1, scheme="binary", method="qat", epochs=1, max_batches=3, freeze_bn_epoch=0,
-                      keep_first_last_8bit=True)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    )
+    cfg = QuantConfig(
+        weight_bits=1,
+        scheme="binary",
+        method="qat",
+        epochs=1,
+        max_batches=3,
+        freeze_bn_epoch=0,
+        keep_first_last_8bit=True,
+    )
     result = quantize(model, cfg, train, val_data=test)
     assert result.record["learnable"] is True and result.record["folded"] == [["0", "1"], ["3", "4"]]
     assert isinstance(result.model[4], nn.Identity) and isinstance(result.model[3], QuantConv2d)

@@ -40,8 +40,20 @@ from slimkit.quantization.ptq import (
     residual_feeders,
 )
 
-__all__ = ["Granularity", "LayerSpec", "Method", "ObserverKind", "QuantConfig", "QuantResult", "Scheme",
-           "pack_state_dict", "quantize", "replay", "replay_", "unpack_state_dict"]
+__all__ = [
+    "Granularity",
+    "LayerSpec",
+    "Method",
+    "ObserverKind",
+    "QuantConfig",
+    "QuantResult",
+    "Scheme",
+    "pack_state_dict",
+    "quantize",
+    "replay",
+    "replay_",
+    "unpack_state_dict",
+]
 
 RECORD_VERSION = 1
 
@@ -57,13 +69,16 @@ class QuantResult:
 def _check_finite(model: nn.Module) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UsageError(f"quantize: {name} contains NaN or inf; fix the weights (or, if it appeared while "
-                             "quantizing, the activations) before quantizing")
+            raise UsageError(
+                f"quantize: {name} contains NaN or inf; fix the weights (or, if it appeared while "
+                "quantizing, the activations) before quantizing"
+            )
 
 
 @renamed_keyword("data", "train_data")  # data= was its name before 0.2 (one name and order for data in every verb)
-def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, *,
-             loss_fn=None) -> QuantResult:
+def quantize(
+    model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, *, loss_fn=None
+) -> QuantResult:
     """Quantize a copy of ``model``; the caller's model is untouched.
 
     Args:
@@ -82,10 +97,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     decomposed = decompose(new, skip=cfg.ignore) if cfg.method is Method.DYNAMIC else []
     specs, skipped = plan_layers(new, cfg, decomposed)
     if not specs:
-        raise UsageError("quantize: no Linear or Conv2d layer left to quantize "
-                         f"(skipped: {', '.join(skipped) or 'none'})")
-    needs_data = cfg.method is Method.QAT or (cfg.method is Method.PTQ and (
-        cfg.bias_correction or cfg.adaround or any(s.act_bits is not None for s in specs)))
+        raise UsageError(
+            f"quantize: no Linear or Conv2d layer left to quantize (skipped: {', '.join(skipped) or 'none'})"
+        )
+    needs_data = cfg.method is Method.QAT or (
+        cfg.method is Method.PTQ and (cfg.bias_correction or cfg.adaround or any(s.act_bits is not None for s in specs))
+    )
     if needs_data and train_data is None:
         raise UsageError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
     pairs = find_conv_bn(new) if cfg.fold_bn else []
@@ -139,8 +156,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     return QuantResult(new, record)
 
 
-def _quantize_residual_outputs(model: nn.Module, specs: list[LayerSpec], cfg: QuantConfig,
-                               batches: list[torch.Tensor]) -> list[str]:
+def _quantize_residual_outputs(
+    model: nn.Module, specs: list[LayerSpec], cfg: QuantConfig, batches: list[torch.Tensor]
+) -> list[str]:
     """8-bit static models: quantize the outputs of layers feeding a residual add (calibrated on the same batches,
     after bias correction / QAT and BN folding), so the runtime keeps the whole residual block in integers."""
     if not batches:
@@ -170,8 +188,10 @@ def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     if record.get("decomposed"):
         names = decompose(model, only=record["decomposed"])
         if names != record["decomposed"]:
-            raise UsageError(f"replay: the record's LSTM / GRU / attention layers {record['decomposed']} do not match "
-                             f"the model's {names}")
+            raise UsageError(
+                f"replay: the record's LSTM / GRU / attention layers {record['decomposed']} do not match "
+                f"the model's {names}"
+            )
     fields = LayerSpec.__dataclass_fields__
     specs = [LayerSpec(**{k: v for k, v in layer.items() if k in fields}) for layer in record["layers"]]
     for spec in specs:

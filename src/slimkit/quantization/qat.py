@@ -17,6 +17,7 @@ def _freeze_bn_hook(state: dict[str, bool]):
     def hook(module: nn.Module, args) -> None:
         if state["frozen"]:
             module.train(False)
+
     return hook
 
 
@@ -33,8 +34,11 @@ def freeze_quantizers(model: nn.Module) -> None:
 def train_qat(model: nn.Module, data, val_data, cfg: QuantConfig, loss_fn: LossFn | None) -> FitResult:
     """Train the prepared (fake-quant, BN not folded) ``model`` in place."""
     state = {"frozen": cfg.freeze_bn_epoch == 0}
-    handles = [m.register_forward_pre_hook(_freeze_bn_hook(state))
-               for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)]
+    handles = [
+        m.register_forward_pre_hook(_freeze_bn_hook(state))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)
+    ]
 
     if cfg.freeze_observer_epoch == 0:
         freeze_quantizers(model)
@@ -45,8 +49,15 @@ def train_qat(model: nn.Module, data, val_data, cfg: QuantConfig, loss_fn: LossF
         if cfg.freeze_observer_epoch is not None and epoch + 1 >= cfg.freeze_observer_epoch:
             freeze_quantizers(model)
 
-    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                            max_batches=cfg.max_batches, optimizer=Optimizer.ADAM, restore_best=val_data is not None)
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        max_batches=cfg.max_batches,
+        optimizer=Optimizer.ADAM,
+        restore_best=val_data is not None,
+    )
     try:
         history = fit(model, data, val_data, train_cfg, loss_fn=loss_fn, on_epoch_end=on_epoch_end)
     finally:
