@@ -1,6 +1,7 @@
 """quantize(): new model, record, provenance, PTQ accuracy, QAT, errors."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 from torch import nn
 
 from slimkit import history, models
-from slimkit.quantization import QuantConfig, quantize, replay
+from slimkit.errors import UsageError
+from slimkit.quantization import PTQSettings, QATSettings, QuantConfig, quantize, replay
 from slimkit.quantization.fake import QuantConv2d, QuantLinear
 from slimkit.quantization.ptq import find_conv_bn, fold_bn
+from slimkit.recipe import Recipe, Step, StepKind
 from slimkit.train import TrainConfig, evaluate, fit
 
 
@@ -139,6 +142,123 @@ def test_ptq_on_resnet_folds_and_replays():
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**bad)
+
+
+# --- per-method sections: shared fields at the top, ptq / qat sections, flat keys still accepted ----------------
+
+
+FLAT = dict(
+    weight_bits=4,
+    act_bits=8,
+    method="ptq",
+    observer="histogram",
+    batch_size=32,
+    seed=3,
+    adaround=True,
+    adaround_iters=50,
+    bias_correction=False,
+    epochs=5,
+    lr=2e-3,
+    max_batches=7,
+    lsq=False,
+    freeze_bn_epoch=0,
+    freeze_observer_epoch=2,
+)
+NESTED = dict(
+    weight_bits=4,
+    act_bits=8,
+    method="ptq",
+    observer="histogram",
+    batch_size=32,
+    seed=3,
+    ptq=dict(adaround=True, adaround_iters=50, bias_correction=False),
+    qat=dict(epochs=5, lr=2e-3, max_batches=7, lsq=False, freeze_bn_epoch=0, freeze_observer_epoch=2),
+)
+
+
+def test_nested_and_flat_forms_give_equal_configs():
+    flat = QuantConfig(**FLAT)
+    assert flat == QuantConfig(**NESTED) == QuantConfig.from_dict(FLAT) == QuantConfig.from_dict(NESTED)
+    assert flat == QuantConfig(
+        weight_bits=4,
+        act_bits=8,
+        observer="histogram",
+        batch_size=32,
+        seed=3,
+        ptq=PTQSettings(bias_correction=False, adaround=True, adaround_iters=50),
+        qat=QATSettings(epochs=5, lr=2e-3, max_batches=7, lsq=False, freeze_bn_epoch=0, freeze_observer_epoch=2),
+    )
+    assert isinstance(flat.ptq, PTQSettings) and isinstance(flat.qat, QATSettings)
+    assert (flat.adaround, flat.adaround_iters, flat.epochs, flat.max_batches) == (True, 50, 5, 7)
+    assert flat.ptq.adaround_iters == 50 and flat.qat.freeze_observer_epoch == 2
+    # a flat keyword is applied on top of its section; None is a value (every batch), not "not given"
+    cfg = QuantConfig(qat={"epochs": 2, "max_batches": 4}, epochs=6, max_batches=None)
+    assert (cfg.qat.epochs, cfg.qat.max_batches) == (6, None)
+    # attributes write through to the section
+    cfg.epochs, cfg.adaround_lr = 9, 0.5
+    assert cfg.qat.epochs == 9 and cfg.ptq.adaround_lr == 0.5 and cfg.to_dict()["qat"]["epochs"] == 9
+    # a copy never shares a section with its source (dataclasses.replace is how back-off weakens a step)
+    weaker = dataclasses.replace(cfg, weight_bits=8)
+    weaker.epochs = 1
+    assert cfg.epochs == 9 and weaker.qat is not cfg.qat
+    # the shared fields stay at the top; each section holds only what its method reads
+    assert set(cfg.to_dict()["ptq"]) == {"bias_correction", "adaround", "adaround_iters", "adaround_lr"}
+    assert set(cfg.to_dict()["qat"]) == {
+        "epochs",
+        "lr",
+        "max_batches",
+        "lsq",
+        "freeze_bn_epoch",
+        "freeze_observer_epoch",
+    }
+    assert {"observer", "calibration_batches", "batch_size", "fold_bn", "seed"} <= set(cfg.to_dict())
+
+
+def test_config_round_trips_through_dict_json_and_yaml():
+    cfg = QuantConfig(**FLAT, overrides={"re:fc.*": {"weight_bits": 8}}, ignore=("0",))
+    data = cfg.to_dict()
+    assert "epochs" not in data and data["qat"]["epochs"] == 5 and data["ptq"]["adaround"] is True  # nested form
+    assert QuantConfig.from_dict(data) == cfg
+    assert QuantConfig.from_dict(json.loads(json.dumps(data))) == cfg
+    recipe = Recipe(steps=[Step(StepKind.QUANTIZE, cfg)])
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert again.steps[0].config == cfg and again.to_dict() == recipe.to_dict()
+    # a recipe written with the flat keys of before loads to the same config
+    flat = Recipe.from_yaml(
+        "steps:\n  - quantize: {method: qat, weight_bits: 2, scheme: ternary, act_bits: null, epochs: 4, lr: 0.001}\n"
+    )
+    nested = Recipe.from_yaml(
+        "steps:\n  - quantize: {method: qat, weight_bits: 2, scheme: ternary, act_bits: null, "
+        "qat: {epochs: 4, lr: 0.001}}\n"
+    )
+    assert flat.steps[0].config == nested.steps[0].config
+    assert flat.steps[0].config.qat == QATSettings(epochs=4, lr=0.001)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"qat": {"epoch": 3}}, r"QuantConfig.qat: QATSettings: unknown key 'epoch'; did you mean 'epochs'\?"),
+        ({"ptq": {"adaround_iter": 3}}, r"QuantConfig.ptq: PTQSettings: unknown key 'adaround_iter'; did you mean"),
+        (
+            {"ptq": {"epochs": 3}},
+            r"QuantConfig.ptq: PTQSettings: unknown key 'epochs'",
+        ),  # a QAT field in the PTQ section
+        ({"qat": {"lr": -1.0}}, r"QuantConfig.qat: lr=-1.0 is out of range"),
+        ({"qat": {"max_batches": 2.5}}, r"QuantConfig.qat: QATSettings.max_batches=2.5: expected int or null"),
+        ({"ptq": 5}, r"QuantConfig.ptq=5: expected PTQSettings or a mapping of its fields"),
+        ({"epoch": 3}, r"QuantConfig: unknown key 'epoch'; did you mean 'epochs'\?"),
+        ({"epochs": 2.7}, r"QuantConfig.epochs=2.7: expected int"),
+        ({"method": "qat", "qat": {"epochs": 0}}, r"epochs=0 must be >= 1"),
+        ({"method": "dynamic", "ptq": {"adaround": True}}, r"adaround=True needs method='ptq'"),
+    ],
+)
+def test_a_bad_section_key_or_value_is_refused_naming_it(data, match):
+    with pytest.raises(UsageError, match=match) as info:
+        QuantConfig.from_dict(data)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match=r"steps\[0\] \(quantize\)"):
+        Recipe.from_dict({"steps": [{"quantize": data}]})
 
 
 def test_bad_input_errors(digits_mlp, digits):

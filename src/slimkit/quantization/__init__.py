@@ -22,7 +22,7 @@ from torch import nn
 
 from slimkit.errors import InputTypeError, UsageError, renamed_keyword
 from slimkit.history import record_step
-from slimkit.quantization.config import LayerSpec, Method, QuantConfig, Scheme, plan_layers
+from slimkit.quantization.config import LayerSpec, Method, PTQSettings, QATSettings, QuantConfig, Scheme, plan_layers
 from slimkit.quantization.dynamic import decompose
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
@@ -45,6 +45,8 @@ __all__ = [
     "LayerSpec",
     "Method",
     "ObserverKind",
+    "PTQSettings",
+    "QATSettings",
     "QuantConfig",
     "QuantResult",
     "Scheme",
@@ -101,7 +103,8 @@ def quantize(
             f"quantize: no Linear or Conv2d layer left to quantize (skipped: {', '.join(skipped) or 'none'})"
         )
     needs_data = cfg.method is Method.QAT or (
-        cfg.method is Method.PTQ and (cfg.bias_correction or cfg.adaround or any(s.act_bits is not None for s in specs))
+        cfg.method is Method.PTQ
+        and (cfg.ptq.bias_correction or cfg.ptq.adaround or any(s.act_bits is not None for s in specs))
     )
     if needs_data and train_data is None:
         raise UsageError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
@@ -109,8 +112,8 @@ def quantize(
     qat = cfg.method is Method.QAT
     if not qat:
         fold_bn(new, pairs)
-    reference = copy.deepcopy(new) if cfg.adaround else None
-    prepare(new, specs, cfg.observer.value, learnable=qat and cfg.lsq)
+    reference = copy.deepcopy(new) if cfg.ptq.adaround else None
+    prepare(new, specs, cfg.observer.value, learnable=qat and cfg.qat.lsq)
     stats: dict[str, Any] = {}
     batches = calibration_batches(train_data, cfg.batch_size, cfg.calibration_batches) if train_data is not None else []
     if batches:
@@ -118,8 +121,10 @@ def quantize(
     if reference is not None and batches:
         from slimkit.quantization.adaround import adaround
 
-        stats["adaround"] = adaround(new, reference, batches, cfg.adaround_iters, cfg.adaround_lr, seed=cfg.seed)
-    if cfg.method is Method.PTQ and cfg.bias_correction and batches:
+        stats["adaround"] = adaround(
+            new, reference, batches, cfg.ptq.adaround_iters, cfg.ptq.adaround_lr, seed=cfg.seed
+        )
+    if cfg.method is Method.PTQ and cfg.ptq.bias_correction and batches:
         stats["bias_correction_max_abs"] = correct_bias(new, batches)
     if qat:
         from slimkit.quantization.qat import train_qat
@@ -146,7 +151,7 @@ def quantize(
         "method": cfg.method.value,
         "folded": [list(p) for p in pairs],
         "decomposed": decomposed,
-        "learnable": qat and cfg.lsq,
+        "learnable": qat and cfg.qat.lsq,
         "observer": cfg.observer.value,
         "layers": layers,
         "skipped": skipped,

@@ -256,10 +256,10 @@ class QuantConfig(Config):
         adaround_lr: float | _Unset = UNSET,
         epochs: int | _Unset = UNSET,
         lr: float | _Unset = UNSET,
-        max_batches: int | None | _Unset = UNSET,
+        max_batches: int | _Unset | None = UNSET,
         lsq: bool | _Unset = UNSET,
         freeze_bn_epoch: int | _Unset = UNSET,
-        freeze_observer_epoch: int | None | _Unset = UNSET,
+        freeze_observer_epoch: int | _Unset | None = UNSET,
     ) -> None:
         flat_ptq = {
             "bias_correction": bias_correction,
@@ -400,8 +400,9 @@ class LayerSpec:
         if self.output_act_bits is not None:
             check_range(f"{where}: output_act_bits", self.output_act_bits, 2, 8)
         if self.granularity not in {g.value for g in Granularity}:
-            raise UsageError(f"{where}: granularity={self.granularity!r} is not one of "
-                             f"{', '.join(g.value for g in Granularity)}")
+            raise UsageError(
+                f"{where}: granularity={self.granularity!r} is not one of {', '.join(g.value for g in Granularity)}"
+            )
         if self.group_size < 0 or (self.granularity == Granularity.PER_GROUP.value and self.group_size < 1):
             raise UsageError(f"{where}: group_size={self.group_size} must be >= 1 for per_group (>= 0 otherwise)")
 
@@ -430,8 +431,9 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
             continue
         if isinstance(module, nn.MultiheadAttention | nn.LSTM | nn.GRU | nn.RNN):
             inside_mha.append(name)
-            reason = unsupported(module) or (f"{type(module).__name__} is not supported by static quantization "
-                                             "(method='dynamic' quantizes it)")
+            reason = unsupported(module) or (
+                f"{type(module).__name__} is not supported by static quantization (method='dynamic' quantizes it)"
+            )
             skipped[name] = f"{reason}; kept in float"
         elif isinstance(module, nn.Linear | nn.Conv2d):
             layers.append((name, module))
@@ -440,8 +442,9 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
     return layers, skipped
 
 
-def plan_layers(model: nn.Module, cfg: QuantConfig,
-                decomposed: list[str] | tuple[str, ...] = ()) -> tuple[list[LayerSpec], dict[str, str]]:
+def plan_layers(
+    model: nn.Module, cfg: QuantConfig, decomposed: list[str] | tuple[str, ...] = ()
+) -> tuple[list[LayerSpec], dict[str, str]]:
     """Resolve every quantizable layer's spec from the config (ignore, first/last rule, overrides). A pattern that
     names a ``decomposed`` LSTM / GRU / attention module applies to its Linear pieces, as a pattern naming any
     module covers the modules inside it (``slimkit._modules.matches``)."""
@@ -464,8 +467,13 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
         if dynamic and not isinstance(module, nn.Linear):
             skipped[name] = "dynamic quantization covers Linear layers only; kept in float"
             continue
-        spec: dict[str, Any] = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "scheme": cfg.scheme.value,
-                "granularity": cfg.granularity.value, "group_size": cfg.group_size}
+        spec: dict[str, Any] = {
+            "weight_bits": cfg.weight_bits,
+            "act_bits": cfg.act_bits,
+            "scheme": cfg.scheme.value,
+            "granularity": cfg.granularity.value,
+            "group_size": cfg.group_size,
+        }
         if cfg.keep_first_last_8bit and name in ends and (cfg.weight_bits < 8 or cfg.scheme.value != "symmetric"):
             spec.update(weight_bits=8, scheme="symmetric", granularity="per_channel")
             if spec["act_bits"] is not None:
@@ -475,17 +483,33 @@ def plan_layers(model: nn.Module, cfg: QuantConfig,
                 spec.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in override.items()})
         if spec["weight_bits"] == 1 and spec["scheme"] == "symmetric":
             spec["scheme"] = "binary"
-        if dynamic and ((spec["weight_bits"], spec["act_bits"], spec["scheme"]) != (8, 8, "symmetric")
-                        or spec["granularity"] == "per_group"):
-            raise UsageError(f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric per-channel or "
-                             "per-tensor weights and 8-bit activations; drop the override or use method='ptq' / 'qat'")
+        if dynamic and (
+            (spec["weight_bits"], spec["act_bits"], spec["scheme"]) != (8, 8, "symmetric")
+            or spec["granularity"] == "per_group"
+        ):
+            raise UsageError(
+                f"quantize: layer {name!r}: method='dynamic' needs 8-bit symmetric per-channel or "
+                "per-tensor weights and 8-bit activations; drop the override or use method='ptq' / 'qat'"
+            )
         _check_bits(spec["weight_bits"], spec["act_bits"], spec["scheme"], f"layer {name!r}")
-        specs.append(LayerSpec(name, type(module).__name__, spec["weight_bits"], spec["scheme"],
-                               spec["granularity"], spec["group_size"], spec["act_bits"], dynamic))
+        specs.append(
+            LayerSpec(
+                name,
+                type(module).__name__,
+                spec["weight_bits"],
+                spec["scheme"],
+                spec["granularity"],
+                spec["group_size"],
+                spec["act_bits"],
+                dynamic,
+            )
+        )
     planned = {spec.name for spec in specs}
     for pattern in cfg.overrides:  # a layer the user configured must be quantized, or the reason is an error
         hit = [n for n in skipped if hits(n, pattern) and skipped[n] != "ignored by config"]
         if hit and not any(hits(n, pattern) for n in planned):
-            raise UsageError(f"quantize: overrides[{pattern!r}] targets {hit[0]!r}, which cannot be quantized here: "
-                             f"{skipped[hit[0]]}")
+            raise UsageError(
+                f"quantize: overrides[{pattern!r}] targets {hit[0]!r}, which cannot be quantized here: "
+                f"{skipped[hit[0]]}"
+            )
     return specs, skipped

@@ -33,28 +33,29 @@ def freeze_quantizers(model: nn.Module) -> None:
 
 def train_qat(model: nn.Module, data, val_data, cfg: QuantConfig, loss_fn: LossFn | None) -> FitResult:
     """Train the prepared (fake-quant, BN not folded) ``model`` in place."""
-    state = {"frozen": cfg.freeze_bn_epoch == 0}
+    settings = cfg.qat
+    state = {"frozen": settings.freeze_bn_epoch == 0}
     handles = [
         m.register_forward_pre_hook(_freeze_bn_hook(state))
         for m in model.modules()
         if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)
     ]
 
-    if cfg.freeze_observer_epoch == 0:
+    if settings.freeze_observer_epoch == 0:
         freeze_quantizers(model)
 
     def on_epoch_end(epoch: int, _model: nn.Module, _history: FitResult) -> None:
-        if epoch + 1 >= cfg.freeze_bn_epoch:
+        if epoch + 1 >= settings.freeze_bn_epoch:
             state["frozen"] = True
-        if cfg.freeze_observer_epoch is not None and epoch + 1 >= cfg.freeze_observer_epoch:
+        if settings.freeze_observer_epoch is not None and epoch + 1 >= settings.freeze_observer_epoch:
             freeze_quantizers(model)
 
     train_cfg = TrainConfig(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
+        epochs=settings.epochs,
+        lr=settings.lr,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        max_batches=cfg.max_batches,
+        max_batches=settings.max_batches,
         optimizer=Optimizer.ADAM,
         restore_best=val_data is not None,
     )

@@ -75,11 +75,23 @@ def plan_recipe(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext)
     lowest, overrides, floats = bit_overrides(ctx.model, plan)
     recover = amount > 0 or bool(plan.get("distill"))
     if lowest is not None and lowest < 8:  # QAT trains: it is the recovery
-        from slimkit.quantization import Method, QuantConfig
+        from slimkit.quantization import Method, QATSettings, QuantConfig
 
-        steps.append(Step(StepKind.QUANTIZE, QuantConfig(
-            weight_bits=8, act_bits=None, method=Method.QAT, overrides=overrides, ignore=tuple(floats),
-            epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, max_batches=ctx.max_batches, seed=ctx.seed)))
+        steps.append(
+            Step(
+                StepKind.QUANTIZE,
+                QuantConfig(
+                    weight_bits=8,
+                    act_bits=None,
+                    method=Method.QAT,
+                    overrides=overrides,
+                    ignore=tuple(floats),
+                    batch_size=tc.batch_size,
+                    seed=ctx.seed,
+                    qat=QATSettings(epochs=tc.epochs, lr=tc.lr, max_batches=ctx.max_batches),
+                ),
+            )
+        )
     else:
         if recover:
             steps.append(Step(StepKind.FINETUNE, tc))
