@@ -40,6 +40,7 @@ from slimkit.train import evaluate
 
 __all__ = ["CompressResult", "StepOutcome", "compress", "export_model"]
 
+
 @dataclass
 class CompressResult:
     """The compressed model and its evidence; ``slimkit.save(result, folder)`` writes it as an artifact."""
@@ -55,9 +56,14 @@ class CompressResult:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "final": self.final, "steps": [dataclasses.asdict(s) for s in self.steps],
-                "latency_ms": {k: {str(b): v * 1e3 for b, v in d.items()} for k, d in self.latency.items()},
-                "parity": self.parity, "recipe": self.recipe.to_dict()}
+        return {
+            "baseline": self.baseline,
+            "final": self.final,
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "latency_ms": {k: {str(b): v * 1e3 for b, v in d.items()} for k, d in self.latency.items()},
+            "parity": self.parity,
+            "recipe": self.recipe.to_dict(),
+        }
 
     def table(self):
         from slimkit.report import summary_rows
@@ -69,8 +75,15 @@ class CompressResult:
         return render(self.table())
 
 
-def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path, val_data: Dataset,
-               floor: float, notes: list[str]) -> Path:
+def _pick_onnx(
+    model: nn.Module,
+    cfg: ExportConfig,
+    example_input: torch.Tensor,
+    folder: Path,
+    val_data: Dataset,
+    floor: float,
+    notes: list[str],
+) -> Path:
     """``onnx-auto``: time fp32, int8 and (for nets with both) int8-fully-connected-only ONNX side by side; among
     the variants inside the budget whose latency is within ``cfg.size_slack`` of the fastest, ship the smallest."""
     from slimkit.export.onnx import export_onnx, is_int8_model
@@ -81,8 +94,9 @@ def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor,
         variants["int8"] = export_onnx(model, example_input, folder / "model-int8.onnx", int8=True)
         kinds = {type(m).__name__ for m in model.modules()}
         if any("Conv" in k for k in kinds) and any("Linear" in k for k in kinds):
-            variants["int8-fc"] = export_onnx(model, example_input, folder / "model-int8-fc.onnx", int8=True,
-                                              int8_ops=("Gemm",))
+            variants["int8-fc"] = export_onnx(
+                model, example_input, folder / "model-int8-fc.onnx", int8=True, int8_ops=("Gemm",)
+            )
     sessions = {name: OrtModel(path, threads=2) for name, path in variants.items()}
     timings = benchmark_latency(sessions, example_input, (cfg.auto_batch_size,), threads=2)
     accuracy = {name: evaluate(session, val_data).accuracy for name, session in sessions.items()}
@@ -91,8 +105,13 @@ def _pick_onnx(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor,
     inside = [n for n in variants if accuracy[n] >= floor] or list(variants)
     fastest = min(ms[n] for n in inside)
     chosen = min((n for n in inside if ms[n] <= fastest * (1 + cfg.size_slack)), key=lambda n: size[n])
-    notes.append("onnx-auto at batch {}: {}; shipped {}".format(cfg.auto_batch_size, ", ".join(
-        f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}% / {size[n] / 1e3:.1f} KB" for n in variants), chosen))
+    notes.append(
+        "onnx-auto at batch {}: {}; shipped {}".format(
+            cfg.auto_batch_size,
+            ", ".join(f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}% / {size[n] / 1e3:.1f} KB" for n in variants),
+            chosen,
+        )
+    )
     final = folder / "model.onnx"
     variants[chosen].rename(final)
     return final
@@ -106,8 +125,10 @@ def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tenso
         torch.export.save(program, str(path))
         return path
     if cfg.format is ExportFormat.ONNX_AUTO:
-        raise UsageError("onnx-auto chooses between int8 and fp32 by measured speed and accuracy: use it as a recipe "
-                         "step (slimkit compress), or export onnx / onnx-int8 here")
+        raise UsageError(
+            "onnx-auto chooses between int8 and fp32 by measured speed and accuracy: use it as a recipe "
+            "step (slimkit compress), or export onnx / onnx-int8 here"
+        )
     from slimkit.export.onnx import export_onnx
 
     return export_onnx(model, example_input, folder / "model.onnx", int8=cfg.format is ExportFormat.ONNX_INT8)
@@ -154,11 +175,18 @@ def compress(
             console.rule(f"step {len(recipe.steps)}/{len(recipe.steps)}: export")
             if step.config.format is ExportFormat.ONNX_AUTO:
                 export_notes: list[str] = []
-                exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor,
-                                      export_notes)
+                exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor, export_notes)
                 console.print(export_notes[-1])
-                outcomes.append(StepOutcome("export", "applied", step.config.to_dict(), notes=export_notes,
-                                            seconds=0.0, **runner.metrics(current)))
+                outcomes.append(
+                    StepOutcome(
+                        "export",
+                        "applied",
+                        step.config.to_dict(),
+                        notes=export_notes,
+                        seconds=0.0,
+                        **runner.metrics(current),
+                    )
+                )
             else:
                 exported = export_model(current, step.config, example_input, export_dir)
             if step.config.parity and exported.suffix == ".onnx":
@@ -166,8 +194,10 @@ def compress(
                 from slimkit.export.runtime import parity as check_parity
 
                 parity = check_parity(current, OrtModel(exported, threads=2), val_data)
-                console.print(f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, "
-                              f"top-1 agreement {100 * parity['top1_agreement']:.2f}%")
+                console.print(
+                    f"ONNX Runtime parity: max |diff| {parity['max_abs_diff']:.3g}, "
+                    f"top-1 agreement {100 * parity['top1_agreement']:.2f}%"
+                )
         final = runner.metrics(current)
         candidates: dict[str, Any] = {"PyTorch fp32 (before)": original}
         if exported is not None and exported.suffix == ".onnx":

@@ -52,15 +52,18 @@ class StepOutcome:
     test_accuracy: float | None = None  # reported only, when compress() was given test_data
 
 
-def step_metrics(model: nn.Module, val_data: Any, example_input: torch.Tensor,
-                 test_data: Any = None) -> dict[str, Any]:
+def step_metrics(model: nn.Module, val_data: Any, example_input: torch.Tensor, test_data: Any = None) -> dict[str, Any]:
     """Accuracy on the validation data (what the budget is checked on), size and cost; test accuracy if given."""
     from slimkit.export.artifact import weights_size
     from slimkit.measure import profile
 
     prof = profile(model, example_input)
-    metrics = {"accuracy": evaluate(model, val_data).accuracy, "params": prof.params, "macs": prof.macs,
-               "size_bytes": weights_size(model)}
+    metrics = {
+        "accuracy": evaluate(model, val_data).accuracy,
+        "params": prof.params,
+        "macs": prof.macs,
+        "size_bytes": weights_size(model),
+    }
     if test_data is not None:
         metrics["test_accuracy"] = evaluate(model, test_data).accuracy
     return metrics
@@ -105,8 +108,17 @@ class StepRunner:
         on_epoch_end: called after each epoch of a ``finetune`` step (a search reports to its pruner here).
     """
 
-    def __init__(self, teacher: nn.Module, train_data: Any, val_data: Any, example_input: torch.Tensor, *,
-                 test_data: Any = None, kd: Any = DEFAULT_KD, on_epoch_end: EpochHook | None = None) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        train_data: Any,
+        val_data: Any,
+        example_input: torch.Tensor,
+        *,
+        test_data: Any = None,
+        kd: Any = DEFAULT_KD,
+        on_epoch_end: EpochHook | None = None,
+    ) -> None:
         self.teacher, self.train_data, self.val_data = teacher, train_data, val_data
         self.example_input, self.test_data = example_input, test_data
         self.kd, self.on_epoch_end = kd, on_epoch_end
@@ -126,12 +138,24 @@ class StepRunner:
         if step.kind is StepKind.PRUNE:
             from slimkit.pruning import prune
 
-            return prune(model, step.config, self.example_input, train_data=self.train_data,
-                         val_data=self.val_data, loss_fn=self.loss_fn()).model
+            return prune(
+                model,
+                step.config,
+                self.example_input,
+                train_data=self.train_data,
+                val_data=self.val_data,
+                loss_fn=self.loss_fn(),
+            ).model
         if step.kind is StepKind.FINETUNE:
             tuned = copy.deepcopy(model)
-            fit(tuned, self.train_data, self.val_data, step.config, loss_fn=self.loss_fn(),
-                on_epoch_end=self.on_epoch_end)
+            fit(
+                tuned,
+                self.train_data,
+                self.val_data,
+                step.config,
+                loss_fn=self.loss_fn(),
+                on_epoch_end=self.on_epoch_end,
+            )
             return tuned
         if step.kind is StepKind.DISTILL:
             from slimkit.distillation import distill
@@ -140,8 +164,7 @@ class StepRunner:
         if step.kind is StepKind.QUANTIZE:
             from slimkit.quantization import quantize
 
-            return quantize(model, step.config, self.train_data, val_data=self.val_data,
-                            loss_fn=self.loss_fn()).model
+            return quantize(model, step.config, self.train_data, val_data=self.val_data, loss_fn=self.loss_fn()).model
         raise UsageError(f"step {step.kind.value!r} does not transform the model")
 
     def recover(self, model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -152,8 +175,9 @@ class StepRunner:
         return distill(model, self.teacher, cfg, self.train_data, self.val_data).model
 
 
-def run_step(runner: StepRunner, step: Step, model: nn.Module, floor: float, recipe: Recipe,
-             console: Console) -> tuple[nn.Module, StepOutcome]:
+def run_step(
+    runner: StepRunner, step: Step, model: nn.Module, floor: float, recipe: Recipe, console: Console
+) -> tuple[nn.Module, StepOutcome]:
     """Run ``step`` under the accuracy ``floor``: recover, back off, or skip it; returns the kept model."""
     start, notes, attempt = time.perf_counter(), [], step
     for tries in range(recipe.max_backoffs + 1):
@@ -166,14 +190,22 @@ def run_step(runner: StepRunner, step: Step, model: nn.Module, floor: float, rec
         status = "applied" if tries == 0 else "backed_off"
         recoverable = recipe.recovery_epochs and attempt.kind not in (StepKind.DISTILL, StepKind.FINETUNE)
         if candidate is not None and metrics["accuracy"] < floor and recoverable:
-            notes.append(f"accuracy {metrics['accuracy']:.2f}% < budget {floor:.2f}%: KD recovery "
-                         f"({recipe.recovery_epochs} epochs)")
+            notes.append(
+                f"accuracy {metrics['accuracy']:.2f}% < budget {floor:.2f}%: KD recovery "
+                f"({recipe.recovery_epochs} epochs)"
+            )
             candidate = runner.recover(candidate, recipe)
             metrics = runner.metrics(candidate)
             status = "recovered" if tries == 0 else "backed_off"
         if candidate is not None and metrics["accuracy"] >= floor:
-            return candidate, StepOutcome(attempt.kind.value, status, attempt.config.to_dict(),
-                                          seconds=time.perf_counter() - start, notes=notes, **metrics)
+            return candidate, StepOutcome(
+                attempt.kind.value,
+                status,
+                attempt.config.to_dict(),
+                seconds=time.perf_counter() - start,
+                notes=notes,
+                **metrics,
+            )
         weaker = back_off(attempt)
         if candidate is not None:
             notes.append(f"accuracy {metrics['accuracy']:.2f}% still below budget {floor:.2f}%")
@@ -184,12 +216,19 @@ def run_step(runner: StepRunner, step: Step, model: nn.Module, floor: float, rec
             break
         attempt = weaker
     metrics = runner.metrics(model)
-    return model, StepOutcome(step.kind.value, "skipped", step.config.to_dict(), seconds=time.perf_counter() - start,
-                              notes=[*notes, "step skipped: the model before it is kept"], **metrics)
+    return model, StepOutcome(
+        step.kind.value,
+        "skipped",
+        step.config.to_dict(),
+        seconds=time.perf_counter() - start,
+        notes=[*notes, "step skipped: the model before it is kept"],
+        **metrics,
+    )
 
 
-def run_steps(model: nn.Module, recipe: Recipe, runner: StepRunner, *, floor: float | None = None,
-              console: Console | None = None) -> tuple[nn.Module, list[StepOutcome]]:
+def run_steps(
+    model: nn.Module, recipe: Recipe, runner: StepRunner, *, floor: float | None = None, console: Console | None = None
+) -> tuple[nn.Module, list[StepOutcome]]:
     """Run the recipe's transform steps in order (an ``export`` step, always last, is the caller's).
 
     With ``floor`` (``compress``): each step is checked, recovered, backed off or skipped by ``run_step`` and its
@@ -208,6 +247,8 @@ def run_steps(model: nn.Module, recipe: Recipe, runner: StepRunner, *, floor: fl
         console.rule(f"step {i + 1}/{total}: {step.kind.value}")
         model, outcome = run_step(runner, step, model, floor, recipe, console)
         outcomes.append(outcome)
-        console.print(f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
-                      f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s")
+        console.print(
+            f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
+            f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s"
+        )
     return model, outcomes

@@ -25,8 +25,15 @@ def test_rectified_sigmoid_reaches_zero_and_one_and_inverts():
 def digits_cnn(digits):
     train, _ = digits
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 10),
+    )
     fit(model, train, None, TrainConfig(epochs=4, lr=0.05, optimizer="sgd", progress=False))
     return model.eval()
 

@@ -10,8 +10,24 @@ from slimkit.cli import app
 
 def test_quantize_cli_writes_artifact_and_onnx(tmp_path):
     out, onnx_path = tmp_path / "q.slim", tmp_path / "q.onnx"
-    args = ["quantize", "--model", "mlp", "--model-args", '{"in_features": 64}', "--data", "digits", "--shape",
-            "1x8x8", "--bits", "4", "--adaround", "--out", str(out), "--onnx", str(onnx_path)]
+    args = [
+        "quantize",
+        "--model",
+        "mlp",
+        "--model-args",
+        '{"in_features": 64}',
+        "--data",
+        "digits",
+        "--shape",
+        "1x8x8",
+        "--bits",
+        "4",
+        "--adaround",
+        "--out",
+        str(out),
+        "--onnx",
+        str(onnx_path),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file() and onnx_path.is_file()

@@ -52,8 +52,14 @@ def test_linear_attention_equals_torch_attention(batch_first):
     mask[:, 0] = False
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[1, -1] = True
-    cases = [{}, {"attn_mask": mask}, {"attn_mask": torch.randn(8, 5, 6)}, {"key_padding_mask": padding},
-             {"need_weights": False}, {"average_attn_weights": False}]
+    cases = [
+        {},
+        {"attn_mask": mask},
+        {"attn_mask": torch.randn(8, 5, 6)},
+        {"key_padding_mask": padding},
+        {"need_weights": False},
+        {"average_attn_weights": False},
+    ]
     with torch.no_grad():
         for kwargs in cases:
             ours, theirs = linear(q, k, k, **kwargs), mha(q, k, k, **kwargs)
@@ -62,8 +68,9 @@ def test_linear_attention_equals_torch_attention(batch_first):
             if ours[1] is not None:
                 torch.testing.assert_close(ours[1], theirs[1], atol=1e-6, rtol=1e-5)
         causal = nn.Transformer.generate_square_subsequent_mask(5)
-        torch.testing.assert_close(linear(q, q, q, is_causal=True)[0], mha(q, q, q, attn_mask=causal)[0],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            linear(q, q, q, is_causal=True)[0], mha(q, q, q, attn_mask=causal)[0], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_transformer_encoder_takes_the_regular_path_after_decompose():
@@ -188,12 +195,17 @@ class _RowNet(nn.Module):
         return self.head(self.b(torch.relu(self.a(self.rnn(x)[0][:, -1]))))
 
 
-@pytest.mark.parametrize("config, expect", [
-    (QuantConfig(method="dynamic"), {"DynamicQuantizeLSTM": 1, "MatMulInteger": 3}),
-    (QuantConfig(method="dynamic", ignore=("rnn",)), {"LSTM": 1, "MatMulInteger": 3}),  # kept whole, in float
-    (QuantConfig(method="dynamic", overrides={"rnn": {"granularity": "per_tensor"}}),  # unrolled per step
-     {"MatMulInteger": 1 + 5 + 3}),
-])
+@pytest.mark.parametrize(
+    "config, expect",
+    [
+        (QuantConfig(method="dynamic"), {"DynamicQuantizeLSTM": 1, "MatMulInteger": 3}),
+        (QuantConfig(method="dynamic", ignore=("rnn",)), {"LSTM": 1, "MatMulInteger": 3}),  # kept whole, in float
+        (
+            QuantConfig(method="dynamic", overrides={"rnn": {"granularity": "per_tensor"}}),  # unrolled per step
+            {"MatMulInteger": 1 + 5 + 3},
+        ),
+    ],
+)
 def test_dynamic_export_follows_the_plan_and_matches_the_simulation(config, expect, tmp_path):
     model = _RowNet().eval()
     result = quantize(model, config)

@@ -68,10 +68,17 @@ def test_bits_out_of_range():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 9), st.integers(1, 40), st.sampled_from(["per_tensor", "per_channel", "per_group"]),
-       st.integers(1, 8), st.integers(2, 8), st.booleans())
-def test_weight_grids_bound_error_by_half_step_and_are_idempotent(channels, k, granularity, group_size, bits,
-                                                                  symmetric):
+@given(
+    st.integers(1, 9),
+    st.integers(1, 40),
+    st.sampled_from(["per_tensor", "per_channel", "per_group"]),
+    st.integers(1, 8),
+    st.integers(2, 8),
+    st.booleans(),
+)
+def test_weight_grids_bound_error_by_half_step_and_are_idempotent(
+    channels, k, granularity, group_size, bits, symmetric
+):
     """Per tensor, per channel and per group, 2-8 bits, symmetric and affine: codes in range, error <= s/2 per
     element, and quantizing the dequantized weight again changes nothing."""
     w = torch.randn(channels, k)
@@ -113,9 +120,11 @@ def test_observers_clip_outliers_but_minmax_does_not():
 def test_kl_keeps_the_tail_of_a_relu_like_distribution(tail):
     torch.manual_seed(0)
     n = 200_000
-    values = {"lognormal": torch.distributions.LogNormal(0.0, 1.0).sample((n,)),
-              "exponential": torch.distributions.Exponential(1.0).sample((n,)),
-              "pareto": torch.distributions.Pareto(1.0, 3.0).sample((n,)) - 1}[tail]
+    values = {
+        "lognormal": torch.distributions.LogNormal(0.0, 1.0).sample((n,)),
+        "exponential": torch.distributions.Exponential(1.0).sample((n,)),
+        "pareto": torch.distributions.Pareto(1.0, 3.0).sample((n,)) - 1,
+    }[tail]
     x = torch.where(torch.rand(n) < 0.6, torch.zeros(n), values)  # 60 % exact zeros, as after a ReLU
     lo, hi = kl_range(x, 8)
     assert lo == 0.0

@@ -58,8 +58,7 @@ def resnet_ptq():
     train, test = data.load("mnist10k", shape=(3, 32, 32))
     torch.manual_seed(0)
     model = models.create("resnet20")
-    fit(model, train.subset(1024), None, TrainConfig(epochs=1, lr=0.05, optimizer="sgd", batch_size=64,
-                                                    progress=False))
+    fit(model, train.subset(1024), None, TrainConfig(epochs=1, lr=0.05, optimizer="sgd", batch_size=64, progress=False))
     calib = torch.stack([train[i][0] for i in range(256)])  # the batches quantize() calibrates on
     return quantize(model.eval(), QuantConfig(calibration_batches=4), calib), test.subset(500), calib
 
@@ -141,7 +140,9 @@ def test_int8_for_fully_connected_layers_only(trained_lenet5, mnist, tmp_path):
     weights = {i.name: i for i in onnx.load(str(path)).graph.initializer}
     assert weights["features.0.weight"].data_type == onnx.TensorProto.FLOAT  # convolutions stay float
     assert weights["classifier.1.weight.int8"].data_type == onnx.TensorProto.INT8
-    assert path.stat().st_size < 0.4 * export_onnx(result.model, torch.zeros(1, 1, 28, 28), tmp_path / "f.onnx",
-                                                   int8=False).stat().st_size
+    assert (
+        path.stat().st_size
+        < 0.4 * export_onnx(result.model, torch.zeros(1, 1, 28, 28), tmp_path / "f.onnx", int8=False).stat().st_size
+    )
     # the convolutions see float activations here, so agreement with the simulated model is close, not exact
     assert parity(result.model, OrtModel(path, threads=1), test)["top1_agreement"] >= 0.98

@@ -30,10 +30,12 @@ CONFIGS = {
     "int6-affine": QuantConfig(weight_bits=6, act_bits=8, scheme="affine", keep_first_last_8bit=False),
     "int5": QuantConfig(weight_bits=5, act_bits=None, keep_first_last_8bit=False),
     "int4": QuantConfig(weight_bits=4, act_bits=8, keep_first_last_8bit=False),
-    "int4-adaround": QuantConfig(weight_bits=4, act_bits=8, keep_first_last_8bit=False, adaround=True,
-                                 adaround_iters=40),
-    "int3-group": QuantConfig(weight_bits=3, act_bits=None, granularity="per_group", group_size=16,
-                              keep_first_last_8bit=False),
+    "int4-adaround": QuantConfig(
+        weight_bits=4, act_bits=8, keep_first_last_8bit=False, adaround=True, adaround_iters=40
+    ),
+    "int3-group": QuantConfig(
+        weight_bits=3, act_bits=None, granularity="per_group", group_size=16, keep_first_last_8bit=False
+    ),
     "int2": QuantConfig(weight_bits=2, act_bits=None, keep_first_last_8bit=False),
     "ternary": QuantConfig(weight_bits=2, scheme="ternary", act_bits=None, keep_first_last_8bit=False),
     "binary": QuantConfig(weight_bits=1, scheme="binary", act_bits=None, keep_first_last_8bit=False),

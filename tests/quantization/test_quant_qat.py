@@ -14,8 +14,9 @@ from slimkit.quantization.qat import train_qat
 def _prepared(digits, cfg):
     train, _ = digits
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
     specs, _ = plan_layers(model, cfg)
     prepare(model, specs, learnable=cfg.lsq)
     calibrate(model, calibration_batches(train, cfg.batch_size, 2))
@@ -51,13 +52,13 @@ def test_bn_freezing_schedule_stops_running_statistics(digits, freeze_bn_epoch):
 
 @pytest.mark.parametrize("lsq", [True, False])
 def test_observer_freezing_schedule_stops_quantizer_ranges(digits, lsq):
-    cfg = QuantConfig(method="qat", epochs=2, max_batches=3, batch_size=32, lr=1e-2, lsq=lsq,
-                      freeze_observer_epoch=1)
+    cfg = QuantConfig(method="qat", epochs=2, max_batches=3, batch_size=32, lr=1e-2, lsq=lsq, freeze_observer_epoch=1)
     model = _prepared(digits, cfg)
 
     def ranges(m):
-        return torch.cat([m[0].weight_quant.scale.flatten(), m[4].weight_quant.scale.flatten(),
-                          m[4].input_quant.scale.flatten()])
+        return torch.cat(
+            [m[0].weight_quant.scale.flatten(), m[4].weight_quant.scale.flatten(), m[4].input_quant.scale.flatten()]
+        )
 
     weights = _train_recording(model, digits, cfg, lambda m: m[4].weight)
     scales = _train_recording(_prepared(digits, cfg), digits, cfg, ranges)
@@ -82,8 +83,9 @@ def test_folding_bn_into_a_learned_grid_is_exact(scheme, granularity):
         model[1].running_mean.normal_()
         model[1].running_var.uniform_(0.5, 2)
         model[0].weight.add_(0.3)  # skewed weights: non-zero affine zero points
-    cfg = QuantConfig(method="qat", act_bits=None, weight_bits=4, scheme=scheme, granularity=granularity,
-                      keep_first_last_8bit=False)
+    cfg = QuantConfig(
+        method="qat", act_bits=None, weight_bits=4, scheme=scheme, granularity=granularity, keep_first_last_8bit=False
+    )
     specs, _ = plan_layers(model, cfg)
     prepare(model, specs, learnable=True)
     x = torch.randn(8, 1, 8, 8)
@@ -96,16 +98,26 @@ def test_folding_bn_into_a_learned_grid_is_exact(scheme, granularity):
 def test_per_tensor_qat_on_a_conv_bn_net_converts_and_replays(digits):
     train, _ = digits
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(4 * 64, 10))
-    cfg = QuantConfig(method="qat", epochs=1, max_batches=4, granularity="per_tensor", weight_bits=4,
-                      scheme="affine", keep_first_last_8bit=False)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
+    cfg = QuantConfig(
+        method="qat",
+        epochs=1,
+        max_batches=4,
+        granularity="per_tensor",
+        weight_bits=4,
+        scheme="affine",
+        keep_first_last_8bit=False,
+    )
     result = quantize(net, cfg, train.subset(256))
     assert result.record["layers"][0]["granularity"] == "per_channel"
     assert result.record["layers"][1]["granularity"] == "per_tensor"
     tensors, meta = pack_state_dict(result.model)
-    fresh = replay(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                                 nn.Linear(4 * 64, 10)), result.record)
+    fresh = replay(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)),
+        result.record,
+    )
     fresh.load_state_dict(unpack_state_dict(tensors, meta))
     x = torch.stack([train[i][0] for i in range(16)])
     assert torch.equal(fresh(x), result.model(x))

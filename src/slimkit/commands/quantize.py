@@ -36,14 +36,23 @@ def quantize(
     method: Annotated[str, typer.Option(help="dynamic, ptq or qat.")] = "ptq",
     scheme: Annotated[str, typer.Option(help="symmetric, affine, ternary or binary.")] = "symmetric",
     observer: Annotated[str, typer.Option(help="minmax, moving_average, percentile, mse or histogram.")] = "minmax",
-    epochs: Annotated[int, typer.Option(help="QAT epochs (the best one on 1/8 of the training split, held out, "
-                                             "is kept; the test split is only reported).")] = 3,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            help="QAT epochs (the best one on 1/8 of the training split, held out, "
+            "is kept; the test split is only reported)."
+        ),
+    ] = 3,
     lr: Annotated[float, typer.Option(help="QAT learning rate.")] = 1e-3,
     adaround: Annotated[bool, typer.Option(help="PTQ: learn each weight's rounding (AdaRound).")] = False,
-    onnx: Annotated[Path | None, typer.Option(
-        help="Also write an ONNX file, int8 when possible (QDQ for ptq / qat with 8-bit activations, "
-             "DynamicQuantizeLinear -> MatMulInteger for dynamic), else fp32; also stored in the artifact as "
-             "model.onnx.")] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write an ONNX file, int8 when possible (QDQ for ptq / qat with 8-bit activations, "
+            "DynamicQuantizeLinear -> MatMulInteger for dynamic), else fp32; also stored in the artifact as "
+            "model.onnx."
+        ),
+    ] = None,
 ) -> None:
     """Quantize a trained model, compare accuracy and size with the float model, save the artifact."""
     from slimkit._io import atomic_path
@@ -59,10 +68,22 @@ def quantize(
     if onnx is not None:
         check_out(onnx, "file", option="--onnx")
     if onnx is not None and onnx.resolve().is_relative_to(out.resolve()):
-        raise UsageError(f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
-                         "anyway; give a path outside it")
-    cfg = QuantConfig.from_dict(dict(weight_bits=bits, act_bits=act_bits or None, method=method, scheme=scheme,
-                                     observer=observer, epochs=epochs, lr=lr, adaround=adaround))
+        raise UsageError(
+            f"--onnx {onnx} is inside the artifact folder --out {out}, which holds it as model.onnx "
+            "anyway; give a path outside it"
+        )
+    cfg = QuantConfig.from_dict(
+        dict(
+            weight_bits=bits,
+            act_bits=act_bits or None,
+            method=method,
+            scheme=scheme,
+            observer=observer,
+            epochs=epochs,
+            lr=lr,
+            adaround=adaround,
+        )
+    )
     net = build_model(model, weights, model_args)
     train_data, test_data = load_data(data, shape)
     val_data = None
@@ -94,8 +115,10 @@ def quantize(
             raise UsageError(f"could not write the ONNX file or the artifact, so neither was written: {exc}") from exc
     packed = (path / "model.safetensors").stat().st_size
     fp32 = size_on_disk(net)
-    rows = [["fp32", f"{before:.2f}%", human(fp32, "B")],
-            [f"{method} w{bits}" + (f"a{act_bits}" if act_bits else ""), f"{after:.2f}%", human(packed, "B")]]
+    rows = [
+        ["fp32", f"{before:.2f}%", human(fp32, "B")],
+        [f"{method} w{bits}" + (f"a{act_bits}" if act_bits else ""), f"{after:.2f}%", human(packed, "B")],
+    ]
     console.print(make_table(f"{model} on {data}", ["model", "accuracy", "weights on disk"], rows))
     skipped = result.record["skipped"]
     if skipped:

@@ -88,8 +88,15 @@ def _recon(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(1).mean()
 
 
-def _round_layer(layer: QuantLinear | QuantConv2d, x_q: torch.Tensor, target: torch.Tensor, iters: int, lr: float,
-                 batch_size: int, generator: torch.Generator) -> dict[str, float]:
+def _round_layer(
+    layer: QuantLinear | QuantConv2d,
+    x_q: torch.Tensor,
+    target: torch.Tensor,
+    iters: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> dict[str, float]:
     wq = layer.weight_quant
     qmin, qmax = wq.int_range()
     scale, zero_point = wq.scale.detach(), wq.zero_point.detach()
@@ -127,12 +134,22 @@ def _round_layer(layer: QuantLinear | QuantConv2d, x_q: torch.Tensor, target: to
         before = float(_recon(_forward(layer, x_q[probe], w_near), target[probe]))
         after = float(_recon(_forward(layer, x_q[probe], w_hat), target[probe]))
         layer.weight.copy_(w_hat)
-    return {"flipped": round(float((learned != nearest).float().mean()), 4), "recon_mse_nearest": before,
-            "recon_mse_adaround": after}
+    return {
+        "flipped": round(float((learned != nearest).float().mean()), 4),
+        "recon_mse_nearest": before,
+        "recon_mse_adaround": after,
+    }
 
 
-def adaround(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor], iters: int = 300,
-             lr: float = 1e-2, batch_size: int = 32, seed: int = 0) -> dict[str, dict[str, Any]]:
+def adaround(
+    model: nn.Module,
+    reference: nn.Module,
+    batches: list[torch.Tensor],
+    iters: int = 300,
+    lr: float = 1e-2,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
     """Learn the rounding of every uniformly quantized layer of the fake-quant ``model`` in module order (in
     place); ``reference`` is the float model with the same layer names (BN already folded). Activation
     quantizers must be calibrated. Returns per-layer statistics: the fraction of weights rounded away from

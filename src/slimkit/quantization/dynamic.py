@@ -36,8 +36,7 @@ __all__ = ["LinearMultiheadAttention", "LinearRNN", "decompose", "float_rnn", "f
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
-                      device=weight.device)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -62,15 +61,22 @@ class LinearRNN(nn.Module):
             for sfx in self.suffixes:
                 for kind in ("ih", "hh"):
                     bias = getattr(rnn, f"bias_{kind}_l{layer}{sfx}") if rnn.bias else None
-                    self.add_module(f"{kind}_l{layer}{sfx}", _linear(getattr(rnn, f"weight_{kind}_l{layer}{sfx}"),
-                                                                     bias))
+                    self.add_module(
+                        f"{kind}_l{layer}{sfx}", _linear(getattr(rnn, f"weight_{kind}_l{layer}{sfx}"), bias)
+                    )
 
     def to_rnn(self) -> nn.LSTM | nn.GRU:
         """The fused ``nn.LSTM`` / ``nn.GRU`` with the current gate weights (export uses it for the ONNX LSTM op)."""
         first = cast(nn.Linear, self.ih_l0)  # every gate is a Linear
         rnn = (nn.LSTM if self.mode == "LSTM" else nn.GRU)(
-            first.in_features, self.hidden_size, self.num_layers, bias=first.bias is not None,
-            batch_first=self.batch_first, dropout=self.dropout, bidirectional=len(self.suffixes) == 2)
+            first.in_features,
+            self.hidden_size,
+            self.num_layers,
+            bias=first.bias is not None,
+            batch_first=self.batch_first,
+            dropout=self.dropout,
+            bidirectional=len(self.suffixes) == 2,
+        )
         with torch.no_grad():
             for layer in range(self.num_layers):
                 for sfx in self.suffixes:
@@ -101,8 +107,9 @@ class LinearRNN(nn.Module):
 
     def forward(self, input: torch.Tensor, hx=None):
         if isinstance(input, PackedSequence):
-            raise InputTypeError(f"{self.mode} (slimkit dynamic int8): PackedSequence input is not supported; pass a "
-                            "padded tensor")
+            raise InputTypeError(
+                f"{self.mode} (slimkit dynamic int8): PackedSequence input is not supported; pass a padded tensor"
+            )
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
         states = self.num_layers * len(self.suffixes)
@@ -165,9 +172,17 @@ class LinearMultiheadAttention(nn.Module):
         self.embed_dim, self._qkv_same_embed_dim = mha.embed_dim, False
         self.in_proj_weight = self.in_proj_bias = None
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -223,8 +238,11 @@ def decompose(model: nn.Module, skip: tuple[str, ...] = (), only: list[str] | No
 def _fusable(rnn: LinearRNN) -> bool:
     """A dynamic int8 LSTM whose every gate is quantized with per-channel scales runs as ONNX Runtime's fused
     ``DynamicQuantizeLSTM``; the others stay unrolled into one matrix product per step."""
-    return rnn.mode == "LSTM" and all(isinstance(gate, QuantLinear) and gate.weight_quant.granularity == "per_channel"
-                                      for name, gate in rnn.named_children() if name.startswith(("ih_", "hh_")))
+    return rnn.mode == "LSTM" and all(
+        isinstance(gate, QuantLinear) and gate.weight_quant.granularity == "per_channel"
+        for name, gate in rnn.named_children()
+        if name.startswith(("ih_", "hh_"))
+    )
 
 
 @register(FUSED_RNN, LinearRNN)

@@ -12,6 +12,7 @@ scaled by ``g = 1 / sqrt(numel * Qp)``. ``QuantLinear`` / ``QuantConv2d`` subcla
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,7 @@ from slimkit.export.registry import FLOAT_TWIN, INTEGER_LAYER, ActivationQuant, 
 from slimkit.quantization.lowbit import binary_codes, binary_params, ternary_codes, ternary_params
 from slimkit.quantization.math import Granularity, Observer, group_view, qparams, qrange, ungroup
 
-__all__ = ["ActQuantizer", "QuantConv2d", "QuantLinear", "WeightQuantizer", "float_layer", "integer_layer",
-           "round_ste"]
+__all__ = ["ActQuantizer", "QuantConv2d", "QuantLinear", "WeightQuantizer", "float_layer", "integer_layer", "round_ste"]
 
 WEIGHT_SCHEMES = ("symmetric", "affine", "ternary", "binary")
 
@@ -39,8 +39,9 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return x.detach() + (scaled - scaled.detach())
 
 
-def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                   numel_per_scale: int) -> torch.Tensor:
+def lsq_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, numel_per_scale: int
+) -> torch.Tensor:
     s = grad_scale(scale, 1.0 / math.sqrt(max(numel_per_scale, 1) * max(qmax, 1)))
     q = torch.clamp(round_ste(x / s) + zero_point, qmin, qmax)
     return (q - zero_point) * s
@@ -50,8 +51,15 @@ class WeightQuantizer(nn.Module):
     """Quantizes a weight tensor. Scales are recomputed from the weight in training mode (or on ``refresh``)
     and frozen in eval mode, so a stored ``W_hat`` always re-quantizes to the same codes."""
 
-    def __init__(self, shape: tuple[int, ...], bits: int, scheme: str = "symmetric",
-                 granularity: str = "per_channel", group_size: int = 0, learnable: bool = False) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        bits: int,
+        scheme: str = "symmetric",
+        granularity: str = "per_channel",
+        group_size: int = 0,
+        learnable: bool = False,
+    ) -> None:
         super().__init__()
         if scheme not in WEIGHT_SCHEMES:
             raise UsageError(f"weight scheme {scheme!r} is not valid; choose one of {WEIGHT_SCHEMES}")
@@ -141,8 +149,14 @@ class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer: observes during calibration, then fake-quantizes with frozen (or, with
     ``learnable``, LSQ-trained) scale. ``dynamic`` recomputes min-max per batch (dynamic quantization)."""
 
-    def __init__(self, bits: int = 8, symmetric: bool = False, observer: str = "minmax", dynamic: bool = False,
-                 learnable: bool = False) -> None:
+    def __init__(
+        self,
+        bits: int = 8,
+        symmetric: bool = False,
+        observer: str = "minmax",
+        dynamic: bool = False,
+        learnable: bool = False,
+    ) -> None:
         super().__init__()
         self.bits, self.symmetric, self.observer_kind, self.dynamic = bits, symmetric, observer, dynamic
         self.learnable = learnable
@@ -189,13 +203,27 @@ class _QuantMixin:
     """Shared forward pieces: fake-quantized weight, input, and (with static input quantization) the bias
     rounded to int32 at scale ``s_x * s_w`` as integer runtimes do."""
 
+    weight: torch.Tensor  # the Linear / Conv2d weight of the class this is mixed into
     weight_quant: WeightQuantizer
     input_quant: ActQuantizer | None
 
-    def _setup(self, bits: int, scheme: str, granularity: str, group_size: int, learnable: bool,
-               input_quant: ActQuantizer | None) -> None:
-        self.weight_quant = WeightQuantizer(tuple(self.weight.shape), bits, scheme, granularity, group_size,  # type: ignore[attr-defined]
-                                            learnable)
+    def _setup(
+        self,
+        bits: int,
+        scheme: str,
+        granularity: str,
+        group_size: int,
+        learnable: bool,
+        input_quant: ActQuantizer | None,
+    ) -> None:
+        self.weight_quant = WeightQuantizer(
+            tuple(self.weight.shape),
+            bits,
+            scheme,
+            granularity,
+            group_size,
+            learnable,
+        )
         self.input_quant = input_quant
         self.output_quant: ActQuantizer | None = None
 
@@ -204,8 +232,8 @@ class _QuantMixin:
         return y if oq is None else oq(y)
 
     def _quant_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        weight = self.weight_quant(self.weight)  # type: ignore[attr-defined]
-        bias = self.bias  # type: ignore[attr-defined]
+        weight = self.weight_quant(self.weight)
+        bias: torch.Tensor | None = self.bias  # type: ignore[attr-defined]  # the host layer's (may be None)
         if self.input_quant is not None:
             x = self.input_quant(x)
             if bias is not None and self._bias_quantized():
@@ -215,9 +243,14 @@ class _QuantMixin:
 
     def _bias_quantized(self) -> bool:
         iq = self.input_quant
-        return (iq is not None and iq.observer is None and iq.enabled and not iq.dynamic
-                and self.weight_quant.granularity != Granularity.PER_GROUP.value
-                and self.weight_quant.scale.numel() in (1, self.weight.shape[0]))  # type: ignore[attr-defined]
+        return (
+            iq is not None
+            and iq.observer is None
+            and iq.enabled
+            and not iq.dynamic
+            and self.weight_quant.granularity != Granularity.PER_GROUP.value
+            and self.weight_quant.scale.numel() in (1, self.weight.shape[0])
+        )
 
 
 class QuantLinear(nn.Linear, _QuantMixin):
@@ -236,18 +269,34 @@ class QuantConv2d(nn.Conv2d, _QuantMixin):
         return self._quant_output(self._conv_forward(x, weight, bias))
 
 
-def make_quant_layer(layer: nn.Module, bits: int, scheme: str, granularity: str, group_size: int,
-                     learnable: bool, input_quant: ActQuantizer | None, bias: bool | None = None) -> nn.Module:
+def make_quant_layer(
+    layer: nn.Module,
+    bits: int,
+    scheme: str,
+    granularity: str,
+    group_size: int,
+    learnable: bool,
+    input_quant: ActQuantizer | None,
+    bias: bool | None = None,
+) -> nn.Module:
     """A ``QuantLinear`` / ``QuantConv2d`` copying ``layer``'s hyper-parameters and weights."""
     has_bias = (layer.bias is not None) if bias is None else bias
     new: QuantLinear | QuantConv2d
     if isinstance(layer, nn.Linear):
         new = QuantLinear(layer.in_features, layer.out_features, bias=has_bias)
     elif isinstance(layer, nn.Conv2d):
-        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
-                          stride=layer.stride, padding=layer.padding,  # type: ignore[arg-type]
-                          dilation=layer.dilation, groups=layer.groups,  # type: ignore[arg-type]
-                          bias=has_bias, padding_mode=layer.padding_mode)
+        kernel_size, stride, padding, dilation = _conv2d_geometry(layer)
+        new = QuantConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=layer.groups,
+            bias=has_bias,
+            padding_mode=layer.padding_mode,
+        )
         # (the ignores: torch types Conv2d's attributes tuple[int, ...] but its arguments tuple[int, int])
     else:
         raise InputTypeError(f"cannot quantize {type(layer).__name__}: only Linear and Conv2d are supported")
@@ -290,9 +339,18 @@ def integer_layer(layer: QuantLinear | QuantConv2d) -> IntegerLayer:
     wq = layer.weight_quant
     per_group = wq.granularity == Granularity.PER_GROUP.value
     codes = None if per_group else wq.codes(layer.weight).reshape(layer.weight.shape)
-    return IntegerLayer(wq.bits, wq.scheme, wq.granularity, wq.symmetric, codes, wq.scale.detach().reshape(-1),
-                        wq.zero_point.detach().reshape(-1), _simulated_weight(layer), _activation(layer.input_quant),
-                        _activation(getattr(layer, "output_quant", None)))
+    return IntegerLayer(
+        wq.bits,
+        wq.scheme,
+        wq.granularity,
+        wq.symmetric,
+        codes,
+        wq.scale.detach().reshape(-1),
+        wq.zero_point.detach().reshape(-1),
+        _simulated_weight(layer),
+        _activation(layer.input_quant),
+        _activation(getattr(layer, "output_quant", None)),
+    )
 
 
 @register(FLOAT_TWIN, QuantLinear, QuantConv2d)
@@ -310,12 +368,31 @@ def float_layer(layer: QuantLinear | QuantConv2d) -> nn.Linear | nn.Conv2d:
     if isinstance(layer, nn.Linear):
         plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
     else:
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
-                          layer.stride, layer.padding, layer.dilation,  # type: ignore[arg-type]
-                          layer.groups, bias is not None, layer.padding_mode)
+        kernel_size, stride, padding, dilation = _conv2d_geometry(layer)
+        plain = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            layer.groups,
+            bias is not None,
+            layer.padding_mode,
+        )
         # (the ignores: torch types Conv2d's attributes tuple[int, ...] but its arguments tuple[int, int])
     plain = plain.to(device=weight.device, dtype=weight.dtype)
     plain.weight.copy_(weight)
     if bias is not None and plain.bias is not None:
         plain.bias.copy_(bias)
     return plain.train(layer.training)
+
+
+def _conv2d_geometry(
+    layer: nn.Conv2d,
+) -> tuple[tuple[int, int], tuple[int, int], str | tuple[int, int], tuple[int, int]]:
+    """``(kernel_size, stride, padding, dilation)`` of a Conv2d, typed as the pairs they are (torch types them as
+    ``tuple[int, ...]``)."""
+    pair = typing.cast(tuple[int, int], layer.kernel_size)
+    padding = layer.padding if isinstance(layer.padding, str) else typing.cast(tuple[int, int], layer.padding)
+    return pair, typing.cast(tuple[int, int], layer.stride), padding, typing.cast(tuple[int, int], layer.dilation)

@@ -28,8 +28,21 @@ import torch
 from slimkit.errors import UsageError
 
 __all__ = [
-    "Granularity", "Observer", "ObserverKind", "dequantize", "fake_quantize", "group_view", "kl_range",
-    "mse_range", "percentile_range", "qparams", "qrange", "quantize", "quantize_weight", "sqnr", "ungroup",
+    "Granularity",
+    "Observer",
+    "ObserverKind",
+    "dequantize",
+    "fake_quantize",
+    "group_view",
+    "kl_range",
+    "mse_range",
+    "percentile_range",
+    "qparams",
+    "qrange",
+    "quantize",
+    "quantize_weight",
+    "sqnr",
+    "ungroup",
 ]
 
 EPS = 1e-12
@@ -116,8 +129,9 @@ def ungroup(grouped: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch
     return grouped.reshape(shape)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, symmetric: bool, granularity: Granularity | str = "per_channel",
-                    group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    w: torch.Tensor, bits: int, symmetric: bool, granularity: Granularity | str = "per_channel", group_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Min-max quantize a weight: returns ``(codes in grouped view, scale, zero_point)``, scales keepdim'd."""
     g = group_view(w.detach(), granularity, group_size)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
@@ -132,6 +146,7 @@ def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- range estimators
+
 
 def percentile_range(x: torch.Tensor, percentile: float = 99.99) -> tuple[float, float]:
     """Clip the lowest and highest ``100 - percentile`` percent of values."""
@@ -165,8 +180,9 @@ def _smooth(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return p + eps * zeros - (eps * n_zero / n_nonzero) * (~zeros)
 
 
-def kl_range(x: torch.Tensor, bits: int, bins: int = 2048, start_bins: int = 128,
-             atom_fraction: float = 0.01) -> tuple[float, float]:
+def kl_range(
+    x: torch.Tensor, bits: int, bins: int = 2048, start_bins: int = 128, atom_fraction: float = 0.01
+) -> tuple[float, float]:
     """Entropy calibration (TensorRT / MXNet): the clipping threshold with the least ``KL(P || Q)``.
 
     The histogram (``bins`` bins) is of ``x`` itself when ``x >= 0`` (post-ReLU: the unsigned range, ``2^bits``
@@ -230,8 +246,15 @@ class Observer:
 
     SAMPLE = 200_000
 
-    def __init__(self, kind: ObserverKind | str = "minmax", bits: int = 8, symmetric: bool = False,
-                 momentum: float = 0.1, percentile: float = 99.99, seed: int = 0) -> None:
+    def __init__(
+        self,
+        kind: ObserverKind | str = "minmax",
+        bits: int = 8,
+        symmetric: bool = False,
+        momentum: float = 0.1,
+        percentile: float = 99.99,
+        seed: int = 0,
+    ) -> None:
         self.kind = ObserverKind(kind)
         self.bits, self.symmetric, self.momentum, self.percentile = bits, symmetric, momentum, percentile
         self.lo: float | None = None

@@ -44,14 +44,21 @@ class MixedPlan:
 def _kl(model: nn.Module, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     total = 0.0
     for x, ref in zip(batches, reference):
-        total += float(F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(ref, 1), log_target=True,
-                                reduction="batchmean"))
+        total += float(
+            F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+        )
     return total / len(batches)
 
 
-def mixed_precision(model: nn.Module, data: Dataset | DataLoader | torch.Tensor, size_ratio: float,
-                    candidates: tuple[int, ...] = (8, 4, 2), batches: int = 4, batch_size: int = 64,
-                    ignore: tuple[str, ...] = ()) -> MixedPlan:
+def mixed_precision(
+    model: nn.Module,
+    data: Dataset | DataLoader | torch.Tensor,
+    size_ratio: float,
+    candidates: tuple[int, ...] = (8, 4, 2),
+    batches: int = 4,
+    batch_size: int = 64,
+    ignore: tuple[str, ...] = (),
+) -> MixedPlan:
     """Choose weight bits per Linear/Conv2d layer so the packed model is ``size_ratio`` times smaller than its fp32
     state (biases, norms and per-channel scales included)."""
     if size_ratio < 1:
@@ -66,11 +73,21 @@ def mixed_precision(model: nn.Module, data: Dataset | DataLoader | torch.Tensor,
         model.train(was_training)
 
 
-def _plan(model: nn.Module, data: Dataset | DataLoader | torch.Tensor, size_ratio: float, candidates: tuple[int, ...],
-          batches: int, batch_size: int, ignore: tuple[str, ...]) -> MixedPlan:
+def _plan(
+    model: nn.Module,
+    data: Dataset | DataLoader | torch.Tensor,
+    size_ratio: float,
+    candidates: tuple[int, ...],
+    batches: int,
+    batch_size: int,
+    ignore: tuple[str, ...],
+) -> MixedPlan:
     # quantizable() yields only Linear / Conv2d layers; the isinstance check states it for the type checker
-    layers = [(n, m) for n, m in quantizable(model)[0]
-              if isinstance(m, nn.Linear | nn.Conv2d) and not any(matches(n, p) for p in ignore)]
+    layers = [
+        (n, m)
+        for n, m in quantizable(model)[0]
+        if isinstance(m, nn.Linear | nn.Conv2d) and not any(matches(n, p) for p in ignore)
+    ]
     xs = calibration_batches(data, batch_size, batches)
     with torch.no_grad():
         reference = [model(x) for x in xs]
@@ -108,8 +125,10 @@ def _plan(model: nn.Module, data: Dataset | DataLoader | torch.Tensor, size_rati
             if cost < best_cost:
                 best, best_cost = (name, nxt), cost
         if best is None:
-            raise UsageError(f"mixed_precision: even {candidates[-1]}-bit everywhere ({size_bytes()} bytes) "
-                             f"exceeds the budget of {budget} bytes; lower size_ratio or add smaller candidates")
+            raise UsageError(
+                f"mixed_precision: even {candidates[-1]}-bit everywhere ({size_bytes()} bytes) "
+                f"exceeds the budget of {budget} bytes; lower size_ratio or add smaller candidates"
+            )
         bits[best[0]] = best[1]
     overrides = {name: {"weight_bits": b} for name, b in bits.items()}
     return MixedPlan(bits, sensitivity, size_bytes(), budget, overrides)

@@ -72,8 +72,15 @@ def code_layout(layer: QuantLinear | QuantConv2d, codes: torch.Tensor | None = N
     qmin, qmax = wq.int_range()
     step = 2 if wq.scheme == "binary" else 1  # binary codes are -1 / +1: one bit each
     width = storage_bits(max(1, math.ceil(math.log2((qmax - qmin) // step + 1))))
-    return {"width": width, "offset": qmin, "step": step, "codes_shape": list(codes.shape),
-            "weight_shape": list(layer.weight.shape), "scheme": wq.scheme, "bits": wq.bits}
+    return {
+        "width": width,
+        "offset": qmin,
+        "step": step,
+        "codes_shape": list(codes.shape),
+        "weight_shape": list(layer.weight.shape),
+        "scheme": wq.scheme,
+        "bits": wq.bits,
+    }
 
 
 @register(PACK, QuantLinear, QuantConv2d)

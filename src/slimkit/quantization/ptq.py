@@ -17,8 +17,16 @@ from slimkit.errors import UsageError
 from slimkit.quantization.config import LayerSpec
 from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, make_quant_layer
 
-__all__ = ["attach_output_quant", "calibrate", "correct_bias", "find_conv_bn", "fold_bn", "prepare", "quant_layers",
-           "residual_feeders"]
+__all__ = [
+    "attach_output_quant",
+    "calibrate",
+    "correct_bias",
+    "find_conv_bn",
+    "fold_bn",
+    "prepare",
+    "quant_layers",
+    "residual_feeders",
+]
 
 
 def find_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
@@ -41,8 +49,12 @@ def find_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(src.target), nn.Conv2d)
+            and len(src.users) == 1
+        ):
             pairs.append((str(src.target), str(node.target)))
     return pairs
 
@@ -55,12 +67,16 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> None:
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-            raise UsageError(f"fold_bn: {conv_name!r} -> {bn_name!r} is not a Conv2d followed by a BatchNorm2d "
-                             f"(got {type(conv).__name__} -> {type(bn).__name__})")
+            raise UsageError(
+                f"fold_bn: {conv_name!r} -> {bn_name!r} is not a Conv2d followed by a BatchNorm2d "
+                f"(got {type(conv).__name__} -> {type(bn).__name__})"
+            )
         mean, var = bn.running_mean, bn.running_var
         if mean is None or var is None:
-            raise UsageError(f"fold_bn: {bn_name!r} keeps no running statistics (track_running_stats=False), so it "
-                             "cannot be folded; quantize with fold_bn=False")
+            raise UsageError(
+                f"fold_bn: {bn_name!r} keeps no running statistics (track_running_stats=False), so it "
+                "cannot be folded; quantize with fold_bn=False"
+            )
         with torch.no_grad():
             # affine=False: gamma = 1, beta = 0
             gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
@@ -115,10 +131,20 @@ def prepare(model: nn.Module, specs: list[LayerSpec], observer: str = "minmax", 
         layer = model.get_submodule(spec.name)
         input_quant = None
         if spec.act_bits is not None:
-            input_quant = ActQuantizer(spec.act_bits, symmetric=False, observer=observer, dynamic=spec.dynamic,
-                                       learnable=learnable and not spec.dynamic)
-        set_module(model, spec.name, make_quant_layer(layer, spec.weight_bits, spec.scheme, spec.granularity,
-                                                      spec.group_size, learnable, input_quant))
+            input_quant = ActQuantizer(
+                spec.act_bits,
+                symmetric=False,
+                observer=observer,
+                dynamic=spec.dynamic,
+                learnable=learnable and not spec.dynamic,
+            )
+        set_module(
+            model,
+            spec.name,
+            make_quant_layer(
+                layer, spec.weight_bits, spec.scheme, spec.granularity, spec.group_size, learnable, input_quant
+            ),
+        )
     attach_output_quant(model, [s.name for s in specs if s.output_act_bits], observer)
 
 
@@ -145,9 +171,11 @@ def residual_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
     def reaches_add(node) -> bool:
         for user in node.users:
             is_add = (user.op == "call_function" and user.target in _ADDS) or (
-                user.op == "call_method" and user.target == "add")
-            if is_add or (user.op == "call_module" and isinstance(modules.get(user.target), passthrough)
-                          and reaches_add(user)):
+                user.op == "call_method" and user.target == "add"
+            )
+            if is_add or (
+                user.op == "call_module" and isinstance(modules.get(user.target), passthrough) and reaches_add(user)
+            ):
                 return True
         return False
 
@@ -195,12 +223,15 @@ def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
             try:
                 out = model(x)
             except RuntimeError as exc:
-                raise UsageError(f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: "
-                                 f"{exc}") from exc
+                raise UsageError(
+                    f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: {exc}"
+                ) from exc
             outputs = out if isinstance(out, tuple | list) else (out,)
             if any(isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in outputs):
-                raise UsageError(f"quantize: the model's output is NaN or inf on calibration batch {i} (shape "
-                                 f"{tuple(x.shape)}); check the weights' magnitudes and the input scaling")
+                raise UsageError(
+                    f"quantize: the model's output is NaN or inf on calibration batch {i} (shape "
+                    f"{tuple(x.shape)}); check the weights' magnitudes and the input scaling"
+                )
 
 
 def calibrate(model: nn.Module, batches: list[torch.Tensor], only: list[ActQuantizer] | None = None) -> None:
@@ -236,6 +267,7 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
             dims = [0, *range(2, x.ndim)]
             sums[name] = sums.get(name, 0) + x.sum(dim=dims)
             counts[name] = counts.get(name, 0) + x.numel() // x.shape[1]
+
         return collect
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m, _ in layers]
@@ -253,8 +285,9 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
             if delta_w.ndim > 2:
                 delta_w = delta_w.sum(dim=tuple(range(2, delta_w.ndim)))
             out, per_group = delta_w.shape
-            shift = torch.einsum("goi,gi->go", delta_w.reshape(groups, out // groups, per_group),
-                                 mean_x.reshape(groups, per_group)).reshape(out)
+            shift = torch.einsum(
+                "goi,gi->go", delta_w.reshape(groups, out // groups, per_group), mean_x.reshape(groups, per_group)
+            ).reshape(out)
             bias.sub_(shift)
             corrections[name] = float(shift.abs().max())
     return corrections
@@ -267,8 +300,12 @@ def layer_summary(layer: QuantLinear | QuantConv2d) -> dict[str, Any]:
     wq = layer.weight_quant
     scale = wq.scale.detach().flatten()
     out: dict[str, Any] = {
-        "weight_scale": {"min": float(scale.min()), "max": float(scale.max()), "mean": float(scale.mean()),
-                         "count": scale.numel()},
+        "weight_scale": {
+            "min": float(scale.min()),
+            "max": float(scale.max()),
+            "mean": float(scale.mean()),
+            "count": scale.numel(),
+        },
         "weight_zero_point": sorted({int(z) for z in wq.zero_point.flatten().tolist()})[:16],
         "weight_sqnr_db": round(sqnr(layer.weight.detach(), wq.eval()(layer.weight).detach()), 3),
     }

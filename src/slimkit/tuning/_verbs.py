@@ -40,8 +40,9 @@ def bit_overrides(model: nn.Module, plan: dict[str, Any]) -> tuple[int | None, d
     """
     layers = _layers(model)
     per_layer: dict[str, int] = {}
-    groups = sorted(((k.split("/", 1)[1], int(v)) for k, v in plan.items() if k.startswith("bits/")),
-                    key=lambda kv: len(kv[0]))
+    groups = sorted(
+        ((k.split("/", 1)[1], int(v)) for k, v in plan.items() if k.startswith("bits/")), key=lambda kv: len(kv[0])
+    )
     for name in layers:
         bits = int(plan.get("bits", 32))
         for prefix, value in groups:
@@ -54,8 +55,9 @@ def bit_overrides(model: nn.Module, plan: dict[str, Any]) -> tuple[int | None, d
     quantized = {n: b for n, b in per_layer.items() if b < 32}
     if not quantized:
         return None, {}, []
-    overrides = {f"re:{re.escape(n)}": {"weight_bits": b, "scheme": SCHEMES[b]} for n, b in quantized.items()
-                 if n not in ends}
+    overrides = {
+        f"re:{re.escape(n)}": {"weight_bits": b, "scheme": SCHEMES[b]} for n, b in quantized.items() if n not in ends
+    }
     floats = [n for n, b in per_layer.items() if b == 32 and n not in ends]
     return min(quantized.values()), overrides, floats
 
@@ -69,9 +71,18 @@ def plan_recipe(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext)
     if amount > 0:
         from slimkit.pruning import PruneConfig, Target
 
-        steps.append(Step(StepKind.PRUNE, PruneConfig(
-            amount=amount, target=Target.MACS, importance=plan.get("prune_criterion", "l2"),
-            allocation=plan.get("prune_allocation", "uniform"), seed=ctx.seed)))
+        steps.append(
+            Step(
+                StepKind.PRUNE,
+                PruneConfig(
+                    amount=amount,
+                    target=Target.MACS,
+                    importance=plan.get("prune_criterion", "l2"),
+                    allocation=plan.get("prune_allocation", "uniform"),
+                    seed=ctx.seed,
+                ),
+            )
+        )
     lowest, overrides, floats = bit_overrides(ctx.model, plan)
     recover = amount > 0 or bool(plan.get("distill"))
     if lowest is not None and lowest < 8:  # QAT trains: it is the recovery
@@ -98,16 +109,21 @@ def plan_recipe(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext)
         if lowest is not None:  # 8-bit weights: post-training quantization is enough
             from slimkit.quantization import Method, QuantConfig
 
-            steps.append(Step(StepKind.QUANTIZE, QuantConfig(weight_bits=8, act_bits=None, method=Method.PTQ,
-                                                             ignore=tuple(floats), seed=ctx.seed)))
+            steps.append(
+                Step(
+                    StepKind.QUANTIZE,
+                    QuantConfig(weight_bits=8, act_bits=None, method=Method.PTQ, ignore=tuple(floats), seed=ctx.seed),
+                )
+            )
     if not steps:
         return None
     # no budget here: the search scores the result itself (max_accuracy_drop is not consulted without a floor)
     return Recipe(steps=steps, name="search-plan", max_accuracy_drop=100.0, recovery_epochs=0, max_backoffs=0)
 
 
-def apply_plan(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext,
-               on_epoch_end: EpochHook | None) -> nn.Module:
+def apply_plan(
+    plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext, on_epoch_end: EpochHook | None
+) -> nn.Module:
     """The compressed model of one plan (a new model; ``ctx.model`` is the teacher and is not modified)."""
     recipe = plan_recipe(plan, params, ctx)
     if recipe is None:
@@ -117,7 +133,6 @@ def apply_plan(plan: dict[str, Any], params: dict[str, Any], ctx: TrialContext,
         from slimkit.distillation import DistillConfig
 
         kd = DistillConfig(temperature=float(params.get("temperature", 4.0)), alpha=float(params.get("alpha", 0.9)))
-    runner = StepRunner(ctx.model, ctx.train_data, ctx.val_data, ctx.example_input, kd=kd,
-                        on_epoch_end=on_epoch_end)
+    runner = StepRunner(ctx.model, ctx.train_data, ctx.val_data, ctx.example_input, kd=kd, on_epoch_end=on_epoch_end)
     model, _ = run_steps(ctx.model, recipe, runner)  # no floor: a step a verb cannot apply raises
     return model
