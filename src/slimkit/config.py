@@ -16,11 +16,12 @@ import pathlib
 import re
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from slimkit.errors import UsageError
 
 T = TypeVar("T", bound="Config")
+V = TypeVar("V")
 
 
 def nearest(name: str, candidates: typing.Iterable[str]) -> str:
@@ -269,7 +270,8 @@ class Config:
         if data is not None and not isinstance(data, dict):
             raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
         data = dict(data or {})
-        names = {f.name for f in _fields(cls)}
+        # fields, and the flat spellings of fields that moved into a nested section (FlatField)
+        names = {f.name for f in _fields(cls)} | {n for n, v in vars(cls).items() if isinstance(v, FlatField)}
         for key in data:
             if not isinstance(key, str):
                 raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")
@@ -279,7 +281,10 @@ class Config:
         for key, value in list(data.items()):
             nested = hints.get(key)
             if isinstance(nested, type) and issubclass(nested, Config) and isinstance(value, dict):
-                data[key] = nested.from_dict(value)
+                try:
+                    data[key] = nested.from_dict(value)
+                except UsageError as exc:
+                    raise UsageError(f"{cls.__name__}.{key}: {exc}") from None
         return cls(**data)
 
 
@@ -290,3 +295,52 @@ def _is_tuple(annotation: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(typing.get_origin(a) is tuple for a in typing.get_args(annotation))
     return False
+
+
+def nested_config(
+    cls: type[T], owner: str, name: str, given: Any, flat: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> T | Any:
+    """The section ``owner.name`` of type ``cls`` built from ``given`` (an instance, a mapping of its fields or None:
+    ``cls(**defaults)``) with the flat keys applied on top; always a new object, so two configs never share one.
+
+    Flat values are type-checked here so a bad one is named as a field of the owner (``QuantConfig.epochs=2.7:
+    expected int``); ranges are then checked by the section itself. A ``given`` of another type is returned as it
+    is, for the owner's field check to name.
+    """
+    hints = typing.get_type_hints(cls)
+    checked = {key: check_type(f"{owner}.{key}", value, hints[key]) for key, value in flat.items()}
+    if given is None:
+        return cls(**{**(defaults or {}), **checked})
+    if isinstance(given, dict):
+        try:
+            return cls.from_dict({**given, **checked})
+        except UsageError as exc:
+            raise UsageError(f"{owner}.{name}: {exc}") from None
+    if isinstance(given, cls):
+        return dataclasses.replace(given, **checked)  # type: ignore[type-var]  # a Config is always a dataclass
+    return given
+
+
+class FlatField(Generic[V]):
+    """``owner.<name>`` reads and writes ``owner.<section>.<name>``: the flat spelling of a field that moved into
+    a nested section config (``DistillConfig.epochs`` is ``DistillConfig.train.epochs``)."""
+
+    def __init__(self, section: str) -> None:
+        self.section = section
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @typing.overload
+    def __get__(self, obj: None, owner: type) -> FlatField[V]: ...
+
+    @typing.overload
+    def __get__(self, obj: object, owner: type) -> V: ...
+
+    def __get__(self, obj: object | None, owner: type) -> V | FlatField[V]:
+        if obj is None:
+            return self
+        return typing.cast(V, getattr(getattr(obj, self.section), self.name))
+
+    def __set__(self, obj: object, value: V) -> None:
+        setattr(getattr(obj, self.section), self.name, value)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from slimkit.config import Config, check_range, check_type, nearest, short_repr
+from slimkit.config import Config, FlatField, check_range, nested_config, short_repr
 from slimkit.errors import UsageError
 from slimkit.train import Optimizer, Schedule, TrainConfig
 
 __all__ = ["DistillConfig", "LayerPairs"]
 
 LayerPairs = tuple[tuple[str, str], ...]
-V = TypeVar("V")
 
 #: ``TrainConfig`` field names that ``DistillConfig`` also takes flat (``DistillConfig(epochs=4)``, recipe keys)
 TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -36,47 +34,6 @@ def _layer_pairs(name: str, value: Any) -> LayerPairs:
             )
         pairs.append((item[0], item[1]))
     return tuple(pairs)
-
-
-def _train_config(train: Any, flat: dict[str, Any]) -> Any:
-    """``train`` (a ``TrainConfig``, a mapping of its fields or ``None``) with the flat keys applied on top.
-
-    Flat values are type-checked here so a bad one is named as a ``DistillConfig`` field (``DistillConfig.epochs=2.7:
-    expected int``); ranges are then checked by ``TrainConfig`` itself. Anything else is left for the field check.
-    """
-    hints = typing.get_type_hints(TrainConfig)
-    checked = {key: check_type(f"DistillConfig.{key}", value, hints[key]) for key, value in flat.items()}
-    if train is None:
-        return TrainConfig(**{"epochs": DEFAULT_EPOCHS, **checked})
-    if isinstance(train, dict):
-        try:
-            return TrainConfig.from_dict({**train, **checked})
-        except UsageError as exc:
-            raise UsageError(f"DistillConfig.train: {exc}") from None
-    if isinstance(train, TrainConfig):
-        return dataclasses.replace(train, **checked) if checked else train
-    return train  # not a config: the field's type check names it
-
-
-class _TrainField(Generic[V]):
-    """``DistillConfig.<name>`` reads and writes ``DistillConfig.train.<name>`` (the flat spelling of before)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @typing.overload
-    def __get__(self, obj: None, owner: type) -> _TrainField[V]: ...
-
-    @typing.overload
-    def __get__(self, obj: DistillConfig, owner: type) -> V: ...
-
-    def __get__(self, obj: DistillConfig | None, owner: type) -> V | _TrainField[V]:
-        if obj is None:
-            return self
-        return typing.cast(V, getattr(obj.train, self.name))
-
-    def __set__(self, obj: DistillConfig, value: V) -> None:
-        setattr(obj.train, self.name, value)
 
 
 @dataclass(init=False)
@@ -127,18 +84,18 @@ class DistillConfig(Config):
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS))
 
     # the flat spellings of the training fields (not dataclass fields: no annotation)
-    epochs = _TrainField[int]()
-    lr = _TrainField[float]()
-    optimizer = _TrainField[Optimizer]()
-    momentum = _TrainField[float]()
-    weight_decay = _TrainField[float]()
-    batch_size = _TrainField[int]()
-    schedule = _TrainField[Schedule]()
-    seed = _TrainField[int]()
-    patience = _TrainField[int]()
-    max_batches = _TrainField["int | None"]()
-    restore_best = _TrainField[bool]()
-    progress = _TrainField[bool]()
+    epochs = FlatField[int]("train")
+    lr = FlatField[float]("train")
+    optimizer = FlatField[Optimizer]("train")
+    momentum = FlatField[float]("train")
+    weight_decay = FlatField[float]("train")
+    batch_size = FlatField[int]("train")
+    schedule = FlatField[Schedule]("train")
+    seed = FlatField[int]("train")
+    patience = FlatField[int]("train")
+    max_batches = FlatField["int | None"]("train")
+    restore_best = FlatField[bool]("train")
+    progress = FlatField[bool]("train")
 
     def __init__(
         self,
@@ -188,7 +145,7 @@ class DistillConfig(Config):
         self.attention = _layer_pairs("attention", attention)
         self.attention_weight = attention_weight
         self.cache_teacher = cache_teacher
-        self.train = _train_config(train, flat)
+        self.train = nested_config(TrainConfig, "DistillConfig", "train", train, flat, {"epochs": DEFAULT_EPOCHS})
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -213,19 +170,6 @@ class DistillConfig(Config):
                 "cache_teacher=True caches the teacher's logits only; hints and attention transfer "
                 "need its features on every batch: set cache_teacher=False or drop hints/attention"
             )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> DistillConfig:
-        """Build from a mapping of the fields, nested (``train: {...}``) or flat (``epochs: 4``) or both."""
-        if data is not None and not isinstance(data, dict):
-            raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
-        names = {f.name for f in dataclasses.fields(cls)} | set(TRAIN_KEYS)
-        for key in data or {}:
-            if not isinstance(key, str):
-                raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")
-            if key not in names:
-                raise UsageError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
-        return cls(**(data or {}))
 
     def train_config(self) -> TrainConfig:
         """The ``slimkit.train.TrainConfig`` of the training run (``self.train``; kept for older callers)."""

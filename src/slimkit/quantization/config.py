@@ -6,12 +6,12 @@ import dataclasses
 import enum
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from torch import nn
 
 from slimkit._modules import matches
-from slimkit.config import Config, check_range, check_type, nearest, short_repr
+from slimkit.config import Config, FlatField, check_range, check_type, nested_config
 from slimkit.errors import UsageError
 from slimkit.quantization.math import Granularity, ObserverKind
 
@@ -42,8 +42,6 @@ class Scheme(str, enum.Enum):
 
 
 OVERRIDE_KEYS = {"weight_bits", "act_bits", "scheme", "granularity", "group_size"}
-S = TypeVar("S", "PTQSettings", "QATSettings")
-V = TypeVar("V")
 
 
 class _Unset(enum.Enum):
@@ -116,51 +114,6 @@ PTQ_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PTQSettings
 QAT_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(QATSettings))
 
 
-def _section(cls: type[S], name: str, given: Any, flat: dict[str, Any]) -> S | Any:
-    """The section ``name`` (``given``: a settings object, a mapping of its fields or None) with the flat keys applied
-    on top; always a new object, so two configs never share a section.
-
-    Flat values are type-checked here so a bad one is named as a ``QuantConfig`` field (``QuantConfig.epochs=2.7:
-    expected int``); ranges are then checked by the section itself.
-    """
-    hints = typing.get_type_hints(cls)
-    checked = {key: check_type(f"QuantConfig.{key}", value, hints[key]) for key, value in flat.items()}
-    if given is None:
-        return cls(**checked)
-    if isinstance(given, dict):
-        try:
-            return cls.from_dict({**given, **checked})
-        except UsageError as exc:
-            raise UsageError(f"QuantConfig.{name}: {exc}") from None
-    if isinstance(given, cls):
-        return dataclasses.replace(given, **checked)
-    return given  # not a settings object: the field's type check names it
-
-
-class _SectionField(Generic[V]):
-    """``QuantConfig.<name>`` reads and writes ``QuantConfig.<section>.<name>`` (the flat spelling of before)."""
-
-    def __init__(self, section: str) -> None:
-        self.section = section
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @typing.overload
-    def __get__(self, obj: None, owner: type) -> _SectionField[V]: ...
-
-    @typing.overload
-    def __get__(self, obj: QuantConfig, owner: type) -> V: ...
-
-    def __get__(self, obj: QuantConfig | None, owner: type) -> V | _SectionField[V]:
-        if obj is None:
-            return self
-        return typing.cast(V, getattr(getattr(obj, self.section), self.name))
-
-    def __set__(self, obj: QuantConfig, value: V) -> None:
-        setattr(getattr(obj, self.section), self.name, value)
-
-
 @dataclass(init=False)
 class QuantConfig(Config):
     """What to quantize and how: the fields every method reads, then one section per method.
@@ -220,16 +173,16 @@ class QuantConfig(Config):
     qat: QATSettings = field(default_factory=QATSettings)
 
     # the flat spellings of the section fields (not dataclass fields: no annotation)
-    bias_correction = _SectionField[bool]("ptq")
-    adaround = _SectionField[bool]("ptq")
-    adaround_iters = _SectionField[int]("ptq")
-    adaround_lr = _SectionField[float]("ptq")
-    epochs = _SectionField[int]("qat")
-    lr = _SectionField[float]("qat")
-    max_batches = _SectionField["int | None"]("qat")
-    lsq = _SectionField[bool]("qat")
-    freeze_bn_epoch = _SectionField[int]("qat")
-    freeze_observer_epoch = _SectionField["int | None"]("qat")
+    bias_correction = FlatField[bool]("ptq")
+    adaround = FlatField[bool]("ptq")
+    adaround_iters = FlatField[int]("ptq")
+    adaround_lr = FlatField[float]("ptq")
+    epochs = FlatField[int]("qat")
+    lr = FlatField[float]("qat")
+    max_batches = FlatField["int | None"]("qat")
+    lsq = FlatField[bool]("qat")
+    freeze_bn_epoch = FlatField[int]("qat")
+    freeze_observer_epoch = FlatField["int | None"]("qat")
 
     def __init__(
         self,
@@ -289,8 +242,12 @@ class QuantConfig(Config):
         self.batch_size = batch_size
         self.fold_bn = fold_bn
         self.seed = seed
-        self.ptq = _section(PTQSettings, "ptq", ptq, {k: v for k, v in flat_ptq.items() if v is not UNSET})
-        self.qat = _section(QATSettings, "qat", qat, {k: v for k, v in flat_qat.items() if v is not UNSET})
+        self.ptq = nested_config(
+            PTQSettings, "QuantConfig", "ptq", ptq, {k: v for k, v in flat_ptq.items() if v is not UNSET}
+        )
+        self.qat = nested_config(
+            QATSettings, "QuantConfig", "qat", qat, {k: v for k, v in flat_qat.items() if v is not UNSET}
+        )
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -332,19 +289,6 @@ class QuantConfig(Config):
                     f"overrides[{key!r}]: unknown keys {sorted(map(str, unknown))}; allowed {sorted(OVERRIDE_KEYS)}"
                 )
             self.overrides[key] = _override_spec(key, spec)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> QuantConfig:
-        """Build from a mapping of the fields, nested (``qat: {epochs: 3}``) or flat (``epochs: 3``) or both."""
-        if data is not None and not isinstance(data, dict):
-            raise UsageError(f"{cls.__name__}: expected a mapping of its fields, got {short_repr(data)}")
-        names = {f.name for f in dataclasses.fields(cls)} | set(PTQ_KEYS) | set(QAT_KEYS)
-        for key in data or {}:
-            if not isinstance(key, str):
-                raise UsageError(f"{cls.__name__}: keys are field names (strings), got {short_repr(key)}")
-            if key not in names:
-                raise UsageError(f"{cls.__name__}: unknown key {key!r}; {nearest(key, names)}")
-        return cls(**(data or {}))
 
 
 def _override_spec(key: str, spec: dict[str, Any]) -> dict[str, Any]:
