@@ -57,6 +57,7 @@ def _finished(storage_url, name="slimkit-search"):
     }
 
 
+@pytest.mark.slow  # a subprocess study (14 s); the PostgreSQL test kills a worker in every default run
 def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(tmp_path, digits):
     out = tmp_path / "run"
     url = f"sqlite:///{out / 'study.db'}"
@@ -96,6 +97,7 @@ def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(tmp_path, digit
     assert study.best.metrics["accuracy"] >= max(v[0] for v in before.values())
 
 
+@pytest.mark.slow  # two worker processes (15-20 s each); the PostgreSQL test runs two workers in every default run
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_two_workers_share_one_study_without_duplicate_numbers(tmp_path, kind):
     url = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
