@@ -242,45 +242,33 @@ def _key_bytes(key: Any) -> bytes:
 
 def _private_key(key: Any):
     """An Ed25519 private key from a key object, PEM bytes, 32 raw bytes or a PEM file path."""
-    serialization, ed25519 = _crypto()
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key
-    if not isinstance(key, (str, os.PathLike, bytes)):
-        raise InputTypeError(
-            f"signing_key: expected an Ed25519PrivateKey, PEM bytes or a PEM file, got {type(key).__name__}"
-        )
-    raw = _key_bytes(key)
-    try:
-        loaded = (
-            ed25519.Ed25519PrivateKey.from_private_bytes(raw)
-            if len(raw) == 32
-            else serialization.load_pem_private_key(raw, password=None)
-        )
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"signing_key: not an unencrypted Ed25519 private key ({exc})") from exc
-    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
-        raise UsageError(f"signing_key: a {type(loaded).__name__}, not an Ed25519 private key")
-    return loaded
+    return _ed25519_key(key, private=True)
 
 
 def _public_key(key: Any):
     """An Ed25519 public key from a key object, PEM bytes, 32 raw bytes or a PEM file path."""
+    return _ed25519_key(key, private=False)
+
+
+def _ed25519_key(key: Any, *, private: bool):
     serialization, ed25519 = _crypto()
-    if isinstance(key, ed25519.Ed25519PublicKey):
+    cls = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    field, kind = ("signing_key", "private") if private else ("public_key", "public")
+    if isinstance(key, cls):
         return key
     if not isinstance(key, (str, os.PathLike, bytes)):
-        raise InputTypeError(
-            f"public_key: expected an Ed25519PublicKey, PEM bytes or a PEM file, got {type(key).__name__}"
-        )
+        raise InputTypeError(f"{field}: expected an {cls.__name__}, PEM bytes or a PEM file, got {type(key).__name__}")
     raw = _key_bytes(key)
     try:
-        loaded = (
-            ed25519.Ed25519PublicKey.from_public_bytes(raw)
-            if len(raw) == 32
-            else serialization.load_pem_public_key(raw)
-        )
+        if len(raw) == 32:
+            loaded = cls.from_private_bytes(raw) if private else cls.from_public_bytes(raw)
+        elif private:
+            loaded = serialization.load_pem_private_key(raw, password=None)
+        else:
+            loaded = serialization.load_pem_public_key(raw)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"public_key: not an Ed25519 public key ({exc})") from exc
-    if not isinstance(loaded, ed25519.Ed25519PublicKey):
-        raise UsageError(f"public_key: a {type(loaded).__name__}, not an Ed25519 public key")
+        unencrypted = "unencrypted " if private else ""
+        raise UsageError(f"{field}: not an {unencrypted}Ed25519 {kind} key ({exc})") from exc
+    if not isinstance(loaded, cls):
+        raise UsageError(f"{field}: a {type(loaded).__name__}, not an Ed25519 {kind} key")
     return loaded
