@@ -264,9 +264,11 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
             x = args[0].detach()
             if module.input_quant is not None:
                 x = module.input_quant(x)
-            dims = [0, *range(2, x.ndim)]
-            sums[name] = sums.get(name, 0) + x.sum(dim=dims)
-            counts[name] = counts.get(name, 0) + x.numel() // x.shape[1]
+            # the layer's input channel axis: the last dim of a Linear (any leading dims, e.g. (N, T, C) tokens),
+            # dim 1 of a Conv2d
+            rows = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x.transpose(0, 1).flatten(1).T
+            sums[name] = sums.get(name, 0) + rows.sum(dim=0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
 
         return collect
 
