@@ -95,7 +95,7 @@ def _pick_onnx(
         kinds = {type(m).__name__ for m in model.modules()}
         if any("Conv" in k for k in kinds) and any("Linear" in k for k in kinds):
             variants["int8-fc"] = export_onnx(
-                model, example_input, folder / "model-int8-fc.onnx", int8=True, int8_ops=("Gemm",)
+                model, example_input, folder / "model-int8-fc.onnx", int8=True, int8_ops=("Gemm", "MatMul")
             )
     sessions = {name: OrtModel(path, threads=2) for name, path in variants.items()}
     timings = benchmark_latency(sessions, example_input, (cfg.auto_batch_size,), threads=2)

@@ -1,5 +1,6 @@
 """PTQ on layers whose inputs are not (N, C, ...): Linear layers on token sequences (N, T, C), as in transformers."""
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,3 +49,33 @@ def test_bias_correction_on_tokens_whose_length_equals_the_width():
     delta_w = quantized.weight_quant(quantized.weight) - quantized.weight
     expected = plain.bias - delta_w.detach() @ x.reshape(-1, 8).mean(0)
     assert torch.allclose(quantized.bias, expected, atol=1e-5)
+
+
+def test_static_int8_onnx_of_linear_on_tokens_is_matmul_qdq_with_parity(tmp_path):
+    """A Linear on (N, T, C) exports as MatMul(x, W^T): its weight becomes int8 codes + DequantizeLinear, its input
+    gets the calibrated QDQ pair, and ONNX Runtime agrees with the simulated model."""
+    import onnx
+    from onnx import numpy_helper
+
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.runtime import OrtModel
+
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    data = torch.utils.data.TensorDataset(torch.randn(256, 8, 16), torch.randint(0, 10, (256,)))
+    quantized = slimkit.quantize(model, slimkit.QuantConfig(), data).model
+    path = export_onnx(quantized, torch.randn(1, 8, 16), tmp_path / "tokens.onnx")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2
+    for node in matmuls:
+        weight_dq, input_dq = producers[node.input[1]], producers[node.input[0]]
+        assert weight_dq.op_type == input_dq.op_type == "DequantizeLinear"
+        assert inits[weight_dq.input[0]].dtype == np.int8  # integer codes, not float weights
+    x = torch.randn(64, 8, 16)
+    with torch.no_grad():
+        expected = quantized(x)
+    got = torch.as_tensor(OrtModel(path, threads=1)(x))
+    assert torch.allclose(got, expected, atol=1e-4)

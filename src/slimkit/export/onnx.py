@@ -33,7 +33,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     int8: bool | None = None,
-    int8_ops: tuple[str, ...] = ("Conv", "Gemm"),
+    int8_ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul"),
 ) -> Path:
     """Write ``model`` as ONNX (batch dimension dynamic), atomically.
 
@@ -41,7 +41,7 @@ def export_onnx(
         int8: integer ONNX from the model's own weight codes and scales (default: for slimkit fake-quant models):
             QDQ for static activation quantization, ``DynamicQuantizeLinear -> MatMulInteger`` for
             ``method="dynamic"``; False writes the simulated model in fp32.
-        int8_ops: which ONNX ops of quantized layers get QDQ int8 (``("Gemm",)``: fully connected layers only,
+        int8_ops: which ONNX ops of quantized layers get QDQ int8 (``("Gemm", "MatMul")``: fully connected layers only,
             convolutions stay float - for nets whose thin convolutions run slower on int8 kernels).
     """
     if not isinstance(example_input, torch.Tensor):

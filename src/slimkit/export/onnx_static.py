@@ -19,7 +19,7 @@ from torch import nn
 from slimkit.errors import UsageError
 from slimkit.export.lowering import integer_layers
 from slimkit.export.onnx_graph import toposort
-from slimkit.export.registry import ActivationQuant
+from slimkit.export.registry import ActivationQuant, IntegerLayer
 
 __all__ = ["quantize_graph"]
 
@@ -72,7 +72,7 @@ def _act_params(quantizer: ActivationQuant, name: str, where: str) -> tuple[floa
     return quantizer.scale, quantizer.zero_point
 
 
-def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Gemm")) -> Any:
+def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")) -> Any:
     """Rewrite the fp32 ONNX ``proto`` of ``model``'s float twin into QDQ int8 (in place; also returned).
 
     Args:
@@ -90,12 +90,20 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         for name in node.output:
             producer[name] = node
     done: dict[str, tuple[float, int, str]] = {}
+    matmuls = _matmul_weights(graph, inits)
     for name, layer in integer_layers(model):
         iq = layer.input if layer.input is not None and not layer.input.dynamic else None
         weight_name = f"{name}.weight"
         nodes = [n for n in consumers.get(weight_name, []) if n.op_type in ("Conv", "Gemm")]
+        if not nodes and weight_name not in inits:  # a Linear on (N, T, C) inputs exports as MatMul(x, W^T)
+            found = _matmul_of(layer, matmuls)
+            if found is not None:
+                _quantize_matmul(graph, inits, consumers, producer, found, name, layer, iq, ops, done)
+                continue
         if weight_name not in inits or len(nodes) != 1:
-            raise UsageError(f"export_onnx: cannot find the ONNX Conv/Gemm of layer {name!r} (weight {weight_name})")
+            raise UsageError(
+                f"export_onnx: cannot find the ONNX Conv/Gemm/MatMul of layer {name!r} (weight {weight_name})"
+            )
         if layer.codes is None:
             raise UsageError(
                 f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
@@ -126,7 +134,7 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         )
         if iq is None:
             continue
-        s_x, z_x = _act_params(iq, name, "activations")
+        s_x, _ = _act_params(iq, name, "activations")
         if len(node.input) > 2 and node.input[2] in inits:
             bias_name = node.input[2]
             bias_scale = (np.float32(s_x) * scale).astype(np.float32)
@@ -148,27 +156,124 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
                     axis=0,
                 )
             )
-        # The input: quantized for this layer and for residual Adds reading the same tensor (so ORT runs them as
-        # QLinearAdd), then again upstream through ops that commute with the quantizer.
-        tensor, users, step = node.input[0], [node], 0
-        users += [n for n in consumers.get(tensor, []) if n.op_type == "Add"]
-        while True:
-            _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}", done)
-            source = producer.get(tensor)
-            if (
-                source is None
-                or source.op_type not in PASS_THROUGH
-                or len(consumers.get(tensor, [])) != 1
-                or source.input[0] in inits
-            ):
-                break
-            tensor, users, step = source.input[0], [source], step + 1
-            if len(consumers.get(tensor, [])) != 1:
-                break
-        if layer.output is not None:  # the output feeds a residual Add: QLinearConv -> QLinearAdd
-            s_y, z_y = _act_params(layer.output, name, "outputs")
-            _insert_qdq(
-                graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y, f"{name}.output", done
-            )
+        _quantize_input(graph, inits, consumers, producer, node, name, iq, layer, done)
     toposort(graph)
     return proto
+
+
+def _quantize_input(
+    graph: Any,
+    inits: dict[str, Any],
+    consumers: dict[str, list],
+    producer: dict[str, Any],
+    node: Any,
+    name: str,
+    iq: ActivationQuant,
+    layer: IntegerLayer,
+    done: dict[str, tuple[float, int, str]],
+) -> None:
+    """QDQ on ``node``'s input with the layer's calibrated scale (and on its output when it feeds a residual Add)."""
+    s_x, z_x = _act_params(iq, name, "activations")
+    # The input: quantized for this layer and for residual Adds reading the same tensor (so ORT runs them as
+    # QLinearAdd), then again upstream through ops that commute with the quantizer.
+    tensor, users, step = node.input[0], [node], 0
+    users += [n for n in consumers.get(tensor, []) if n.op_type == "Add"]
+    while True:
+        _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}", done)
+        source = producer.get(tensor)
+        if (
+            source is None
+            or source.op_type not in PASS_THROUGH
+            or len(consumers.get(tensor, [])) != 1
+            or source.input[0] in inits
+        ):
+            break
+        tensor, users, step = source.input[0], [source], step + 1
+        if len(consumers.get(tensor, [])) != 1:
+            break
+    if layer.output is not None:  # the output feeds a residual Add: QLinearConv -> QLinearAdd
+        s_y, z_y = _act_params(layer.output, name, "outputs")
+        _insert_qdq(graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y, f"{name}.output", done)
+
+
+def _matmul_weights(graph: Any, inits: dict[str, Any]) -> dict[tuple, list]:
+    """``MatMul`` nodes whose second input is an initializer, keyed by that matrix (shape, bytes)."""
+    from onnx import numpy_helper
+
+    found: dict[tuple, list] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits:
+            array = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32))
+            found.setdefault((array.shape, array.tobytes()), []).append(node)
+    return found
+
+
+def _matmul_of(layer: IntegerLayer, matmuls: dict[tuple, list]) -> Any:
+    """The one ``MatMul`` computing ``x @ W^T`` with this layer's (dequantized) weight, or None."""
+    weight_t = np.ascontiguousarray(layer.dequantized.numpy().astype(np.float32).T)
+    nodes = matmuls.get((weight_t.shape, weight_t.tobytes()), [])
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def _quantize_matmul(
+    graph: Any,
+    inits: dict[str, Any],
+    consumers: dict[str, list],
+    producer: dict[str, Any],
+    node: Any,
+    name: str,
+    layer: IntegerLayer,
+    iq: ActivationQuant | None,
+    ops: tuple[str, ...],
+    done: dict[str, tuple[float, int, str]],
+) -> None:
+    """A Linear exported as ``MatMul(x, W^T) [-> Add(bias)]``: int8 ``W^T`` codes with per-column scales and a
+    ``DequantizeLinear`` (axis 1), the bias rounded to the int32 grid ``s_x * s_w`` the simulated model uses, QDQ on
+    the input. ORT fuses ``DQ -> MatMul`` into integer kernels."""
+    from onnx import helper, numpy_helper
+
+    if layer.codes is None:
+        raise UsageError(
+            f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
+            "export fp32 (int8=False) or quantize per channel"
+        )
+    if "MatMul" not in ops:
+        return
+    weight_t = node.input[1]
+    dtype = np.int8 if layer.symmetric else np.uint8
+    scale = layer.scale.numpy().astype(np.float32)
+    zero = layer.zero_point.numpy().astype(dtype)
+    tag = f"{name}.weight"
+    graph.initializer.remove(inits[weight_t])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(layer.codes.numpy().astype(dtype).T), f"{tag}.int8"),
+            numpy_helper.from_array(scale, f"{tag}.scale"),
+            numpy_helper.from_array(zero, f"{tag}.zero_point"),
+        ]
+    )
+    graph.node.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{tag}.int8", f"{tag}.scale", f"{tag}.zero_point"],
+            [weight_t],
+            name=f"{tag}.DQ",
+            axis=1 if scale.size > 1 else 0,
+        )
+    )
+    if iq is None:
+        return
+    s_x, _ = _act_params(iq, name, "activations")
+    adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+    for add in adds:  # the bias: rounded to the int32 grid of s_x * s_w, as the simulated model does
+        bias_name = next((i for i in add.input if i in inits), None)
+        if bias_name is None:
+            continue
+        bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+        if bias.shape != (scale.size if scale.size > 1 else bias.size,):
+            continue
+        grid = (np.float32(s_x) * scale).astype(np.float32)
+        rounded = (np.round(bias / grid) * grid).astype(np.float32)
+        graph.initializer.remove(inits[bias_name])
+        graph.initializer.append(numpy_helper.from_array(rounded, bias_name))
+    _quantize_input(graph, inits, consumers, producer, node, name, iq, layer, done)
