@@ -121,3 +121,26 @@ def test_torchvision_models_with_nd_linears_quantize_statically_and_export_with_
     got = torch.as_tensor(OrtModel(path, threads=1)(x))
     agreement = float((got.argmax(1) == expected.argmax(1)).float().mean())
     assert agreement >= 0.99, agreement
+
+
+def test_a_layer_the_forward_never_calls_stays_float_and_is_named(tmp_path):
+    """Like BERT's unused pooler: it used to stop calibration with "observer saw no data" naming no layer."""
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.runtime import OrtModel
+
+    class WithDeadLayer(TokenMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pooler = nn.Linear(10, 10)  # never called
+
+    torch.manual_seed(0)
+    model = WithDeadLayer().eval()
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, 16), torch.zeros(64, dtype=torch.long))
+    result = slimkit.quantize(model, slimkit.QuantConfig(), data)
+    assert "not called by the model's forward" in result.record["skipped"]["pooler"]
+    assert not hasattr(result.model.pooler, "weight_quant") and hasattr(result.model.up, "weight_quant")
+    path = export_onnx(result.model, torch.randn(1, 8, 16), tmp_path / "dead.onnx")
+    x = torch.randn(16, 8, 16)
+    with torch.no_grad():
+        expected = result.model(x)
+    assert torch.allclose(torch.as_tensor(OrtModel(path, threads=1)(x)), expected, atol=1e-4)

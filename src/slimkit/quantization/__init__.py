@@ -38,6 +38,7 @@ from slimkit.quantization.ptq import (
     prepare,
     quant_layers,
     residual_feeders,
+    run_batches,
 )
 
 __all__ = [
@@ -108,6 +109,11 @@ def quantize(
     )
     if needs_data and train_data is None:
         raise UsageError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
+    batches = calibration_batches(train_data, cfg.batch_size, cfg.calibration_batches) if train_data is not None else []
+    if batches:  # a layer the forward never calls (an unused pooler) has nothing to calibrate: it stays float
+        unused = _unused_layers(new, [s.name for s in specs], batches[0])
+        skipped.update({n: "not called by the model's forward on the calibration data; kept in float" for n in unused})
+        specs = [s for s in specs if s.name not in unused]
     pairs = find_conv_bn(new) if cfg.fold_bn else []
     qat = cfg.method is Method.QAT
     if not qat:
@@ -115,7 +121,6 @@ def quantize(
     reference = copy.deepcopy(new) if cfg.ptq.adaround else None
     prepare(new, specs, cfg.observer.value, learnable=qat and cfg.qat.lsq)
     stats: dict[str, Any] = {}
-    batches = calibration_batches(train_data, cfg.batch_size, cfg.calibration_batches) if train_data is not None else []
     if batches:
         calibrate(new, batches)
     if reference is not None and batches:
@@ -212,3 +217,18 @@ def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
 
 
 replay = replay_  # the name ``slimkit.history`` looks up for every kind of step (it mutates: prefer ``replay_``)
+
+
+def _unused_layers(model: nn.Module, names: list[str], batch: torch.Tensor) -> set[str]:
+    """Which of the named layers one forward pass on ``batch`` never calls."""
+    called: set[str] = set()
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: called.add(name))
+        for name in names
+    ]
+    try:
+        run_batches(model, [batch])  # a model that fails on the data says so in one line
+    finally:
+        for handle in handles:
+            handle.remove()
+    return set(names) - called

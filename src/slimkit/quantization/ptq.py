@@ -217,7 +217,8 @@ def calibration_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: i
     return chunks
 
 
-def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
+def run_batches(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Run ``model`` on each batch without gradients; a failing or non-finite batch is a one-line UsageError."""
     with torch.no_grad():
         for i, x in enumerate(batches):
             try:
@@ -243,7 +244,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], only: list[ActQuant
     was_training = model.training
     model.eval()
     try:
-        _run(model, batches)
+        run_batches(model, batches)
     finally:
         model.train(was_training)
     for q in quantizers:
@@ -274,7 +275,7 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, flo
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m, _ in layers]
     try:
-        _run(model.eval(), batches)
+        run_batches(model.eval(), batches)
     finally:
         for h in handles:
             h.remove()
