@@ -112,7 +112,11 @@ def quantize(
     batches = calibration_batches(train_data, cfg.batch_size, cfg.calibration_batches) if train_data is not None else []
     if batches:  # a layer the forward never calls (an unused pooler) has nothing to calibrate: it stays float
         unused = _unused_layers(new, [s.name for s in specs], batches[0])
-        skipped.update({n: "not called by the model's forward on the calibration data; kept in float" for n in unused})
+        why = (
+            "its forward() never runs on the calibration data (unused, or its weights read directly, e.g. by "
+            "F.linear); kept in float"
+        )
+        skipped.update(dict.fromkeys(unused, why))
         specs = [s for s in specs if s.name not in unused]
     pairs = find_conv_bn(new) if cfg.fold_bn else []
     qat = cfg.method is Method.QAT
