@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from slimkit.errors import UsageError
@@ -104,34 +105,11 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
             raise UsageError(
                 f"export_onnx: cannot find the ONNX Conv/Gemm/MatMul of layer {name!r} (weight {weight_name})"
             )
-        if layer.codes is None:
-            raise UsageError(
-                f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
-                "export fp32 (int8=False) or quantize per channel"
-            )
+        _check_codes(layer, name)
         node = nodes[0]
         if node.op_type not in ops:  # left in float (with the dequantized weights of the simulated model)
             continue
-        dtype = np.int8 if layer.symmetric else np.uint8
-        scale = layer.scale.numpy().astype(np.float32)
-        zero = layer.zero_point.numpy().astype(dtype)
-        graph.initializer.remove(inits[weight_name])
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(layer.codes.numpy().astype(dtype), f"{weight_name}.int8"),
-                numpy_helper.from_array(scale, f"{weight_name}.scale"),
-                numpy_helper.from_array(zero, f"{weight_name}.zero_point"),
-            ]
-        )
-        graph.node.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{weight_name}.int8", f"{weight_name}.scale", f"{weight_name}.zero_point"],
-                [weight_name],
-                name=f"{weight_name}.DQ",
-                axis=0,
-            )
-        )
+        scale = _int8_weight(graph, inits, layer, name, weight_name, transposed=False)
         if iq is None:
             continue
         s_x, _ = _act_params(iq, name, "activations")
@@ -196,6 +174,47 @@ def _quantize_input(
         _insert_qdq(graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y, f"{name}.output", done)
 
 
+def _check_codes(layer: IntegerLayer, name: str) -> torch.Tensor:
+    """The layer's integer weight codes; per-group scales (no codes) cannot be QDQ int8."""
+    if layer.codes is None:
+        raise UsageError(
+            f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
+            "export fp32 (int8=False) or quantize per channel"
+        )
+    return layer.codes
+
+
+def _int8_weight(
+    graph: Any, inits: dict[str, Any], layer: IntegerLayer, name: str, target: str, *, transposed: bool
+) -> np.ndarray:
+    """Replace the float initializer ``target`` (the layer's weight; its transpose for ``MatMul``) by the layer's
+    int8 codes and a ``DequantizeLinear`` (per output channel); returns the weight scales."""
+    from onnx import helper, numpy_helper
+
+    dtype = np.int8 if layer.symmetric else np.uint8
+    scale = layer.scale.numpy().astype(np.float32)
+    codes = _check_codes(layer, name).numpy().astype(dtype)
+    tag = f"{name}.weight"
+    graph.initializer.remove(inits[target])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(codes.T) if transposed else codes, f"{tag}.int8"),
+            numpy_helper.from_array(scale, f"{tag}.scale"),
+            numpy_helper.from_array(layer.zero_point.numpy().astype(dtype), f"{tag}.zero_point"),
+        ]
+    )
+    graph.node.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{tag}.int8", f"{tag}.scale", f"{tag}.zero_point"],
+            [target],
+            name=f"{tag}.DQ",
+            axis=1 if transposed and scale.size > 1 else 0,
+        )
+    )
+    return scale
+
+
 def _matmul_weights(graph: Any, inits: dict[str, Any]) -> dict[tuple, list]:
     """``MatMul`` nodes whose second input is an initializer, keyed by that matrix (shape, bytes)."""
     from onnx import numpy_helper
@@ -230,37 +249,12 @@ def _quantize_matmul(
     """A Linear exported as ``MatMul(x, W^T) [-> Add(bias)]``: int8 ``W^T`` codes with per-column scales and a
     ``DequantizeLinear`` (axis 1), the bias rounded to the int32 grid ``s_x * s_w`` the simulated model uses, QDQ on
     the input. ORT fuses ``DQ -> MatMul`` into integer kernels."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
-    if layer.codes is None:
-        raise UsageError(
-            f"export_onnx: layer {name!r} uses per-group scales, which QDQ int8 cannot express; "
-            "export fp32 (int8=False) or quantize per channel"
-        )
+    _check_codes(layer, name)
     if "MatMul" not in ops:
         return
-    weight_t = node.input[1]
-    dtype = np.int8 if layer.symmetric else np.uint8
-    scale = layer.scale.numpy().astype(np.float32)
-    zero = layer.zero_point.numpy().astype(dtype)
-    tag = f"{name}.weight"
-    graph.initializer.remove(inits[weight_t])
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.ascontiguousarray(layer.codes.numpy().astype(dtype).T), f"{tag}.int8"),
-            numpy_helper.from_array(scale, f"{tag}.scale"),
-            numpy_helper.from_array(zero, f"{tag}.zero_point"),
-        ]
-    )
-    graph.node.append(
-        helper.make_node(
-            "DequantizeLinear",
-            [f"{tag}.int8", f"{tag}.scale", f"{tag}.zero_point"],
-            [weight_t],
-            name=f"{tag}.DQ",
-            axis=1 if scale.size > 1 else 0,
-        )
-    )
+    scale = _int8_weight(graph, inits, layer, name, node.input[1], transposed=True)
     if iq is None:
         return
     s_x, _ = _act_params(iq, name, "activations")
