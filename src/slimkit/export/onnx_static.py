@@ -11,6 +11,7 @@ uint8 ``MaxPool``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,19 +28,34 @@ __all__ = ["quantize_graph"]
 PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
 
 
-def _insert_qdq(
-    graph: Any,
-    tensor: str,
-    consumers: list,
-    scale: float,
-    zero_point: int,
-    tag: str,
-    done: dict[str, tuple[float, int, str]],
-) -> None:
+@dataclass
+class _Index:
+    """The graph being rewritten with its lookups: initializers by name, the nodes reading / producing each tensor,
+    and the QDQ pairs already inserted (tensor -> (scale, zero point, dequantized name))."""
+
+    graph: Any
+    inits: dict[str, Any]
+    consumers: dict[str, list] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=dict)
+    done: dict[str, tuple[float, int, str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, graph: Any) -> _Index:
+        index = cls(graph, {i.name: i for i in graph.initializer})
+        for node in graph.node:
+            for name in node.input:
+                index.consumers.setdefault(name, []).append(node)
+            for name in node.output:
+                index.producer[name] = node
+        return index
+
+
+def _insert_qdq(index: _Index, tensor: str, consumers: list, scale: float, zero_point: int, tag: str) -> None:
     """Route ``consumers`` of ``tensor`` through ``QuantizeLinear -> DequantizeLinear``; a tensor already quantized
     with the same parameters reuses its pair (one ``Q`` per tensor, as ONNX Runtime's fusions expect)."""
     from onnx import helper, numpy_helper
 
+    graph, done = index.graph, index.done
     previous = done.get(tensor)
     if previous is not None and previous[:2] == (scale, zero_point):
         dq_out = previous[2]
@@ -81,17 +97,9 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
     """
     from onnx import helper, numpy_helper
 
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    producer: dict[str, Any] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
-    done: dict[str, tuple[float, int, str]] = {}
-    matmuls = _matmul_weights(graph, inits)
+    index = _Index.of(proto.graph)
+    graph, inits, consumers = index.graph, index.inits, index.consumers
+    matmuls = _matmul_weights(index)
     for name, layer in integer_layers(model):
         iq = layer.input if layer.input is not None and not layer.input.dynamic else None
         weight_name = f"{name}.weight"
@@ -99,7 +107,7 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         if not nodes and weight_name not in inits:  # a Linear on (N, T, C) inputs exports as MatMul(x, W^T)
             found = _matmul_of(layer, matmuls)
             if found is not None:
-                _quantize_matmul(graph, inits, consumers, producer, found, name, layer, iq, ops, done)
+                _quantize_matmul(index, found, name, layer, iq, ops)
                 continue
         if weight_name not in inits or len(nodes) != 1:
             raise UsageError(
@@ -109,7 +117,7 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         node = nodes[0]
         if node.op_type not in ops:  # left in float (with the dequantized weights of the simulated model)
             continue
-        scale = _int8_weight(graph, inits, layer, name, weight_name, transposed=False)
+        scale = _int8_weight(index, layer, name, weight_name, transposed=False)
         if iq is None:
             continue
         s_x, _ = _act_params(iq, name, "activations")
@@ -134,36 +142,27 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
                     axis=0,
                 )
             )
-        _quantize_input(graph, inits, consumers, producer, node, name, iq, layer, done)
+        _quantize_input(index, node, name, iq, layer)
     toposort(graph)
     return proto
 
 
-def _quantize_input(
-    graph: Any,
-    inits: dict[str, Any],
-    consumers: dict[str, list],
-    producer: dict[str, Any],
-    node: Any,
-    name: str,
-    iq: ActivationQuant,
-    layer: IntegerLayer,
-    done: dict[str, tuple[float, int, str]],
-) -> None:
+def _quantize_input(index: _Index, node: Any, name: str, iq: ActivationQuant, layer: IntegerLayer) -> None:
     """QDQ on ``node``'s input with the layer's calibrated scale (and on its output when it feeds a residual Add)."""
+    consumers, producer = index.consumers, index.producer
     s_x, z_x = _act_params(iq, name, "activations")
     # The input: quantized for this layer and for residual Adds reading the same tensor (so ORT runs them as
     # QLinearAdd), then again upstream through ops that commute with the quantizer.
     tensor, users, step = node.input[0], [node], 0
     users += [n for n in consumers.get(tensor, []) if n.op_type == "Add"]
     while True:
-        _insert_qdq(graph, tensor, users, s_x, z_x, f"{name}.input{step}", done)
+        _insert_qdq(index, tensor, users, s_x, z_x, f"{name}.input{step}")
         source = producer.get(tensor)
         if (
             source is None
             or source.op_type not in PASS_THROUGH
             or len(consumers.get(tensor, [])) != 1
-            or source.input[0] in inits
+            or source.input[0] in index.inits
         ):
             break
         tensor, users, step = source.input[0], [source], step + 1
@@ -171,7 +170,7 @@ def _quantize_input(
             break
     if layer.output is not None:  # the output feeds a residual Add: QLinearConv -> QLinearAdd
         s_y, z_y = _act_params(layer.output, name, "outputs")
-        _insert_qdq(graph, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y, f"{name}.output", done)
+        _insert_qdq(index, node.output[0], list(consumers.get(node.output[0], [])), s_y, z_y, f"{name}.output")
 
 
 def _check_codes(layer: IntegerLayer, name: str) -> torch.Tensor:
@@ -184,9 +183,7 @@ def _check_codes(layer: IntegerLayer, name: str) -> torch.Tensor:
     return layer.codes
 
 
-def _int8_weight(
-    graph: Any, inits: dict[str, Any], layer: IntegerLayer, name: str, target: str, *, transposed: bool
-) -> np.ndarray:
+def _int8_weight(index: _Index, layer: IntegerLayer, name: str, target: str, *, transposed: bool) -> np.ndarray:
     """Replace the float initializer ``target`` (the layer's weight; its transpose for ``MatMul``) by the layer's
     int8 codes and a ``DequantizeLinear`` (per output channel); returns the weight scales."""
     from onnx import helper, numpy_helper
@@ -194,8 +191,8 @@ def _int8_weight(
     dtype = np.int8 if layer.symmetric else np.uint8
     scale = layer.scale.numpy().astype(np.float32)
     codes = _check_codes(layer, name).numpy().astype(dtype)
-    tag = f"{name}.weight"
-    graph.initializer.remove(inits[target])
+    tag, graph = f"{name}.weight", index.graph
+    graph.initializer.remove(index.inits[target])
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.ascontiguousarray(codes.T) if transposed else codes, f"{tag}.int8"),
@@ -215,14 +212,14 @@ def _int8_weight(
     return scale
 
 
-def _matmul_weights(graph: Any, inits: dict[str, Any]) -> dict[tuple, list]:
+def _matmul_weights(index: _Index) -> dict[tuple, list]:
     """``MatMul`` nodes whose second input is an initializer, keyed by that matrix (shape, bytes)."""
     from onnx import numpy_helper
 
     found: dict[tuple, list] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits:
-            array = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32))
+    for node in index.graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in index.inits:
+            array = np.ascontiguousarray(numpy_helper.to_array(index.inits[node.input[1]]).astype(np.float32))
             found.setdefault((array.shape, array.tobytes()), []).append(node)
     return found
 
@@ -235,16 +232,7 @@ def _matmul_of(layer: IntegerLayer, matmuls: dict[tuple, list]) -> Any:
 
 
 def _quantize_matmul(
-    graph: Any,
-    inits: dict[str, Any],
-    consumers: dict[str, list],
-    producer: dict[str, Any],
-    node: Any,
-    name: str,
-    layer: IntegerLayer,
-    iq: ActivationQuant | None,
-    ops: tuple[str, ...],
-    done: dict[str, tuple[float, int, str]],
+    index: _Index, node: Any, name: str, layer: IntegerLayer, iq: ActivationQuant | None, ops: tuple[str, ...]
 ) -> None:
     """A Linear exported as ``MatMul(x, W^T) [-> Add(bias)]``: int8 ``W^T`` codes with per-column scales and a
     ``DequantizeLinear`` (axis 1), the bias rounded to the int32 grid ``s_x * s_w`` the simulated model uses, QDQ on
@@ -254,11 +242,12 @@ def _quantize_matmul(
     _check_codes(layer, name)
     if "MatMul" not in ops:
         return
-    scale = _int8_weight(graph, inits, layer, name, node.input[1], transposed=True)
+    scale = _int8_weight(index, layer, name, node.input[1], transposed=True)
     if iq is None:
         return
     s_x, _ = _act_params(iq, name, "activations")
-    adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+    graph, inits = index.graph, index.inits
+    adds = [n for n in index.consumers.get(node.output[0], []) if n.op_type == "Add"]
     for add in adds:  # the bias: rounded to the int32 grid of s_x * s_w, as the simulated model does
         bias_name = next((i for i in add.input if i in inits), None)
         if bias_name is None:
@@ -270,4 +259,4 @@ def _quantize_matmul(
         rounded = (np.round(bias / grid) * grid).astype(np.float32)
         graph.initializer.remove(inits[bias_name])
         graph.initializer.append(numpy_helper.from_array(rounded, bias_name))
-    _quantize_input(graph, inits, consumers, producer, node, name, iq, layer, done)
+    _quantize_input(index, node, name, iq, layer)
