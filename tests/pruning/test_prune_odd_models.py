@@ -117,6 +117,15 @@ def _dropped(group) -> torch.Tensor:
     return torch.tensor([i for i in range(group["size"]) if i not in keep])
 
 
+def _inputs_zeroed(model, group, *layers):
+    """A copy of ``model`` whose named layers read zeros from the group's dropped channels (what pruning must equal)."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in layers:
+            reference.get_submodule(name).weight[:, _dropped(group)] = 0
+    return reference
+
+
 def _check_replay(model, result, x):
     clone = apply_record(copy.deepcopy(model), result.record)
     clone.load_state_dict(result.model.state_dict())
@@ -145,11 +154,7 @@ def test_shared_conv_weight_is_cut_once_and_stays_shared():
     keep = decode_indices(group["keep"])
     assert torch.equal(pruned.a.weight, model.a.weight[keep][:, keep])
     # the same as the original with the dropped channels' inputs zeroed everywhere they are read
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        reference.a.weight[:, _dropped(group)] = 0
-        reference.head.weight[:, _dropped(group)] = 0
-    torch.testing.assert_close(pruned(x), reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pruned(x), _inputs_zeroed(model, group, "a", "head")(x), rtol=1e-5, atol=1e-6)
     _check_replay(model, result, x)
 
 
@@ -160,11 +165,7 @@ def test_tied_linear_weight_is_cut_once_and_stays_shared():
     pruned = result.model
     assert pruned.a.weight is pruned.b.weight and pruned.a.weight.shape == (8, 8)
     group = _group(result, "stem:out")
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        reference.a.weight[:, _dropped(group)] = 0
-        reference.head.weight[:, _dropped(group)] = 0
-    torch.testing.assert_close(pruned(x), reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pruned(x), _inputs_zeroed(model, group, "a", "head")(x), rtol=1e-5, atol=1e-6)
     _check_replay(model, result, x)
 
 
@@ -174,11 +175,7 @@ def test_a_module_called_twice_keeps_the_same_channels_for_both_calls():
     result = _prune(model, x, 0.5)
     group = _group(result, "stem:out")
     assert [g["id"] for g in result.record["groups"]] == ["stem:out"]
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        reference.a.weight[:, _dropped(group)] = 0
-        reference.head.weight[:, _dropped(group)] = 0
-    torch.testing.assert_close(result.model(x), reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.model(x), _inputs_zeroed(model, group, "a", "head")(x), rtol=1e-5, atol=1e-6)
 
 
 def test_tied_embedding_is_kept_intact_and_named():
