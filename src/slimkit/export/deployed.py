@@ -1,0 +1,144 @@
+"""The forms a model ships in, and which of them is fastest on this machine.
+
+A speed-up that exists only in PyTorch eager is not a speed-up: pruning and quantization are judged on the runtime
+the model is deployed on. ``deployed_forms`` builds every form a model can ship in:
+
+- a float model: ONNX Runtime fp32, and PyTorch eager with BatchNorm folded into the convolutions in channels-last
+  memory format (oneDNN's fastest fp32 eager form);
+- a slimkit int8 model (static activation quantization): ONNX Runtime QDQ int8, and PyTorch's x86 oneDNN int8
+  kernels (``torch_int8.py``; needs calibration batches and torchao). oneDNN tends to win from batch 64 up,
+  ONNX Runtime at batch 1-8;
+- a dynamic int8 model: ONNX Runtime ``MatMulInteger``.
+
+``fastest_form`` times them side by side (``slimkit.measure.benchmark_latency``, interleaved, threads fixed) and
+returns the fastest with every measurement, so a report can say what was compared.
+
+Example:
+    >>> best = fastest_form(model, torch.zeros(1, 3, 32, 32), batch_size=64)        # doctest: +SKIP
+    >>> best.name, round(best.ms, 2)                                                 # doctest: +SKIP
+    ('onnxruntime fp32', 36.3)
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimkit.export.lowering import is_dynamic_model, is_int8_model
+
+__all__ = ["Deployed", "deployed_forms", "eager_fp32", "fastest_form", "is_quantized"]
+
+Form = Callable[[torch.Tensor], object]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """``model`` is a slimkit int8 model (static or dynamic activation quantization)."""
+    return is_int8_model(model) or is_dynamic_model(model)
+
+
+def eager_fp32(model: nn.Module) -> Form:
+    """``model`` in eval mode with BatchNorm folded into the preceding convolutions (``torch.fx`` fusion) and
+    channels-last 4-D tensors; a model ``torch.fx`` cannot trace keeps its BatchNorms (folding is an
+    optimisation, never a requirement)."""
+    from torch.fx.experimental.optimization import fuse
+
+    work = copy.deepcopy(model).eval()
+    try:
+        work = fuse(work)
+    except Exception:  # untraceable forward: time it unfused, as users would run it  # nosec B110
+        pass
+    channels_last = any(isinstance(m, nn.Conv2d) for m in work.modules())
+    if channels_last:
+        work = work.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> object:
+        return work(x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x)
+
+    return run
+
+
+def deployed_forms(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    folder: str | Path,
+    *,
+    calib: torch.Tensor | list[torch.Tensor] | None = None,
+    threads: int = 2,
+    batch_size: int = 64,
+) -> dict[str, Form]:
+    """Every form ``model`` can ship in on this machine, by name (ONNX files are written into ``folder``).
+
+    ``calib``: input batches for PyTorch's oneDNN int8 form of a static int8 model (without them, or without
+    torchao, only ONNX Runtime int8 is built); that form is lowered for ``batch_size`` first (other batch sizes
+    lower on first use).
+    """
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.runtime import OrtModel
+
+    folder = Path(folder)
+    if not is_quantized(model):
+        path = export_onnx(model, example_input, folder / "model-fp32.onnx", int8=False)
+        return {"onnxruntime fp32": OrtModel(path, threads=threads), "eager fp32": eager_fp32(model)}
+    path = export_onnx(model, example_input, folder / "model-int8.onnx", int8=True)
+    forms: dict[str, Form] = {"onnxruntime int8": OrtModel(path, threads=threads)}
+    if is_int8_model(model) and calib is not None:
+        try:
+            from slimkit.export.torch_int8 import to_torch_int8
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                one = example_input[:1]
+                shape = (max(batch_size, 2), *one.shape[1:])  # batch 1 would be specialised by torch.export
+                forms["onednn int8"] = to_torch_int8(model, calib, one.expand(shape).contiguous())
+        except ImportError:  # torchao missing: ONNX Runtime is the only int8 runtime
+            pass
+    return forms
+
+
+@dataclass
+class Deployed:
+    """The fastest form: ``name``, median ``ms`` at ``batch_size``, and every form's median ms (``all``)."""
+
+    name: str
+    ms: float
+    batch_size: int
+    all: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``"onnxruntime fp32 36.3 ms (eager fp32 41.0 ms)"``: the choice and what it beat."""
+        others = ", ".join(f"{n} {ms:.3g} ms" for n, ms in self.all.items() if n != self.name)
+        return f"{self.name} {self.ms:.3g} ms" + (f" ({others})" if others else "")
+
+
+def fastest_form(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    threads: int = 2,
+    calib: torch.Tensor | list[torch.Tensor] | None = None,
+    forms: tuple[str, ...] | None = None,
+    max_seconds: float = 8.0,
+) -> Deployed:
+    """Time every deployed form of ``model`` at ``batch_size`` side by side and return the fastest.
+
+    ``forms``: restrict to these names (e.g. ``("onnxruntime fp32",)``).
+    """
+    from slimkit.measure import benchmark_latency
+
+    with tempfile.TemporaryDirectory(prefix="slimkit-deploy-") as folder:
+        built = deployed_forms(model, example_input[:1], folder, calib=calib, threads=threads, batch_size=batch_size)
+        if forms is not None:
+            built = {n: f for n, f in built.items() if n in forms} or built
+        timed = benchmark_latency(built, example_input[:1], (batch_size,), threads=threads, max_seconds=max_seconds)
+    ms = {name: t[batch_size].median * 1e3 for name, t in timed.items()}
+    best = min(ms, key=ms.__getitem__)
+    return Deployed(best, ms[best], batch_size, ms)
