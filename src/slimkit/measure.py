@@ -35,13 +35,16 @@ from slimkit.errors import UsageError
 __all__ = [
     "LatencyStats",
     "LayerProfile",
+    "Peak",
     "Profile",
     "benchmark_latency",
     "compare_latency",
     "count_macs",
     "count_params",
+    "machine_peak",
     "measure_latency",
     "peak_memory",
+    "percent_of_peak",
     "profile",
     "size_on_disk",
 ]
@@ -445,3 +448,7 @@ def compare_latency(
     """
     res = benchmark_latency({"a": model_a, "b": model_b}, example_input, batch_sizes, **kwargs)
     return LatencyComparison(res["a"], res["b"], kwargs.get("threads", 2))
+
+
+# The machine's measured fp32 / int8 multiply-accumulate peak, beside the latency harness it puts in proportion.
+from slimkit.peak import Peak, machine_peak, percent_of_peak  # noqa: E402
