@@ -1,15 +1,20 @@
 """Structured pruning: slimkit vs Torch-Pruning 1.6.1 at the same 2x MACs reduction.
 
-Part 1 (speed): ResNet-56, MobileNetV2-CIFAR, VGG-16-CIFAR pruned to 50% of their MACs by both tools (uniform
-per-layer ratios, L2 magnitude; Torch-Pruning's ratio is bisected to the same MACs), then params/MACs ratios and
-latency of original / slimkit / Torch-Pruning measured side by side in one process (median, 2 threads, batch 1
-and 64).
+Part 1 (speed): ResNet-56, MobileNetV2-CIFAR, VGG-16-CIFAR pruned to 50% of their MACs by slimkit's default
+``PruneConfig(amount=0.5, target="macs")``, by ``round_to=1`` and ``round_to=16`` explicitly (whichever the default
+is not), by ``target="latency"`` once slimkit has it, and by Torch-Pruning (uniform ratio bisected to the same MACs).
+Each model, original and pruned, is timed as it ships: PyTorch eager, eager fp32 (BatchNorm folded, channels-last),
+ONNX Runtime fp32, and after ``slimkit.quantize`` (256 seeded random normal calibration inputs) ONNX Runtime int8
+and oneDNN int8, at batch 1 and 64, with ``benchmarks/harness.py``: 3 fresh processes one after another, allocator
+pinned, median and spread of the process medians, page faults per call. Speed-ups are against the original's
+FASTEST fp32 form, and against the original deployed the same way (int8 pruned vs int8 unpruned).
 Part 2 (accuracy): LeNet-5 trained on MNIST-10k, pruned to 2x fewer MACs with every slimkit criterion and with
 Torch-Pruning, each fine-tuned for 3 epochs with the same settings; accuracy drop from the unpruned model.
-Part 3 (sparse): unstructured local/global/2:4 sparsity: packed file size and latency versus dense.
+Part 3 (sparse): unstructured local/global/2:4 sparsity: packed file size, and latency versus dense timed in this
+one process (not a deployment speed claim: dense kernels do the same work on zeros).
 
-Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/prune.py [--only speed|lenet5|sparse]`` (writes
-benchmarks/results/prune.{json,md}; a part not run keeps its stored rows).
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/prune.py [--only speed|lenet5|sparse]
+[--models resnet56 ...]`` (writes benchmarks/results/prune.{json,md}; a part or model not run keeps its stored rows).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 
 import slimkit
+from slimkit.errors import SlimkitError
 from slimkit.measure import benchmark_latency
 from slimkit.pruning import PruneConfig, prune
 from slimkit.train import TrainConfig, evaluate, fit
@@ -62,42 +68,134 @@ def tp_prune(model, x, amount: float, importance=None, ignored=None, finetune_da
     return best[0].eval()
 
 
-def speed(names=("resnet56", "mobilenetv2_cifar", "vgg16_cifar")) -> list[dict]:
+VARIANT_FORMS = ("eager", "eager fp32", "onnxruntime fp32", "onnxruntime int8", "onednn int8")
+FP32_FORMS = ("eager", "eager fp32", "onnxruntime fp32")
+SPEED_MODELS = ("resnet56", "mobilenetv2_cifar", "vgg16_cifar")
+CALIB = 256  # random normal calibration inputs, seeded
+
+
+def slimkit_variants() -> dict[str, PruneConfig]:
+    """slimkit's pruning configs to compare: the default, ``round_to=1`` explicitly (and 16 while the default is
+    1), and ``target="latency"`` once slimkit has it."""
+    from slimkit.pruning.config import Target
+
+    default = PruneConfig(amount=AMOUNT, target="macs")
+    shown = "None: 16" if default.round_to is None else default.round_to
+    variants = {f"slimkit default (round_to={shown})": default}
+    for round_to in (1, 16) if default.round_to == 1 else (1,):
+        if default.round_to != round_to:
+            variants[f"slimkit round_to={round_to}"] = PruneConfig(amount=AMOUNT, target="macs", round_to=round_to)
+    if "latency" in [t.value for t in Target]:
+        variants["slimkit target=latency"] = PruneConfig(amount=AMOUNT, target="latency")
+    return variants
+
+
+def calibration_inputs(x: torch.Tensor) -> torch.Tensor:
+    return torch.randn(CALIB, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+
+
+def build_forms(name: str, variants: dict[str, str | None], folder: str, threads: int = 2) -> tuple[dict, torch.Tensor]:
+    """Harness build function (runs in each worker): every deployed form of the original and each pruned variant.
+
+    ``variants``: label -> a slimkit artifact folder the parent wrote (exact pruned model), or None for
+    Torch-Pruning, which is rebuilt here (deterministic: same seeded original, same bisection).
+    """
+    import os
+
+    from slimkit.export.deployed import deployed_forms
+
+    torch.manual_seed(0)
+    model = slimkit.models.create(name).eval()
+    x = slimkit.models.example_input(name, 1)
+    calib = calibration_inputs(x)
+    models = {"original": model}
+    for label, artifact in variants.items():
+        models[label] = slimkit.load(artifact) if artifact else tp_prune(model, x, AMOUNT)
+    forms = {}
+    for label, m in models.items():
+        out = Path(folder) / f"worker-{os.getpid()}" / label.replace(" ", "_")
+        forms[f"{label} | eager"] = m.eval()
+        forms.update({f"{label} | {k}": f for k, f in deployed_forms(m, x, out, threads=threads).items()})
+        quantized = slimkit.quantize(m, slimkit.QuantConfig(), calib).model
+        int8 = deployed_forms(quantized, x, out, calib=calib, threads=threads, batch_size=64)
+        forms.update({f"{label} | {k}": f for k, f in int8.items()})
+    return forms, x
+
+
+def speed(names=SPEED_MODELS, processes: int = 3) -> list[dict]:
+    """Prune each model once per config here, then time every form in ``processes`` fresh pinned processes."""
+    import tempfile
+
+    from harness import PINNED, speedups, time_forms
+
     rows = []
     for name in names:
         torch.manual_seed(0)
-        model = slimkit.models.create(name)
+        model = slimkit.models.create(name).eval()
         x = slimkit.models.example_input(name, 1)
-        t0 = time.perf_counter()
-        ours = prune(model, PruneConfig(amount=AMOUNT, target="macs", importance="l2", allocation="uniform"), x).model
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        theirs = tp_prune(model, x, AMOUNT)
-        t_tp = time.perf_counter() - t0
         base = slimkit.profile(model, x)
-        lat = benchmark_latency(
-            {"original": model, "slimkit": ours, "torch-pruning": theirs},
-            x,
-            batch_sizes=(1, 64),
-            threads=2,
-            repeats=30,
-            max_seconds=25,
-        )
-        row = {"model": name, "params_before": base.params, "macs_before": base.macs}
-        for tool, m in (("slimkit", ours), ("torch-pruning", theirs)):
-            prof = slimkit.profile(m, x)
-            row[tool] = {
-                "params_ratio": base.params / prof.params,
-                "macs_ratio": base.macs / prof.macs,
-                "speedup_b1": lat["original"][1].median / lat[tool][1].median,
-                "speedup_b64": lat["original"][64].median / lat[tool][64].median,
-                "ms_b1": lat[tool][1].median * 1e3,
-                "ms_b64": lat[tool][64].median * 1e3,
-            }
-        row["original_ms"] = {"b1": lat["original"][1].median * 1e3, "b64": lat["original"][64].median * 1e3}
-        row["slimkit_vs_tp_latency_b64"] = lat["slimkit"][64].median / lat["torch-pruning"][64].median
-        row["slimkit_vs_tp_latency_b1"] = lat["slimkit"][1].median / lat["torch-pruning"][1].median
-        row["prune_seconds"] = {"slimkit": t_ours, "torch-pruning-bisection": t_tp}
+        with tempfile.TemporaryDirectory(prefix="slimkit-bench-prune-") as folder:
+            variants: dict[str, str | None] = {}
+            meta = {}
+            failed = {}
+            for label, cfg in slimkit_variants().items():
+                t0 = time.perf_counter()
+                try:
+                    result = prune(model, cfg, x)
+                except SlimkitError as exc:  # a config slimkit refuses here is reported, not timed
+                    failed[label] = str(exc)
+                    print(f"{name} {label}: {exc}", flush=True)
+                    continue
+                seconds = time.perf_counter() - t0
+                variants[label] = str(slimkit.save(result.model, Path(folder) / label.replace(" ", "_")))
+                meta[label] = (result.model, seconds)
+            t0 = time.perf_counter()
+            meta["torch-pruning"] = (tp_prune(model, x, AMOUNT), time.perf_counter() - t0)
+            variants["torch-pruning"] = None
+            timed = time_forms(
+                "prune:build_forms",
+                {"name": name, "variants": variants, "folder": folder},
+                (1, 64),
+                processes=processes,
+            )
+        baseline = [f"original | {f}" for f in FP32_FORMS]
+        vs_fp32 = {bs: speedups(timed, baseline, bs) for bs in (1, 64)}
+        row = {
+            "model": name,
+            "params_before": base.params,
+            "macs_before": base.macs,
+            "processes": processes,
+            "glibc_tunables": PINNED,
+            "baseline_b1": min(baseline, key=lambda f: timed[f][1]["median_ms"]),
+            "baseline_b64": min(baseline, key=lambda f: timed[f][64]["median_ms"]),
+            "variants": [],
+            "failed": failed,
+        }
+        for label in ["original", *variants]:
+            entry = {"variant": label, "forms": {}}
+            if label != "original":
+                pruned, seconds = meta[label]
+                prof = slimkit.profile(pruned, x)
+                entry.update(
+                    params_ratio=base.params / prof.params,
+                    macs_ratio=base.macs / prof.macs,
+                    prune_seconds=seconds,
+                    widths=widths(pruned),
+                )
+            for form in VARIANT_FORMS:
+                key = f"{label} | {form}"
+                if key not in timed:
+                    continue
+                stats = {str(bs): timed[key][bs] for bs in (1, 64)}
+                for bs in (1, 64):
+                    same = timed[f"original | {form}"][bs]["median_ms"] if f"original | {form}" in timed else None
+                    stats[str(bs)] = dict(
+                        stats[str(bs)],
+                        vs_fastest_fp32_original=vs_fp32[bs][key],
+                        vs_original_same_form=same / timed[key][bs]["median_ms"] if same else None,
+                    )
+                entry["forms"][form] = stats
+            row["variants"].append(entry)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -221,28 +319,82 @@ def sparse(names=("resnet56", "vgg16_cifar")) -> list[dict]:
     return rows
 
 
-def markdown(speed_rows, acc, sparse_rows=()) -> str:
+def _ms(stats: dict) -> str:
+    from harness import ms_cell
+
+    return ms_cell(stats)
+
+
+def speed_summary(speed_rows) -> list[str]:
+    """One row per model and variant at batch 64 (the docs table): fp32 and int8 on each runtime."""
     lines = [
-        "## Speed: 2x MACs reduction, slimkit vs Torch-Pruning 1.6.1 (2 threads, median)",
-        "",
-        "| model | tool | params ratio | MACs ratio | speed-up b1 | speed-up b64 | ms b1 | ms b64 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | variant | MACs ratio | best fp32 form b64 | ms | vs fastest fp32 original | ORT int8 ms b64 | "
+        "vs original ORT int8 | oneDNN int8 ms b64 | vs original oneDNN int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in speed_rows:
-        lines.append(
-            f"| {r['model']} | original | 1.00 | 1.00 | 1.00 | 1.00 | {r['original_ms']['b1']:.2f} | "
-            f"{r['original_ms']['b64']:.1f} |"
-        )
-        for tool in ("slimkit", "torch-pruning"):
-            t = r[tool]
-            lines.append(
-                f"| {r['model']} | {tool} | {t['params_ratio']:.2f} | {t['macs_ratio']:.2f} | "
-                f"{t['speedup_b1']:.2f} | {t['speedup_b64']:.2f} | {t['ms_b1']:.2f} | {t['ms_b64']:.1f} |"
-            )
-        lines.append(
-            f"| {r['model']} | slimkit / TP latency | | | {r['slimkit_vs_tp_latency_b1']:.3f} | "
-            f"{r['slimkit_vs_tp_latency_b64']:.3f} | | |"
-        )
+        for v in r.get("variants", []):
+            forms = v["forms"]
+            best = min((f for f in FP32_FORMS if f in forms), key=lambda f: forms[f]["64"]["median_ms"])
+            cells = [
+                r["model"],
+                v["variant"],
+                f"{v.get('macs_ratio', 1.0):.2f}",
+                best,
+                _ms(forms[best]["64"]),
+                f"{forms[best]['64']['vs_fastest_fp32_original']:.2f}x",
+            ]
+            for form in ("onnxruntime int8", "onednn int8"):
+                stats = forms.get(form, {}).get("64")
+                cells += [_ms(stats), f"{stats['vs_original_same_form']:.2f}x"] if stats else ["-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def speed_markdown(speed_rows) -> list[str]:
+    from harness import method_note
+
+    if any("variants" not in r for r in speed_rows):
+        return ["## Speed", "", "Stored rows are in the format before benchmarks/harness.py: rerun `--only speed`."]
+    processes = speed_rows[0]["processes"] if speed_rows else 3
+    lines = [
+        "## Speed: 2x MACs reduction, slimkit vs Torch-Pruning 1.6.1, on every deployed form",
+        "",
+        method_note(processes) + " int8: slimkit.quantize(model, QuantConfig(), 256 seeded random normal inputs), "
+        "deployed on ONNX Runtime (QDQ) and PyTorch oneDNN. 'vs original, same form' compares with the original "
+        "model deployed the same way (e.g. pruned int8 vs unpruned int8 on ONNX Runtime).",
+        "",
+        "### Batch 64 summary",
+        "",
+        *speed_summary(speed_rows),
+    ]
+    for r in speed_rows:
+        lines += [
+            "",
+            f"### {r['model']} (fastest fp32 original: {r['baseline_b1']} at b1, {r['baseline_b64']} at b64)",
+            "",
+            "| variant | MACs ratio | form | ms b1 | ms b64 | vs fastest fp32 original b1 | b64 | "
+            "vs original, same form b1 | b64 | page faults / call |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v in r["variants"]:
+            for form, stats in v["forms"].items():
+                same = [stats[b]["vs_original_same_form"] for b in ("1", "64")]
+                faults = max(stats[b]["page_faults_per_call"] for b in ("1", "64"))
+                lines.append(
+                    f"| {v['variant']} | {v.get('macs_ratio', 1.0):.2f} | {form} | {_ms(stats['1'])} | "
+                    f"{_ms(stats['64'])} | {stats['1']['vs_fastest_fp32_original']:.2f}x | "
+                    f"{stats['64']['vs_fastest_fp32_original']:.2f}x | "
+                    + " | ".join(f"{x:.2f}x" if x else "-" for x in same)
+                    + f" | {faults:.0f} |"
+                )
+        for label, error in r.get("failed", {}).items():
+            lines.append(f"| {label} | | not built: {error} | | | | | | | |")
+    return lines
+
+
+def markdown(speed_rows, acc, sparse_rows=()) -> str:
+    lines = speed_markdown(speed_rows) if speed_rows else []
     if acc:
         lines += [
             "",
@@ -262,6 +414,9 @@ def markdown(speed_rows, acc, sparse_rows=()) -> str:
         lines += [
             "",
             "## Unstructured sparsity: packed file size and (unchanged) dense latency, 2 threads",
+            "",
+            "Latency here is timed in this one process (slimkit.measure.benchmark_latency, interleaved), not with the "
+            "deployment harness above: the point is only that dense kernels do not get faster on zeros.",
             "",
             "| model | sparsity | weight zeros | dense file | packed file | size ratio | latency b1 / dense | "
             "latency b64 / dense |",
@@ -287,11 +442,23 @@ def main() -> None:
         action="append",
         help="run only this part (repeatable); the other part's stored results are kept",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=SPEED_MODELS,
+        default=SPEED_MODELS,
+        help="speed part: time only these models; the others' stored rows are kept",
+    )
+    parser.add_argument("--processes", type=int, default=3, help="speed part: fresh processes per model")
     args = parser.parse_args()
     parts = set(args.only or ("speed", "lenet5", "sparse"))
     torch.set_num_threads(2)
     stored = json.loads((OUT / "prune.json").read_text()) if (OUT / "prune.json").exists() else {}
-    speed_rows = speed() if "speed" in parts else stored.get("speed", [])
+    speed_rows = stored.get("speed", [])
+    if "speed" in parts:
+        fresh = {r["model"]: r for r in speed(tuple(args.models), processes=args.processes)}
+        kept = [r for r in speed_rows if "variants" in r and r["model"] not in fresh]
+        speed_rows = sorted([*kept, *fresh.values()], key=lambda r: SPEED_MODELS.index(r["model"]))
     acc = accuracy() if "lenet5" in parts else stored.get("accuracy")
     sparse_rows = sparse() if "sparse" in parts else stored.get("sparse", [])
     OUT.mkdir(parents=True, exist_ok=True)
