@@ -7,6 +7,8 @@ An algorithm registers, per module type it creates, a handler of a *kind*:
   (``None``: keep the module and look at its children).
 - ``INTEGER_LAYER``: ``module -> IntegerLayer``: the integer view of a quantized layer (codes, scales, activation
   quantizers) that integer back ends (QDQ, ``MatMulInteger``) write.
+- ``INTEGER_TABLE``: ``module -> IntegerLayer``: the integer view of a quantized lookup table (an embedding: int8
+  codes and a scale per row) that export writes as ``Gather`` on the integer table.
 - ``FUSED_RNN``: ``module -> FusedRNN | None``: a recurrent module that exports as one fused integer op.
 - ``PACK``: ``model -> (tensors, meta)``: how a model holding such modules is stored (packed integer codes);
   ``meta`` is JSON for the artifact.
@@ -39,6 +41,7 @@ __all__ = [
     "FLOAT_TWIN",
     "FUSED_RNN",
     "INTEGER_LAYER",
+    "INTEGER_TABLE",
     "PACK",
     "ActivationQuant",
     "FusedRNN",
@@ -52,9 +55,10 @@ __all__ = [
 
 FLOAT_TWIN = "float_twin"
 INTEGER_LAYER = "integer_layer"
+INTEGER_TABLE = "integer_table"
 FUSED_RNN = "fused_rnn"
 PACK = "pack"
-KINDS = (FLOAT_TWIN, INTEGER_LAYER, FUSED_RNN, PACK)
+KINDS = (FLOAT_TWIN, INTEGER_LAYER, INTEGER_TABLE, FUSED_RNN, PACK)
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
