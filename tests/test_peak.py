@@ -94,6 +94,7 @@ def test_a_wrong_result_is_caught():
 def test_machine_peak_measures_with_kernels(fresh_measurement):
     measured = slimkit.measure.machine_peak(2)
     assert measured is peak.machine_peak(2)  # memoized
+    assert peak.machine_peak(2, refresh=True) is not measured
     assert measured.fp32_macs_per_s > 0 and measured.int8_macs_per_s > 0 and measured.threads == 2
     assert measured.isa_fp32 == peak.pick_kernel("fp32", FLAGS).isa
     assert measured.isa_int8 == peak.pick_kernel("int8", FLAGS).isa

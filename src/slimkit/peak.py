@@ -455,9 +455,9 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def machine_peak(threads: int | None = None) -> Peak:
+def machine_peak(threads: int | None = None, *, refresh: bool = False) -> Peak:
     """The machine's measured fp32 FMA and int8 multiply-accumulate peak over ``threads`` threads (default: every
-    core of the process's affinity), memoized for the process.
+    core of the process's affinity), memoized for the process (``refresh=True`` measures again).
 
     Example:
         >>> peak = machine_peak()
@@ -468,6 +468,8 @@ def machine_peak(threads: int | None = None) -> Peak:
         threads = default_threads()
     if not isinstance(threads, int) or threads < 1:
         raise UsageError(f"machine_peak: threads must be a positive integer, got {threads!r}")
+    if refresh:
+        _measure.cache_clear()
     return _measure(threads)
 
 
