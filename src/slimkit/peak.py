@@ -19,9 +19,11 @@ The measurement takes well under a second and is memoized per thread count for t
 Example:
     >>> peak = machine_peak()                                           # doctest: +SKIP
     >>> print(peak.describe())                                          # doctest: +SKIP
-    fp32 236 GMAC/s (AVX-512 FMA zmm), int8 944 GMAC/s (AVX-512 VNNI zmm), 2 threads, ~3.7 GHz ...
-    >>> round(percent_of_peak(8.05e9, 0.0133, "int8", peak), 1)        # doctest: +SKIP
-    64.1
+    fp32 283 GMAC/s (AVX-512 FMA zmm), int8 1134 GMAC/s (AVX-512 VNNI zmm), 2 threads, ~4.32 GHz ...
+    >>> round(percent_of_peak(8.05e9, 0.0134, "int8", peak), 1)        # doctest: +SKIP
+    53.0
+
+(ResNet-56 at batch 64 on oneDNN int8: 8.05 GMAC in 13.4 ms.)
 """
 
 from __future__ import annotations
