@@ -22,7 +22,17 @@ from torch import nn
 
 from slimkit.errors import InputTypeError, UsageError, renamed_keyword
 from slimkit.history import record_step
-from slimkit.quantization.config import LayerSpec, Method, PTQSettings, QATSettings, QuantConfig, Scheme, plan_layers
+from slimkit.quantization.config import (
+    LayerSpec,
+    Method,
+    PTQSettings,
+    QATSettings,
+    QuantConfig,
+    Scheme,
+    WeightOnlyAlgorithm,
+    WeightOnlySettings,
+    plan_layers,
+)
 from slimkit.quantization.dynamic import decompose
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
@@ -51,6 +61,8 @@ __all__ = [
     "QuantConfig",
     "QuantResult",
     "Scheme",
+    "WeightOnlyAlgorithm",
+    "WeightOnlySettings",
     "pack_state_dict",
     "quantize",
     "replay",
@@ -85,9 +97,10 @@ def quantize(
     """Quantize a copy of ``model``; the caller's model is untouched.
 
     Args:
-        config: what to quantize (see ``QuantConfig``).
+        config: what to quantize (see ``QuantConfig``); with ``algorithm="rtn" | "gptq" | "awq"`` weight-only
+            block quantization of the Linear layers (``weight_only.py``).
         train_data: calibration data for ``ptq`` (Dataset, DataLoader or input tensor), training data for ``qat``;
-            optional for ``dynamic``.
+            optional for ``dynamic`` and ``algorithm="rtn"``.
         val_data: QAT validation data (the best epoch is kept).
         loss_fn: QAT loss hook ``(outputs, targets, inputs) -> loss`` (distillation passes a KD loss).
     """
@@ -95,6 +108,10 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     _check_finite(model)
+    if cfg.algorithm is not None:
+        from slimkit.quantization.weight_only import quantize_weight_only
+
+        return QuantResult(*quantize_weight_only(model, cfg, train_data, version=RECORD_VERSION))
     new = copy.deepcopy(model).eval()
     # LSTM / GRU / attention as Linear layers (those the user keeps in float stay whole)
     decomposed = decompose(new, skip=cfg.ignore) if cfg.method is Method.DYNAMIC else []
@@ -198,6 +215,10 @@ def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     version = record.get("version")
     if version != RECORD_VERSION:
         raise UsageError(f"quantization record version {version!r} is not supported (expected {RECORD_VERSION})")
+    if record.get("method") == "weight_only":
+        from slimkit.quantization.weight_only import replay_weight_only
+
+        return replay_weight_only(model, record)
     fold_structure(model, [tuple(p) for p in record["folded"]])
     if record.get("decomposed"):
         names = decompose(model, only=record["decomposed"])

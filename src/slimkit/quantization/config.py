@@ -22,6 +22,8 @@ __all__ = [
     "QATSettings",
     "QuantConfig",
     "Scheme",
+    "WeightOnlyAlgorithm",
+    "WeightOnlySettings",
     "plan_layers",
     "quantizable",
     "unsupported",
@@ -39,6 +41,20 @@ class Scheme(str, enum.Enum):
     AFFINE = "affine"
     TERNARY = "ternary"
     BINARY = "binary"
+
+
+class WeightOnlyAlgorithm(str, enum.Enum):
+    """Weight-only block quantization of Linear layers (``weight_only.py``), exported as ``MatMulNBits``."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+    AWQ = "awq"
+
+
+#: weight bits the weight-only algorithms produce (ONNX Runtime's MatMulNBits runs 4 and 8)
+WEIGHT_ONLY_BITS = (4, 8)
+#: the group size weight-only algorithms use when ``group_size`` is 0
+WEIGHT_ONLY_GROUP = 128
 
 
 OVERRIDE_KEYS = {"weight_bits", "act_bits", "scheme", "granularity", "group_size"}
@@ -109,6 +125,33 @@ class QATSettings(Config):
                 raise UsageError(f"{name}={value} must be >= 0 (an epoch index)")
 
 
+@dataclass
+class WeightOnlySettings(Config):
+    """What only the weight-only algorithms (``algorithm="rtn" | "gptq" | "awq"``) read.
+
+    Args:
+        damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to its diagonal.
+        act_order: GPTQ quantizes columns in order of decreasing Hessian diagonal (groups stay contiguous along the
+            input dim, with scales fixed from the float weight, so ``MatMulNBits`` runs the result unchanged).
+        block_size: GPTQ's lazy-update block (columns).
+        awq_grid: AWQ tries ``alpha`` in ``0, 1/grid, .., (grid-1)/grid`` for the scales ``mean|x| ** alpha``.
+        max_rows: AWQ keeps at most this many calibration input rows per layer (evenly strided).
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    awq_grid: int = 20
+    max_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("damp", self.damp, 0.0, 1.0, low_open=True)
+        for name in ("block_size", "awq_grid", "max_rows"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} must be >= 1")
+
+
 #: the flat spellings ``QuantConfig`` takes for its sections' fields (``QuantConfig(adaround=True, epochs=3)``)
 PTQ_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PTQSettings))
 QAT_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(QATSettings))
@@ -138,6 +181,13 @@ class QuantConfig(Config):
             ``adaround_lr``.
         qat: ``QATSettings`` (or a mapping of its fields): ``epochs``, ``lr``, ``max_batches``, ``lsq``,
             ``freeze_bn_epoch``, ``freeze_observer_epoch``.
+        algorithm: ``rtn``, ``gptq`` or ``awq``: weight-only block quantization of Linear layers (asymmetric
+            codes with a scale and zero point per ``group_size`` input elements, 128 when 0; needs
+            ``act_bits=None`` and ``weight_bits`` 4 or 8; the first / last layer get 8 bits unless
+            ``keep_first_last_8bit=False``); ``export_onnx`` writes ONNX Runtime's ``MatMulNBits``. None: the
+            ``method`` above.
+        weight_only: ``WeightOnlySettings`` (or a mapping of its fields): ``damp``, ``act_order``, ``block_size``
+            (GPTQ), ``awq_grid``, ``max_rows`` (AWQ).
         bias_correction, ..., freeze_observer_epoch: flat spellings of the section fields (keyword only, as in
             recipes); they are applied on top of ``ptq`` / ``qat``. ``config.epochs`` reads and writes
             ``config.qat.epochs``.
@@ -171,6 +221,8 @@ class QuantConfig(Config):
     seed: int = 0
     ptq: PTQSettings = field(default_factory=PTQSettings)
     qat: QATSettings = field(default_factory=QATSettings)
+    algorithm: WeightOnlyAlgorithm | None = None
+    weight_only: WeightOnlySettings = field(default_factory=WeightOnlySettings)
 
     # the flat spellings of the section fields (not dataclass fields: no annotation)
     bias_correction = FlatField[bool]("ptq")
@@ -202,6 +254,8 @@ class QuantConfig(Config):
         seed: int = 0,
         ptq: PTQSettings | dict[str, Any] | None = None,
         qat: QATSettings | dict[str, Any] | None = None,
+        algorithm: WeightOnlyAlgorithm | str | None = None,
+        weight_only: WeightOnlySettings | dict[str, Any] | None = None,
         *,
         bias_correction: bool | _Unset = UNSET,
         adaround: bool | _Unset = UNSET,
@@ -248,10 +302,14 @@ class QuantConfig(Config):
         self.qat = nested_config(
             QATSettings, "QuantConfig", "qat", qat, {k: v for k, v in flat_qat.items() if v is not UNSET}
         )
+        self.algorithm = typing.cast("WeightOnlyAlgorithm | None", algorithm)
+        self.weight_only = nested_config(WeightOnlySettings, "QuantConfig", "weight_only", weight_only, {})
         self.__post_init__()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.algorithm is not None:
+            self._check_weight_only()
         if self.weight_bits == 1 and self.scheme is Scheme.SYMMETRIC:
             self.scheme = Scheme.BINARY  # 1 bit means binary (scaled sign)
         _check_bits(self.weight_bits, self.act_bits, self.scheme, "QuantConfig")
@@ -289,6 +347,49 @@ class QuantConfig(Config):
                     f"overrides[{key!r}]: unknown keys {sorted(map(str, unknown))}; allowed {sorted(OVERRIDE_KEYS)}"
                 )
             self.overrides[key] = _override_spec(key, spec)
+
+    def _check_weight_only(self) -> None:
+        """Weight-only block quantization: asymmetric per-group codes, no activation quantization (``MatMulNBits``
+        dequantizes ``(code - zero_point) * scale`` per block of ``group_size`` input elements)."""
+        algorithm = typing.cast(WeightOnlyAlgorithm, self.algorithm).value
+        if self.act_bits is not None:
+            raise UsageError(
+                f"algorithm={algorithm!r} is weight-only (MatMulNBits keeps activations in float): it needs "
+                f"act_bits=None, got act_bits={self.act_bits}; use method='ptq' without algorithm for int8 activations"
+            )
+        if self.weight_bits not in WEIGHT_ONLY_BITS:
+            raise UsageError(
+                f"algorithm={algorithm!r} needs weight_bits 4 or 8 (what MatMulNBits runs), got {self.weight_bits}"
+            )
+        if self.method is not Method.PTQ:
+            raise UsageError(
+                f"algorithm={algorithm!r} is post-training weight-only quantization: it needs method='ptq' "
+                f"(the default), got method={Method(self.method).value!r}"
+            )
+        if Scheme(self.scheme) not in (Scheme.SYMMETRIC, Scheme.AFFINE):
+            raise UsageError(
+                f"algorithm={algorithm!r} writes asymmetric codes with zero points: scheme must be 'affine' "
+                f"(or the default 'symmetric', which it replaces), got {Scheme(self.scheme).value!r}"
+            )
+        if self.group_size == 0:
+            self.group_size = WEIGHT_ONLY_GROUP
+        check_group_size(self.group_size, f"algorithm={algorithm!r}")
+        self.scheme, self.granularity = Scheme.AFFINE, Granularity.PER_GROUP
+
+
+def check_group_size(group_size: int, where: str) -> None:
+    """``MatMulNBits`` blocks are a power of two >= 16 input elements; a layer whose input size is not a multiple
+    is padded with zeros (its last block is partly empty), so any input size works."""
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size < 16
+        or group_size & (group_size - 1)
+    ):
+        raise UsageError(
+            f"{where}: group_size={group_size!r} must be a power of two >= 16 (MatMulNBits' block size: 16, 32, "
+            "64, 128, ...); input sizes that are not a multiple of it are padded"
+        )
 
 
 def _override_spec(key: str, spec: dict[str, Any]) -> dict[str, Any]:
