@@ -169,7 +169,8 @@ def quantize(
     by_name = dict(quant_layers(new))
     for spec in specs:
         entry = spec.to_dict()
-        entry.update(layer_summary(by_name[spec.name]))
+        layer: Any = by_name[spec.name] if spec.name in by_name else new.get_submodule(spec.name)  # an embedding
+        entry.update(layer_summary(layer))
         layers.append(entry)
     record = {
         "version": RECORD_VERSION,

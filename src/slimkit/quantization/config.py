@@ -487,6 +487,50 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
     return layers, skipped
 
 
+def _plan_embeddings(model: nn.Module, cfg: QuantConfig, skipped: dict[str, str]) -> list[LayerSpec]:
+    """Specs for the ``nn.Embedding`` tables (``quantizable`` lists them as skipped; those planned leave that list):
+    weight-only, symmetric, one scale per row; 8 bits unless ``keep_first_last_8bit=False`` (an embedding is the
+    model's first layer) or an override says otherwise. QAT and the weight-only algorithms keep them float."""
+    specs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or name not in skipped:
+            continue
+        if any(matches(name, p) for p in cfg.ignore):
+            skipped[name] = "ignored by config"
+            continue
+        if cfg.method is Method.QAT:
+            skipped[name] = "Embedding: quantized after training (method='dynamic' or 'ptq'), not by QAT; kept in float"
+            continue
+        if getattr(cfg, "algorithm", None) is not None:
+            skipped[name] = "Embedding: the weight-only algorithms cover Linear layers; kept in float"
+            continue
+        if module.max_norm is not None:
+            skipped[name] = "Embedding with max_norm renormalises its weight on lookup; kept in float"
+            continue
+        bits = 8
+        if not cfg.keep_first_last_8bit and cfg.scheme is Scheme.SYMMETRIC and cfg.weight_bits >= 2:
+            bits = cfg.weight_bits
+        spec: dict[str, Any] = {"weight_bits": bits, "granularity": Granularity.PER_CHANNEL.value}
+        for pattern, override in cfg.overrides.items():
+            if matches(name, pattern):
+                spec.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in override.items()})
+        if (
+            spec.get("act_bits") is not None
+            or spec.get("scheme", "symmetric") != "symmetric"
+            or spec["granularity"] not in (Granularity.PER_CHANNEL.value, Granularity.PER_TENSOR.value)
+            or spec["weight_bits"] < 2
+        ):
+            raise UsageError(
+                f"quantize: Embedding {name!r} is quantized weight-only, symmetric, per row (per_channel) or "
+                f"per_tensor with 2-8 bits; the override gives {spec}"
+            )
+        specs.append(
+            LayerSpec(name, "Embedding", spec["weight_bits"], "symmetric", spec["granularity"], 0, None, False)
+        )
+        del skipped[name]
+    return specs
+
+
 def plan_layers(
     model: nn.Module, cfg: QuantConfig, decomposed: list[str] | tuple[str, ...] = ()
 ) -> tuple[list[LayerSpec], dict[str, str]]:
@@ -498,8 +542,9 @@ def plan_layers(
         return matches(name, pattern)
 
     layers, skipped = quantizable(model)
+    tables = _plan_embeddings(model, cfg, skipped)
     for pattern in [*cfg.ignore, *cfg.overrides]:
-        if not any(hits(n, pattern) for n in [*(n for n, _ in layers), *skipped]):
+        if not any(hits(n, pattern) for n in [*(n for n, _ in layers), *skipped, *(t.name for t in tables)]):
             names = ", ".join(n for n, _ in layers[:8])
             raise UsageError(f"quantize: {pattern!r} matches no Linear/Conv2d layer; layers are: {names}")
     dynamic = cfg.method is Method.DYNAMIC
@@ -549,6 +594,7 @@ def plan_layers(
                 dynamic,
             )
         )
+    specs = tables + specs
     planned = {spec.name for spec in specs}
     for pattern in cfg.overrides:  # a layer the user configured must be quantized, or the reason is an error
         hit = [n for n in skipped if hits(n, pattern) and skipped[n] != "ignored by config"]

@@ -19,11 +19,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.errors import InputTypeError, UsageError
-from slimkit.export.registry import FLOAT_TWIN, INTEGER_LAYER, ActivationQuant, IntegerLayer, register
+from slimkit.export.registry import FLOAT_TWIN, INTEGER_LAYER, INTEGER_TABLE, ActivationQuant, IntegerLayer, register
 from slimkit.quantization.lowbit import binary_codes, binary_params, ternary_codes, ternary_params
 from slimkit.quantization.math import Granularity, Observer, group_view, qparams, qrange, ungroup
 
-__all__ = ["ActQuantizer", "QuantConv2d", "QuantLinear", "WeightQuantizer", "float_layer", "integer_layer", "round_ste"]
+__all__ = [
+    "ActQuantizer",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "QuantLinear",
+    "WeightQuantizer",
+    "float_embedding",
+    "float_layer",
+    "integer_layer",
+    "integer_table",
+    "round_ste",
+]
 
 WEIGHT_SCHEMES = ("symmetric", "affine", "ternary", "binary")
 
@@ -269,6 +280,54 @@ class QuantConv2d(nn.Conv2d, _QuantMixin):
         return self._quant_output(self._conv_forward(x, weight, bias))
 
 
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with a weight quantized per row (one scale per token): ``forward`` gathers the rows of the
+    looked-up ids and quantizes only those, with their own row scales, which equals quantizing the whole table and
+    then gathering. Weight-only: there is no activation quantizer (the input is integer ids)."""
+
+    weight_quant: WeightQuantizer
+    input_quant: ActQuantizer | None = None
+    output_quant: ActQuantizer | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        wq = self.weight_quant
+        if self.training and not wq.frozen:
+            wq.refresh(self.weight)
+        rows = F.embedding(ids, self.weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        scale: torch.Tensor = wq.scale.detach()
+        zero_point: torch.Tensor = wq.zero_point
+        if scale.numel() > 1:  # per row: each looked-up row with its own scale
+            scale, zero_point = F.embedding(ids, scale.reshape(-1, 1)), F.embedding(ids, zero_point.reshape(-1, 1))
+        else:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        qmin, qmax = wq.int_range()
+        q = torch.clamp(round_ste(rows / scale) + zero_point, qmin, qmax)
+        return (q - zero_point) * scale
+
+
+def _quant_embedding(layer: nn.Embedding, bits: int, scheme: str, granularity: str) -> QuantEmbedding:
+    if layer.max_norm is not None:
+        raise UsageError("cannot quantize an Embedding with max_norm (it renormalises its weight in place on lookup)")
+    if scheme != "symmetric" or granularity not in ("per_channel", "per_tensor"):
+        raise UsageError(
+            f"an Embedding is quantized symmetric per row (per_channel) or per_tensor, got {scheme!r} {granularity!r}"
+        )
+    new = QuantEmbedding(
+        layer.num_embeddings,
+        layer.embedding_dim,
+        layer.padding_idx,
+        scale_grad_by_freq=layer.scale_grad_by_freq,
+        sparse=layer.sparse,
+        device=layer.weight.device,
+        dtype=layer.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(layer.weight)
+    new.weight_quant = WeightQuantizer(tuple(new.weight.shape), bits, scheme, granularity)
+    new.weight_quant.refresh(new.weight)
+    return new.train(layer.training)
+
+
 def make_quant_layer(
     layer: nn.Module,
     bits: int,
@@ -279,7 +338,9 @@ def make_quant_layer(
     input_quant: ActQuantizer | None,
     bias: bool | None = None,
 ) -> nn.Module:
-    """A ``QuantLinear`` / ``QuantConv2d`` copying ``layer``'s hyper-parameters and weights."""
+    """A ``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding`` copying ``layer``'s hyper-parameters and weights."""
+    if isinstance(layer, nn.Embedding):  # weight-only, per row
+        return _quant_embedding(layer, bits, scheme, granularity)
     has_bias = (layer.bias is not None) if bias is None else bias
     new: QuantLinear | QuantConv2d
     if isinstance(layer, nn.Linear):
@@ -299,7 +360,7 @@ def make_quant_layer(
         )
         # (the ignores: torch types Conv2d's attributes tuple[int, ...] but its arguments tuple[int, int])
     else:
-        raise InputTypeError(f"cannot quantize {type(layer).__name__}: only Linear and Conv2d are supported")
+        raise InputTypeError(f"cannot quantize {type(layer).__name__}: only Linear, Conv2d and Embedding are supported")
     new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)  # a float64 model stays float64
     with torch.no_grad():
         new.weight.copy_(layer.weight)
@@ -322,7 +383,7 @@ def _activation(quantizer: ActQuantizer | None) -> ActivationQuant | None:
 
 
 @torch.no_grad()
-def _simulated_weight(layer: QuantLinear | QuantConv2d) -> torch.Tensor:
+def _simulated_weight(layer: QuantLinear | QuantConv2d | QuantEmbedding) -> torch.Tensor:
     """``W_hat`` from the frozen grid, leaving the quantizer's train / eval mode as it was."""
     wq = layer.weight_quant
     was_training = wq.training
@@ -396,3 +457,37 @@ def _conv2d_geometry(
     pair = typing.cast(tuple[int, int], layer.kernel_size)
     padding = layer.padding if isinstance(layer.padding, str) else typing.cast(tuple[int, int], layer.padding)
     return pair, typing.cast(tuple[int, int], layer.stride), padding, typing.cast(tuple[int, int], layer.dilation)
+
+
+@register(INTEGER_TABLE, QuantEmbedding)
+@torch.no_grad()
+def integer_table(layer: QuantEmbedding) -> IntegerLayer:
+    """The integer view of a quantized embedding: codes per row and row scales (registered handler)."""
+    wq = layer.weight_quant
+    return IntegerLayer(
+        wq.bits,
+        wq.scheme,
+        wq.granularity,
+        wq.symmetric,
+        wq.codes(layer.weight).reshape(layer.weight.shape),
+        wq.scale.detach().reshape(-1),
+        wq.zero_point.detach().reshape(-1),
+        _simulated_weight(layer),
+    )
+
+
+@register(FLOAT_TWIN, QuantEmbedding)
+@torch.no_grad()
+def float_embedding(layer: QuantEmbedding) -> nn.Embedding:
+    """A plain ``nn.Embedding`` holding the dequantized table (registered float-twin handler)."""
+    plain = nn.Embedding(
+        layer.num_embeddings,
+        layer.embedding_dim,
+        layer.padding_idx,
+        scale_grad_by_freq=layer.scale_grad_by_freq,
+        sparse=layer.sparse,
+        device=layer.weight.device,
+        dtype=layer.weight.dtype,
+    )
+    plain.weight.copy_(_simulated_weight(layer))
+    return plain.train(layer.training)

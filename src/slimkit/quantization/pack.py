@@ -23,7 +23,7 @@ from torch import nn
 
 from slimkit.errors import UsageError
 from slimkit.export.registry import PACK, register
-from slimkit.quantization.fake import QuantConv2d, QuantLinear
+from slimkit.quantization.fake import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quantization.math import ungroup
 
 __all__ = ["code_layout", "pack_bits", "pack_state_dict", "storage_bits", "unpack_bits", "unpack_state_dict"]
@@ -59,7 +59,7 @@ def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     return values.flatten()[:count]
 
 
-def code_layout(layer: QuantLinear | QuantConv2d, codes: torch.Tensor | None = None) -> dict[str, Any]:
+def code_layout(layer: QuantLinear | QuantConv2d | QuantEmbedding, codes: torch.Tensor | None = None) -> dict[str, Any]:
     """How ``pack_state_dict`` stores a fake-quant layer's weight: its ``meta["layers"]`` entry.
 
     Example:
@@ -83,14 +83,14 @@ def code_layout(layer: QuantLinear | QuantConv2d, codes: torch.Tensor | None = N
     }
 
 
-@register(PACK, QuantLinear, QuantConv2d)
+@register(PACK, QuantLinear, QuantConv2d, QuantEmbedding)
 def pack_state_dict(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Replace each fake-quant weight by packed integer codes; returns ``(tensors, meta)``. Registered as the
     packing of models holding fake-quant layers (``slimkit.measure.size_on_disk``, ``slimkit.save``)."""
     state = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
     meta: dict[str, Any] = {"version": PACK_VERSION, "layers": {}, "zeros": {}}
     for name, layer in qmodel.named_modules():
-        if not isinstance(layer, QuantLinear | QuantConv2d):
+        if not isinstance(layer, QuantLinear | QuantConv2d | QuantEmbedding):
             continue
         codes = layer.weight_quant.codes(layer.weight)
         layout = code_layout(layer, codes)
