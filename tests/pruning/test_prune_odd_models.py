@@ -105,7 +105,7 @@ class ChannelScale(nn.Module):
 
 
 def _prune(model, x, amount):
-    return slimkit.prune(model, PruneConfig(amount=amount, target="channels"), x)
+    return slimkit.prune(model, PruneConfig(amount=amount, target="channels", round_to=1), x)
 
 
 def _group(result, group_id):

@@ -32,11 +32,19 @@ def prune(
     shape: ShapeOpt = None,
     model_args: ArgsOpt = None,
     amount: Annotated[float, typer.Option(help="Fraction of the target to remove (0.5 = 2x fewer MACs).")] = 0.5,
-    target: Annotated[str, typer.Option(help="channels, macs or params.")] = "macs",
+    target: Annotated[
+        str, typer.Option(help="channels, macs, params or latency (measured on --runtime at batch 64).")
+    ] = "macs",
     importance: Annotated[str, typer.Option(help="l1, l2, fpgm, bn_scale, taylor or random.")] = "l2",
     allocation: Annotated[str, typer.Option(help="uniform, global or proportional.")] = "uniform",
     ignore: Annotated[list[str] | None, typer.Option(help="Module name or re:pattern to keep (repeatable).")] = None,
-    round_to: Annotated[int, typer.Option(help="Kept channel counts are multiples of this.")] = 1,
+    round_to: Annotated[
+        int | None,
+        typer.Option(help="Kept channel counts are multiples of this (default: 16 for groups of 16+ channels)."),
+    ] = None,
+    runtime: Annotated[str, typer.Option(help="Where --target latency measures: onnxruntime or eager.")] = (
+        "onnxruntime"
+    ),
     max_sparsity: Annotated[float, typer.Option(help="Cap on the fraction removed from any one group.")] = 0.9,
 ) -> None:
     """Prune channels of a model to a MACs/params/channels target; writes weights and the replayable record."""
@@ -55,6 +63,7 @@ def prune(
             ignore=tuple(ignore or ()),
             round_to=round_to,
             max_sparsity=max_sparsity,
+            runtime=runtime,
         )
     )
     result = run_prune(build_model(model, weights, model_args), cfg, example(model, shape, model_args))
@@ -63,9 +72,11 @@ def prune(
         save_weights(result.model, tmp / "model.safetensors")
         (tmp / "record.json").write_text(json.dumps(result.record, indent=1))
     before, after = result.record["before"], result.record["after"]
+    speed = result.record.get("latency")
+    faster = f", {speed['speedup']:.2f}x faster on {runtime}" if speed else ""
     console.print(
         f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,.0f} -> "
-        f"{after['macs']:,.0f} ({result.record['reduction']['macs']:.1%} fewer); "
+        f"{after['macs']:,.0f} ({result.record['reduction']['macs']:.1%} fewer){faster}; "
         f"{len(result.record['kept_intact'])} group(s) kept intact -> {out}"
     )
 

@@ -9,6 +9,7 @@ order (see ``_top_up``), so the result lands on the asked reduction.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ def measure(model: nn.Module, example_input) -> dict[str, float]:
 
 @dataclass
 class _Entry:
+    name: str  # the module ("" for a q @ k^T / attn @ v matmul)
     kind: str  # dense | through | heads
     macs: float
     scaled: float  # params scaling with out*in (dense), with in (through), with heads (heads)
@@ -68,6 +70,7 @@ class CostModel:
             if name in graph.heads_space:
                 scaled = params.get("in_proj_weight", 0) + params.get("in_proj_bias", 0) + params["out_proj.weight"]
                 entry = _Entry(
+                    name,
                     "heads",
                     macs.get(name, 0.0),
                     scaled,
@@ -80,6 +83,7 @@ class CostModel:
             elif name in graph.out_space:
                 bias = params.get("bias", 0)
                 entry = _Entry(
+                    name,
                     "dense",
                     macs.get(name, 0.0),
                     sum(params.values()) - bias,
@@ -91,6 +95,7 @@ class CostModel:
                 )
             else:
                 entry = _Entry(
+                    name,
                     "through",
                     macs.get(name, 0.0) if isinstance(module, CONVS + TRANSPOSED) else 0.0,
                     sum(params.values()),
@@ -102,19 +107,23 @@ class CostModel:
                 )
             self.entries.append(entry)
         for space, op_macs in graph.head_ops:  # q @ k^T and attn @ v scale with the kept heads
-            self.entries.append(_Entry("heads", op_macs, 0, 0, 0, group_index(space), [], 1))
+            self.entries.append(_Entry("", "heads", op_macs, 0, 0, 0, group_index(space), [], 1))
+
+    def kept(self, entry: _Entry, keep: list[int]) -> tuple[int, int]:
+        """``(input channels, output channels or heads' channels)`` ``entry`` keeps when group ``i`` keeps
+        ``keep[i]`` channels (the full width where no group is cut)."""
+        out = keep[entry.out_group] if entry.out_group is not None else None
+        kept_in = sum(c * b if g is None else keep[g] * b for g, c, b in entry.in_parts)
+        return kept_in, -1 if out is None else out
 
     def cost(self, keep: list[int]) -> tuple[float, float]:
         """``(macs, params)`` when group ``i`` keeps ``keep[i]`` channels."""
         macs: float = self.total_macs
         params: float = self.total_params
         for e in self.entries:
-            f_out = keep[e.out_group] / self.sizes[e.out_group] if e.out_group is not None else 1.0
-            if e.in_parts:
-                kept_in = sum(c * b if g is None else keep[g] * b for g, c, b in e.in_parts)
-                f_in = kept_in / e.in_total
-            else:
-                f_in = 1.0
+            kept_in, kept_out = self.kept(e, keep)
+            f_out = kept_out / self.sizes[e.out_group] if e.out_group is not None else 1.0
+            f_in = kept_in / e.in_total if e.in_parts else 1.0
             if e.kind == "dense":
                 macs -= e.macs * (1 - f_out * f_in)
                 params -= e.scaled * (1 - f_out * f_in) + e.out_only * (1 - f_out)
@@ -152,16 +161,23 @@ def allocate(
     target: str,
     amount: float,
     sensitivity: list | None = None,
+    latency: Callable[[list[int]], float] | None = None,
 ) -> list[int]:
-    """Units kept per group so that ``target`` (channels/macs/params) is reduced by ``amount``."""
+    """Units kept per group so that ``target`` (channels/macs/params/latency) is reduced by ``amount``;
+    ``latency(keep channels per group)`` predicts the latency (``target="latency"``)."""
     units = [g.units for g in graph.groups]
     unit = [g.unit for g in graph.groups]
     normalized = [s / (s.abs().mean() + 1e-12) for s in scores]
+    full_latency = latency([g.size for g in graph.groups]) if latency is not None else 1.0
 
     def reduction(keep_units: list[int]) -> float:
         if target == "channels":
             total = sum(g.size for g in graph.groups) or 1
             return 1 - sum(k * u for k, u in zip(keep_units, unit)) / total
+        if target == "latency":
+            if latency is None:
+                raise UsageError("target='latency' needs a latency model (slimkit.pruning.latency)")
+            return 1 - latency([k * u for k, u in zip(keep_units, unit)]) / full_latency
         macs, params = cost.cost([k * u for k, u in zip(keep_units, unit)])
         return 1 - (macs / cost.total_macs if target == "macs" else params / cost.total_params)
 

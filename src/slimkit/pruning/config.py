@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,13 +13,16 @@ from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.importance import CRITERIA
 from slimkit.train import TrainConfig
 
-__all__ = ["Allocation", "Importance", "PruneConfig", "Target"]
+__all__ = ["BLOCK", "Allocation", "Importance", "PruneConfig", "Target"]
+
+BLOCK = 16  # channels per NCHWc block of ONNX Runtime / oneDNN convolutions on AVX-512 (two AVX2 blocks)
 
 
 class Target(str, enum.Enum):
     CHANNELS = "channels"
     MACS = "macs"
     PARAMS = "params"
+    LATENCY = "latency"
 
 
 class Importance(str, enum.Enum):
@@ -43,7 +47,10 @@ class PruneConfig(Config):
 
     Args:
         amount: fraction in [0, 1) of ``target`` to remove (0.5 MACs = a 2x MAC reduction).
-        target: ``channels`` (fraction of prunable channels), ``macs`` or ``params`` (of the whole model).
+        target: ``channels`` (fraction of prunable channels), ``macs`` or ``params`` (of the whole model), or
+            ``latency``: measured latency on ``runtime`` at ``latency_batch`` (0.5 = 2x faster; see
+            ``slimkit.pruning.latency``: a per-layer latency table cached per machine, then the whole model is
+            timed and the cut corrected until it lands within the tolerance).
         importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random``, the name of a criterion
             registered with ``@slimkit.pruning.register_importance("name")``, or a callable ``(group) -> scores``
             (a registered callable saves as its name; an unregistered one cannot be saved to a recipe).
@@ -54,7 +61,12 @@ class PruneConfig(Config):
             including the ``[0, baseline]`` point).
         ignore: module names or ``re:`` patterns whose output channels are never pruned.
         overrides: ``{name or re:pattern: ratio}`` fixing the ratio of the groups those modules produce.
-        round_to: kept channel counts are multiples of this (SIMD-friendly).
+        round_to: kept channel counts are multiples of this. Default (None): 16 for channel groups of 16 or
+            more - the block of ONNX Runtime's and oneDNN's NCHWc convolutions on AVX-512 (two blocks on AVX2), so
+            pruned layers stay on the fast kernels; smaller groups run on the plain kernels at any width and keep
+            a step of 1; attention heads are cut one head at a time. ``round_to=1`` lets every count through.
+        runtime, latency_batch, latency_threads: where ``target="latency"`` measures (``onnxruntime`` fp32 or
+            ``eager`` PyTorch fp32, BatchNorm folded, channels-last), at which batch size and thread count.
         max_sparsity: cap on the fraction of any one group that may be removed.
         leaf_modules: module names or class names the tracer must not enter (kept intact).
         steps, finetune, max_accuracy_drop: the iterative loop (see ``slimkit.pruning.schedule``); ``finetune``
@@ -68,7 +80,7 @@ class PruneConfig(Config):
     allocation: Allocation = Allocation.UNIFORM
     ignore: tuple[str, ...] = ()
     overrides: dict[str, float] = field(default_factory=dict)
-    round_to: int = 1
+    round_to: int | None = None
     max_sparsity: float = 0.9
     leaf_modules: tuple[str, ...] = ()
     tolerance: float = 0.02
@@ -79,6 +91,9 @@ class PruneConfig(Config):
     finetune: TrainConfig | None = None
     max_accuracy_drop: float | None = None
     checkpoint_dir: str | None = None
+    runtime: str = "onnxruntime"
+    latency_batch: int = 64
+    latency_threads: int = 2
 
     def __post_init__(self) -> None:
         if self.sensitivity is not None and not isinstance(self.sensitivity, dict):
@@ -108,14 +123,26 @@ class PruneConfig(Config):
             self.importance = to_enum(Importance, self.importance, "importance")
         for name, ratio in self.overrides.items():
             check_range(f"overrides[{name!r}]", ratio, 0.0, 0.999)
-        if self.round_to < 1:
-            raise UsageError(f"round_to={self.round_to} must be >= 1")
+        if self.round_to is not None and self.round_to < 1:
+            raise UsageError(f"round_to={self.round_to} must be >= 1 (or None: multiples of 16 where a group has 16+)")
+        if self.runtime not in ("onnxruntime", "eager"):
+            raise UsageError(f"runtime={self.runtime!r}: use 'onnxruntime' or 'eager' (where latency is measured)")
+        if self.latency_batch < 1 or self.latency_threads < 1:
+            raise UsageError(
+                f"latency_batch={self.latency_batch} and latency_threads={self.latency_threads} must be >= 1"
+            )
         if self.steps < 1:
             raise UsageError(f"steps={self.steps} must be >= 1")
         if self.taylor_batches < 1:
             raise UsageError(f"taylor_batches={self.taylor_batches} must be >= 1")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"max_accuracy_drop={self.max_accuracy_drop} must be >= 0 (accuracy points)")
+
+    def step_of(self, units: int, unit: int, block: int = 16) -> int:
+        """Units kept per step for a group of ``units`` units of ``unit`` channels (see ``round_to``; ``block``
+        stands in for ``BLOCK`` when the default cannot reach the target)."""
+        round_to = self.round_to if self.round_to is not None else block if unit == 1 and units >= block else 1
+        return math.lcm(unit, round_to) // unit
 
     @property
     def importance_name(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,9 +15,10 @@ from torch import nn
 from slimkit._modules import matches
 from slimkit.errors import UsageError
 from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, measure
-from slimkit.pruning.config import PruneConfig
+from slimkit.pruning.config import BLOCK, PruneConfig
 from slimkit.pruning.graph import Group, PruneGraph, build_graph, trace
 from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
+from slimkit.pruning.latency import latency_model, meet_latency
 from slimkit.pruning.surgery import apply_plan, decode_indices, encode_indices
 
 __all__ = [
@@ -60,10 +62,10 @@ def compute_gradients(model: nn.Module, train_data, loss_fn, batches: int) -> No
         loss_fn(model(inputs), targets, inputs).backward()
 
 
-def _limits(graph: PruneGraph, cfg: PruneConfig) -> list[GroupLimits]:
+def _limits(graph: PruneGraph, cfg: PruneConfig, block: int = BLOCK) -> list[GroupLimits]:
     limits = []
     for group in graph.groups:
-        step = math.lcm(group.unit, cfg.round_to) // group.unit
+        step = cfg.step_of(group.units, group.unit, block)
         min_keep = max(1, math.ceil(group.units * (1 - cfg.max_sparsity) - 1e-9))
         producers = [m.module for m in group.members if m.role in ("out", "heads")]
         fixed = None
@@ -143,6 +145,8 @@ def prune_once(
     before = {"params": cost.total_params, "macs": cost.total_macs}
     target = cfg.target.value
     keep_channels: dict[int, torch.Tensor] = {}
+    latency: dict[str, Any] | None = None
+    notes: list[str] = []
     if cfg.amount > 0:
         if not graph.groups:
             reasons = "; ".join(dict.fromkeys(r for k in kept_intact for r in k["reasons"][:1]))
@@ -155,14 +159,7 @@ def prune_once(
             compute_gradients(work, train_data, loss_fn, cfg.taylor_batches)
         scores = [group_scores(criterion, g) for g in graph.groups]
         work.zero_grad(set_to_none=True)
-        limits = _limits(graph, cfg)
-        _check_reachable(graph, limits, cost, cfg, kept_intact)
-        curves = _sensitivity_curves(graph, cfg)
-        keep_units = allocate(graph, scores, limits, cost, cfg.allocation.value, target, cfg.amount, curves)
-        for group, score, k in zip(graph.groups, scores, keep_units):
-            if k < group.units:
-                units = torch.sort(torch.topk(score, k).indices).values
-                keep_channels[id(group)] = (units[:, None] * group.unit + torch.arange(group.unit)).flatten()
+        keep_channels, latency, notes = _choose(work, graph, scores, cost, cfg, kept_intact, example_input)
     plan = plan_edits(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
@@ -201,7 +198,14 @@ def prune_once(
     }
     if cfg.allocation.value == "sensitivity" and cfg.sensitivity:
         record["sensitivity"] = {g: [[float(r), float(a)] for r, a in pts] for g, pts in cfg.sensitivity.items()}
-    if cfg.amount > 0 and target != "channels":
+    if notes:
+        record["notes"] = notes
+    if latency is not None:
+        record["latency"] = latency
+        record["reduction"]["latency"] = latency["measured"]
+    elif target == "latency":  # amount 0: nothing was cut, nothing timed
+        record["reduction"]["latency"] = 0.0
+    if cfg.amount > 0 and target not in ("channels", "latency"):
         achieved = record["reduction"][target]
         if abs(achieved - cfg.amount) > cfg.tolerance:
             raise UsageError(
@@ -264,12 +268,82 @@ def group_scores(criterion: Callable[[Group], Any], group: Group) -> torch.Tenso
     return scores
 
 
+def _choose(
+    work: nn.Module,
+    graph: PruneGraph,
+    scores: list[torch.Tensor],
+    cost: CostModel,
+    cfg: PruneConfig,
+    kept_intact: list[dict],
+    example_input: torch.Tensor,
+) -> tuple[dict[int, torch.Tensor], dict[str, Any] | None, list[str]]:
+    """Channels kept per group (``id(group)``), the latency record (``target="latency"``) and notes.
+
+    The default ``round_to`` keeps groups of 16+ channels in multiples of ``BLOCK``; when that cannot reach a
+    MACs/params target within the tolerance, the step halves (8, 4, 2, 1) until it can, and a note says so.
+    ``target="latency"`` keeps the blocks: it measures, and sub-block widths are what makes a runtime slow."""
+    target = cfg.target.value
+    curves = _sensitivity_curves(graph, cfg)
+    blocks = (BLOCK,) if cfg.round_to is not None or target in ("latency", "channels") else (16, 8, 4, 2, 1)
+    for block in blocks:
+        limits = _limits(graph, cfg, block)
+        last = block == blocks[-1]
+        if target == "latency":
+            predict = latency_model(work, cost, limits, example_input, cfg)
+        else:
+            predict = None
+            if not last and _best_reduction(graph, limits, cost, cfg) < cfg.amount - cfg.tolerance:
+                continue
+            _check_reachable(graph, limits, cost, cfg, kept_intact)
+
+        def keep_for(amount: float, limits: list[GroupLimits] = limits, predict=predict) -> dict[int, torch.Tensor]:
+            keep_units = allocate(graph, scores, limits, cost, cfg.allocation.value, target, amount, curves, predict)
+            keep: dict[int, torch.Tensor] = {}
+            for group, score, k in zip(graph.groups, scores, keep_units):
+                if k < group.units:
+                    units = torch.sort(torch.topk(score, k).indices).values
+                    keep[id(group)] = (units[:, None] * group.unit + torch.arange(group.unit)).flatten()
+            return keep
+
+        if predict is not None:
+
+            def cut(keep: dict[int, torch.Tensor]) -> nn.Module:
+                candidate = copy.deepcopy(work)
+                with torch.no_grad():
+                    return apply_plan(candidate, plan_edits(graph, keep, candidate))
+
+            keep, latency = meet_latency(work, graph, keep_for, predict, example_input, cfg, cut)
+            return keep, latency, []
+        keep = keep_for(cfg.amount)
+        kept = [len(keep[id(g)]) if id(g) in keep else g.size for g in graph.groups]
+        if last or target == "channels" or abs(_reduction(cost, kept, target) - cfg.amount) <= cfg.tolerance:
+            notes = []
+            if block != blocks[0]:
+                notes.append(
+                    f"round_to: multiples of {BLOCK} channels cannot remove {cfg.amount:.0%} of the {target}; "
+                    f"kept counts are multiples of {block} (slower kernels on ONNX Runtime / oneDNN: lower "
+                    "amount or pass round_to explicitly to choose)"
+                )
+                warnings.warn(notes[-1], stacklevel=4)
+            return keep, None, notes
+    raise AssertionError("unreachable: the last block always returns")
+
+
+def _reduction(cost: CostModel, kept: list[int], target: str) -> float:
+    macs, params = cost.cost(kept)
+    return 1 - (macs / cost.total_macs if target == "macs" else params / cost.total_params)
+
+
+def _best_reduction(graph, limits, cost, cfg) -> float:
+    """The largest MACs/params reduction ``limits`` allow (every group at its floor)."""
+    floor = [(lim.fixed or lim.min_keep) * g.unit for g, lim in zip(graph.groups, limits)]
+    return _reduction(cost, floor, cfg.target.value)
+
+
 def _check_reachable(graph, limits, cost, cfg, kept_intact) -> None:
     if cfg.target.value == "channels":
         return
-    floor = [(lim.fixed or lim.min_keep) * g.unit for g, lim in zip(graph.groups, limits)]
-    macs, params = cost.cost(floor)
-    best = 1 - (macs / cost.total_macs if cfg.target.value == "macs" else params / cost.total_params)
+    best = _best_reduction(graph, limits, cost, cfg)
     if best < cfg.amount - cfg.tolerance:
         intact = ", ".join(dict.fromkeys(m for k in kept_intact for m in k["modules"][:2]))[:300]
         raise UsageError(
@@ -331,6 +405,8 @@ def compose_records(first: dict | None, second: dict) -> dict:
             groups[g["id"]] = merged
     merged = dict(second, modules=modules, groups=list(groups.values()), before=first["before"])
     merged["reduction"] = {k: 1 - merged["after"][k] / merged["before"][k] for k in ("params", "macs")}
+    if "latency" in first["reduction"] and "latency" in second["reduction"]:  # each step's measured ratio
+        merged["reduction"]["latency"] = 1 - (1 - first["reduction"]["latency"]) * (1 - second["reduction"]["latency"])
     return merged
 
 

@@ -169,7 +169,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
 
 
 def _metric(cfg: PruneConfig) -> str:
-    return "params" if cfg.target.value == "params" else "macs"
+    return cfg.target.value if cfg.target.value in ("params", "latency") else "macs"
 
 
 def _fingerprint(cfg: PruneConfig) -> dict:
