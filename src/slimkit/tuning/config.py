@@ -10,7 +10,7 @@ from typing import Any
 from slimkit.config import Config, check_range
 from slimkit.errors import InputTypeError, UsageError
 
-__all__ = ["Pruner", "Sampler", "SearchConfig"]
+__all__ = ["Pruner", "Runtime", "Sampler", "SearchConfig"]
 
 
 class Sampler(str, enum.Enum):
@@ -28,13 +28,20 @@ class Pruner(str, enum.Enum):
     NONE = "none"
 
 
+class Runtime(str, enum.Enum):
+    """Where the ``latency`` objective times a trial's model."""
+
+    DEPLOYED = "deployed"  # the fastest form it ships in (ONNX Runtime fp32 / int8, BN-folded eager, oneDNN int8)
+    EAGER = "eager"  # PyTorch eager as the model stands, side by side with the input model
+
+
 @dataclass
 class SearchConfig(Config):
     """Settings of ``slimkit.search``.
 
     Args:
-        objectives: any of ``accuracy`` (maximized), ``latency`` (median ms at ``latency_batch``), ``size``
-            (bytes on disk), ``macs`` (per image); all but accuracy are minimized.
+        objectives: any of ``accuracy`` (maximized), ``latency`` (median ms at ``latency_batch`` on ``runtime``),
+            ``size`` (bytes on disk), ``macs`` (per image); all but accuracy are minimized.
         max_accuracy_drop: the accuracy budget against the input model (points; percent of its accuracy when
             ``relative``). ``None``: no constraint.
         n_trials: trials in the whole study, counting finished trials of earlier (killed) runs and other workers.
@@ -46,6 +53,10 @@ class SearchConfig(Config):
         space: ``{name: spec}`` (see ``slimkit.tuning.spaces``) or a preset: ``"training"``, ``"compression"``.
         epochs: training (or fine-tuning) epochs per trial when the space does not set ``epochs``.
         max_batches: caps the batches per epoch (quick runs).
+        runtime: where ``latency`` is timed. ``"deployed"``: every trial's model in each form it can ship in
+            (ONNX Runtime fp32 and BN-folded channels-last eager for float models; ONNX Runtime int8 and oneDNN
+            int8 for int8 models), the fastest counts and is recorded as the trial's ``runtime``; the input
+            model's fastest fp32 form is the baseline. ``"eager"``: PyTorch eager, side by side with the input.
         out: folder for the study database, the saved best model, the Pareto set and the report.
 
     Example:
@@ -68,6 +79,7 @@ class SearchConfig(Config):
     max_batches: int | None = None
     latency_batch: int = 64
     threads: int = 2
+    runtime: Runtime = Runtime.DEPLOYED
     out: str = "slimkit-search"
     seed: int = 0
     progress: bool = True

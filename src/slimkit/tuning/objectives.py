@@ -1,22 +1,36 @@
-"""What a trial is scored on: accuracy, latency (measured, cached by architecture), bytes on disk, MACs."""
+"""What a trial is scored on: accuracy, latency (measured on the deployed runtime or PyTorch eager, cached by
+architecture), bytes on disk, MACs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from slimkit.config import nearest
-from slimkit.errors import UsageError
+from slimkit.config import nearest, to_enum
+from slimkit.errors import SlimkitError, UsageError
+from slimkit.tuning.config import Runtime
 
-__all__ = ["OBJECTIVES", "LatencyCache", "Measurer", "accuracy_threshold", "architecture_signature", "check_objectives"]
+if TYPE_CHECKING:
+    from slimkit.export.deployed import Deployed
+
+__all__ = [
+    "EAGER_RUNTIME",
+    "OBJECTIVES",
+    "LatencyCache",
+    "Measurer",
+    "accuracy_threshold",
+    "architecture_signature",
+    "check_objectives",
+]
 
 
 @dataclass(frozen=True)
@@ -70,39 +84,75 @@ def architecture_signature(model: nn.Module) -> str:
 
 
 class LatencyCache:
-    """Speed-ups keyed by architecture signature, in a JSON file shared by workers and resumed runs."""
+    """Speed-ups keyed by architecture signature, in a JSON file shared by workers and resumed runs.
+
+    An entry is a plain number (the speed-up), or ``{"speedup": x, "runtime": name}`` when it was measured on a
+    runtime chosen per model (the deployed policy), so a cached trial still reports where it runs fastest."""
 
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = Path(path) if path is not None else None
-        self.memory: dict[str, float] = {}
+        self.memory: dict[str, tuple[float, str | None]] = {}
 
-    def _read(self) -> dict[str, float]:
+    def _read(self) -> dict[str, tuple[float, str | None]]:
         if self.path is None or not self.path.is_file():
             return {}
         try:
-            return {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
-        except (ValueError, OSError, AttributeError):
+            raw = json.loads(self.path.read_text())
+            entries = {}
+            for key, value in raw.items():
+                if isinstance(value, dict):
+                    runtime = value.get("runtime")
+                    entries[str(key)] = (float(value["speedup"]), None if runtime is None else str(runtime))
+                else:
+                    entries[str(key)] = (float(value), None)
+            return entries
+        except (ValueError, OSError, AttributeError, KeyError, TypeError):
             return {}  # a damaged cache only costs re-measuring
 
-    def get(self, key: str) -> float | None:
+    def entry(self, key: str) -> tuple[float, str | None] | None:
+        """``(speed-up, runtime name or None)`` for ``key``, or None when it was never measured."""
         if key not in self.memory:
             self.memory.update(self._read())
         return self.memory.get(key)
 
-    def put(self, key: str, value: float) -> None:
-        self.memory[key] = value
+    def get(self, key: str) -> float | None:
+        entry = self.entry(key)
+        return None if entry is None else entry[0]
+
+    def put(self, key: str, value: float, runtime: str | None = None) -> None:
+        self.memory[key] = (value, runtime)
         if self.path is not None:
             from slimkit._io import write_text
 
-            write_text(self.path, json.dumps({**self._read(), key: value}, indent=1, sort_keys=True))
+            stored = {**self._read(), key: (value, runtime)}
+            encoded = {k: v if r is None else {"speedup": v, "runtime": r} for k, (v, r) in stored.items()}
+            write_text(self.path, json.dumps(encoded, indent=1, sort_keys=True))
+
+
+EAGER_RUNTIME = "pytorch eager"  # what a trial's ``runtime`` metric says under ``runtime="eager"``
 
 
 class Measurer:
-    """Scores models against the input model: accuracy on ``val_data``, latency as a side-by-side ratio to the
-    input model (so drift in machine load cancels), bytes on disk and MACs.
+    """Scores models against the input model: accuracy on ``val_data``, latency, bytes on disk and MACs.
 
-    ``baseline_ms``: the input model's latency measured before (a study stores it so that every worker and every
-    resumed run scales by the same number); measured on first use when None."""
+    Latency (``runtime``):
+
+    - ``"deployed"`` (default): each model is timed in every form it can ship in (``slimkit.export.deployed.
+      fastest_form``: ONNX Runtime fp32 and BN-folded channels-last eager for float models, ONNX Runtime int8 and
+      oneDNN int8 for slimkit int8 models, calibrated on a few ``val_data`` batches); the fastest form's median
+      is its latency and its name the trial's ``runtime`` metric. The speed-up is against the input model's
+      fastest form, measured once.
+    - ``"eager"``: PyTorch eager as the model stands, as a side-by-side ratio to the input model (so drift in
+      machine load cancels), scaled by the input model's eager latency.
+
+    ``baseline_ms``: the input model's latency measured before, on the same ``runtime`` (a study stores it so
+    that every worker and every resumed run scales by the same number); measured on first use when None.
+
+    Example:
+        >>> m = Measurer(model, val, x, ("accuracy", "latency"), latency_batch=64)      # doctest: +SKIP
+        >>> m(candidate)["runtime"], m.baseline_runtime                                 # doctest: +SKIP
+        ('onnxruntime fp32', 'onnxruntime fp32')
+    """
 
     def __init__(
         self,
@@ -116,16 +166,25 @@ class Measurer:
         cache: LatencyCache | None = None,
         macs: bool = True,
         baseline_ms: float | None = None,
+        runtime: Runtime | str = Runtime.DEPLOYED,
     ) -> None:
         self.baseline, self.val_data, self.example = baseline, val_data, example_input
         self.objectives = tuple(objectives)
         self.latency_batch, self.threads = latency_batch, threads
         self.cache = cache or LatencyCache(None)
         self.macs = macs or "macs" in self.objectives  # counting MACs loads torch's dispatch machinery (seconds)
+        self.runtime = Runtime(to_enum(Runtime, runtime, "runtime"))
         self._baseline_ms: float | None = None if baseline_ms is None else float(baseline_ms)
+        # the input model's fastest form; None until measured here (a stored baseline_ms does not name it)
+        self.baseline_runtime: str | None = EAGER_RUNTIME if self.runtime is Runtime.EAGER else None
+        self._calib: list[torch.Tensor] | None = None
 
     def baseline_ms(self) -> float:
         if self._baseline_ms is None:
+            if self.runtime is Runtime.DEPLOYED:
+                best = self._deploy(self.baseline, "the input model")
+                self._baseline_ms, self.baseline_runtime = best.ms, best.name
+                return self._baseline_ms
             from slimkit.measure import measure_latency
 
             # the lowest of three medians: a burst of load from other processes must not scale every latency
@@ -144,11 +203,30 @@ class Measurer:
             )
         return self._baseline_ms
 
+    def cache_key(self, model: nn.Module) -> str:
+        """The latency cache's key: the architecture signature, with the runtime policy, batch and threads when
+        the model is timed on its deployed runtime (eager keys stay the bare signature)."""
+        signature = architecture_signature(model)
+        if self.runtime is Runtime.EAGER:
+            return signature
+        return f"deployed/b{self.latency_batch}/t{self.threads}:{signature}"
+
     def speedup(self, model: nn.Module) -> float:
-        key = architecture_signature(model)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
+        """The input model's latency over ``model``'s (cached by architecture)."""
+        return self.timed(model)[0]
+
+    def timed(self, model: nn.Module) -> tuple[float, str]:
+        """``(speed-up over the input model, the runtime it was timed on)``, cached by architecture."""
+        key = self.cache_key(model)
+        cached = self.cache.entry(key)
+        if cached is not None and (self.runtime is Runtime.EAGER or cached[1] is not None):
+            return cached[0], cached[1] or EAGER_RUNTIME
+        if self.runtime is Runtime.DEPLOYED:
+            baseline_ms = self.baseline_ms()  # first: the input model is timed before any candidate
+            best = self._deploy(model, "this trial's model")
+            value, runtime = baseline_ms / best.ms, best.name
+            self.cache.put(key, value, runtime)
+            return value, runtime
         from slimkit.measure import benchmark_latency
 
         res = benchmark_latency(
@@ -161,17 +239,45 @@ class Measurer:
         )
         value = res["base"][self.latency_batch].median / res["cand"][self.latency_batch].median
         self.cache.put(key, value)
-        return value
+        return value, EAGER_RUNTIME
 
-    def __call__(self, model: nn.Module, accuracy: float | None = None, *, latency: bool = True) -> dict[str, float]:
-        """Every metric a trial records; latency only when it is an objective (it costs seconds)."""
+    def _deploy(self, model: nn.Module, what: str) -> Deployed:
+        """``model``'s fastest deployed form at ``latency_batch``; a clear error when it cannot be deployed."""
+        from slimkit.export import deployed
+        from slimkit.export.lowering import is_int8_model
+
+        calib = self._calibration() if is_int8_model(model) else None
+        try:
+            with warnings.catch_warnings():  # export warnings once per trial would bury the progress lines
+                warnings.simplefilter("ignore")
+                return deployed.fastest_form(
+                    model, self.example, batch_size=self.latency_batch, threads=self.threads, calib=calib
+                )
+        except (SlimkitError, RuntimeError, TypeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                f"search: {what} ({type(model).__name__}) could not be timed on its deployed runtime ({reason}); "
+                "time PyTorch eager instead with SearchConfig(runtime='eager')"
+            ) from exc
+
+    def _calibration(self) -> list[torch.Tensor]:
+        """A few ``val_data`` input batches: what PyTorch's oneDNN int8 form is calibrated on."""
+        if self._calib is None:
+            from slimkit.quantization.ptq import calibration_batches
+
+            self._calib = calibration_batches(self.val_data, batch_size=64, batches=2)
+        return self._calib
+
+    def __call__(self, model: nn.Module, accuracy: float | None = None, *, latency: bool = True) -> dict[str, Any]:
+        """Every metric a trial records; latency only when it is an objective (it costs seconds), with the
+        ``runtime`` it was timed on (e.g. ``"onnxruntime int8"``)."""
         from slimkit.measure import count_params, profile
         from slimkit.train import evaluate
 
         model.eval()
         if accuracy is None:
             accuracy = evaluate(model, self.val_data).accuracy
-        metrics = {
+        metrics: dict[str, Any] = {
             "accuracy": float(accuracy),
             "size_bytes": float(model_size(model)),
             "params": float(count_params(model)[0]),
@@ -179,9 +285,10 @@ class Measurer:
         if self.macs:
             metrics["macs"] = float(profile(model, self.example[:1]).macs)
         if latency and "latency" in self.objectives:
-            speedup = self.speedup(model)
+            speedup, runtime = self.timed(model)
             metrics["speedup"] = speedup
             metrics["latency_ms"] = self.baseline_ms() / speedup
+            metrics["runtime"] = runtime
         return metrics
 
 

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
 __all__ = ["SearchResult", "SearchStudy", "candidate_of", "format_metrics"]
 
 
-def format_metrics(metrics: dict[str, float], objectives: tuple[str, ...] = ()) -> str:
-    """``acc 97.85% | 0.412 ms | 12.3KB | 0.42M MACs`` (objectives first)."""
+def format_metrics(metrics: dict[str, Any], objectives: tuple[str, ...] = ()) -> str:
+    """``acc 97.85% | 0.412 ms (1.85x, onnxruntime fp32) | 12.3KB | 0.42M MACs`` (objectives first)."""
     parts = [f"acc {metrics['accuracy']:.2f}%"] if "accuracy" in metrics else []
     if "latency_ms" in metrics:
-        parts.append(f"{metrics['latency_ms']:.3f} ms ({metrics.get('speedup', 1.0):.2f}x)")
+        runtime = f", {metrics['runtime']}" if metrics.get("runtime") else ""
+        parts.append(f"{metrics['latency_ms']:.3f} ms ({metrics.get('speedup', 1.0):.2f}x{runtime})")
     if "size_bytes" in metrics:
         parts.append(human(metrics["size_bytes"], "B"))
     if "macs" in metrics:
@@ -53,7 +54,7 @@ class SearchResult:
 
     trial: int
     plan: dict[str, Any]
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # numbers, and ``runtime`` (where latency was timed) when latency is an objective
     values: tuple[float, ...]
     feasible: bool
     violation: float
@@ -132,32 +133,37 @@ class SearchStudy:
         return {**best.metrics, "trial": best.trial, "plan": dict(best.plan), "baseline": dict(self.baseline)}
 
     def table(self) -> Table:
+        shown = [*self.pareto]
+        if self.best is not None and all(r.trial != self.best.trial for r in self.pareto):
+            shown.append(self.best)
+        # where each latency was measured (the fastest deployed form, or PyTorch eager)
+        runtime = "latency" in self.objectives and any(r.metrics.get("runtime") for r in shown)
         cols = [
             "",
             "trial",
             *[f"{o} ({OBJECTIVES[o].unit})" if OBJECTIVES[o].unit else o for o in self.objectives],
+            *(["runtime"] if runtime else []),
             "feasible",
             "plan",
         ]
-        rows: list[list[object]] = [["input", "-", *[_fmt(o, self.baseline) for o in self.objectives], "-", ""]]
-        for r in self.pareto:
+        rows: list[list[object]] = [
+            [
+                "input",
+                "-",
+                *[_fmt(o, self.baseline) for o in self.objectives],
+                *([self.baseline.get("runtime") or "-"] if runtime else []),
+                "-",
+                "",
+            ]
+        ]
+        for r in shown:
             mark = "best" if self.best is not None and r.trial == self.best.trial else "pareto"
             rows.append(
                 [
                     mark,
                     r.trial,
                     *[_fmt(o, r.metrics) for o in self.objectives],
-                    "yes" if r.feasible else "no",
-                    _short_plan(r.plan),
-                ]
-            )
-        if self.best is not None and all(r.trial != self.best.trial for r in self.pareto):
-            r = self.best
-            rows.append(
-                [
-                    "best",
-                    r.trial,
-                    *[_fmt(o, r.metrics) for o in self.objectives],
+                    *([r.metrics.get("runtime") or "-"] if runtime else []),
                     "yes" if r.feasible else "no",
                     _short_plan(r.plan),
                 ]
@@ -172,7 +178,7 @@ class SearchStudy:
         return f"{text}\n{self.message}" if self.message else text
 
 
-def _fmt(objective: str, metrics: dict[str, float]) -> str:
+def _fmt(objective: str, metrics: dict[str, Any]) -> str:
     value = metrics.get(OBJECTIVES[objective].metric)
     if value is None:
         return "-"
