@@ -10,7 +10,6 @@ model's metadata (``slimkit.exporter``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
 from collections.abc import Mapping
@@ -156,8 +155,7 @@ def export_float(model: nn.Module, example_input: Any, dynamic_shapes: DynamicSh
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints the whole graph when an op is missing
-                data, exporter = _torchscript(flat, tuple(tensors), names, outputs, axes), "torchscript"
+            data, exporter = _torchscript(flat, tuple(tensors), names, outputs, axes), "torchscript"
             problem = _dynamic_problem(data, flat, tensors, names, axes)
             if problem:  # the trace baked a dynamic size into a constant (e.g. nn.MultiheadAttention's reshapes)
                 raise UsageError(f"the TorchScript graph fails at other sizes of the dynamic dims: {problem}")
