@@ -167,3 +167,110 @@ def test_save_load_round_trip_is_exact_and_half_a_byte_per_weight(tmp_path, algo
     # half a byte per (padded) weight, a float32 scale and zero point per block, the float vectors, the header
     assert size <= 0.5 * 128 * blocks + 8 * blocks + 4 * floats + 2048
     assert slimkit.measure.size_on_disk(model) / size > 5.5  # 784 inputs pad to 896: 5.9-6.1x here
+
+
+class _Block(nn.Module):
+    """A tiny pre-norm transformer block: Linear layers on (N, T, C) tokens, attention, GELU MLP, residuals."""
+
+    def __init__(self, width: int = 64, hidden: int = 160) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width, bias=False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + self.proj(torch.softmax(q @ k.transpose(1, 2) / 8.0, dim=-1) @ v)
+        x = x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+        return self.head(x)
+
+
+def _ort_outputs(path, x: torch.Tensor):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq", "awq"])
+def test_onnx_matmulnbits_agrees_with_torch_on_a_transformer_block(tmp_path, algorithm):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from slimkit.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = _Block().eval()
+    calib = torch.randn(16, 12, 64)
+    calib[..., :3] *= 10  # outlier channels
+    result = slimkit.quantize(model, _wo(algorithm, keep_first_last_8bit=True), calib)
+    path = export_onnx(result.model, torch.randn(2, 12, 64), tmp_path / "block.onnx")
+    proto = onnx.load(str(path))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 5 and not [n for n in proto.graph.node if n.op_type == "Gemm"]
+    # the only MatMuls left are attention's two (activations by activations)
+    assert sum(n.op_type == "MatMul" for n in proto.graph.node) == 2
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits}
+    assert {(a["K"], a["N"], a["bits"], a["block_size"]) for a in attrs.values()} == {
+        (64, 192, 8, 32),  # first (qkv) and last (head) layers: 8 bits
+        (64, 64, 4, 32),
+        (64, 160, 4, 32),
+        (160, 64, 4, 32),  # 160 = 5 blocks of 32
+        (64, 10, 8, 32),
+    }
+    x = torch.randn(3, 12, 64)  # another batch size
+    x[..., :3] *= 10
+    with torch.no_grad():
+        expected = result.model(x).numpy()
+    got = _ort_outputs(path, x)
+    assert abs(got - expected).max() <= 1e-4 * (expected.max() - expected.min())
+    if algorithm == "awq":  # norm1 -> qkv and norm2 -> up fold; proj (after attention) and down (after GELU) keep a Mul
+        folded = {e["name"]: e["awq_folded_into"] for e in result.record["layers"]}
+        assert folded == {"qkv": "norm1", "proj": None, "up": "norm2", "down": None, "head": None}
+        assert sum(n.op_type == "Mul" and "input_scale" in "".join(n.input) for n in proto.graph.node) == 3
+
+
+def test_onnx_matmulnbits_on_2d_inputs_is_smaller_and_exact(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slimkit.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    result = slimkit.quantize(model, _wo("gptq", group_size=128), torch.randn(512, 256))
+    quantized = export_onnx(result.model, torch.randn(4, 256), tmp_path / "q.onnx")
+    fp32 = export_onnx(model, torch.randn(4, 256), tmp_path / "f.onnx")
+    x = torch.randn(7, 256)
+    with torch.no_grad():
+        expected = result.model(x).numpy()
+    assert abs(_ort_outputs(quantized, x) - expected).max() <= 1e-5 * (expected.max() - expected.min())
+    ratio = fp32.stat().st_size / quantized.stat().st_size
+    assert ratio > 6.5  # 4 bits + a float32 scale and a 4-bit zero point per 128 weights: 7.3x here
+
+
+def test_int8_false_keeps_the_weight_only_model_in_fp32(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from slimkit.export.onnx import export_onnx
+
+    result = slimkit.quantize(_mlp(), _wo("rtn"))
+    path = export_onnx(result.model, torch.randn(2, 64), tmp_path / "f.onnx", int8=False)
+    assert not [n for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft"]
+
+
+def test_a_weight_only_layer_the_forward_never_calls_is_named(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from slimkit.export.onnx import export_onnx
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.pooler = nn.Linear(64, 32), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    result = slimkit.quantize(WithUnused(), _wo("rtn"))
+    with pytest.warns(UserWarning, match="pooler"):
+        path = export_onnx(result.model, torch.randn(2, 64), tmp_path / "u.onnx")
+    proto = onnx.load(str(path))
+    assert [n.op_type for n in proto.graph.node] == ["MatMulNBits", "Add"]
+    assert {p.key: p.value for p in proto.metadata_props}["slimkit.unused_layers"] == '["pooler"]'

@@ -69,6 +69,9 @@ def export_onnx(
     as_args(example_input)  # a wrong type is one clear error before anything runs
     quantized, dynamic = is_int8_model(model), is_dynamic_model(model)
     tables = bool(integer_tables(model))
+    from slimkit.export.onnx_int4 import blockwise_graph, blockwise_layers  # weight-only layers: MatMulNBits
+
+    blockwise = int8 is None and not (quantized or dynamic) and bool(blockwise_layers(model))
     int8 = (quantized or dynamic or tables) if int8 is None else int8
     if int8 and not (quantized or dynamic or tables):
         raise UsageError(
@@ -93,6 +96,8 @@ def export_onnx(
             proto = dynamic_graph(proto, live)
         if tables:
             notes["slimkit.int8_tables"] = json.dumps(quantize_tables(proto, live))
+    if blockwise:
+        notes.update(blockwise_graph(proto, model))
     import onnx
 
     if notes:
