@@ -6,6 +6,15 @@ budget is still broken, the step's strength is backed off (pruning amount halved
 binary -> ternary -> 4 -> 8) up to ``max_backoffs`` times, and finally the step is skipped. The result is always
 the best model found inside the budget, and every step's outcome says which of these happened.
 
+Every step that changes the architecture or numerics (prune, quantize, a distilled student) is also judged on the
+runtime the model ships on: before and after are timed side by side on their fastest deployed forms at the
+deployment batch size (``deploy_batch_size``: the export step's ``auto_batch_size``, 64 by default), and a step that
+makes the deployed model slower is backed off or skipped like one that breaks the budget.
+
+The final report compares the file that ships (the exported ONNX, else the weights) with the original on its fastest
+fp32 runtime (ONNX Runtime fp32 or BN-folded channels-last eager, whichever is faster at that batch size) and with
+the original in PyTorch eager, at each of ``latency_batch_sizes``, all timed side by side in one run.
+
 The steps run through ``slimkit.steps`` (``StepRunner``, ``run_steps``), the same runner a search trial's plan
 uses; this module adds the baseline, the export step, the deployed measurements and the result.
 
@@ -30,7 +39,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
-from slimkit._text import make_table, render
+from slimkit._text import human, make_table, render
 from slimkit.errors import UsageError
 from slimkit.export.config import ExportConfig, ExportFormat
 from slimkit.measure import benchmark_latency
@@ -39,6 +48,9 @@ from slimkit.steps import StepOutcome, StepRunner, run_steps
 from slimkit.train import evaluate
 
 __all__ = ["CompressResult", "StepOutcome", "compress", "export_model"]
+
+DEFAULT_DEPLOY_BATCH_SIZE = 64
+FINAL_MAX_SECONDS = 6.0  # per batch size, for the final side-by-side timing of every form
 
 
 @dataclass
@@ -56,20 +68,85 @@ class CompressResult:
 
     @property
     def metrics(self) -> dict[str, Any]:
+        """JSON-ready evidence: baseline and final metrics (``runtime`` per batch size says where each latency was
+        measured), every step's outcome (with its deployed runtime), every timed form and the ONNX parity."""
         return {
             "baseline": self.baseline,
             "final": self.final,
             "steps": [dataclasses.asdict(s) for s in self.steps],
+            "runtime": {
+                "deploy_batch_size": self.final.get("deploy_batch_size"),
+                "steps": [
+                    {"kind": s.kind, "status": s.status, "runtime": s.runtime, "ms": s.deployed_ms}
+                    for s in self.steps
+                    if s.runtime is not None
+                ],
+                "baseline": self.baseline.get("runtime"),
+                "shipped": self.final.get("runtime"),
+                "fastest": self.final.get("fastest"),
+            },
             "latency_ms": {k: {str(b): v * 1e3 for b, v in d.items()} for k, d in self.latency.items()},
             "parity": self.parity,
             "recipe": self.recipe.to_dict(),
         }
 
     def table(self):
+        """Before/after: accuracy, params, MACs, weights, the shipped file's size, and its latency against the
+        original on its fastest fp32 runtime and in PyTorch eager."""
         from slimkit.report import summary_rows
 
-        title = f"{self.recipe.name}: before vs after ({list(self.latency)[-1] if self.latency else 'PyTorch'})"
-        return make_table(title, ["metric", "before", "after", "change"], summary_rows(self.metrics))
+        b, f = self.baseline, self.final
+        plain = {**self.metrics, "baseline": {k: v for k, v in b.items() if k != "latency_ms"}}
+        rows = []
+        for row in summary_rows(plain):
+            if row[0] == "deployed ONNX file":
+                continue  # the shipped file's row below compares it with the original's fp32 ONNX
+            rows.append(["weights (model.safetensors)", *row[1:]] if row[0] == "bytes on disk" else row)
+        shipped = f.get("shipped_file")
+        if shipped and f.get("shipped_bytes") and b.get("deployed_bytes"):
+            rows.append(
+                [
+                    f"{shipped} vs fp32 ONNX",
+                    human(b["deployed_bytes"], "B"),
+                    human(f["shipped_bytes"], "B"),
+                    f"{b['deployed_bytes'] / f['shipped_bytes']:.2f}x smaller",
+                ]
+            )
+        for bs, after_ms in f.get("latency_ms", {}).items():
+            for label, before in (
+                (b.get("runtime", {}).get(bs, "fastest fp32"), b.get("latency_ms", {})),
+                ("PyTorch eager", b.get("eager_latency_ms", {})),
+            ):
+                if bs in before:
+                    rows.append(
+                        [
+                            f"ms b{bs} vs {label}",
+                            f"{before[bs]:.3g}",
+                            f"{after_ms:.3g}",
+                            _ratio(before[bs] / after_ms),
+                        ]
+                    )
+        title = f"{self.recipe.name}: before vs after ({f.get('shipped_file') or 'PyTorch'})"
+        table = make_table(title, ["metric", "before", "after", "change"], rows)
+        table.caption = "\n".join(self.speed_notes()) or None
+        return table
+
+    def speed_notes(self) -> list[str]:
+        """Where each latency was measured, and the faster form when the shipped file is not the fastest."""
+        b, f = self.baseline, self.final
+        notes = []
+        if f.get("runtime"):
+            sizes = ", ".join(
+                f"b{bs}: {b['runtime'][bs]}" for bs in b.get("runtime", {}) if bs in f.get("latency_ms", {})
+            )
+            notes.append(f"after = {f['runtime']}; before = the original on its fastest fp32 form ({sizes})")
+        for bs, best in f.get("fastest", {}).items():
+            if best["runtime"] != f.get("runtime") and bs in f.get("latency_ms", {}):
+                notes.append(
+                    f"b{bs}: fastest on {best['runtime']} {best['ms']:.3g} ms; "
+                    f"{f.get('shipped_file', 'the shipped file')} gives {f['latency_ms'][bs]:.3g} ms"
+                )
+        return notes
 
     def __str__(self) -> str:
         return render(self.table())
@@ -117,6 +194,86 @@ def _pick_onnx(
     return final
 
 
+def _ratio(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{speedup:.2f}x (slower)"
+
+
+def _forms(model: nn.Module, example_input: torch.Tensor, folder: Path, notes: list[str], **kwargs: Any) -> dict:
+    """``deployed_forms`` of ``model``; a model that cannot be exported is timed in folded eager (and said so)."""
+    from slimkit.export.deployed import deployed_forms, eager_fp32
+
+    folder.mkdir()
+    try:
+        return deployed_forms(model, example_input[:1], folder, **kwargs)
+    except Exception as exc:  # export is optional without an export step: time what runs, say why
+        notes.append(f"deployed forms not built ({type(exc).__name__}: {exc}); timed in PyTorch eager only")
+        return {"eager fp32": eager_fp32(model)}
+
+
+def _final_latency(
+    original: nn.Module,
+    current: nn.Module,
+    exported: Path | None,
+    example_input: torch.Tensor,
+    batch_sizes: tuple[int, ...],
+    runner: StepRunner,
+    baseline: dict[str, Any],
+    final: dict[str, Any],
+) -> dict[str, dict[int, float]]:
+    """Time, side by side in one run: the original in PyTorch eager and in its fp32 deployed forms, the shipped
+    ONNX file on ONNX Runtime (or, with no ONNX export, the compressed model's deployed forms) and the compressed
+    model's other forms (oneDNN int8, folded eager). Fills ``baseline`` / ``final`` (ms per batch size, keyed by
+    str) and returns every candidate's median seconds per batch size."""
+    shipped = exported if exported is not None and exported.suffix == ".onnx" else None
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="slimkit-final-") as tmp:
+        folder = Path(tmp)
+        candidates: dict[str, Any] = {"original: PyTorch eager": original}
+        before = _forms(original, example_input, folder / "original", notes)
+        candidates.update({f"original: {name}": form for name, form in before.items()})
+        onnx_fp32 = folder / "original" / "model-fp32.onnx"
+        if onnx_fp32.is_file():
+            baseline["deployed_bytes"] = onnx_fp32.stat().st_size
+        after = _forms(
+            current, example_input, folder / "compressed", notes, calib=runner.calib(), batch_size=max(batch_sizes)
+        )
+        if shipped is not None:
+            from slimkit.export.runtime import OrtModel
+
+            candidates[f"shipped: {shipped.name} on onnxruntime"] = OrtModel(shipped, threads=2)
+            # the compressed model's ONNX Runtime forms are the shipped file, or the variant onnx-auto rejected
+            after = {name: form for name, form in after.items() if not name.startswith("onnxruntime")}
+        candidates.update({f"compressed: {name}": form for name, form in after.items()})
+        timings = benchmark_latency(
+            candidates, example_input[:1], batch_sizes, threads=2, max_seconds=FINAL_MAX_SECONDS
+        )
+    latency = {name: {bs: s.median for bs, s in per.items()} for name, per in timings.items()}
+    original_fp32 = {bs: _fastest_of(latency, [f"original: {name}" for name in before], bs) for bs in batch_sizes}
+    baseline["runtime"] = {str(bs): name for bs, (name, _) in original_fp32.items()}
+    baseline["latency_ms"] = {str(bs): ms for bs, (_, ms) in original_fp32.items()}
+    baseline["eager_latency_ms"] = {str(bs): latency["original: PyTorch eager"][bs] * 1e3 for bs in batch_sizes}
+    after_names = [name for name in latency if name.startswith(("shipped: ", "compressed: "))]
+    fastest = {bs: _fastest_of(latency, after_names, bs) for bs in batch_sizes}
+    final["fastest"] = {str(bs): {"runtime": name, "ms": ms} for bs, (name, ms) in fastest.items()}
+    if shipped is not None:
+        final["runtime"] = f"{shipped.name} on onnxruntime"
+        final["latency_ms"] = {str(bs): latency[f"shipped: {final['runtime']}"][bs] * 1e3 for bs in batch_sizes}
+    else:  # the weights (and a torch.export program, which runs the same graph) ship: the model's fastest form
+        final["runtime"] = fastest[max(batch_sizes)][0]
+        final["latency_ms"] = {str(bs): ms for bs, (_, ms) in fastest.items()}
+    final["shipped_file"] = exported.name if exported is not None else "model.safetensors"
+    final["shipped_bytes"] = exported.stat().st_size if exported is not None else final["size_bytes"]
+    if notes:
+        final["latency_notes"] = notes
+    return latency
+
+
+def _fastest_of(latency: dict[str, dict[int, float]], names: Any, bs: int) -> tuple[str, float]:
+    """The fastest of ``names`` at ``bs``: its name without the ``"original: "``-style prefix, and its ms."""
+    best = min(names, key=lambda n: latency[n][bs])
+    return best.split(": ", 1)[1], latency[best][bs] * 1e3
+
+
 def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tensor, folder: Path) -> Path:
     """Write ``model`` in ``cfg.format`` (onnx, onnx-int8 or torch-export) into ``folder``; returns the file."""
     if cfg.format is ExportFormat.TORCH_EXPORT:
@@ -144,6 +301,8 @@ def compress(
     teacher: nn.Module | None = None,
     test_data: Dataset | None = None,
     latency_batch_sizes: tuple[int, ...] = (1, 64),
+    deploy_batch_size: int | None = None,
+    judge_speed: bool = True,
     console: Console | None = None,
 ) -> CompressResult:
     """Run ``recipe`` on ``model`` (untouched) and return the best model inside the accuracy budget.
@@ -154,6 +313,11 @@ def compress(
         teacher: for KD recovery and distill steps (default: a frozen copy of ``model``).
         test_data: held-out data only reported (``test_accuracy``), never used for a decision; keep ``val_data``
             apart from it (e.g. ``slimkit.data.split``) so that fine-tuning and the budget do not select on test.
+        latency_batch_sizes: the batch sizes of the final before/after latency table.
+        deploy_batch_size: the batch size each step is timed at on the deployed runtime (default: the recipe's
+            export ``auto_batch_size``, else 64; 1 for a latency-bound service).
+        judge_speed: time each step that changes the architecture or numerics on the deployed runtime and back
+            off or skip one that makes the deployed model slower (False: the accuracy budget alone decides).
     """
     recipe = Recipe.load(recipe)
     console = console or Console()
@@ -161,7 +325,19 @@ def compress(
         example_input = val_data[0][0].unsqueeze(0)
     original = copy.deepcopy(model).eval()
     teacher = teacher if teacher is not None else original
-    runner = StepRunner(teacher, train_data, val_data, example_input, test_data=test_data)
+    if deploy_batch_size is None:
+        last = recipe.steps[-1]
+        deploy_batch_size = last.config.auto_batch_size if last.kind is StepKind.EXPORT else DEFAULT_DEPLOY_BATCH_SIZE
+    if deploy_batch_size < 1:
+        raise UsageError(f"deploy_batch_size={deploy_batch_size}: give the batch size the model serves, >= 1")
+    runner = StepRunner(
+        teacher,
+        train_data,
+        val_data,
+        example_input,
+        test_data=test_data,
+        deploy_batch_size=deploy_batch_size if judge_speed else None,
+    )
     baseline = runner.metrics(original)
     floor = baseline["accuracy"] - recipe.max_accuracy_drop
     current = copy.deepcopy(model)
@@ -199,7 +375,7 @@ def compress(
                     f"top-1 agreement {100 * parity['top1_agreement']:.2f}%"
                 )
         final = runner.metrics(current)
-        candidates: dict[str, Any] = {"PyTorch fp32 (before)": original}
+        final["deploy_batch_size"] = deploy_batch_size
         if exported is not None and exported.suffix == ".onnx":
             from slimkit.export.runtime import OrtModel
 
@@ -208,13 +384,9 @@ def compress(
             if test_data is not None:
                 final["deployed_test_accuracy"] = evaluate(deployed, test_data).accuracy
             final["deployed_bytes"] = exported.stat().st_size
-            candidates["ONNX Runtime (after)"] = deployed
-        elif not any(o.kind == "quantize" and o.status != "skipped" for o in outcomes):
-            candidates["PyTorch (after)"] = current
-        timings = benchmark_latency(candidates, example_input, latency_batch_sizes, threads=2)
-        latency = {name: {bs: s.median for bs, s in per.items()} for name, per in timings.items()}
-        final["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[list(latency)[-1]].items()}
-        baseline["latency_ms"] = {str(bs): v * 1e3 for bs, v in latency[next(iter(latency))].items()}
+        latency = _final_latency(
+            original, current, exported, example_input, latency_batch_sizes, runner, baseline, final
+        )
     except BaseException:
         shutil.rmtree(export_dir, ignore_errors=True)
         raise

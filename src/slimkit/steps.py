@@ -3,9 +3,12 @@
 A step (``prune``, ``finetune``, ``distill``, ``quantize``) becomes a new model through the public verbs; the
 caller's model is never modified. ``compress`` runs steps under an accuracy floor: after each step the model is
 evaluated, a step that broke the floor gets a bounded knowledge-distillation recovery, then is backed off
-(pruning amount halved; bits raised binary -> ternary -> 4 -> 8) and finally skipped. A search trial's plan is
-turned into a Recipe (``slimkit.tuning._verbs.plan_recipe``) and run without a floor: the search scores the
-result itself, and a step a verb cannot apply raises (the trial is pruned as "plan not applicable").
+(pruning amount halved; bits raised binary -> ternary -> 4 -> 8) and finally skipped. A step that changes the
+architecture or numerics (prune, quantize, a distilled student) is also judged on the runtime the model ships on:
+before and after are timed side by side on their fastest deployed forms (``measure_deployed``) at the deployment
+batch size, and a step that makes the deployed model slower is backed off or skipped the same way. A search
+trial's plan is turned into a Recipe (``slimkit.tuning._verbs.plan_recipe``) and run without a floor: the search
+scores the result itself, and a step a verb cannot apply raises (the trial is pruned as "plan not applicable").
 
 Example:
     >>> runner = StepRunner(teacher, train, val, example_input)                        # doctest: +SKIP
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +35,24 @@ from slimkit.errors import UsageError
 from slimkit.recipe import Recipe, Step, StepKind
 from slimkit.train import FitResult, LossFn, evaluate, fit
 
-__all__ = ["StepOutcome", "StepRunner", "back_off", "run_step", "run_steps", "step_metrics"]
+__all__ = [
+    "DeployedSpeed",
+    "SpeedVerdict",
+    "StepOutcome",
+    "StepRunner",
+    "back_off",
+    "measure_deployed",
+    "run_step",
+    "run_steps",
+    "step_metrics",
+]
 
 EpochHook = Callable[[int, nn.Module, FitResult], None]
 DEFAULT_KD = "default"  # StepRunner(kd=...): DistillConfig() (temperature 4, alpha 0.9)
+# a step whose deployed model is more than 3% slower than before it, with the quartiles of the two apart (beyond
+# the noise of the side-by-side run), is backed off or skipped
+SLOWER_TOLERANCE = 0.03
+CALIB_EXAMPLES = 128  # training examples that calibrate oneDNN's int8 form when a step is timed
 
 
 @dataclass
@@ -50,6 +69,119 @@ class StepOutcome:
     seconds: float
     notes: list[str] = field(default_factory=list)
     test_accuracy: float | None = None  # reported only, when compress() was given test_data
+    # the deployed speed, when the step changed the architecture or numerics and compress() judged it: the fastest
+    # form (``runtime``, e.g. "onnxruntime int8") and its median ms at ``deploy_batch_size``, the same before the
+    # step, and every form timed side by side ("before: onnxruntime fp32", "after: onednn int8", ...)
+    runtime: str | None = None
+    deployed_ms: float | None = None
+    runtime_before: str | None = None
+    deployed_ms_before: float | None = None
+    deploy_batch_size: int | None = None
+    deployed_all_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DeployedSpeed:
+    """One model's fastest deployed form at one batch size: its name, median ms, quartiles, and every form's ms."""
+
+    runtime: str
+    ms: float
+    p25_ms: float
+    p75_ms: float
+    all_ms: dict[str, float] = field(default_factory=dict)
+
+
+def measure_deployed(
+    models: Mapping[str, nn.Module],
+    example_input: torch.Tensor,
+    batch_size: int,
+    *,
+    calib: list[torch.Tensor] | None = None,
+    threads: int = 2,
+    max_seconds: float = 4.0,
+) -> dict[str, DeployedSpeed]:
+    """Every form each model ships in (``slimkit.export.deployed.deployed_forms``: ONNX Runtime fp32 and folded
+    channels-last eager for a float model, ONNX Runtime int8 and oneDNN int8 for an int8 one), all timed side by
+    side in one interleaved run at ``batch_size``; returns each model's fastest form by label.
+
+    This is the one place ``compress`` times steps (tests replace it to inject timings).
+
+    Example:
+        >>> speed = measure_deployed({"before": model, "after": pruned}, x, 64)             # doctest: +SKIP
+        >>> speed["after"].runtime, round(speed["after"].ms, 1)                             # doctest: +SKIP
+        ('onnxruntime fp32', 7.9)
+    """
+    from slimkit.export.deployed import deployed_forms
+    from slimkit.measure import benchmark_latency
+
+    one = example_input[:1]
+    with tempfile.TemporaryDirectory(prefix="slimkit-deploy-") as tmp:
+        forms: dict[str, Callable[[torch.Tensor], object]] = {}
+        for i, (label, model) in enumerate(models.items()):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            built = deployed_forms(model, one, folder, calib=calib, threads=threads, batch_size=batch_size)
+            forms.update({f"{label}: {name}": form for name, form in built.items()})
+        timed = benchmark_latency(forms, one, (batch_size,), threads=threads, max_seconds=max_seconds)
+    speeds: dict[str, DeployedSpeed] = {}
+    for label in models:
+        mine = {key.split(": ", 1)[1]: t[batch_size] for key, t in timed.items() if key.startswith(f"{label}: ")}
+        best = min(mine, key=lambda name: mine[name].median)
+        stats = mine[best]
+        speeds[label] = DeployedSpeed(
+            best, stats.median * 1e3, stats.p25 * 1e3, stats.p75 * 1e3, {n: t.median * 1e3 for n, t in mine.items()}
+        )
+    return speeds
+
+
+@dataclass
+class SpeedVerdict:
+    """The deployed model before and after a step, timed side by side at ``batch_size``."""
+
+    before: DeployedSpeed
+    after: DeployedSpeed
+    batch_size: int
+
+    @property
+    def slower(self) -> bool:
+        """More than ``SLOWER_TOLERANCE`` slower, and the timed calls do not overlap (beyond the noise)."""
+        return self.after.ms > self.before.ms * (1 + SLOWER_TOLERANCE) and self.after.p25_ms > self.before.p75_ms
+
+    def describe(self) -> str:
+        """``"onnxruntime int8 12.9 ms vs onnxruntime fp32 11.2 ms before (batch 64)"``."""
+        return (
+            f"{self.after.runtime} {self.after.ms:.3g} ms vs {self.before.runtime} {self.before.ms:.3g} ms before "
+            f"(batch {self.batch_size})"
+        )
+
+    def fields(self, kept: str = "after") -> dict[str, Any]:
+        """The StepOutcome fields; ``kept="before"`` when the step was skipped (the model before it ships)."""
+        chosen = self.after if kept == "after" else self.before
+        timings = {f"before: {n}": ms for n, ms in self.before.all_ms.items()}
+        timings.update({f"after: {n}": ms for n, ms in self.after.all_ms.items()})
+        return {
+            "runtime": chosen.runtime,
+            "deployed_ms": chosen.ms,
+            "runtime_before": self.before.runtime,
+            "deployed_ms_before": self.before.ms,
+            "deploy_batch_size": self.batch_size,
+            "deployed_all_ms": timings,
+        }
+
+
+def _architecture(model: nn.Module) -> list[tuple[str, str, tuple]]:
+    """Module names, types and tensor shapes: what decides the deployed graph (not the weights' values)."""
+    return [
+        (
+            name,
+            type(module).__name__,
+            tuple(
+                (key, tuple(t.shape))
+                for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            ),
+        )
+        for name, module in model.named_modules()
+    ]
 
 
 def step_metrics(model: nn.Module, val_data: Any, example_input: torch.Tensor, test_data: Any = None) -> dict[str, Any]:
@@ -106,6 +238,9 @@ class StepRunner:
         kd: the knowledge-distillation settings of the loss that pruning, fine-tuning and QAT train with (teacher =
             ``teacher``): a ``DistillConfig``, ``"default"`` for ``DistillConfig()``, or None for plain labels.
         on_epoch_end: called after each epoch of a ``finetune`` step (a search reports to its pruner here).
+        deploy_batch_size: judge each step that changes the architecture or numerics on the runtime it ships on,
+            at this batch size (``measure_deployed``; ``run_step`` backs off or skips a step that makes the
+            deployed model slower); None (a search trial) times nothing.
     """
 
     def __init__(
@@ -118,10 +253,33 @@ class StepRunner:
         test_data: Any = None,
         kd: Any = DEFAULT_KD,
         on_epoch_end: EpochHook | None = None,
+        deploy_batch_size: int | None = None,
     ) -> None:
         self.teacher, self.train_data, self.val_data = teacher, train_data, val_data
         self.example_input, self.test_data = example_input, test_data
         self.kd, self.on_epoch_end = kd, on_epoch_end
+        self.deploy_batch_size = deploy_batch_size
+        self._calib: list[torch.Tensor] | None = None
+
+    def calib(self) -> list[torch.Tensor]:
+        """Up to ``CALIB_EXAMPLES`` training inputs in batches of 32 (oneDNN int8's calibration when timing)."""
+        if self._calib is None:
+            count = min(CALIB_EXAMPLES, len(self.train_data))
+            inputs = [self.train_data[i][0] for i in range(count)]
+            self._calib = [torch.stack(inputs[i : i + 32]) for i in range(0, count, 32)]
+        return self._calib
+
+    def judge_speed(self, before: nn.Module, after: nn.Module) -> SpeedVerdict | None:
+        """``before`` and ``after`` timed side by side on their fastest deployed forms, or None when there is
+        nothing to judge (no ``deploy_batch_size``, a non-tensor input, or the same architecture and numerics)."""
+        if self.deploy_batch_size is None or not isinstance(self.example_input, torch.Tensor):
+            return None
+        if _architecture(before) == _architecture(after):
+            return None
+        speeds = measure_deployed(
+            {"before": before, "after": after}, self.example_input, self.deploy_batch_size, calib=self.calib()
+        )
+        return SpeedVerdict(speeds["before"], speeds["after"], self.deploy_batch_size)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         return step_metrics(model, self.val_data, self.example_input, self.test_data)
@@ -178,9 +336,12 @@ class StepRunner:
 def run_step(
     runner: StepRunner, step: Step, model: nn.Module, floor: float, recipe: Recipe, console: Console
 ) -> tuple[nn.Module, StepOutcome]:
-    """Run ``step`` under the accuracy ``floor``: recover, back off, or skip it; returns the kept model."""
+    """Run ``step`` under the accuracy ``floor`` and, when the runner has a ``deploy_batch_size``, on the deployed
+    runtime: recover, back off, or skip it; returns the kept model."""
     start, notes, attempt = time.perf_counter(), [], step
+    last_speed: SpeedVerdict | None = None
     for tries in range(recipe.max_backoffs + 1):
+        last_speed = None  # why the last attempt was refused, when it was for speed
         try:
             candidate: nn.Module | None = runner.run(attempt, model)
         except ValueError as exc:  # e.g. an unreachable pruning target: a weaker step may still apply
@@ -198,17 +359,29 @@ def run_step(
             metrics = runner.metrics(candidate)
             status = "recovered" if tries == 0 else "backed_off"
         if candidate is not None and metrics["accuracy"] >= floor:
-            return candidate, StepOutcome(
-                attempt.kind.value,
-                status,
-                attempt.config.to_dict(),
-                seconds=time.perf_counter() - start,
-                notes=notes,
-                **metrics,
-            )
-        weaker = back_off(attempt)
-        if candidate is not None:
+            try:
+                speed = runner.judge_speed(model, candidate)
+            except Exception as exc:  # a model that cannot be exported is judged on accuracy alone, and said so
+                speed = None
+                notes.append(f"deployed speed not judged ({type(exc).__name__}: {exc})")
+            if speed is None or not speed.slower:
+                if speed is not None:
+                    notes.append(f"deployed: {speed.describe()}")
+                return candidate, StepOutcome(
+                    attempt.kind.value,
+                    status,
+                    attempt.config.to_dict(),
+                    seconds=time.perf_counter() - start,
+                    notes=notes,
+                    **metrics,
+                    **(speed.fields() if speed is not None else {}),
+                )
+            last_speed = speed
+            what = f"{attempt.kind.value} {_brief(attempt.config)}".removesuffix(" {}")
+            notes.append(f"{what} makes the deployed model slower: {speed.describe()}")
+        elif candidate is not None:
             notes.append(f"accuracy {metrics['accuracy']:.2f}% still below budget {floor:.2f}%")
+        weaker = back_off(attempt)
         if weaker is not None and tries < recipe.max_backoffs:
             notes[-1] += "; backing off"
         console.print(f"[yellow]{attempt.kind.value}: {notes[-1]}[/yellow]")
@@ -216,6 +389,11 @@ def run_step(
             break
         attempt = weaker
     metrics = runner.metrics(model)
+    if last_speed is not None:
+        notes.append(
+            f"{step.kind.value} skipped: {last_speed.after.runtime} {last_speed.after.ms:.3g} ms vs "
+            f"{last_speed.before.runtime} {last_speed.before.ms:.3g} ms without it (batch {last_speed.batch_size})"
+        )
     return model, StepOutcome(
         step.kind.value,
         "skipped",
@@ -223,6 +401,7 @@ def run_step(
         seconds=time.perf_counter() - start,
         notes=[*notes, "step skipped: the model before it is kept"],
         **metrics,
+        **(last_speed.fields(kept="before") if last_speed is not None else {}),
     )
 
 
@@ -250,5 +429,10 @@ def run_steps(
         console.print(
             f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
             f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s"
+            + (
+                f", deployed {outcome.runtime} {outcome.deployed_ms:.3g} ms at batch {outcome.deploy_batch_size}"
+                if outcome.runtime is not None and outcome.deployed_ms is not None
+                else ""
+            )
         )
     return model, outcomes
