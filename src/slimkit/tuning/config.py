@@ -9,6 +9,7 @@ from typing import Any
 
 from slimkit.config import Config, check_range
 from slimkit.errors import InputTypeError, UsageError
+from slimkit.tuning.objectives import Runtime
 
 __all__ = ["Pruner", "Runtime", "Sampler", "SearchConfig"]
 
@@ -26,13 +27,6 @@ class Pruner(str, enum.Enum):
     HYPERBAND = "hyperband"
     HALVING = "halving"
     NONE = "none"
-
-
-class Runtime(str, enum.Enum):
-    """Where the ``latency`` objective times a trial's model."""
-
-    DEPLOYED = "deployed"  # the fastest form it ships in (ONNX Runtime fp32 / int8, BN-folded eager, oneDNN int8)
-    EAGER = "eager"  # PyTorch eager as the model stands, side by side with the input model
 
 
 @dataclass

@@ -3,6 +3,7 @@ architecture), bytes on disk, MACs."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -17,16 +18,24 @@ from torch import nn
 
 from slimkit.config import nearest, to_enum
 from slimkit.errors import SlimkitError, UsageError
-from slimkit.tuning.config import Runtime
 
 if TYPE_CHECKING:
     from slimkit.export.deployed import Deployed
+
+
+class Runtime(str, enum.Enum):
+    """Where the ``latency`` objective times a trial's model."""
+
+    DEPLOYED = "deployed"  # the fastest form it ships in (ONNX Runtime fp32 / int8, BN-folded eager, oneDNN int8)
+    EAGER = "eager"  # PyTorch eager as the model stands, side by side with the input model
+
 
 __all__ = [
     "EAGER_RUNTIME",
     "OBJECTIVES",
     "LatencyCache",
     "Measurer",
+    "Runtime",
     "accuracy_threshold",
     "architecture_signature",
     "check_objectives",

@@ -145,7 +145,9 @@ def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchCon
     if stored is None:
         study.set_user_attr(ATTR, settings)
         return settings
-    for key in ("objectives", "space", "max_accuracy_drop", "relative"):
+    for key in ("objectives", "space", "max_accuracy_drop", "relative", "runtime"):
+        if key == "runtime" and key not in stored:  # a study from before runtimes were recorded: timed eager
+            continue
         if stored.get(key) != settings.get(key):
             raise UsageError(
                 f"study {config.study_name!r} in {config.storage_url} was created with {key}="
@@ -187,6 +189,7 @@ class _Worker:
             cache=LatencyCache(self.out / "latency_cache.json"),
             macs=any(spaces.is_plan_param(n) for n in self.space),
             baseline_ms=self.settings.get("baseline", {}).get("latency_ms"),
+            runtime=config.runtime,
         )
         self.progress: Any = None
         self.quiet = _QuietFailures()
@@ -483,6 +486,8 @@ def search(
         "max_accuracy_drop": config.max_accuracy_drop,
         "relative": config.relative,
     }
+    if "latency" in config.objectives:  # the stored baseline was timed on this runtime
+        settings["runtime"] = config.runtime.value
     if ATTR not in study.user_attrs:
         example = example_from(val_data)
         measurer = Measurer(
@@ -493,10 +498,12 @@ def search(
             latency_batch=config.latency_batch,
             threads=config.threads,
             macs=any(spaces.is_plan_param(n) for n in space),
+            runtime=config.runtime,
         )
         baseline = measurer(model, evaluate(model, val_data).accuracy, latency=False)
         if "latency" in config.objectives:
             baseline["latency_ms"], baseline["speedup"] = measurer.baseline_ms(), 1.0
+            baseline["runtime"] = measurer.baseline_runtime
         settings["baseline"] = baseline
         settings["threshold"] = accuracy_threshold(baseline["accuracy"], config.max_accuracy_drop, config.relative)
     settings = _check_same_settings(study, settings, config)
