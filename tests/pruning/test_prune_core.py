@@ -95,7 +95,9 @@ def test_zeroed_channels_are_the_ones_removed(name, importance):
     x = _input(name)
     zeroed = _zero_lowest_channels(model, x)
     reference = model(x)
-    result = prune(model, PruneConfig(amount=0.5, target="channels", importance=importance, max_sparsity=0.5, round_to=1), x)
+    result = prune(
+        model, PruneConfig(amount=0.5, target="channels", importance=importance, max_sparsity=0.5, round_to=1), x
+    )
     for group in result.record["groups"]:
         kept = set(torch.cat([torch.arange(a, b) for a, b in group["keep"]]).tolist())
         assert kept.isdisjoint(zeroed[group["id"]]), group["id"]

@@ -33,7 +33,9 @@ def test_custom_criterion_keeps_the_highest_scores():
         return torch.arange(group.units, dtype=torch.float32)
 
     model = create("mlp")
-    result = prune(model, PruneConfig(amount=0.25, target="channels", importance=by_index, round_to=1), torch.zeros(1, 1, 28, 28))
+    result = prune(
+        model, PruneConfig(amount=0.25, target="channels", importance=by_index, round_to=1), torch.zeros(1, 1, 28, 28)
+    )
     assert result.record["groups"][0]["keep"] == [[50, 200]]
     assert torch.equal(result.model[1].weight, model[1].weight[50:])
 
