@@ -33,7 +33,7 @@ def test_default_keeps_multiples_of_16_where_a_group_has_16_or_more():
 
 def test_groups_below_the_block_keep_a_step_of_one():
     model = create("lenet5")  # conv1 has 6 channels: below the block, any count runs on the same kernels
-    result = prune(model, PruneConfig(amount=0.3, target="channels"), torch.zeros(1, 1, 28, 28))
+    result = prune(model, PruneConfig(amount=0.3, target="macs"), torch.zeros(1, 1, 28, 28))
     small = [g for g in result.record["groups"] if g["size"] < 16]
     assert small and all(0 < g["kept"] < g["size"] for g in small)  # 6 -> 4 channels: a step of one
     assert all(g["kept"] % 16 == 0 or g["kept"] == g["size"] for g in result.record["groups"] if g["size"] >= 16)

@@ -284,7 +284,7 @@ def _choose(
     ``target="latency"`` keeps the blocks: it measures, and sub-block widths are what makes a runtime slow."""
     target = cfg.target.value
     curves = _sensitivity_curves(graph, cfg)
-    blocks = (BLOCK,) if cfg.round_to is not None or target in ("latency", "channels") else (16, 8, 4, 2, 1)
+    blocks = (BLOCK,) if cfg.round_to is not None or target == "latency" else (16, 8, 4, 2, 1)
     for block in blocks:
         limits = _limits(graph, cfg, block)
         last = block == blocks[-1]
@@ -292,7 +292,11 @@ def _choose(
             predict = latency_model(work, cost, limits, example_input, cfg)
         else:
             predict = None
-            if not last and _best_reduction(graph, limits, cost, cfg) < cfg.amount - cfg.tolerance:
+            if (
+                not last
+                and target != "channels"
+                and _best_reduction(graph, limits, cost, cfg) < cfg.amount - cfg.tolerance
+            ):
                 continue
             _check_reachable(graph, limits, cost, cfg, kept_intact)
 
@@ -316,7 +320,7 @@ def _choose(
             return keep, latency, []
         keep = keep_for(cfg.amount)
         kept = [len(keep[id(g)]) if id(g) in keep else g.size for g in graph.groups]
-        if last or target == "channels" or abs(_reduction(cost, kept, target) - cfg.amount) <= cfg.tolerance:
+        if last or abs(_reduction(cost, kept, target) - cfg.amount) <= cfg.tolerance:
             notes = []
             if block != blocks[0]:
                 notes.append(
@@ -330,6 +334,8 @@ def _choose(
 
 
 def _reduction(cost: CostModel, kept: list[int], target: str) -> float:
+    if target == "channels":
+        return 1 - sum(kept) / (sum(cost.sizes) or 1)
     macs, params = cost.cost(kept)
     return 1 - (macs / cost.total_macs if target == "macs" else params / cost.total_params)
 
