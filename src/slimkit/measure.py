@@ -354,6 +354,7 @@ def benchmark_latency(
     repeats: int = 30,
     threads: int | None = 2,
     max_seconds: float = 20.0,
+    min_seconds: float = 1.0,
 ) -> dict[str, dict[int, LatencyStats]]:
     """Time several models (or any callables taking a batch tensor) side by side in one process.
 
@@ -362,7 +363,9 @@ def benchmark_latency(
     block is not timed: runtimes keep their worker threads spinning for a while after a call (ONNX Runtime and
     OpenMP both do), which would otherwise steal the cores from whichever candidate runs next and make strict
     a/b alternation unfair. ``max_seconds``
-    caps the time per batch size (``repeats`` shrinks, never below 5). ONNX Runtime sessions fix their own
+    caps the time per batch size (``repeats`` shrinks, never below 5); ``min_seconds`` is the least time per
+    batch size (``repeats`` grows for sub-millisecond models, whose medians over 30 calls vary by tens of
+    percent from run to run). ONNX Runtime sessions fix their own
     thread count when created; pass the same number there. Models run in eval mode and get their training mode
     back afterwards.
     """
@@ -378,7 +381,7 @@ def benchmark_latency(
             for fn in fns.values():
                 fn(x)
             per_round = max(time.perf_counter() - start, 1e-9)
-            runs = max(5, min(repeats, int(max_seconds / per_round)))
+            runs = max(5, min(max(repeats, int(min_seconds / per_round)), int(max_seconds / per_round)))
             rounds = min(ROUNDS, runs)
             times: dict[str, list[float]] = {name: [] for name in fns}
             for r in range(rounds):
