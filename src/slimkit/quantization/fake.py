@@ -23,6 +23,8 @@ from slimkit.export.registry import FLOAT_TWIN, INTEGER_LAYER, INTEGER_TABLE, Ac
 from slimkit.quantization.lowbit import binary_codes, binary_params, ternary_codes, ternary_params
 from slimkit.quantization.math import Granularity, Observer, group_view, qparams, qrange, ungroup
 
+E = typing.TypeVar("E", bound=nn.Embedding)
+
 __all__ = [
     "ActQuantizer",
     "QuantConv2d",
@@ -312,15 +314,7 @@ def _quant_embedding(layer: nn.Embedding, bits: int, scheme: str, granularity: s
         raise UsageError(
             f"an Embedding is quantized symmetric per row (per_channel) or per_tensor, got {scheme!r} {granularity!r}"
         )
-    new = QuantEmbedding(
-        layer.num_embeddings,
-        layer.embedding_dim,
-        layer.padding_idx,
-        scale_grad_by_freq=layer.scale_grad_by_freq,
-        sparse=layer.sparse,
-        device=layer.weight.device,
-        dtype=layer.weight.dtype,
-    )
+    new = _embedding_like(QuantEmbedding, layer)
     with torch.no_grad():
         new.weight.copy_(layer.weight)
     new.weight_quant = WeightQuantizer(tuple(new.weight.shape), bits, scheme, granularity)
@@ -480,7 +474,14 @@ def integer_table(layer: QuantEmbedding) -> IntegerLayer:
 @torch.no_grad()
 def float_embedding(layer: QuantEmbedding) -> nn.Embedding:
     """A plain ``nn.Embedding`` holding the dequantized table (registered float-twin handler)."""
-    plain = nn.Embedding(
+    plain = _embedding_like(nn.Embedding, layer)
+    plain.weight.copy_(_simulated_weight(layer))
+    return plain.train(layer.training)
+
+
+def _embedding_like(cls: type[E], layer: nn.Embedding) -> E:
+    """A ``cls`` embedding with ``layer``'s sizes, padding index, flags, device and dtype (weights not copied)."""
+    return cls(
         layer.num_embeddings,
         layer.embedding_dim,
         layer.padding_idx,
@@ -489,5 +490,3 @@ def float_embedding(layer: QuantEmbedding) -> nn.Embedding:
         device=layer.weight.device,
         dtype=layer.weight.dtype,
     )
-    plain.weight.copy_(_simulated_weight(layer))
-    return plain.train(layer.training)

@@ -151,9 +151,8 @@ def prepare(model: nn.Module, specs: list[LayerSpec], observer: str = "minmax", 
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
-def residual_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """The layers among ``names`` whose output feeds a residual ``add`` (through ``Identity`` / ``BatchNorm`` /
-    ``Dropout`` modules), traced with torch.fx; ``[]`` when the model cannot be traced."""
+def trace_with_leaves(model: nn.Module, names: Iterable[str]) -> torch.fx.Graph | None:
+    """``model``'s torch.fx graph with the modules ``names`` kept as single calls; None when it cannot be traced."""
     wanted = set(names)
 
     class Tracer(torch.fx.Tracer):
@@ -161,8 +160,17 @@ def residual_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
             return qualname in wanted or super().is_leaf_module(module, qualname)
 
     try:
-        graph = Tracer().trace(model)
-    except Exception:
+        return Tracer().trace(model)
+    except Exception:  # an untraceable forward: callers fall back to what they can do without the graph
+        return None
+
+
+def residual_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The layers among ``names`` whose output feeds a residual ``add`` (through ``Identity`` / ``BatchNorm`` /
+    ``Dropout`` modules), traced with torch.fx; ``[]`` when the model cannot be traced."""
+    wanted = set(names)
+    graph = trace_with_leaves(model, wanted)
+    if graph is None:
         return []
     modules = dict(model.named_modules())
 

@@ -51,7 +51,7 @@ from slimkit.quantization.config import (
 from slimkit.quantization.fake import QuantLinear, float_layer
 from slimkit.quantization.math import qparams, quantize_weight, ungroup
 from slimkit.quantization.pack import pack_state_dict
-from slimkit.quantization.ptq import calibration_batches, layer_summary, run_batches
+from slimkit.quantization.ptq import calibration_batches, layer_summary, run_batches, trace_with_leaves
 
 __all__ = [
     "ScaledLinear",
@@ -318,14 +318,8 @@ def _producers(model: nn.Module, names: list[str]) -> dict[str, str]:
     Empty when the model cannot be traced with torch.fx."""
     wanted = set(names)
     modules = dict(model.named_modules())
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-            return qualname in wanted or super().is_leaf_module(module, qualname)
-
-    try:
-        graph = Tracer().trace(model)
-    except Exception:
+    graph = trace_with_leaves(model, wanted)
+    if graph is None:
         return {}
     found = {}
     for node in graph.nodes:
