@@ -2,8 +2,9 @@
 
 An example input is a tensor, a tuple of positional arguments or a dict of keyword arguments (``{"input_ids": ...,
 "attention_mask": ...}``); an output is a tensor, a tuple / list, a dict or a transformers ``ModelOutput`` (a dict
-whose ``None`` fields are left out), possibly nested. ``as_args`` / ``call`` take the first, ``first_tensor`` /
-``named_outputs`` read the second. Nothing here imports transformers.
+whose ``None`` fields are left out), possibly nested; a dataclass output is read as the dict of its fields.
+``as_args`` / ``call`` take the first, ``first_tensor`` / ``named_outputs`` read the second. Nothing here imports
+transformers.
 
 Example:
     >>> model = nn.Linear(4, 2)
@@ -15,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -93,6 +95,7 @@ def named_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.
     found: list[tuple[str, torch.Tensor]] = []
 
     def walk(value: Any, name: str) -> None:
+        value = _as_mapping(value)
         if isinstance(value, torch.Tensor):
             found.append((name, value))
         elif isinstance(value, Mapping):
@@ -102,6 +105,7 @@ def named_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.
             for i, item in enumerate(value):
                 walk(item, f"{name}.{i}")
 
+    output = _as_mapping(output)
     if isinstance(output, Mapping):
         for key, item in output.items():
             walk(item, str(key))
@@ -113,6 +117,13 @@ def named_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.
     return found
 
 
+def _as_mapping(value: Any) -> Any:
+    """A dataclass output (an output class that is not a dict) as a dict of its fields; anything else as is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type | Mapping):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return value
+
+
 def first_tensor(output: Any, key: str | None = None) -> torch.Tensor:
     """The tensor a verb compares or measures: ``output[key]`` when ``key`` is given, else the first tensor of
     ``output`` (a ``ModelOutput``'s first field: ``logits`` or ``last_hidden_state``).
@@ -121,6 +132,7 @@ def first_tensor(output: Any, key: str | None = None) -> torch.Tensor:
         >>> first_tensor((torch.ones(2), torch.zeros(3))).tolist()
         [1.0, 1.0]
     """
+    output = _as_mapping(output)
     if key is not None:
         if not isinstance(output, Mapping) or key not in output:
             have = list(output) if isinstance(output, Mapping) else type(output).__name__

@@ -1,7 +1,8 @@
 """Knowledge distillation: a frozen teacher trains a smaller student, or helps a compressed model recover.
 
-- ``distill(student, teacher, DistillConfig(...), train, val)`` trains a copy of the student (Hinton KD, plus
-  FitNets hints and attention transfer between named layers) and returns ``DistillResult(model, record)``.
+- ``distill(student, teacher, DistillConfig(...), train, val)`` trains a copy of the student (Hinton KD on logits,
+  or ``output_loss="mse"`` / ``"cosine"`` on any output without labels, plus FitNets hints - token features too -
+  and attention transfer between named layers) and returns ``DistillResult(model, record)``.
 - ``kd_loss_fn(teacher, config)`` is the ``slimkit.train`` loss hook that pruning, QAT and the pipeline use for
   recovery (teacher = the uncompressed model).
 - ``losses`` holds the pure loss functions (``kd_loss``, ``hinton_loss``, ``hint_loss``, ``attention_transfer_loss``,
@@ -20,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from slimkit.distillation.config import DistillConfig
+from slimkit.distillation.config import DistillConfig, OutputLoss, Pooling
 from slimkit.distillation.losses import (
     attention_map,
     attention_transfer_loss,
@@ -29,12 +30,16 @@ from slimkit.distillation.losses import (
     hint_loss,
     hinton_loss,
     kd_loss,
+    mean_pool,
+    output_distance,
 )
 from slimkit.distillation.trainer import DistillResult, distill, kd_loss_fn
 
 __all__ = [
     "DistillConfig",
     "DistillResult",
+    "OutputLoss",
+    "Pooling",
     "attention_map",
     "attention_transfer_loss",
     "distill",
@@ -44,4 +49,6 @@ __all__ = [
     "hinton_loss",
     "kd_loss",
     "kd_loss_fn",
+    "mean_pool",
+    "output_distance",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,13 +11,28 @@ from slimkit.config import Config, FlatField, check_range, nested_config, short_
 from slimkit.errors import UsageError
 from slimkit.train import Optimizer, Schedule, TrainConfig
 
-__all__ = ["DistillConfig", "LayerPairs"]
+__all__ = ["DistillConfig", "LayerPairs", "OutputLoss", "Pooling"]
 
 LayerPairs = tuple[tuple[str, str], ...]
 
 #: ``TrainConfig`` field names that ``DistillConfig`` also takes flat (``DistillConfig(epochs=4)``, recipe keys)
 TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DEFAULT_EPOCHS = 10  # a distillation run defaults to more epochs than TrainConfig's 5
+
+
+class OutputLoss(str, enum.Enum):
+    """How the student's output is compared with the teacher's."""
+
+    KL = "kl"  # Hinton KD on logits (temperature, alpha with labels)
+    MSE = "mse"  # mean squared error between the outputs (embeddings, hidden states); no labels
+    COSINE = "cosine"  # 1 - cosine similarity along the last dimension; no labels
+
+
+class Pooling(str, enum.Enum):
+    """What is done to a token output ``(N, T, C)`` before the output loss."""
+
+    NONE = "none"  # compare token by token (padding tokens left out when the inputs hold an attention mask)
+    MEAN = "mean"  # mean over the tokens the attention mask keeps: a sentence embedding (sentence-transformers)
 
 
 def _layer_pairs(name: str, value: Any) -> LayerPairs:
@@ -40,20 +56,32 @@ def _layer_pairs(name: str, value: Any) -> LayerPairs:
 class DistillConfig(Config):
     """Settings of knowledge distillation: the KD terms, plus the training run as an embedded ``TrainConfig``.
 
-    The loss is ``alpha · T² · KL(teacher_T ‖ student_T) + (1 - alpha) · hard`` (``hard`` is cross-entropy, or
-    focal loss when ``focal_gamma > 0``) ``+ hint_weight · Σ hint MSE + attention_weight · Σ attention loss``.
+    With ``output_loss="kl"`` the loss is ``alpha · T² · KL(teacher_T ‖ student_T) + (1 - alpha) · hard``
+    (``hard`` is cross-entropy, or focal loss when ``focal_gamma > 0``) ``+ hint_weight · Σ hint MSE +
+    attention_weight · Σ attention loss``. With ``"mse"`` / ``"cosine"`` the first term is the distance between the
+    two models' outputs (no labels, no temperature); hints and attention are added the same way.
 
     Args:
+        output_loss: ``"kl"`` (Hinton KD on logits), ``"mse"`` or ``"cosine"`` (``1 - cos``) between the outputs
+            themselves: embeddings, hidden states, any tensor; these need no labels.
+        output_key: the key of a dict / ``ModelOutput`` output to compare (``"pooler_output"``,
+            ``"sentence_embedding"``); ``None``: the output's first tensor (``logits``, ``last_hidden_state``).
+        pooling: ``"mean"`` averages a token output ``(N, T, C)`` over the tokens the input dict's
+            ``attention_mask`` keeps (all tokens without one) before the loss: the sentence embedding of a
+            sentence-transformers model. ``"none"`` compares token by token (mse / cosine leave masked tokens out).
         temperature: softmax temperature T (> 0) of both models in the soft term.
-        alpha: weight of the soft KD term in [0, 1]; ``1 - alpha`` weighs the hard-label term.
+        alpha: weight of the soft KD term in [0, 1]; ``1 - alpha`` weighs the hard-label term. Data without labels
+            needs ``alpha=1`` (or ``output_loss="mse"`` / ``"cosine"``).
         focal_gamma: focal-loss γ of the hard term (0: plain cross-entropy).
         hints: FitNets pairs ``(student_layer, teacher_layer)`` of module names (see ``model.named_modules()``);
-            a learned linear / 1x1-conv adapter is added where the widths differ.
+            features ``(N, C)``, token features ``(N, T, C)`` or maps ``(N, C, H, W)``; a learned ``Linear`` /
+            1x1-conv adapter is added where the widths differ.
         hint_weight: weight of each hint term.
         attention: attention-transfer pairs ``(student_layer, teacher_layer)`` of convolutional feature maps.
         attention_weight: β/2 of Zagoruyko & Komodakis (they use β = 1000).
-        cache_teacher: compute the teacher's logits on the training set once (only for data without augmentation;
-            not with hints or attention, which need the teacher's features of every batch).
+        cache_teacher: compute the teacher's logits on the training set once (only for labelled data without
+            augmentation and ``output_loss="kl"``; not with hints or attention, which need the teacher's features of
+            every batch).
         train: the training run, a ``slimkit.train.TrainConfig`` (or a mapping of its fields); by default
             ``TrainConfig(epochs=10)``.
         epochs, lr, optimizer, momentum, weight_decay, batch_size, schedule, seed, patience, max_batches,
@@ -81,6 +109,9 @@ class DistillConfig(Config):
     attention: LayerPairs = ()
     attention_weight: float = 500.0
     cache_teacher: bool = False
+    output_loss: OutputLoss = OutputLoss.KL
+    output_key: str | None = None
+    pooling: Pooling = Pooling.NONE
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS))
 
     # the flat spellings of the training fields (not dataclass fields: no annotation)
@@ -109,6 +140,9 @@ class DistillConfig(Config):
         cache_teacher: bool = False,
         train: TrainConfig | dict[str, Any] | None = None,
         *,
+        output_loss: OutputLoss | str = OutputLoss.KL,
+        output_key: str | None = None,
+        pooling: Pooling | str = Pooling.NONE,
         epochs: int | None = None,
         lr: float | None = None,
         optimizer: Optimizer | str | None = None,
@@ -145,6 +179,9 @@ class DistillConfig(Config):
         self.attention = _layer_pairs("attention", attention)
         self.attention_weight = attention_weight
         self.cache_teacher = cache_teacher
+        self.output_loss = output_loss  # type: ignore[assignment]  # a str is turned into the enum by __post_init__
+        self.output_key = output_key
+        self.pooling = pooling  # type: ignore[assignment]
         self.train = nested_config(TrainConfig, "DistillConfig", "train", train, flat, {"epochs": DEFAULT_EPOCHS})
         self.__post_init__()
 
@@ -164,6 +201,18 @@ class DistillConfig(Config):
         if self.hint_weight < 0 or self.attention_weight < 0:
             raise UsageError(
                 f"hint_weight={self.hint_weight!r} and attention_weight={self.attention_weight!r} must be >= 0"
+            )
+        if self.output_key is not None and not self.output_key:
+            raise UsageError("output_key='' must name a key of the model's output (or be None: its first tensor)")
+        if self.pooling is Pooling.MEAN and self.output_loss is OutputLoss.KL:
+            raise UsageError(
+                "pooling='mean' averages token embeddings, which output_loss='kl' (logits) does not compare: "
+                "set output_loss='cosine' or 'mse', or pooling='none'"
+            )
+        if self.cache_teacher and self.output_loss is not OutputLoss.KL:
+            raise UsageError(
+                f"cache_teacher=True caches logits for output_loss='kl' only, not {self.output_loss.value!r}: "
+                "set cache_teacher=False"
             )
         if self.cache_teacher and (self.hints or self.attention):
             raise UsageError(

@@ -1,4 +1,5 @@
-"""Distillation losses as pure functions: Hinton KD, FitNets hints, attention transfer, focal loss.
+"""Distillation losses as pure functions: Hinton KD, output distances (MSE, cosine, mean-pooled sentence
+embeddings), FitNets hints, attention transfer, focal loss.
 
 Everything here is stateless math on tensors (the adapters of ``hint_loss`` are passed in, built by
 ``hint_adapter``). The trainer in ``trainer.py`` wires these into ``slimkit.train.fit`` through its ``loss_fn`` hook.
@@ -27,6 +28,8 @@ __all__ = [
     "hint_loss",
     "hinton_loss",
     "kd_loss",
+    "mean_pool",
+    "output_distance",
 ]
 
 
@@ -63,6 +66,61 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def mean_pool(tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sentence embeddings ``(N, C)`` from token embeddings ``(N, T, C)``: the mean over the tokens ``mask``
+    ``(N, T)`` keeps (sentence-transformers' mean pooling); every token without a mask. A row whose mask keeps no
+    token gives zeros.
+
+    Example:
+        >>> tokens = torch.tensor([[[1.0], [3.0], [100.0]]])
+        >>> mean_pool(tokens, torch.tensor([[1, 1, 0]])).tolist()
+        [[2.0]]
+    """
+    if tokens.ndim != 3:
+        raise UsageError(f"mean pooling needs token embeddings (N, T, C); got {tuple(tokens.shape)}")
+    if mask is None:
+        return tokens.mean(dim=1)
+    if tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise UsageError(
+            f"attention_mask {tuple(mask.shape)} does not match the tokens {tuple(tokens.shape[:2])} (N, T) "
+            "of the output being pooled"
+        )
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def output_distance(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The distance between two outputs of the same shape: ``"mse"`` (mean squared error) or ``"cosine"``
+    (``1 - cos`` along the last dimension, averaged over the rest). For token outputs ``(N, T, C)`` a ``mask``
+    ``(N, T)`` leaves padding tokens out of the average. No labels, no temperature.
+
+    Example:
+        >>> x = torch.randn(4, 8)
+        >>> float(output_distance(x, 3 * x, "cosine")) < 1e-6, float(output_distance(x, x, "mse"))
+        (True, 0.0)
+    """
+    if student.shape != teacher.shape:
+        raise UsageError(
+            f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ in shape: "
+            "output_loss='mse'/'cosine' compares them element by element (name another output with "
+            "output_key=, or compare inner layers through hints, which learn a projection)"
+        )
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    s, t = student.to(dtype), teacher.detach().to(dtype)
+    if kind == "mse":
+        per_item = (s - t).pow(2).mean(dim=-1)
+    elif kind == "cosine":
+        per_item = 1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    else:
+        raise UsageError(f"output distance {kind!r} is not known; choose 'mse' or 'cosine'")
+    if mask is not None and s.ndim == 3 and tuple(mask.shape) == tuple(s.shape[:2]):
+        weights = mask.to(dtype)
+        return (per_item * weights).sum() / weights.sum().clamp_min(1.0)
+    return per_item.mean()
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -112,20 +170,25 @@ def hinton_loss(
 def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
     """The learned regressor mapping a student feature to the teacher's width (FitNets, Romero et al. 2015).
 
-    ``(N, Cs)`` features get ``Linear(Cs, Ct)``; ``(N, Cs, H, W)`` maps get a 1x1 ``Conv2d(Cs, Ct)``. Equal widths
-    get ``Identity`` (nothing to learn). Shapes are per-example or with the batch dimension; only the channel
-    dimension (index 1 with the batch) is compared.
+    ``(N, Cs)`` features and ``(N, T, Cs)`` token features (transformer hidden states) get ``Linear(Cs, Ct)`` (on
+    the last dimension); ``(N, Cs, H, W)`` maps get a 1x1 ``Conv2d(Cs, Ct)``. Equal widths get ``Identity``
+    (nothing to learn). Shapes include the batch dimension; only the channel dimension is compared.
+
+    Example:
+        >>> hint_adapter((8, 10, 32), (8, 10, 64))
+        Linear(in_features=32, out_features=64, bias=True)
     """
     s_dims, t_dims = len(student_shape), len(teacher_shape)
-    if s_dims != t_dims or s_dims not in (2, 4):
+    if s_dims != t_dims or s_dims not in (2, 3, 4):
         raise UsageError(
-            f"hint features must both be (N, C) or both (N, C, H, W); got student {tuple(student_shape)}"
-            f" and teacher {tuple(teacher_shape)}"
+            f"hint features must both be (N, C) or both (N, C, H, W) (or both (N, T, C) tokens); got student "
+            f"{tuple(student_shape)} and teacher {tuple(teacher_shape)}"
         )
-    c_student, c_teacher = student_shape[1], teacher_shape[1]
+    channel = -1 if s_dims == 3 else 1
+    c_student, c_teacher = student_shape[channel], teacher_shape[channel]
     if c_student == c_teacher:
         return nn.Identity()
-    if s_dims == 2:
+    if s_dims in (2, 3):
         return nn.Linear(c_student, c_teacher)
     return nn.Conv2d(c_student, c_teacher, kernel_size=1, bias=False)
 
@@ -135,7 +198,8 @@ def hint_loss(
 ) -> torch.Tensor:
     """FitNets hint: mean squared error between ``adapter(student_features)`` and the teacher's features.
 
-    Feature maps of different spatial size are matched by adaptive average pooling of the student's map.
+    Feature maps of different spatial size are matched by adaptive average pooling of the student's map; token
+    features ``(N, T, C)`` must have the same number of tokens.
     """
     projected = adapter(student_features) if adapter is not None else student_features
     teacher_features = teacher_features.detach()

@@ -1,5 +1,9 @@
 """Distillation training: ``distill`` (a teacher trains a copy of the student) and ``kd_loss_fn`` (the recovery hook).
 
+Data may yield inputs only (a tensor, a tuple of positional arguments, a dict of keyword arguments such as
+``{"input_ids": ..., "attention_mask": ...}``) or ``(inputs, labels)``; models may return a tensor, a tuple, a dict
+or a transformers ``ModelOutput`` (the first tensor is compared unless ``output_key`` names another).
+
 The teacher always runs frozen: in eval mode, under ``torch.no_grad``, never handed to the optimizer; the mode of
 each of its modules is restored afterwards, so the caller's teacher is left as it was. Everything else is
 ``slimkit.train.fit`` with a distillation ``loss_fn``; hint adapters train alongside the student through
@@ -18,16 +22,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit._inputs import call, first_tensor, named_outputs
 from slimkit.config import nearest
-from slimkit.distillation.config import DistillConfig, LayerPairs
-from slimkit.distillation.losses import attention_map, attention_transfer_loss, hint_adapter, hint_loss, hinton_loss
+from slimkit.distillation import _data
+from slimkit.distillation.config import DistillConfig, LayerPairs, OutputLoss, Pooling
+from slimkit.distillation.losses import (
+    attention_map,
+    attention_transfer_loss,
+    hint_adapter,
+    hint_loss,
+    hinton_loss,
+    mean_pool,
+    output_distance,
+)
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
-from slimkit.train import FitResult, LossFn, eval_mode, evaluate, fit, predict
+from slimkit.train import FitResult, LossFn, eval_mode, evaluate, fit, make_loader, predict
 
 __all__ = ["DistillResult", "distill", "kd_loss_fn"]
 
-Data = Dataset | DataLoader
+Data = _data.Data
 
 
 @dataclass
@@ -74,15 +88,53 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
         raise InputTypeError(
             f"kd_loss_fn: config must be a DistillConfig or a temperature, got {type(config).__name__}"
         )
-    temperature, weight, gamma = cfg.temperature, cfg.alpha, cfg.focal_gamma
+    output_term = _output_term(cfg)
 
-    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def loss_fn(outputs: Any, targets: torch.Tensor, inputs: Any) -> torch.Tensor:
         # eval mode for every call (dropout/batch-norm updates would corrupt the targets), the caller's mode after
         with eval_mode(teacher), torch.no_grad():
-            teacher_logits = teacher(inputs)
-        return hinton_loss(outputs, teacher_logits, targets, temperature, weight, gamma)
+            teacher_out = first_tensor(call(teacher, inputs), cfg.output_key)
+        return output_term(first_tensor(outputs, cfg.output_key), teacher_out, targets, inputs, None)
 
     return loss_fn
+
+
+OutputTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, "dict[str, torch.Tensor] | None"], torch.Tensor]
+
+
+def _output_term(cfg: DistillConfig) -> OutputTerm:
+    """``(student_out, teacher_out, targets, inputs, terms) -> loss``: the output term ``cfg`` asks for (Hinton KD
+    with the hard-label term, or the mse / cosine distance, mean-pooled over the attention mask when asked)."""
+
+    def term(
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        targets: torch.Tensor,
+        inputs: Any,
+        parts: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        if cfg.output_loss is OutputLoss.KL:
+            return hinton_loss(student, teacher, targets, cfg.temperature, cfg.alpha, cfg.focal_gamma, terms=parts)
+        mask = _data.attention_mask(inputs)
+        if cfg.pooling is Pooling.MEAN:
+            student, teacher, mask = mean_pool(student, mask), mean_pool(teacher, mask), None
+        loss = output_distance(student, teacher, cfg.output_loss.value, mask)
+        if parts is not None:
+            parts[cfg.output_loss.value] = loss
+        return loss
+
+    return term
+
+
+class _Selected(nn.Module):
+    """A model as ``fit`` / ``evaluate`` call it: inputs of any form in, the compared output tensor out."""
+
+    def __init__(self, model: nn.Module, key: str | None) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return first_tensor(call(self.model, inputs), self.key)
 
 
 def _layers(model: nn.Module, names: list[str], role: str) -> dict[str, nn.Module]:
@@ -105,7 +157,10 @@ class _Capture:
 
     def _hook(self, name: str, only_with_grad: bool) -> Callable[[nn.Module, Any, Any], None]:
         def keep(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and (torch.is_grad_enabled() or not only_with_grad):
+            if not isinstance(output, torch.Tensor):  # a transformer layer returns a tuple (hidden states first)
+                found = named_outputs(output)
+                output = found[0][1] if found else None
+            if output is not None and (torch.is_grad_enabled() or not only_with_grad):
                 self.features[name] = output.clone()
 
         return keep
@@ -137,20 +192,12 @@ def _size(data: Dataset) -> int:
     return len(data)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; a map-style one has it
 
 
-def _probe_inputs(data: Data, n: int = 8) -> torch.Tensor:
-    if isinstance(data, DataLoader):
-        return next(iter(data))[0][:n]
-    if _size(data) == 0:
-        raise UsageError("distill: the training data is empty")
-    return torch.stack([data[i][0] for i in range(min(n, _size(data)))])
-
-
 def _check_cacheable(data: Data) -> Dataset:
     """``data`` itself, once known to be a Dataset that reads the same example twice (its logits can be cached)."""
     if isinstance(data, DataLoader):
         raise UsageError("cache_teacher=True needs a Dataset (the logits are stored per example), not a DataLoader")
     for i in range(min(2, _size(data))):
-        if not torch.equal(data[i][0], data[i][0]):
+        if not _data.same(data[i][0], data[i][0]):
             raise UsageError(
                 f"cache_teacher=True needs data without augmentation, but example {i} of the training "
                 "data differs between two reads: set cache_teacher=False"
@@ -188,25 +235,32 @@ def distill(
     train_data: Data | None = None,
     val_data: Data | None = None,
 ) -> DistillResult:
-    """Train a copy of ``student`` to match ``teacher`` (Hinton KD, plus optional hints and attention transfer).
+    """Train a copy of ``student`` to match ``teacher`` (Hinton KD or an output distance, plus optional hints and
+    attention transfer).
 
     The caller's student is not modified; the teacher is only switched to eval mode for the run (the mode of each
-    of its modules is restored afterwards). All checks (output sizes, layer names, feature shapes) run before any
-    training.
+    of its modules is restored afterwards). All checks (output sizes, layer names, feature shapes, labels) run
+    before any training.
 
     Args:
-        train_data: the training set (Dataset or DataLoader of ``(inputs, labels)``); required.
-        val_data: validation set: the best epoch is kept and the record gets teacher/student accuracies.
+        train_data: the training set, a Dataset or DataLoader of inputs (tensor, tuple or dict) or of
+            ``(inputs, labels)``; required. Labels are needed only by ``output_loss="kl"`` with ``alpha < 1``.
+        val_data: validation set: the best epoch is kept (by accuracy with labels and ``"kl"``, else by the output
+            loss) and the record gets teacher/student accuracies, or the output loss and cosine to the teacher.
 
     Example:
         >>> import slimkit
         >>> train, test = slimkit.data.load("digits")                    # 8x8 digits, bundled
         >>> teacher = slimkit.models.create("mlp", in_features=64, hidden=64)
         >>> student = slimkit.models.create("mlp", in_features=64, hidden=16)
-        >>> cfg = DistillConfig(temperature=4.0, alpha=0.9, epochs=1, max_batches=2, progress=False)
+        >>> cfg = DistillConfig(epochs=1, max_batches=2, progress=False)
         >>> result = distill(student, teacher, cfg, train, test)
         >>> result.model is not student, sorted(result.record["loss_terms"])
         (True, ['hard', 'kd'])
+        >>> images = [x for x, _ in train]                                # no labels: compare the outputs
+        >>> cfg = DistillConfig(output_loss="cosine", epochs=1, max_batches=2, progress=False)
+        >>> sorted(distill(student, teacher, cfg, images).record["loss_terms"])
+        ['cosine']
     """
     cfg = config if config is not None else DistillConfig()
     if not isinstance(cfg, DistillConfig):
@@ -215,7 +269,7 @@ def distill(
         if not isinstance(module, nn.Module):
             raise InputTypeError(f"{role} must be a torch.nn.Module, got {type(module).__name__}")
     if train_data is None:
-        raise UsageError("distill needs train_data (a Dataset or DataLoader of (inputs, labels))")
+        raise UsageError("distill needs train_data (a Dataset or DataLoader of inputs or (inputs, labels))")
     model = copy.deepcopy(student)
     hint_s, hint_t = _pair_names(cfg.hints)
     att_s, att_t = _pair_names(cfg.attention)
@@ -223,20 +277,33 @@ def distill(
     teacher_features = _Capture(teacher, hint_t + att_t, "teacher", only_with_grad=False)
     try:
         with eval_mode(teacher):
-            adapters = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
-            history, terms, cached = _train(
-                model, teacher, cfg, train_data, val_data, adapters, student_features, teacher_features
+            adapters, labelled = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
+            val_labelled = val_data is not None and _data.probe(val_data)[1]
+            run = _train(
+                model,
+                teacher,
+                cfg,
+                train_data,
+                labelled,
+                val_data,
+                val_labelled,
+                adapters,
+                student_features,
+                teacher_features,
             )
     finally:
         student_features.remove()
         teacher_features.remove()
-    record = {
+    history, terms, cached, val_outputs = run
+    record: dict[str, Any] = {
         "config": cfg.to_dict(),
         "teacher_cached": cached,
+        "labelled": labelled,
         "train_loss": history.train_loss,
         "loss_terms": dict(terms.per_epoch),
         "val_accuracy": history.val_accuracy,
-        "best_epoch": history.best_epoch,
+        "val_output_loss": val_outputs.losses,
+        "best_epoch": history.best_epoch if val_outputs.best_epoch is None else val_outputs.best_epoch,
         "adapters": {
             key: {"type": type(a).__name__, "weight_shape": list(getattr(a, "weight", torch.empty(0)).shape)}
             for key, a in adapters.items()
@@ -244,23 +311,58 @@ def distill(
         "teacher_accuracy": None,
         "student_accuracy_before": None,
         "student_accuracy": None,
+        "student_cosine": None,
     }
-    if val_data is not None:
-        record["teacher_accuracy"] = evaluate(teacher, val_data).accuracy
-        record["student_accuracy_before"] = evaluate(student, val_data).accuracy
-        record["student_accuracy"] = evaluate(model, val_data).accuracy
+    if val_data is not None and val_labelled and cfg.output_loss is OutputLoss.KL:
+        record["teacher_accuracy"] = evaluate(_Selected(teacher, cfg.output_key), val_data).accuracy
+        record["student_accuracy_before"] = evaluate(_Selected(student, cfg.output_key), val_data).accuracy
+        record["student_accuracy"] = evaluate(_Selected(model, cfg.output_key), val_data).accuracy
+    elif val_data is not None:
+        record["student_cosine"] = _validate(model, teacher, cfg, val_data, val_labelled)[1]
     record_step(model, student, "distill", record)
     return DistillResult(model.eval(), record, adapters)
 
 
-def _run(role: str, model: nn.Module, inputs: torch.Tensor) -> Any:
+def _run(role: str, model: nn.Module, inputs: Any, key: str | None) -> torch.Tensor:
     try:
-        return model(inputs)
-    except RuntimeError as exc:
+        return first_tensor(call(model, inputs), key)
+    except (RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(
-            f"the {role} cannot run on the training data (inputs of shape {tuple(inputs.shape)}): {first}"
+            f"the {role} cannot run on the training data (inputs {_data.describe(inputs)}): {first}"
         ) from exc
+    except InputTypeError as exc:
+        raise UsageError(f"the {role}: {exc}") from None
+
+
+def _check_outputs(cfg: DistillConfig, student_out: torch.Tensor, teacher_out: torch.Tensor) -> None:
+    if cfg.output_loss is OutputLoss.KL:
+        for role, out in (("student", student_out), ("teacher", teacher_out)):
+            if out.ndim != 2:
+                raise UsageError(
+                    f"the {role} must return logits of shape (batch, classes) for output_loss='kl'; got "
+                    f"{tuple(out.shape)} (outputs that are not logits: output_loss='cosine' or 'mse')"
+                )
+        if student_out.shape[1] != teacher_out.shape[1]:
+            raise UsageError(
+                f"output sizes differ: the student predicts {student_out.shape[1]} classes, the teacher "
+                f"{teacher_out.shape[1]}; distillation needs one output space (same num_classes)"
+            )
+        return
+    if cfg.pooling is Pooling.MEAN and (student_out.ndim != 3 or teacher_out.ndim != 3):
+        raise UsageError(
+            f"pooling='mean' needs token outputs (N, T, C); the student returns {tuple(student_out.shape)}, the "
+            f"teacher {tuple(teacher_out.shape)} (name the token output with output_key=, or pooling='none')"
+        )
+    s_shape, t_shape = student_out.shape, teacher_out.shape
+    if cfg.pooling is Pooling.MEAN:
+        s_shape, t_shape = s_shape[::2], t_shape[::2]  # (N, C) after pooling
+    if s_shape != t_shape:
+        raise UsageError(
+            f"output_loss={cfg.output_loss.value!r}: the student's output {tuple(student_out.shape)} and the "
+            f"teacher's {tuple(teacher_out.shape)} differ in shape; compare outputs of one width (output_key=), "
+            "or inner layers through hints (they learn a projection)"
+        )
 
 
 def _check_and_build(
@@ -270,30 +372,35 @@ def _check_and_build(
     train_data: Data,
     student_features: _Capture,
     teacher_features: _Capture,
-) -> nn.ModuleDict:
-    """Run both models on a few training examples: check the outputs agree and build the hint adapters."""
-    inputs = _probe_inputs(train_data)
+) -> tuple[nn.ModuleDict, bool]:
+    """Run both models on a few training examples: check the outputs agree, build the hint adapters, and tell
+    whether the data has labels."""
+    inputs, labelled = _data.probe(train_data)
+    if not labelled and cfg.output_loss is OutputLoss.KL and cfg.alpha < 1:
+        raise UsageError(
+            f"alpha={cfg.alpha} weighs a hard-label term, but the training data yields inputs only: set "
+            "alpha=1.0 (soft targets only), or output_loss='cosine' / 'mse', or give (inputs, labels)"
+        )
+    if cfg.cache_teacher and not labelled:
+        raise UsageError("cache_teacher=True needs (inputs, labels) examples; set cache_teacher=False")
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():  # the student's hooks capture only when gradients are on
-            student_out = _run("student", model, inputs)
+            student_out = _run("student", model, inputs, cfg.output_key)
         with torch.no_grad():
-            teacher_out = _run("teacher", teacher, inputs)
+            teacher_out = _run("teacher", teacher, inputs, cfg.output_key)
     finally:
         model.train(was_training)
-    for role, out in (("student", student_out), ("teacher", teacher_out)):
-        if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UsageError(f"the {role} must return logits of shape (batch, classes); got {shape}")
-    if student_out.shape[1] != teacher_out.shape[1]:
-        raise UsageError(
-            f"output sizes differ: the student predicts {student_out.shape[1]} classes, the teacher "
-            f"{teacher_out.shape[1]}; distillation needs one output space (same num_classes)"
-        )
+    _check_outputs(cfg, student_out, teacher_out)
     adapters = nn.ModuleDict()
     for i, (s_name, t_name) in enumerate(cfg.hints):
         s_feat, t_feat = student_features.features[s_name], teacher_features.features[t_name]
+        if s_feat.ndim == t_feat.ndim == 3 and s_feat.shape[1] != t_feat.shape[1]:
+            raise UsageError(
+                f"hint ({s_name!r}, {t_name!r}): token features {tuple(s_feat.shape)} and {tuple(t_feat.shape)} "
+                "differ in the number of tokens (N, T, C); pair layers that see the same tokens"
+            )
         try:
             adapters[f"hint{i}"] = hint_adapter(tuple(s_feat.shape), tuple(t_feat.shape))
         except ValueError as exc:
@@ -306,7 +413,40 @@ def _check_and_build(
                 raise UsageError(f"attention ({s_name!r}, {t_name!r}): {role} layer {name!r}: {exc}") from None
     student_features.features.clear()
     teacher_features.features.clear()
-    return adapters
+    return adapters, labelled
+
+
+@dataclass
+class _ValOutputs:
+    """The validation output loss per epoch (when it, not accuracy, picks the best epoch) and the best state."""
+
+    losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+@torch.no_grad()
+def _validate(
+    model: nn.Module, teacher: nn.Module, cfg: DistillConfig, val_data: Data, labelled: bool
+) -> tuple[float, float]:
+    """``(mean output loss, mean cosine similarity of the compared outputs)`` of ``model`` against the teacher."""
+    term = _output_term(cfg)
+    total = cosine = 0.0
+    count = 0
+    with eval_mode(model), eval_mode(teacher):
+        for batch in make_loader(val_data, cfg.train.batch_size, shuffle=False):
+            inputs, labels = _data.split_batch(batch) if labelled else (batch, None)
+            s_out = first_tensor(call(model, inputs), cfg.output_key)
+            t_out = first_tensor(call(teacher, inputs), cfg.output_key)
+            rows = _data.rows(inputs)
+            targets = labels if labels is not None else torch.full((rows,), -1, dtype=torch.long)
+            total += float(term(s_out, t_out, targets, inputs, None)) * rows
+            mask = _data.attention_mask(inputs)
+            if cfg.pooling is Pooling.MEAN:
+                s_out, t_out, mask = mean_pool(s_out, mask), mean_pool(t_out, mask), None
+            cosine += (1 - float(output_distance(s_out, t_out, "cosine", mask))) * rows
+            count += rows
+    return total / max(count, 1), cosine / max(count, 1)
 
 
 def _train(
@@ -314,26 +454,29 @@ def _train(
     teacher: nn.Module,
     cfg: DistillConfig,
     train_data: Data,
+    labelled: bool,
     val_data: Data | None,
+    val_labelled: bool,
     adapters: nn.ModuleDict,
     student_features: _Capture,
     teacher_features: _Capture,
-) -> tuple[FitResult, _Terms, bool]:
+) -> tuple[FitResult, _Terms, bool, _ValOutputs]:
     cache = None
     if cfg.cache_teacher:
         dataset = _check_cacheable(train_data)
-        cache, _ = predict(teacher, dataset)
+        cache, _ = predict(_Selected(teacher, cfg.output_key), dataset)
         train_data = _IndexedTargets(dataset)
     terms = _Terms()
+    output_term = _output_term(cfg)
 
-    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: Any) -> torch.Tensor:
         if cache is not None:
-            targets, teacher_logits = targets[:, 0], cache[targets[:, 1]]
+            targets, teacher_out = targets[:, 0], cache[targets[:, 1]]
         else:
             with torch.no_grad():
-                teacher_logits = teacher(inputs)
+                teacher_out = first_tensor(call(teacher, inputs), cfg.output_key)
         parts: dict[str, torch.Tensor] = {}
-        total = hinton_loss(outputs, teacher_logits, targets, cfg.temperature, cfg.alpha, cfg.focal_gamma, terms=parts)
+        total = output_term(outputs, teacher_out, targets, inputs, parts)
         for i, (s_name, t_name) in enumerate(cfg.hints):
             parts[f"hint:{s_name}"] = hint_loss(
                 student_features.take(s_name), teacher_features.take(t_name), adapters[f"hint{i}"]
@@ -347,13 +490,29 @@ def _train(
         terms.add(parts, len(targets))
         return total
 
+    # accuracy picks the best epoch only for logits with labelled validation data; otherwise the output loss does
+    by_accuracy = val_data is not None and val_labelled and cfg.output_loss is OutputLoss.KL
+    val_outputs = _ValOutputs()
+
+    def end_epoch(epoch: int, wrapped: nn.Module, history: FitResult) -> None:
+        terms.end_epoch(epoch, wrapped, history)
+        if val_data is None or by_accuracy:
+            return
+        loss = _validate(model, teacher, cfg, val_data, val_labelled)[0]
+        val_outputs.losses.append(loss)
+        if val_outputs.best_epoch is None or loss < min(val_outputs.losses[:-1], default=float("inf")):
+            val_outputs.best_epoch = epoch
+            val_outputs.best_state = copy.deepcopy(model.state_dict())
+
     history = fit(
-        model,
-        train_data,
-        val_data,
+        _Selected(model, cfg.output_key),
+        _data.with_targets(train_data, labelled),
+        val_data if by_accuracy else None,
         cfg.train,
         loss_fn=loss_fn,
         extra_parameters=adapters.parameters(),
-        on_epoch_end=terms.end_epoch,
+        on_epoch_end=end_epoch,
     )
-    return history, terms, cache is not None
+    if cfg.train.restore_best and val_outputs.best_state is not None:
+        model.load_state_dict(val_outputs.best_state)
+    return history, terms, cache is not None, val_outputs
