@@ -33,6 +33,7 @@ from slimkit.quantization.config import (
     WeightOnlySettings,
     plan_layers,
 )
+from slimkit.quantization.conv1d import linearize
 from slimkit.quantization.dynamic import decompose
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
@@ -113,6 +114,7 @@ def quantize(
 
         return QuantResult(*quantize_weight_only(model, cfg, train_data, version=RECORD_VERSION))
     new = copy.deepcopy(model).eval()
+    linearized = linearize(new)  # transformers' Conv1D (GPT-2) is a Linear with its weight transposed
     # LSTM / GRU / attention as Linear layers (those the user keeps in float stay whole)
     decomposed = decompose(new, skip=cfg.ignore) if cfg.method is Method.DYNAMIC else []
     specs, skipped = plan_layers(new, cfg, decomposed)
@@ -177,6 +179,7 @@ def quantize(
         "config": cfg.to_dict(),
         "method": cfg.method.value,
         "folded": [list(p) for p in pairs],
+        "linearized": linearized,
         "decomposed": decomposed,
         "learnable": qat and cfg.qat.lsq,
         "observer": cfg.observer.value,
@@ -220,6 +223,7 @@ def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         from slimkit.quantization.weight_only import replay_weight_only
 
         return replay_weight_only(model, record)
+    linearize(model, only=list(record.get("linearized", [])))
     fold_structure(model, [tuple(p) for p in record["folded"]])
     if record.get("decomposed"):
         names = decompose(model, only=record["decomposed"])

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit._inputs import call
 from slimkit.errors import UsageError
 from slimkit.quantization.fake import QuantConv2d, QuantLinear
 from slimkit.quantization.math import group_view, ungroup
@@ -55,7 +56,7 @@ class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
-def _capture(model: nn.Module, name: str, batches: list[torch.Tensor], output: bool) -> torch.Tensor:
+def _capture(model: nn.Module, name: str, batches: list[Any], output: bool) -> torch.Tensor:
     """The input (or output) of ``model.<name>`` on every batch, stopping each forward pass there."""
     layer = model.get_submodule(name)
     seen: list[torch.Tensor] = []
@@ -69,7 +70,7 @@ def _capture(model: nn.Module, name: str, batches: list[torch.Tensor], output: b
         with torch.no_grad():
             for x in batches:
                 try:
-                    model(x)
+                    call(model, x)  # a tensor, tuple or dict batch
                 except _Stop:
                     pass
     finally:

@@ -482,9 +482,16 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
             skipped[name] = f"{reason}; kept in float"
         elif isinstance(module, nn.Linear | nn.Conv2d):
             layers.append((name, module))
-        elif isinstance(module, nn.Conv1d | nn.Conv3d | nn.ConvTranspose2d | nn.Embedding):
+        elif isinstance(module, nn.Conv1d | nn.Conv3d | nn.ConvTranspose2d | nn.Embedding) or _has_matrix(module):
             skipped[name] = f"{type(module).__name__} is not supported; kept in float"
     return layers, skipped
+
+
+def _has_matrix(module: nn.Module) -> bool:
+    """A module of a kind not listed above that owns a weight matrix (a transformers ``Conv1D`` where it is not made
+    a Linear, a user's own layer): never left in float without saying so."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.ndim >= 2
 
 
 def _plan_embeddings(model: nn.Module, cfg: QuantConfig, skipped: dict[str, str]) -> list[LayerSpec]:

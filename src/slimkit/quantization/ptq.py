@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit._inputs import call, named_outputs, tensors_of
 from slimkit._modules import set_module
 from slimkit.errors import UsageError
 from slimkit.quantization.config import LayerSpec
@@ -205,10 +206,29 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)]
 
 
-def calibration_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: int, batches: int) -> list[torch.Tensor]:
-    """Up to ``batches`` input batches from a dataset, loader or tensor; errors on empty or non-finite data."""
+def calibration_batches(
+    data: Dataset | DataLoader | torch.Tensor | Mapping[str, torch.Tensor], batch_size: int, batches: int
+) -> list[Any]:
+    """Up to ``batches`` input batches from a dataset, loader, tensor or dict of tensors; errors on empty or
+    non-finite data.
+
+    A batch is a model input as ``slimkit._inputs.call`` takes it: a tensor, a tuple of positional tensors or a dict
+    of keyword tensors (``{"input_ids": ..., "attention_mask": ...}``). A tensor or a dict of tensors is split along
+    dim 0; a dataset may yield dicts (collated into a dict of batches), and a dataset's / loader's ``(inputs,
+    labels)`` pairs give their inputs.
+
+    Example:
+        >>> ids = torch.zeros(10, 8, dtype=torch.long)
+        >>> [b["input_ids"].shape[0] for b in calibration_batches({"input_ids": ids}, 4, 8)]
+        [4, 4, 2]
+    """
+    chunks: list[Any]
     if isinstance(data, torch.Tensor):
         chunks = list(data.split(batch_size))[:batches]
+    elif isinstance(data, Mapping):
+        pieces = {key: value.split(batch_size) for key, value in _tensor_dict(data).items()}
+        count = min((len(p) for p in pieces.values()), default=0)
+        chunks = [{key: p[i] for key, p in pieces.items()} for i in range(min(count, batches))]
     else:
         if not isinstance(data, DataLoader):
             if len(data) == 0:  # type: ignore[arg-type]
@@ -217,33 +237,51 @@ def calibration_batches(data: Dataset | DataLoader | torch.Tensor, batch_size: i
         chunks = []
         for batch in itertools.islice(data, batches):
             chunks.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
-    if not chunks or chunks[0].numel() == 0:
+    if not chunks or not tensors_of(chunks[0]) or any(t.numel() == 0 for _, t in tensors_of(chunks[0])):
         raise UsageError("quantize: the calibration data is empty")
     for x in chunks:
-        if not torch.isfinite(x).all():
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for _, t in tensors_of(x)):
             raise UsageError("quantize: the calibration data contains NaN or inf")
     return chunks
 
 
-def run_batches(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Run ``model`` on each batch without gradients; a failing or non-finite batch is a one-line UsageError."""
+def _tensor_dict(data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A dict of calibration inputs: every value a tensor with the same dim 0."""
+    if not all(isinstance(v, torch.Tensor) and v.ndim > 0 for v in data.values()):
+        kinds = {k: type(v).__name__ for k, v in data.items()}
+        raise UsageError(f"quantize: calibration data as a dict needs batched tensors as values, got {kinds}")
+    sizes = {k: v.shape[0] for k, v in data.items()}
+    if len(set(sizes.values())) > 1:
+        raise UsageError(f"quantize: the calibration dict's tensors differ in dim 0 (batch): {sizes}")
+    return dict(data)
+
+
+def _shapes(x: Any) -> str:
+    """The shape(s) of one batch, for messages: ``(8, 13)`` or ``input_ids (8, 13), attention_mask (8, 13)``."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    return ", ".join(f"{slot} {tuple(t.shape)}" for slot, t in tensors_of(x))
+
+
+def run_batches(model: nn.Module, batches: list[Any]) -> None:
+    """Run ``model`` on each batch (tensor, tuple or dict, as ``slimkit._inputs.call`` spreads it) without gradients;
+    a failing or non-finite batch is a one-line UsageError."""
     with torch.no_grad():
         for i, x in enumerate(batches):
             try:
-                out = model(x)
-            except RuntimeError as exc:
+                out = call(model, x)
+            except (RuntimeError, ValueError) as exc:  # ValueError: a transformers forward unpacking a shape
                 raise UsageError(
-                    f"quantize: the model failed on a calibration batch of shape {tuple(x.shape)}: {exc}"
+                    f"quantize: the model failed on a calibration batch of shape {_shapes(x)}: {exc}"
                 ) from exc
-            outputs = out if isinstance(out, tuple | list) else (out,)
-            if any(isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in outputs):
+            if any(o.is_floating_point() and not torch.isfinite(o).all() for _, o in named_outputs(out)):
                 raise UsageError(
                     f"quantize: the model's output is NaN or inf on calibration batch {i} (shape "
-                    f"{tuple(x.shape)}); check the weights' magnitudes and the input scaling"
+                    f"{_shapes(x)}); check the weights' magnitudes and the input scaling"
                 )
 
 
-def calibrate(model: nn.Module, batches: list[torch.Tensor], only: list[ActQuantizer] | None = None) -> None:
+def calibrate(model: nn.Module, batches: list[Any], only: list[ActQuantizer] | None = None) -> None:
     """Run the observers of every static activation quantizer (or of ``only``) over ``batches`` and freeze their
     ranges."""
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.dynamic] if only is None else only
@@ -259,7 +297,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], only: list[ActQuant
         q.stop_observing()
 
 
-def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+def correct_bias(model: nn.Module, batches: list[Any]) -> dict[str, float]:
     """Bias correction (Nagel et al. 2019): weight rounding shifts each output channel's mean by
     ``E[(W_q - W) x] = (W_q - W) E[x]`` (for a conv, summed over the kernel with per-channel input means,
     ignoring padding). One calibration pass collects ``E[x]`` per layer; the shift is subtracted from the bias.
