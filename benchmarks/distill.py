@@ -8,11 +8,17 @@
    ``kd_loss_fn(original)``, with SGD (the original's optimizer; this row is the target) and with Adam.
    Target: KD recovers at least as much accuracy.
 
+3. Defaults: the issue-12 setting. A LeNet-5 teacher trained with ``TrainConfig(epochs=10)`` (96.7%), students
+   784-32-10 (``mlp(hidden=32)``) and LeNet-300-100 (``lenet300``): ``distill`` with ``DistillConfig()`` as it
+   comes vs ``fit`` on the labels with the same ``DistillConfig().train`` (same epochs, optimizer, lr, seed), and
+   ``DistillConfig(temperature=1, alpha=0.5)``. Target: the defaults beat the labels on every student.
+
 Means ± std over the seeds of the students / fine-tunes (one teacher, seed 0). No model selection on the test
 set: every run keeps its last epoch. Writes benchmarks/results/distill.{json,md}.
 
     flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/distill.py            # ~4 min on 2 cores
     .venv/bin/python benchmarks/distill.py --quick                                # smoke run, ~30 s
+    flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/distill.py --only defaults   # section 3, ~1 min
 """
 
 from __future__ import annotations
@@ -187,8 +193,83 @@ def pruning_recovery(train, test, seeds: list[int], epochs: dict[str, int]) -> d
     return out
 
 
+DEFAULT_STUDENTS = {"784-32-10": ("mlp", {"hidden": 32}), "LeNet-300-100": ("lenet300", {})}
+DEFAULT_ARMS = {"labels": None, "distill defaults": {}, "T=1, alpha=0.5": {"temperature": 1.0, "alpha": 0.5}}
+
+
+def defaults(train, test, seeds: list[int], quick: bool) -> dict:
+    started = time.perf_counter()
+    base = DistillConfig(progress=False, restore_best=False)
+    torch.manual_seed(0)
+    teacher = models.create("lenet5")
+    fit(teacher, train, None, TrainConfig(epochs=1 if quick else 10, seed=0, restore_best=False))
+    out = {
+        "teacher_accuracy": evaluate(teacher, test).accuracy,
+        "distill_defaults": {k: v for k, v in DistillConfig().to_dict().items() if k != "train"},
+        "train": base.train.to_dict(),
+        "students": {},
+    }
+    for label, (name, kwargs) in DEFAULT_STUDENTS.items():
+        runs: dict[str, list[float]] = {arm: [] for arm in DEFAULT_ARMS}
+        for seed in seeds:
+            torch.manual_seed(seed)
+            student = models.create(name, **kwargs)
+            for arm, overrides in DEFAULT_ARMS.items():
+                cfg = DistillConfig(**(overrides or {}), progress=False, restore_best=False, seed=seed)
+                if quick:
+                    cfg.train.epochs = 1
+                if overrides is None:
+                    model = copy.deepcopy(student)
+                    fit(model, train, None, cfg.train)
+                else:
+                    model = distill(student, teacher, cfg, train, None).model
+                runs[arm].append(evaluate(model, test).accuracy)
+            print(f"  {label} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}%" for k, v in runs.items()), flush=True)
+        summary = {k: stats(v) for k, v in runs.items()}
+        out["students"][label] = {
+            "accuracy": summary,
+            "defaults_beat_labels": summary["distill defaults"]["mean"] > summary["labels"]["mean"],
+            "defaults_beat_labels_every_seed": all(
+                d > lab for d, lab in zip(runs["distill defaults"], runs["labels"], strict=True)
+            ),
+        }
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def defaults_markdown(d: dict) -> list[str]:
+    lines = [
+        "## Defaults: `distill(student, teacher, DistillConfig())` vs labels at equal epochs, test accuracy %",
+        "",
+        f"Teacher LeNet-5 trained with `TrainConfig(epochs=10)`: {d['teacher_accuracy']:.2f}%. Both arms run "
+        f"`DistillConfig().train` ({d['train']['epochs']} epochs, {d['train']['optimizer']} lr {d['train']['lr']:g}, "
+        f"batch {d['train']['batch_size']}, {d['train']['schedule']}), last epoch kept. Distill defaults: "
+        f"temperature {d['distill_defaults']['temperature']:g}, alpha {d['distill_defaults']['alpha']:g}.",
+        "",
+        "| student | " + " | ".join(DEFAULT_ARMS) + " | defaults > labels (mean / every seed) |",
+        "|---|" + "---|" * len(DEFAULT_ARMS) + "---|",
+    ]
+    for label, row in d["students"].items():
+        acc = row["accuracy"]
+        cells = [f"{pm(acc[arm])} ({', '.join(f'{v:.2f}' for v in acc[arm]['runs'])})" for arm in DEFAULT_ARMS]
+        mean, every = row["defaults_beat_labels"], row["defaults_beat_labels_every_seed"]
+        verdict = f"{'yes' if mean else 'no'} / {'yes' if every else 'no'}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+    return [*lines, ""]
+
+
 def markdown(result: dict) -> str:
-    h, settings = result["hinton"], result["settings"]
+    settings = result["settings"]
+    head = [
+        "# Distillation benchmark (MNIST-10k: 8,000 train / 2,000 test digits)",
+        "",
+        f"Command: `{result['command']}`; {result['threads']} threads, {result['machine']}. Mean ± std over seeds "
+        f"{settings['seeds']} (one teacher, seed 0); every run keeps its last epoch (no selection on the test set).",
+        "",
+    ]
+    if "hinton" not in result:
+        return "\n".join(head + defaults_markdown(result["defaults"]))
+    h = result["hinton"]
     lines = [
         "# Distillation benchmark (MNIST-10k: 8,000 train / 2,000 test digits)",
         "",
@@ -247,6 +328,8 @@ def markdown(result: dict) -> str:
                 f"| {recipe} | {pm(ft['labels'])} | {pm(ft['kd'])} | {rec['labels']:.2f} / {rec['kd']:.2f} "
                 f"| {'yes' if row['kd_at_least_labels'] else 'no'} |"
             )
+    if "defaults" in result:
+        lines += ["", *defaults_markdown(result["defaults"])]
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +338,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny epochs: checks the script runs, not the claims")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only", choices=["all", "defaults"], default="all", help="defaults: run section 3 only, merged into the JSON"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     epochs = (
@@ -265,19 +351,28 @@ def main() -> None:
     seeds = list(range(args.seeds))
     train, test = data.load("mnist10k")
     started = time.perf_counter()
+    command = "flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/distill.py" + (
+        (" --quick" if args.quick else "")
+        + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+        + (f" --only {args.only}" if args.only != "all" else "")
+    )
     result = {
-        "command": "flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/distill.py"
-        + (" --quick" if args.quick else "")
-        + (f" --seeds {args.seeds}" if args.seeds != 3 else ""),
+        "command": command,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         "settings": {"seeds": seeds, "epochs": epochs, "alpha": ALPHA, "temperatures": TEMPERATURES},
         "published": PUBLISHED,
-        "hinton": hinton(train, test, seeds, epochs),
-        "pruning_recovery": pruning_recovery(train, test, seeds, epochs),
     }
-    result["seconds"] = time.perf_counter() - started
     name = "distill-quick" if args.quick else "distill"
+    previous = args.out / f"{name}.json"
+    if args.only == "defaults" and previous.exists():  # keep the other sections of the last full run
+        result = {**json.loads(previous.read_text()), "defaults_command": command}
+    if args.only == "all":
+        result["hinton"] = hinton(train, test, seeds, epochs)
+        result["pruning_recovery"] = pruning_recovery(train, test, seeds, epochs)
+    result["defaults"] = defaults(train, test, seeds, args.quick)
+    if args.only == "all":
+        result["seconds"] = time.perf_counter() - started
     write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     write_text(args.out / f"{name}.md", markdown(result))
     print(markdown(result))
