@@ -74,9 +74,9 @@ def test_residual_blocks_export_as_integer_convs_and_adds(resnet_ptq, tmp_path):
     options.optimized_model_filepath = str(tmp_path / "r20-opt.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "r20-opt.onnx")).graph.node]
-    # every conv runs on integers; all residual adds but the last (its output feeds the float average pool)
+    # every conv and every residual add runs on integers (the last add's output feeds QLinearGlobalAveragePool)
     assert ops.count("QLinearConv") == 21 and "Conv" not in ops and "FusedConv" not in ops
-    assert ops.count("QLinearAdd") == 8 and ops.count("Add") == 1
+    assert ops.count("QLinearAdd") == 9 and ops.count("Add") == 0 and ops.count("QLinearGlobalAveragePool") == 1
     report = parity(result.model, OrtModel(path, threads=1), test)
     assert report["top1_agreement"] >= 0.99, report
 

@@ -6,7 +6,16 @@ Each quantized ``Conv``/``Gemm`` gets an int8 weight initializer with its per-ch
 repeated upstream through ``Relu`` / ``MaxPool`` / ``Flatten`` / ``Reshape`` chains up to the producing layer: these
 ops commute exactly with a monotone quantizer (and re-quantizing a grid value is the identity), so the graph computes
 the same function while ONNX Runtime can fuse ``DQ -> Conv -> Q`` into integer kernels (``QLinearConv``, ``QGemm``,
-uint8 ``MaxPool``).
+uint8 ``MaxPool``); ``Clip`` too (ReLU6) when the quantized range lies inside its bounds.
+
+Around the layers, the elementwise ops ONNX Runtime has integer kernels for (``Sigmoid``, ``Mul``, ``Add``,
+``GlobalAveragePool``, ``AveragePool``, ``LeakyRelu``) get ``QDQ`` on their inputs and output as soon as their inputs
+are quantized, so SiLU (``Sigmoid`` + ``Mul``), squeeze-excitation gates and pooling run as ``QLinearSigmoid`` /
+``QLinearMul`` / ``QLinearGlobalAveragePool`` between ``QLinearConv`` s instead of dequantizing to float and back. A
+tensor no layer calibrated gets the range its producer can reach from its quantized inputs (the function over the
+input's 256 grid values, interval arithmetic for ``Mul`` / ``Add``, the input's range for pooling): a superset of
+what calibration would see, tight for monotone functions. Without this a Conv followed by SiLU / Hardswish stays a
+float Conv with dequantized weights, and EfficientNet-B0 ran 2-3x slower than ``quantize_static``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from slimkit.export.registry import ActivationQuant, IntegerLayer
 __all__ = ["quantize_graph"]
 
 PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
+INTEGER_OPS = {"Sigmoid", "Mul", "Add", "GlobalAveragePool", "AveragePool", "LeakyRelu"}  # ORT QLinear* kernels
+SAME_RANGE = {"GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
+BOUNDED = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 
 
 @dataclass
@@ -38,6 +50,8 @@ class _Index:
     consumers: dict[str, list] = field(default_factory=dict)
     producer: dict[str, Any] = field(default_factory=dict)
     done: dict[str, tuple[float, int, str]] = field(default_factory=dict)
+    dequantized: dict[str, tuple[float, int]] = field(default_factory=dict)  # a DQ output -> its scale, zero point
+    source: dict[str, str] = field(default_factory=dict)  # a DQ output -> the tensor it quantizes
 
     @classmethod
     def of(cls, graph: Any) -> _Index:
@@ -75,6 +89,8 @@ def _insert_qdq(index: _Index, tensor: str, consumers: list, scale: float, zero_
             ]
         )
         done.setdefault(tensor, (scale, zero_point, dq_out))
+        index.dequantized[dq_out] = (scale, zero_point)
+        index.source[dq_out] = tensor
     for node in consumers:
         for i, name in enumerate(node.input):
             if name == tensor:
@@ -121,29 +137,34 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         if iq is None:
             continue
         s_x, _ = _act_params(iq, name, "activations")
-        if len(node.input) > 2 and node.input[2] in inits:
-            bias_name = node.input[2]
+        bias_source = _initializer_behind(index, node.input[2]) if len(node.input) > 2 else None
+        if bias_source is not None:
+            # the layer's own int32 bias: the exporter shares equal float biases between layers (all zeros after
+            # folding a fresh BatchNorm) through Identity nodes, and each layer's bias lives on its own s_x * s_w
+            tag = f"{name}.bias"
             bias_scale = (np.float32(s_x) * scale).astype(np.float32)
-            bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
-            graph.initializer.remove(inits[bias_name])
+            bias = numpy_helper.to_array(inits[bias_source]).astype(np.float32)
             graph.initializer.extend(
                 [
-                    numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), f"{bias_name}.int32"),
-                    numpy_helper.from_array(bias_scale, f"{bias_name}.scale"),
-                    numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), f"{bias_name}.zero_point"),
+                    numpy_helper.from_array(np.round(bias / bias_scale).astype(np.int32), f"{tag}.int32"),
+                    numpy_helper.from_array(bias_scale, f"{tag}.scale"),
+                    numpy_helper.from_array(np.zeros_like(bias_scale, dtype=np.int32), f"{tag}.zero_point"),
                 ]
             )
             graph.node.append(
                 helper.make_node(
                     "DequantizeLinear",
-                    [f"{bias_name}.int32", f"{bias_name}.scale", f"{bias_name}.zero_point"],
-                    [bias_name],
-                    name=f"{bias_name}.DQ",
+                    [f"{tag}.int32", f"{tag}.scale", f"{tag}.zero_point"],
+                    [f"{tag}.dq"],
+                    name=f"{tag}.DQ",
                     axis=0,
                 )
             )
+            node.input[2] = f"{tag}.dq"
         _quantize_input(index, node, name, iq, layer)
     _quantize_residual_adds(index)
+    _quantize_elementwise(index)
+    _drop_unused(graph)
     toposort(graph)
     return proto
 
@@ -162,6 +183,33 @@ def _quantize_residual_adds(index: _Index) -> None:
                 _insert_qdq(index, tensor, [add], scale, zero_point, f"{tensor}.residual")
 
 
+def _initializer_behind(index: _Index, tensor: str) -> str | None:
+    """The initializer ``tensor`` is, directly or through ``Identity`` nodes, or None."""
+    for _ in range(8):
+        if tensor in index.inits:
+            return tensor
+        node = index.producer.get(tensor)
+        if node is None or node.op_type != "Identity":
+            return None
+        tensor = node.input[0]
+    return None
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove the ``Identity`` nodes and initializers nothing reads any more (float biases replaced above)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Identity" and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
 def _quantize_input(index: _Index, node: Any, name: str, iq: ActivationQuant, layer: IntegerLayer) -> None:
     """QDQ on ``node``'s input with the layer's calibrated scale (and on its output when it feeds a residual Add)."""
     consumers, producer = index.consumers, index.producer
@@ -174,7 +222,7 @@ def _quantize_input(index: _Index, node: Any, name: str, iq: ActivationQuant, la
         source = producer.get(tensor)
         if (
             source is None
-            or source.op_type not in PASS_THROUGH
+            or not (source.op_type in PASS_THROUGH or _clip_keeps(index, source, s_x, z_x))
             or len(consumers.get(tensor, [])) != 1
             or source.input[0] in index.inits
         ):
@@ -274,3 +322,147 @@ def _quantize_matmul(
         graph.initializer.remove(inits[bias_name])
         graph.initializer.append(numpy_helper.from_array(rounded, bias_name))
     _quantize_input(index, node, name, iq, layer)
+
+
+def _constant(index: _Index, tensor: str) -> np.ndarray | None:
+    """The value of ``tensor`` when it is an initializer or a ``Constant`` node's output, else None."""
+    from onnx import numpy_helper
+
+    if tensor in index.inits:
+        return numpy_helper.to_array(index.inits[tensor])
+    node = index.producer.get(tensor)
+    if node is not None and node.op_type == "Constant":
+        for attribute in node.attribute:
+            if attribute.name == "value":
+                return numpy_helper.to_array(attribute.t)
+    return None
+
+
+def _clip_bounds(index: _Index, node: Any) -> tuple[float, float]:
+    from onnx import helper
+
+    bounds = [-np.inf, np.inf]
+    for slot in (1, 2):  # opset >= 11: min / max inputs (optional)
+        value = _constant(index, node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+        if value is not None:
+            bounds[slot - 1] = float(value)
+    for attribute in node.attribute:  # opset < 11
+        if attribute.name in ("min", "max"):
+            bounds[attribute.name == "max"] = float(helper.get_attribute_value(attribute))
+    return bounds[0], bounds[1]
+
+
+def _clip_keeps(index: _Index, node: Any, scale: float, zero_point: int) -> bool:
+    """A ``Clip`` commutes with the quantizer when the quantized range lies inside its bounds (ReLU6 before a layer
+    calibrated on its output): both clamp to the same grid ends."""
+    if node.op_type != "Clip":
+        return False
+    low, high = _clip_bounds(index, node)
+    span = 255 * scale
+    return -zero_point * scale >= low - 1e-6 * span and (255 - zero_point) * scale <= high + 1e-6 * span
+
+
+def _qparams(low: float, high: float) -> tuple[float, int]:
+    """uint8 scale and zero point covering ``[low, high]`` widened to include 0 (slimkit's asymmetric observers)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = float(np.float32((high - low) / 255)) if high - low > 1e-12 else 1.0
+    return scale, int(np.clip(-np.round(low / scale), 0, 255))
+
+
+def _unary(index: _Index, node: Any, x: np.ndarray) -> np.ndarray:
+    """``node``'s elementwise function on ``x``."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "Sigmoid":
+        return 1 / (1 + np.exp(-x))
+    if op == "HardSigmoid":
+        return np.clip(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0, 1)
+    if op == "HardSwish":
+        return x * np.clip(x / 6 + 0.5, 0, 1)
+    if op == "Relu":
+        return np.maximum(x, 0)
+    if op == "LeakyRelu":
+        return np.where(x >= 0, x, attrs.get("alpha", 0.01) * x)
+    if op == "Tanh":
+        return np.tanh(x)
+    low, high = _clip_bounds(index, node)  # Clip
+    return np.clip(x, low, high)
+
+
+def _range(index: _Index, tensor: str, depth: int = 0) -> tuple[float, float] | None:
+    """The range of ``tensor`` from the quantized tensors it is computed from (see the module docstring), or None
+    when its producer is not an op whose range follows from its inputs'."""
+    params = index.dequantized.get(tensor) or (index.done[tensor][:2] if tensor in index.done else None)
+    if params is not None:
+        scale, zero_point = params
+        return -zero_point * scale, (255 - zero_point) * scale
+    node = index.producer.get(tensor)
+    if node is None or depth > 32 or not node.input:
+        return None
+    op, inputs = node.op_type, [i for i in node.input if i]
+    if op in SAME_RANGE:
+        return _range(index, inputs[0], depth + 1)
+    if op in ("Sigmoid", "HardSigmoid", "HardSwish", "Relu", "LeakyRelu", "Tanh", "Clip"):
+        found = _range(index, inputs[0], depth + 1)
+        if found is None:
+            return BOUNDED.get(op)
+        values = _unary(index, node, np.linspace(found[0], found[1], 256))  # the input's grid values
+        return float(values.min()), float(values.max())
+    if op in ("Mul", "Add") and len(inputs) == 2:
+        a, b = inputs
+        for x, gate in ((a, b), (b, a)):  # SiLU: Mul(x, Sigmoid(x)), over x's grid
+            producer = index.producer.get(index.source.get(gate, gate))
+            if (
+                op == "Mul"
+                and producer is not None
+                and producer.op_type == "Sigmoid"
+                and index.source.get(producer.input[0], producer.input[0]) == index.source.get(x, x)
+            ):
+                found = _range(index, x, depth + 1)
+                if found is None:
+                    return None
+                grid = np.linspace(found[0], found[1], 256)
+                values = grid / (1 + np.exp(-grid))
+                return float(values.min()), float(values.max())
+        ra, rb = _range(index, a, depth + 1), _range(index, b, depth + 1)
+        if ra is None or rb is None:
+            return None
+        if op == "Add":
+            return ra[0] + rb[0], ra[1] + rb[1]
+        products = [p * q for p in ra for q in rb]
+        return min(products), max(products)
+    return None
+
+
+def _quantize_elementwise(index: _Index) -> None:
+    """QDQ on the inputs and output of each op ONNX Runtime runs on integers (``INTEGER_OPS``) whose inputs are
+    quantized or have a derivable range, so it fuses into ``QLinearSigmoid`` / ``QLinearMul`` / ``QLinearAdd`` /
+    ``QLinearGlobalAveragePool``. Tensors a layer calibrated keep that layer's scale."""
+    graph_outputs = {o.name for o in index.graph.output}
+    for node in [n for n in index.graph.node if n.op_type in INTEGER_OPS]:
+        inputs = [i for i in node.input if i]
+        if not inputs or any(_constant(index, i) is not None for i in inputs):
+            continue
+        known = [i in index.dequantized or i in index.done or _range(index, i) is not None for i in inputs]
+        if not all(known):
+            continue
+        for slot, tensor in enumerate(node.input):
+            if not tensor or tensor in index.dequantized:
+                continue
+            if tensor in index.done:
+                node.input[slot] = index.done[tensor][2]
+                continue
+            found = _range(index, tensor)
+            if found is not None:
+                _insert_qdq(index, tensor, [node], *_qparams(*found), f"{tensor}.act")
+        output = node.output[0]
+        users = index.consumers.get(output, [])
+        if output in index.done or output in graph_outputs:
+            continue
+        if users and all(u.op_type in ("Relu", "Clip") and u.output[0] in index.done for u in users):
+            continue  # Add -> Relu -> QuantizeLinear: ORT folds the Relu into QLinearAdd (a Q here would requantize)
+        found = _range(index, output)
+        if found is not None:
+            _insert_qdq(index, output, list(users), *_qparams(*found), f"{output}.act")

@@ -38,6 +38,7 @@ from slimkit.quantization.dynamic import decompose
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
 from slimkit.quantization.ptq import (
+    activation_feeders,
     attach_output_quant,
     calibrate,
     calibration_batches,
@@ -194,12 +195,14 @@ def quantize(
 def _quantize_residual_outputs(
     model: nn.Module, specs: list[LayerSpec], cfg: QuantConfig, batches: list[torch.Tensor]
 ) -> list[str]:
-    """8-bit static models: quantize the outputs of layers feeding a residual add (calibrated on the same batches,
-    after bias correction / QAT and BN folding), so the runtime keeps the whole residual block in integers."""
+    """8-bit static models: quantize the outputs of layers feeding a residual add or a SiLU / sigmoid / hardswish
+    gate (calibrated on the same batches, after bias correction / QAT and BN folding), so the runtime keeps the whole
+    residual block, and EfficientNet / MobileNetV3 blocks with their squeeze-excitation, in integers."""
     if not batches:
         return []
     static8 = [s.name for s in specs if s.act_bits == 8 and not s.dynamic]
-    names = residual_feeders(model, static8)
+    feeders = set(residual_feeders(model, static8)) | set(activation_feeders(model, static8))
+    names = [name for name in static8 if name in feeders]
     for spec in specs:
         if spec.name in names:
             spec.output_act_bits = 8

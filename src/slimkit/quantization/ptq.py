@@ -19,6 +19,7 @@ from slimkit.quantization.config import LayerSpec
 from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, make_quant_layer
 
 __all__ = [
+    "activation_feeders",
     "attach_output_quant",
     "calibrate",
     "correct_bias",
@@ -166,29 +167,91 @@ def trace_with_leaves(model: nn.Module, names: Iterable[str]) -> torch.fx.Graph 
         return None
 
 
+def _passes_through(module: nn.Module | None) -> bool:
+    """Modules that are the identity (or a per-channel affine map folded away) at inference: Identity, BatchNorm,
+    Dropout and stochastic depth (torchvision's ``StochasticDepth`` in EfficientNet / ConvNeXt blocks)."""
+    return isinstance(module, nn.Identity | nn.BatchNorm2d | nn.BatchNorm1d | nn.Dropout) or (
+        module is not None and type(module).__name__ == "StochasticDepth"
+    )
+
+
+def _pass_through_names(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if name and _passes_through(module)}
+
+
 def residual_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
     """The layers among ``names`` whose output feeds a residual ``add`` (through ``Identity`` / ``BatchNorm`` /
-    ``Dropout`` modules), traced with torch.fx; ``[]`` when the model cannot be traced."""
+    ``Dropout`` modules, and for convolutions stochastic depth: EfficientNet's blocks), traced with torch.fx; ``[]``
+    when the model cannot be traced."""
     wanted = set(names)
-    graph = trace_with_leaves(model, wanted)
+    graph = trace_with_leaves(model, wanted | _pass_through_names(model))
     if graph is None:
         return []
     modules = dict(model.named_modules())
 
-    passthrough = nn.Identity | nn.BatchNorm2d | nn.BatchNorm1d | nn.Dropout
-
-    def reaches_add(node) -> bool:
+    def reaches_add(node, depth_ok: bool) -> bool:
         for user in node.users:
             is_add = (user.op == "call_function" and user.target in _ADDS) or (
                 user.op == "call_method" and user.target == "add"
             )
-            if is_add or (
-                user.op == "call_module" and isinstance(modules.get(user.target), passthrough) and reaches_add(user)
+            module = modules.get(user.target) if user.op == "call_module" else None
+            # a transformer's Linear -> stochastic depth -> add stays unquantized, as before (its MatMul's bias Add
+            # comes after the layer's ONNX node)
+            crossing = _passes_through(module) and (depth_ok or type(module).__name__ != "StochasticDepth")
+            if is_add or (crossing and reaches_add(user, depth_ok)):
+                return True
+        return False
+
+    return [
+        str(n.target)
+        for n in graph.nodes
+        if n.op == "call_module"
+        and n.target in wanted
+        and reaches_add(n, isinstance(modules.get(str(n.target)), nn.Conv2d))
+    ]
+
+
+# Activations ONNX Runtime runs on integers only when the layer before them ends in a QuantizeLinear (QLinearConv
+# -> QLinearSigmoid -> QLinearMul for SiLU), or that it runs in float between integer layers (Hardswish): without a
+# calibrated output scale the layer itself stays a float Conv with dequantized weights.
+_GATES = (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid)
+_GATE_FUNCTIONS = {torch.sigmoid, torch.nn.functional.silu, torch.nn.functional.hardswish}
+_GATE_FUNCTIONS |= {torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid}
+_RELUS = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6}
+_POOL_OR_SCALE = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)  # squeeze-excitation after a ReLU: pool, then rescale
+_SCALE_FUNCTIONS = {operator.mul, torch.mul}
+
+
+def activation_feeders(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The layers among ``names`` whose output feeds a SiLU / Sigmoid / Hardswish / Hardsigmoid (module or function,
+    through ``Identity`` / ``BatchNorm`` / ``Dropout`` / stochastic depth), or a ReLU whose output is pooled or
+    multiplied (a squeeze-excitation block after a ReLU), traced with torch.fx; ``[]`` when the model cannot be
+    traced. Their outputs get a quantizer so the exported layer is an integer kernel (``QLinearConv``) and the gate
+    runs between quantized tensors, as in EfficientNet / MobileNetV3 blocks and their squeeze-excitation."""
+    wanted = set(names)
+    graph = trace_with_leaves(model, wanted | _pass_through_names(model))
+    if graph is None:
+        return []
+    modules = dict(model.named_modules())
+
+    def reaches_gate(node, after_relu: bool = False) -> bool:
+        for user in node.users:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            function = user.target if user.op == "call_function" else None
+            relu = isinstance(module, _RELUS) or function in _RELU_FUNCTIONS
+            if (
+                isinstance(module, _GATES)
+                or function in _GATE_FUNCTIONS
+                or (user.op == "call_method" and user.target == "sigmoid")
+                or (after_relu and (isinstance(module, _POOL_OR_SCALE) or function in _SCALE_FUNCTIONS))
+                or (_passes_through(module) and reaches_gate(user, after_relu))
+                or (relu and reaches_gate(user, True))
             ):
                 return True
         return False
 
-    return [str(n.target) for n in graph.nodes if n.op == "call_module" and n.target in wanted and reaches_add(n)]
+    return [str(n.target) for n in graph.nodes if n.op == "call_module" and n.target in wanted and reaches_gate(n)]
 
 
 def attach_output_quant(model: nn.Module, names: Iterable[str], observer: str = "minmax") -> list[ActQuantizer]:
