@@ -74,6 +74,27 @@ def test_quantize_that_slows_the_deployed_model_is_skipped_and_said_so(tiny, mon
     assert steps == [{"kind": "quantize", "status": "skipped", "runtime": "onnxruntime fp32", "ms": 11.2}]
 
 
+def test_onnx_int8_export_after_a_skipped_quantize_ships_fp32_and_says_so(tiny, monkeypatch):
+    model, train, test = tiny
+    inject(monkeypatch, lambda after: INT8_SLOW)
+    recipe = {
+        "name": "q8",
+        "max_accuracy_drop": 50,
+        "recovery_epochs": 0,
+        "steps": [
+            {"quantize": {"method": "ptq", "weight_bits": 8, "act_bits": 8}},
+            {"export": {"format": "onnx-int8"}},
+        ],
+    }
+    result = slimkit.compress(model, recipe, train, test, example_input=X, latency_batch_sizes=(1,))
+    assert result.steps[0].status == "skipped"
+    assert "export: onnx-int8 asked, but the quantize step was skipped, so model.onnx is fp32" in result.steps[0].notes
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(result.exported)).graph.node}
+    assert "QuantizeLinear" not in ops and "Gemm" in ops
+
+
 def test_prune_that_slows_the_deployed_model_is_backed_off(tiny, monkeypatch):
     model, train, test = tiny
     # 24 kept neurons "leave the fast kernels"; 36 run faster than the original

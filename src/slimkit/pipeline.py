@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from slimkit._text import human, make_table, render
 from slimkit.errors import UsageError
 from slimkit.export.config import ExportConfig, ExportFormat
+from slimkit.export.deployed import is_quantized
 from slimkit.measure import benchmark_latency
 from slimkit.recipe import Recipe, StepKind
 from slimkit.steps import StepOutcome, StepRunner, run_steps
@@ -364,7 +365,15 @@ def compress(
                     )
                 )
             else:
-                exported = export_model(current, step.config, example_input, export_dir)
+                export_cfg = step.config
+                skipped = [o for o in outcomes if o.kind == "quantize" and o.status == "skipped"]
+                if export_cfg.format is ExportFormat.ONNX_INT8 and skipped and not is_quantized(current):
+                    # the quantize step was skipped (slower or outside the budget): ship what was kept, say so
+                    export_cfg = dataclasses.replace(export_cfg, format=ExportFormat.ONNX)
+                    note = "export: onnx-int8 asked, but the quantize step was skipped, so model.onnx is fp32"
+                    console.print(note)
+                    skipped[-1].notes.append(note)
+                exported = export_model(current, export_cfg, example_input, export_dir)
             if step.config.parity and exported.suffix == ".onnx":
                 from slimkit.export.runtime import OrtModel
                 from slimkit.export.runtime import parity as check_parity
