@@ -76,6 +76,7 @@ def test_workers_join_by_url_a_killed_worker_is_retried_and_the_study_ends_at_n_
                 for t in _trials(postgres_url, name)
                 if t.state == optuna.trial.TrialState.RUNNING
                 and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+                and t.params  # its parameters drawn (the worker tag is written just before they are)
             ]
         assert running, f"the victim never ran a trial: {victim.stderr.read().decode()[-2000:]}"
         os.kill(victim.pid, signal.SIGKILL)  # mid-trial: it sleeps 30 s before it trains
