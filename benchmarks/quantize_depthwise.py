@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quantize import ort_static  # ONNX Runtime's own quantize_static, as benchmarks/quantize.py runs it
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
@@ -101,28 +102,6 @@ def prepared(name: str, size: int) -> tuple[torch.nn.Module, int]:
     return model, side
 
 
-def ort_static(fp32: Path, out: Path, calibration: torch.Tensor) -> None:
-    """ONNX Runtime's own static QDQ quantization (per-channel int8 weights, uint8 activations, MinMax)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"input": x.numpy()} for x in calibration.split(BATCH)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(
-        str(fp32),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-
-
 def op_counts(path: Path) -> dict[str, int]:
     """Op types of ONNX Runtime's optimized graph of ``path`` (what actually runs)."""
     import collections
@@ -162,7 +141,7 @@ def prepare_files(name: str, size: int, baseline_src: str | None) -> tuple[dict[
     export_slimkit(name, size, paths[SLIMKIT])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ort_static(paths[FP32], paths[ORT], calibration)
+        ort_static(paths[FP32], paths[ORT], list(calibration.split(BATCH)))
     if baseline_src:
         paths[BEFORE] = folder / "slimkit-before.onnx"
         env = dict(os.environ, PYTHONPATH=baseline_src)
