@@ -264,13 +264,13 @@ def integer_tables(model: nn.Module) -> list[tuple[str, IntegerLayer]]:
     return [(name, handler(module)) for name, module, handler in handled(INTEGER_TABLE, model)]
 
 
-def quantize_tables(proto: Any, model: nn.Module, *, dequantize_first: bool = False) -> list[str]:
+def quantize_tables(proto: Any, model: nn.Module) -> list[str]:
     """Rewrite each ``Gather`` on a quantized embedding's fp32 table to read its int8 codes (in place); returns the
     names of the tables rewritten (a table the graph does not gather from, e.g. never used, is left out).
 
     ``Gather(codes, ids) -> Cast -> Mul(Unsqueeze(Gather(row scales, ids)))``: only the gathered rows are
-    dequantized. ``dequantize_first``: ``DequantizeLinear(codes, row scales, axis=0) -> Gather`` instead (the same
-    bytes on disk; ONNX Runtime dequantizes the whole table).
+    dequantized (``DequantizeLinear(codes, row scales, axis=0) -> Gather`` takes the same bytes on disk, but ONNX
+    Runtime dequantizes the whole table on every run: 1.63 ms vs 0.098 ms for MiniLM's 30522x384 table at 1x128).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -307,33 +307,19 @@ def quantize_tables(proto: Any, model: nn.Module, *, dequantize_first: bool = Fa
                 numpy_helper.from_array(np.ascontiguousarray(scale), f"{tag}.scale"),
             ]
         )
-        if dequantize_first:
-            graph.initializer.append(numpy_helper.from_array(np.zeros(codes.shape[0], np.int8), f"{tag}.zero_point"))
-            graph.node.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{tag}.int8", f"{tag}.scale", f"{tag}.zero_point"],
-                    [f"{tag}.dq"],
-                    name=f"{tag}.DQ",
-                    axis=0,
-                )
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last_axis"))
+        for i, node in enumerate(gathers):
+            ids, out, t = node.input[1], node.output[0], f"{tag}.{i}"
+            graph.node.remove(node)
+            graph.node.extend(
+                [
+                    helper.make_node("Gather", [f"{tag}.int8", ids], [f"{t}.q"], name=f"{t}.Gather", axis=0),
+                    helper.make_node("Gather", [f"{tag}.scale", ids], [f"{t}.s"], name=f"{t}.GatherScale", axis=0),
+                    helper.make_node("Cast", [f"{t}.q"], [f"{t}.f"], name=f"{t}.Cast", to=TensorProto.FLOAT),
+                    helper.make_node("Unsqueeze", [f"{t}.s", f"{tag}.last_axis"], [f"{t}.s1"], name=f"{t}.Unsq"),
+                    helper.make_node("Mul", [f"{t}.f", f"{t}.s1"], [out], name=f"{t}.Dequantize"),
+                ]
             )
-            for node in gathers:
-                node.input[0] = f"{tag}.dq"
-        else:
-            graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last_axis"))
-            for i, node in enumerate(gathers):
-                ids, out, t = node.input[1], node.output[0], f"{tag}.{i}"
-                graph.node.remove(node)
-                graph.node.extend(
-                    [
-                        helper.make_node("Gather", [f"{tag}.int8", ids], [f"{t}.q"], name=f"{t}.Gather", axis=0),
-                        helper.make_node("Gather", [f"{tag}.scale", ids], [f"{t}.s"], name=f"{t}.GatherScale", axis=0),
-                        helper.make_node("Cast", [f"{t}.q"], [f"{t}.f"], name=f"{t}.Cast", to=TensorProto.FLOAT),
-                        helper.make_node("Unsqueeze", [f"{t}.s", f"{tag}.last_axis"], [f"{t}.s1"], name=f"{t}.Unsq"),
-                        helper.make_node("Mul", [f"{t}.f", f"{t}.s1"], [out], name=f"{t}.Dequantize"),
-                    ]
-                )
         done.append(name)
     used = {i for n in graph.node for i in n.input}
     for init in [i for i in graph.initializer if i.name not in used]:  # the fp32 tables the codes replaced
