@@ -140,6 +140,21 @@ def _open_study(config: SearchConfig, worker: int) -> Any:
         raise UsageError(f"study {config.study_name!r} in {config.storage_url}: {exc}") from exc
 
 
+def _measurer(model: nn.Module, val_data: Any, example: Any, config: SearchConfig, space: dict, **extra) -> Measurer:
+    """The ``Measurer`` of ``config`` (objectives, latency batch, threads, runtime; MACs when the space prunes)."""
+    return Measurer(
+        model,
+        val_data,
+        example,
+        config.objectives,
+        latency_batch=config.latency_batch,
+        threads=config.threads,
+        macs=any(spaces.is_plan_param(n) for n in space),
+        runtime=config.runtime,
+        **extra,
+    )
+
+
 def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchConfig) -> dict[str, Any]:
     stored = study.user_attrs.get(ATTR)
     if stored is None:
@@ -179,17 +194,14 @@ class _Worker:
         self.ctx = TrialContext(
             model, train_data, val_data, example, config.epochs, config.seed, config.max_batches, teacher
         )
-        self.measure = Measurer(
+        self.measure = _measurer(
             model,
             val_data,
             example,
-            config.objectives,
-            latency_batch=config.latency_batch,
-            threads=config.threads,
+            config,
+            self.space,
             cache=LatencyCache(self.out / "latency_cache.json"),
-            macs=any(spaces.is_plan_param(n) for n in self.space),
             baseline_ms=self.settings.get("baseline", {}).get("latency_ms"),
-            runtime=config.runtime,
         )
         self.progress: Any = None
         self.quiet = _QuietFailures()
@@ -490,16 +502,7 @@ def search(
         settings["runtime"] = config.runtime.value
     if ATTR not in study.user_attrs:
         example = example_from(val_data)
-        measurer = Measurer(
-            model,
-            val_data,
-            example,
-            config.objectives,
-            latency_batch=config.latency_batch,
-            threads=config.threads,
-            macs=any(spaces.is_plan_param(n) for n in space),
-            runtime=config.runtime,
-        )
+        measurer = _measurer(model, val_data, example, config, space)
         baseline = measurer(model, evaluate(model, val_data).accuracy, latency=False)
         if "latency" in config.objectives:
             baseline["latency_ms"], baseline["speedup"] = measurer.baseline_ms(), 1.0
