@@ -73,23 +73,32 @@ def deployed_forms(
     calib: torch.Tensor | list[torch.Tensor] | None = None,
     threads: int = 2,
     batch_size: int = 64,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, Form]:
     """Every form ``model`` can ship in on this machine, by name (ONNX files are written into ``folder``).
 
     ``calib``: input batches for PyTorch's oneDNN int8 form of a static int8 model (without them, or without
     torchao, only ONNX Runtime int8 is built); that form is lowered for ``batch_size`` first (other batch sizes
-    lower on first use).
+    lower on first use). ``only``: build just these names (all of the model's forms when none of them applies).
     """
     from slimkit.export.onnx import export_onnx
     from slimkit.export.runtime import OrtModel
 
     folder = Path(folder)
-    if not is_quantized(model):
-        path = export_onnx(model, example_input, folder / "model-fp32.onnx", int8=False)
-        return {"onnxruntime fp32": OrtModel(path, threads=threads), "eager fp32": eager_fp32(model)}
-    path = export_onnx(model, example_input, folder / "model-int8.onnx", int8=True)
-    forms: dict[str, Form] = {"onnxruntime int8": OrtModel(path, threads=threads)}
-    if is_int8_model(model) and calib is not None:
+    quantized = is_quantized(model)
+    names = ("onnxruntime int8", "onednn int8") if quantized else ("onnxruntime fp32", "eager fp32")
+    wanted = [n for n in names if only is None or n in only] or list(names)
+    forms: dict[str, Form] = {}
+
+    def onnxruntime() -> None:
+        path = export_onnx(model, example_input, folder / f"model-{names[0].split()[1]}.onnx", int8=quantized)
+        forms[names[0]] = OrtModel(path, threads=threads)
+
+    if names[0] in wanted:
+        onnxruntime()
+    if "eager fp32" in wanted:
+        forms["eager fp32"] = eager_fp32(model)
+    if "onednn int8" in wanted and is_int8_model(model) and calib is not None:
         try:
             from slimkit.export.torch_int8 import to_torch_int8
 
@@ -102,6 +111,8 @@ def deployed_forms(
             pass
         except Exception as exc:  # a graph oneDNN's lowering refuses: the model still ships on ONNX Runtime
             warnings.warn(f"oneDNN int8 form not built ({type(exc).__name__}: {str(exc)[:120]})", stacklevel=2)
+    if not forms:  # only oneDNN was asked and it could not be built: the model still ships on ONNX Runtime
+        onnxruntime()
     return forms
 
 
@@ -137,9 +148,9 @@ def fastest_form(
     from slimkit.measure import benchmark_latency
 
     with tempfile.TemporaryDirectory(prefix="slimkit-deploy-") as folder:
-        built = deployed_forms(model, example_input[:1], folder, calib=calib, threads=threads, batch_size=batch_size)
-        if forms is not None:
-            built = {n: f for n, f in built.items() if n in forms} or built
+        built = deployed_forms(
+            model, example_input[:1], folder, calib=calib, threads=threads, batch_size=batch_size, only=forms
+        )
         timed = benchmark_latency(built, example_input[:1], (batch_size,), threads=threads, max_seconds=max_seconds)
     ms = {name: t[batch_size].median * 1e3 for name, t in timed.items()}
     best = min(ms, key=ms.__getitem__)

@@ -148,15 +148,11 @@ def _forms(
     models: dict[str, nn.Module], example_input: torch.Tensor, runtime: str, threads: int, folder: str
 ) -> dict[str, Callable[[torch.Tensor], object]]:
     """Each model in its deployed fp32 form on ``runtime`` (ONNX files go into ``folder``)."""
-    from slimkit.export.deployed import eager_fp32
+    from slimkit.export.deployed import deployed_forms
 
-    if runtime == "eager":
-        return {name: eager_fp32(model) for name, model in models.items()}
-    from slimkit.export.onnx import export_onnx
-    from slimkit.export.runtime import OrtModel
-
+    form = {"onnxruntime": "onnxruntime fp32", "eager": "eager fp32"}[runtime]
     return {
-        name: OrtModel(export_onnx(model, example_input, Path(folder) / f"{name}.onnx", int8=False), threads=threads)
+        name: deployed_forms(model, example_input, Path(folder) / name, threads=threads, only=(form,))[form]
         for name, model in models.items()
     }
 
