@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from torch import nn
 
 from slimkit._text import human
 from slimkit.errors import UsageError
+from slimkit.export.deployed import DeployedSpeed
 from slimkit.recipe import Recipe, Step, StepKind
 from slimkit.train import FitResult, LossFn, evaluate, fit
 
@@ -80,17 +79,6 @@ class StepOutcome:
     deployed_all_ms: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class DeployedSpeed:
-    """One model's fastest deployed form at one batch size: its name, median ms, quartiles, and every form's ms."""
-
-    runtime: str
-    ms: float
-    p25_ms: float
-    p75_ms: float
-    all_ms: dict[str, float] = field(default_factory=dict)
-
-
 def measure_deployed(
     models: Mapping[str, nn.Module],
     example_input: torch.Tensor,
@@ -100,38 +88,12 @@ def measure_deployed(
     threads: int = 2,
     max_seconds: float = 4.0,
 ) -> dict[str, DeployedSpeed]:
-    """Every form each model ships in (``slimkit.export.deployed.deployed_forms``: ONNX Runtime fp32 and folded
-    channels-last eager for a float model, ONNX Runtime int8 and oneDNN int8 for an int8 one), all timed side by
-    side in one interleaved run at ``batch_size``; returns each model's fastest form by label.
+    """Each model's fastest deployed form, all timed side by side at ``batch_size``
+    (``slimkit.export.deployed.fastest_forms``). This is the one place ``compress`` times steps (tests replace it
+    to inject timings)."""
+    from slimkit.export.deployed import fastest_forms
 
-    This is the one place ``compress`` times steps (tests replace it to inject timings).
-
-    Example:
-        >>> speed = measure_deployed({"before": model, "after": pruned}, x, 64)             # doctest: +SKIP
-        >>> speed["after"].runtime, round(speed["after"].ms, 1)                             # doctest: +SKIP
-        ('onnxruntime fp32', 7.9)
-    """
-    from slimkit.export.deployed import deployed_forms
-    from slimkit.measure import benchmark_latency
-
-    one = example_input[:1]
-    with tempfile.TemporaryDirectory(prefix="slimkit-deploy-") as tmp:
-        forms: dict[str, Callable[[torch.Tensor], object]] = {}
-        for i, (label, model) in enumerate(models.items()):
-            folder = Path(tmp) / str(i)
-            folder.mkdir()
-            built = deployed_forms(model, one, folder, calib=calib, threads=threads, batch_size=batch_size)
-            forms.update({f"{label}: {name}": form for name, form in built.items()})
-        timed = benchmark_latency(forms, one, (batch_size,), threads=threads, max_seconds=max_seconds)
-    speeds: dict[str, DeployedSpeed] = {}
-    for label in models:
-        mine = {key.split(": ", 1)[1]: t[batch_size] for key, t in timed.items() if key.startswith(f"{label}: ")}
-        best = min(mine, key=lambda name: mine[name].median)
-        stats = mine[best]
-        speeds[label] = DeployedSpeed(
-            best, stats.median * 1e3, stats.p25 * 1e3, stats.p75 * 1e3, {n: t.median * 1e3 for n, t in mine.items()}
-        )
-    return speeds
+    return fastest_forms(models, example_input, batch_size, calib=calib, threads=threads, max_seconds=max_seconds)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from slimkit.export.lowering import is_dynamic_model, is_int8_model
 
-__all__ = ["Deployed", "deployed_forms", "eager_fp32", "fastest_form", "is_quantized"]
+__all__ = ["Deployed", "DeployedSpeed", "deployed_forms", "eager_fp32", "fastest_form", "fastest_forms", "is_quantized"]
 
 Form = Callable[[torch.Tensor], object]
 
@@ -131,6 +131,57 @@ class Deployed:
         return f"{self.name} {self.ms:.3g} ms" + (f" ({others})" if others else "")
 
 
+@dataclass
+class DeployedSpeed:
+    """One model's fastest deployed form at one batch size: its name, median ms, quartiles, and every form's ms."""
+
+    runtime: str
+    ms: float
+    p25_ms: float
+    p75_ms: float
+    all_ms: dict[str, float] = field(default_factory=dict)
+
+
+def fastest_forms(
+    models: Mapping[str, nn.Module],
+    example_input: torch.Tensor,
+    batch_size: int,
+    *,
+    calib: torch.Tensor | list[torch.Tensor] | None = None,
+    threads: int = 2,
+    max_seconds: float = 8.0,
+    only: tuple[str, ...] | None = None,
+) -> dict[str, DeployedSpeed]:
+    """Every deployed form of every model (``deployed_forms``), all timed side by side in one interleaved run at
+    ``batch_size`` (``slimkit.measure.benchmark_latency``); each model's fastest form, by label.
+
+    Example:
+        >>> speed = fastest_forms({"before": model, "after": pruned}, x, 64)             # doctest: +SKIP
+        >>> speed["after"].runtime, round(speed["after"].ms, 1)                          # doctest: +SKIP
+        ('onnxruntime fp32', 7.9)
+    """
+    from slimkit.measure import benchmark_latency
+
+    one = example_input[:1]
+    with tempfile.TemporaryDirectory(prefix="slimkit-deploy-") as tmp:
+        forms: dict[str, Form] = {}
+        for i, (label, model) in enumerate(models.items()):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            built = deployed_forms(model, one, folder, calib=calib, threads=threads, batch_size=batch_size, only=only)
+            forms.update({f"{label}: {name}": form for name, form in built.items()})
+        timed = benchmark_latency(forms, one, (batch_size,), threads=threads, max_seconds=max_seconds)
+    speeds: dict[str, DeployedSpeed] = {}
+    for label in models:
+        mine = {key.split(": ", 1)[1]: t[batch_size] for key, t in timed.items() if key.startswith(f"{label}: ")}
+        best = min(mine, key=lambda name: mine[name].median)
+        stats = mine[best]
+        speeds[label] = DeployedSpeed(
+            best, stats.median * 1e3, stats.p25 * 1e3, stats.p75 * 1e3, {n: t.median * 1e3 for n, t in mine.items()}
+        )
+    return speeds
+
+
 def fastest_form(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -145,13 +196,7 @@ def fastest_form(
 
     ``forms``: restrict to these names (e.g. ``("onnxruntime fp32",)``).
     """
-    from slimkit.measure import benchmark_latency
-
-    with tempfile.TemporaryDirectory(prefix="slimkit-deploy-") as folder:
-        built = deployed_forms(
-            model, example_input[:1], folder, calib=calib, threads=threads, batch_size=batch_size, only=forms
-        )
-        timed = benchmark_latency(built, example_input[:1], (batch_size,), threads=threads, max_seconds=max_seconds)
-    ms = {name: t[batch_size].median * 1e3 for name, t in timed.items()}
-    best = min(ms, key=ms.__getitem__)
-    return Deployed(best, ms[best], batch_size, ms)
+    speed = fastest_forms(
+        {"model": model}, example_input, batch_size, calib=calib, threads=threads, max_seconds=max_seconds, only=forms
+    )["model"]
+    return Deployed(speed.runtime, speed.ms, batch_size, speed.all_ms)
