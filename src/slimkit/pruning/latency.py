@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 import hashlib
 import json
@@ -36,7 +35,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,12 @@ import torch
 from torch import nn
 
 from slimkit.errors import UsageError
+from slimkit.measure import fixed_threads
 
 __all__ = ["ATTEMPTS", "LatencyModel", "LatencyTable", "cache_dir", "machine_key", "time_pair"]
 
 RUNTIMES = ("onnxruntime", "eager")
+FORM = {"onnxruntime": "onnxruntime fp32", "eager": "eager fp32"}  # the deployed form timed on each
 ATTEMPTS = 4  # cuts tried against the whole-model measurement
 POINTS = 4  # measured kept counts per dimension of a layer (the ends included)
 
@@ -144,17 +145,13 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _forms(
-    models: dict[str, nn.Module], example_input: torch.Tensor, runtime: str, threads: int, folder: str
-) -> dict[str, Callable[[torch.Tensor], object]]:
-    """Each model in its deployed fp32 form on ``runtime`` (ONNX files go into ``folder``)."""
+def _form(
+    model: nn.Module, example_input: torch.Tensor, runtime: str, threads: int, folder: str
+) -> Callable[[torch.Tensor], object]:
+    """``model`` in its deployed fp32 form on ``runtime`` (an ONNX file goes into ``folder``)."""
     from slimkit.export.deployed import deployed_forms
 
-    form = {"onnxruntime": "onnxruntime fp32", "eager": "eager fp32"}[runtime]
-    return {
-        name: deployed_forms(model, example_input, Path(folder) / name, threads=threads, only=(form,))[form]
-        for name, model in models.items()
-    }
+    return deployed_forms(model, example_input, folder, threads=threads, only=(FORM[runtime],))[FORM[runtime]]
 
 
 def _median_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, budget: float = 0.2) -> float:
@@ -193,10 +190,10 @@ class LatencyTable:
         """Milliseconds of ``layer`` at every ``(kept_in, kept_out)`` of ``points``; missing ones are measured."""
         missing = [p for p in points if layer.key(*p) not in self.entries]
         if missing:
-            with tempfile.TemporaryDirectory(prefix="slimkit-latency-") as folder, _threads(self.threads):
+            with tempfile.TemporaryDirectory(prefix="slimkit-latency-") as folder, fixed_threads(self.threads):
                 for kept_in, kept_out in missing:
                     module, x = layer.build(kept_in, kept_out)
-                    form = _forms({"layer": module.eval()}, x, self.runtime, self.threads, folder)["layer"]
+                    form = _form(module.eval(), x, self.runtime, self.threads, folder)
                     batch = x.expand(self.batch_size, *x.shape[1:]).contiguous()
                     self.entries[layer.key(kept_in, kept_out)] = _median_ms(form, batch)
                     self.measured += 1
@@ -211,16 +208,6 @@ class LatencyTable:
         payload = {"machine": _cpu().split("|")[0], "runtime": self.runtime, "threads": self.threads}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text(self.path, json.dumps({**payload, "entries": merged}, indent=0, sort_keys=True))
-
-
-@contextlib.contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _points(low: int, full: int, step: int) -> list[int]:
@@ -329,14 +316,11 @@ def time_pair(
     before: nn.Module, after: nn.Module, example_input: torch.Tensor, runtime: str, batch_size: int, threads: int
 ) -> tuple[float, float]:
     """Median ms of ``before`` and ``after`` on ``runtime`` at ``batch_size``, timed interleaved in one process."""
-    from slimkit.measure import benchmark_latency
+    from slimkit.export.deployed import fastest_forms
 
-    with tempfile.TemporaryDirectory(prefix="slimkit-latency-") as folder:
-        forms = _forms(
-            {"before": copy.deepcopy(before).eval(), "after": after.eval()}, example_input[:1], runtime, threads, folder
-        )
-        timed = benchmark_latency(forms, example_input[:1], (batch_size,), threads=threads, max_seconds=6.0)
-    return timed["before"][batch_size].median * 1e3, timed["after"][batch_size].median * 1e3
+    models = {"before": copy.deepcopy(before).eval(), "after": after.eval()}
+    speed = fastest_forms(models, example_input, batch_size, threads=threads, max_seconds=6.0, only=(FORM[runtime],))
+    return speed["before"].ms, speed["after"].ms
 
 
 LATENCY_TOLERANCE = 0.025  # measured latency reduction this close to the target ends the search (timing noise)
