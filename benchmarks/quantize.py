@@ -11,15 +11,20 @@ by default; the 2-layer MLP has only a first and a last layer, so its low-bit ro
 training the fp32 model, so for ResNet-20 a control row trains the fp32 model with the same budget. slimkit's default
 int8 PTQ and ``quantize_static`` are also compared over 6 disjoint calibration draws (one draw moves single-digit
 accuracy differences by chance; the mean over draws and the logit error vs fp32 do not). File sizes:
-packed safetensors vs fp32 safetensors (and LeNet-300-100 with every layer low-bit). Latency at batch 1 and 64,
-2 threads, median of interleaved repeats in one process: PyTorch fp32 eager, PyTorch fp32 ``torch.compile``
-(inductor, frozen weights), ONNX Runtime fp32, ONNX Runtime int8 (slimkit's QDQ export), ONNX Runtime int8
-(quantize_static), PyTorch int8 x86 (torchao PT2E lowered to oneDNN kernels, from slimkit's PTQ model), the same
-PT2E graph under ``torch.compile`` (inductor) and, for
-the Linear-only models, PyTorch int8 dynamic (torch.ao dynamic int8 Linear kernels).
+packed safetensors vs fp32 safetensors (and LeNet-300-100 with every layer low-bit). Latency at batch 1 and 64 with
+``benchmarks/harness.py`` (3 fresh processes one after another, allocator pinned, 2 threads, every form interleaved;
+median and spread of the process medians, page faults per call): PyTorch fp32 eager, PyTorch fp32 as slimkit deploys
+it eagerly (BatchNorm folded, channels-last), PyTorch fp32 ``torch.compile`` (inductor, frozen weights), ONNX Runtime
+fp32, ONNX Runtime int8 (slimkit's QDQ export), ONNX Runtime int8 (quantize_static), PyTorch int8 x86 (torchao PT2E
+lowered to oneDNN kernels, from slimkit's PTQ model), the same PT2E graph under ``torch.compile`` (inductor) and, for
+the Linear-only models, PyTorch int8 dynamic (torch.ao dynamic int8 Linear kernels). Every speed-up is against the
+fastest of the model's fp32 forms at the same batch size.
 
-Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`` (writes
-benchmarks/results/quantize.{json,md}; about 14 minutes with the models cached; add ``--quick`` for a smoke run).
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py [--only accuracy|train|latency]
+[--models mlp ...]`` (writes benchmarks/results/quantize.{json,md}; a part or model not run keeps its stored results;
+``train`` only caches the checkpoints in .slimkit-cache, about 1.5 and 4 minutes for ResNet-20 / ResNet-56;
+``accuracy`` takes about 10 minutes with them cached and ``latency`` 1-4 minutes per model: run them in separate
+lock holds; ``--quick`` for a smoke run of the accuracy part).
 """
 
 from __future__ import annotations
@@ -41,12 +46,11 @@ from slimkit.demo import trained
 from slimkit.export.onnx import export_onnx
 from slimkit.export.runtime import OrtModel, parity
 from slimkit.export.torch_int8 import to_torch_int8
-from slimkit.measure import benchmark_latency
 from slimkit.quantization import QuantConfig, pack_state_dict, quantize
 from slimkit.train import TrainConfig, evaluate, fit
 
 OUT = Path(__file__).parent / "results"
-CACHE = Path(".slimkit-cache")
+CACHE = Path(__file__).resolve().parent.parent / ".slimkit-cache"  # harness workers run in benchmarks/
 QUICK = "--quick" in sys.argv
 THREADS = 2
 
@@ -268,36 +272,18 @@ def run_model(name: str, folder: Path) -> dict:
         f"{name} vs quantize_static over {DRAWS} draws: {versus['mean']} ({time.perf_counter() - t0:.0f}s)", flush=True
     )
     runtimes = {
-        "ort fp32": OrtModel(fp32_onnx, THREADS),
         "ort int8 (slimkit QDQ)": OrtModel(ours_onnx, THREADS),
         "ort int8 (quantize_static)": OrtModel(theirs_onnx, THREADS),
     }
-    x64 = torch.zeros(64, *x1.shape[1:])
-    torch_int8 = to_torch_int8(ptq, calib, x64)
-    for batch in (1, 250):  # latency at batch 1; evaluation and parity in batches of 250
-        torch_int8.lowered((batch, *x1.shape[1:]))
+    torch_int8 = to_torch_int8(ptq, calib, torch.zeros(64, *x1.shape[1:]))
+    torch_int8.lowered((250, *x1.shape[1:]))  # evaluation and parity in batches of 250
     deployed = {
         "ORT quantize_static int8": runtimes["ort int8 (quantize_static)"],
         "slimkit int8 on ORT": runtimes["ort int8 (slimkit QDQ)"],
         "slimkit int8 on torch x86 (oneDNN)": torch_int8,
     }
-    candidates = {"torch fp32": model}
-    fp32_compiled = compiled(model, [x1.shape, x64.shape])
-    if fp32_compiled is not None:
-        candidates["torch fp32 compiled"] = fp32_compiled
-    candidates.update(runtimes)
-    candidates["torch int8 x86 (slimkit PTQ)"] = torch_int8
-    int8_compiled = compiled(torch_int8.converted, [x1.shape, x64.shape], exported=True)
-    if int8_compiled is not None:
-        candidates["torch int8 x86 compiled (PT2E + inductor)"] = int8_compiled
     if not resnet:  # dynamic int8 only covers Linear layers: for the ResNets it is the fp32 convs again
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch_dynamic = torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
-            )
-        deployed["torch int8 dynamic (real kernels)"] = torch_dynamic
-        candidates["torch int8 dynamic"] = torch_dynamic
+        deployed["torch int8 dynamic (real kernels)"] = torch_dynamic(model)
     for label, runtime in deployed.items():
         acc = evaluate(runtime, test, batch_size=250).accuracy  # 8 equal batches: few shapes to lower
         rows[label] = {"accuracy": acc, "drop": fp32_acc - acc}
@@ -305,19 +291,74 @@ def run_model(name: str, folder: Path) -> dict:
         "ort": parity(ptq, runtimes["ort int8 (slimkit QDQ)"], test, batch_size=250),
         "torch_x86": parity(ptq, torch_int8, test, batch_size=250),
     }
-    latency = benchmark_latency(
-        candidates, x1, (1, 64), threads=THREADS, repeats=15 if QUICK else 40, max_seconds=2 if QUICK else 6
-    )
-    lat = {k: {bs: v.median * 1e3 for bs, v in per.items()} for k, per in latency.items()}
     return {
         "accuracy": rows,
-        "latency_ms": lat,
         "parity": agreement,
         "fp32_bytes": fp32_bytes,
         "held_out_accuracy": held_out,
         "deployed_ptq": chosen,
         "versus_ort": versus,
     }
+
+
+def torch_dynamic(model):
+    """PyTorch's own dynamic int8 Linear kernels (torch.ao) on a copy of ``model``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def build_forms(name: str, ptq: str, folder: str) -> tuple[dict, torch.Tensor]:
+    """Harness build function (runs in each worker): every fp32 and int8 runtime of one trained model.
+
+    The checkpoint is the cached one the parent made sure of; the int8 model is ``ptq`` (the deployed PTQ variant
+    the accuracy part chose on held-out digits) calibrated on calibration draw 0, exactly as in the accuracy part.
+    """
+    import os
+
+    from slimkit.export.deployed import eager_fp32
+
+    model, train, _, _ = mnist_model(name)
+    x1 = torch.zeros(1, *train[0][0].shape)
+    x64 = torch.zeros(64, *x1.shape[1:])
+    calib_tensor = calibration_draws(train, 1)[0]
+    calib = list(calib_tensor.split(QuantConfig().batch_size))
+    qmodel = quantize(model, variants(name)[ptq][0], calib_tensor).model
+    out = Path(folder) / f"worker-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    fp32_onnx = export_onnx(model, x1, out / "fp32.onnx")
+    torch_int8 = to_torch_int8(qmodel, calib, x64)
+    torch_int8.lowered(tuple(x1.shape))
+    forms = {"torch fp32": model, "torch fp32 (BN folded, channels-last)": eager_fp32(model)}
+    fp32_compiled = compiled(model, [x1.shape, x64.shape])
+    if fp32_compiled is not None:
+        forms["torch fp32 compiled"] = fp32_compiled
+    forms["ort fp32"] = OrtModel(fp32_onnx, THREADS)
+    forms["ort int8 (slimkit QDQ)"] = OrtModel(export_onnx(qmodel, x1, out / "int8.onnx"), THREADS)
+    forms["ort int8 (quantize_static)"] = OrtModel(ort_static(fp32_onnx, out / "ort-static.onnx", calib), THREADS)
+    forms["torch int8 x86 (slimkit PTQ)"] = torch_int8
+    int8_compiled = compiled(torch_int8.converted, [x1.shape, x64.shape], exported=True)
+    if int8_compiled is not None:
+        forms["torch int8 x86 compiled (PT2E + inductor)"] = int8_compiled
+    if not name.startswith("resnet"):
+        forms["torch int8 dynamic"] = torch_dynamic(model)
+    return forms, x1
+
+
+def latency(name: str, ptq: str, processes: int = 3) -> dict:
+    """Time every runtime of ``name`` with the harness (checkpoint cached here first, so workers only load it)."""
+    from harness import time_forms
+
+    mnist_model(name)
+    with tempfile.TemporaryDirectory(prefix="slimkit-bench-quantize-") as folder:
+        timed = time_forms(
+            "quantize:build_forms",
+            {"name": name, "ptq": ptq, "folder": folder},
+            (1, 64),
+            processes=processes,
+            threads=THREADS,
+        )
+    return {"forms": timed, "processes": processes}
 
 
 def lenet300_sizes(folder: Path) -> dict:
@@ -339,18 +380,62 @@ def lenet300_sizes(folder: Path) -> dict:
     return out
 
 
-FP32_RUNTIMES = ("torch fp32", "torch fp32 compiled", "ort fp32")
+FP32_RUNTIMES = ("torch fp32", "torch fp32 (BN folded, channels-last)", "torch fp32 compiled", "ort fp32")
+MODELS = ("mlp", "lenet5", "resnet20", "resnet56")
 
 
-def fastest_fp32(lat: dict, batch: int) -> tuple[str, float]:
-    return min(((k, lat[k][batch]) for k in FP32_RUNTIMES if k in lat), key=lambda kv: kv[1])
+def latency_lines(results: dict) -> list[str]:
+    """The latency table (harness cells) and the list of int8 forms not faster than the fastest fp32 form."""
+    from harness import method_note, ms_cell, speedups
+
+    timed = {name: res["latency"] for name, res in results.items() if "latency" in res}
+    if not timed:
+        return ["", "## Latency", "", "Not measured yet with benchmarks/harness.py: run `--only latency`."]
+    processes = next(iter(timed.values()))["processes"]
+    lines = [
+        "",
+        f"## Latency (ms, median of {processes} processes, 2 threads)",
+        "",
+        method_note(processes, THREADS) + " The fp32 forms compared are PyTorch eager as trained, eager with "
+        "BatchNorm folded and channels-last (slimkit's deployed eager form), torch.compile and ONNX Runtime fp32.",
+        "",
+        "| model | runtime | ms b1 | ms b64 | vs fastest fp32 b1 | vs fastest fp32 b64 | vs torch fp32 eager b64 "
+        "| page faults / call |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, lat in timed.items():
+        forms = lat["forms"]
+        fp32 = [f for f in FP32_RUNTIMES if f in forms]
+        ratio = {bs: speedups(forms, fp32, bs) for bs in (1, 64)}
+        for label, per in forms.items():
+            faults = max(per[bs]["page_faults_per_call"] for bs in (1, 64))
+            lines.append(
+                f"| {name} | {label} | {ms_cell(per[1])} | {ms_cell(per[64])} | {ratio[1][label]:.2f}x | "
+                f"{ratio[64][label]:.2f}x | {forms['torch fp32'][64]['median_ms'] / per[64]['median_ms']:.2f}x | "
+                f"{faults:.0f} |"
+            )
+    lines += [
+        "",
+        "Where int8 is not faster than the fastest fp32 form at batch 64 (docs/quantization.md says why):",
+        "",
+    ]
+    for name, lat in timed.items():
+        forms = lat["forms"]
+        fp32 = [f for f in FP32_RUNTIMES if f in forms]
+        best = min(fp32, key=lambda f: forms[f][64]["median_ms"])
+        ratio = speedups(forms, fp32, 64)
+        slower = [f"{k} {ratio[k]:.2f}x" for k in forms if k not in FP32_RUNTIMES and ratio[k] <= 1.0]
+        if slower:
+            lines.append(f"- {name} (fastest fp32: {best}, {forms[best][64]['median_ms']:.3g} ms): {', '.join(slower)}")
+    return lines
 
 
 def markdown(results: dict, sizes: dict) -> str:
     lines = [
         "# Quantization on MNIST-10k (2,000 test digits)",
         "",
-        "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py`",
+        "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py --only accuracy`, then "
+        "`--only train` and one `--only latency --models NAME` per model (each its own lock hold)",
         "",
     ]
     lines += [
@@ -363,35 +448,7 @@ def markdown(results: dict, sizes: dict) -> str:
         for label, row in res["accuracy"].items():
             ratio = f"{row['size_ratio']:.2f}x" if "size_ratio" in row else ""
             lines.append(f"| {name} | {label} | {row['accuracy']:.2f} | {row['drop']:+.2f} | {ratio} |")
-    lines += [
-        "",
-        "## Latency (median ms, 2 threads)",
-        "",
-        "Speed-ups at batch 64 against PyTorch fp32 eager and against the fastest fp32 runtime of the same "
-        "model (the least of torch eager, torch.compile and ORT fp32).",
-        "",
-        "| model | runtime | batch 1 | batch 64 | vs torch fp32 eager @64 | vs fastest fp32 @64 |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for name, res in results.items():
-        lat = res["latency_ms"]
-        best = fastest_fp32(lat, 64)[1]
-        for label, per in lat.items():
-            lines.append(
-                f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | "
-                f"{lat['torch fp32'][64] / per[64]:.2f}x | {best / per[64]:.2f}x |"
-            )
-    lines += [
-        "",
-        "Where int8 is not faster than the fastest fp32 runtime at batch 64 (docs/quantization.md says why):",
-        "",
-    ]
-    for name, res in results.items():
-        lat = res["latency_ms"]
-        best_name, best = fastest_fp32(lat, 64)
-        slower = [f"{k} {best / v[64]:.2f}x" for k, v in lat.items() if k not in FP32_RUNTIMES and v[64] >= best]
-        if slower:
-            lines.append(f"- {name} (fastest fp32: {best_name}, {best:.3f} ms): {', '.join(slower)}")
+    lines += latency_lines(results)
     lines += [
         "",
         "## Which slimkit int8 PTQ model is deployed (ORT / torch x86 rows)",
@@ -455,15 +512,69 @@ def run_models(run, names) -> tuple[dict, float]:
     return results, time.perf_counter() - start
 
 
+def _int_batches(latency_result: dict) -> dict:
+    """Stored JSON has batch sizes as string keys; the harness helpers index them as ints."""
+    forms = {form: {int(bs): stats for bs, stats in per.items()} for form, per in latency_result["forms"].items()}
+    return {**latency_result, "forms": forms}
+
+
 def main() -> None:
-    results, seconds = run_models(run_model, ("mlp", "lenet5", "resnet20", "resnet56"))
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes = lenet300_sizes(Path(tmp))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--only",
+        choices=("accuracy", "train", "latency"),
+        action="append",
+        help="run only this part (repeatable); the other parts' stored results are kept",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=MODELS,
+        help="accuracy / train / latency: only these models; the others' stored results are kept",
+    )
+    parser.add_argument("--processes", type=int, default=3, help="latency: fresh processes per model")
+    parser.add_argument("--quick", action="store_true", help="accuracy: a smoke run (fewer draws and epochs)")
+    args = parser.parse_args()
+    parts = set(args.only or ("accuracy", "latency"))
+    torch.set_num_threads(THREADS)
+    stored = json.loads((OUT / "quantize.json").read_text()) if (OUT / "quantize.json").exists() else {}
+    results = stored.get("results", {})
+    for res in results.values():
+        res.pop("latency_ms", None)  # timed in one process before benchmarks/harness.py: superseded
+        if "latency" in res:
+            res["latency"] = _int_batches(res["latency"])
+    sizes = stored.get("lenet300_size_ratio", {})
+    seconds = stored.get("seconds", {})
+    seconds = seconds if isinstance(seconds, dict) else {"accuracy": seconds}
+    if "accuracy" in parts:
+        fresh, seconds["accuracy"] = run_models(run_model, args.models)
+        for name, res in fresh.items():
+            results[name] = {
+                **res,
+                **({"latency": results[name]["latency"]} if "latency" in results.get(name, {}) else {}),
+            }
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes = lenet300_sizes(Path(tmp))
+    if "train" in parts:
+        for name in args.models:
+            mnist_model(name)
+    if "latency" in parts:
+        for name in args.models:
+            if name not in results:
+                raise SystemExit(f"{name}: no stored accuracy results (which PTQ is deployed): run --only accuracy")
+            t0 = time.perf_counter()
+            results[name]["latency"] = latency(name, results[name]["deployed_ptq"], args.processes)
+            seconds[f"latency {name}"] = time.perf_counter() - t0
+    results = {name: results[name] for name in MODELS if name in results}
     payload = {"results": results, "lenet300_size_ratio": sizes, "threads": THREADS, "seconds": seconds, "quick": QUICK}
+    OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "quantize.json").write_text(json.dumps(payload, indent=2))
     (OUT / "quantize.md").write_text(markdown(results, sizes))
     print(markdown(results, sizes))
-    print(f"total {payload['seconds']:.0f}s")
+    print(f"seconds: {seconds}")
 
 
 if __name__ == "__main__":
