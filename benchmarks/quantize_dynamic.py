@@ -6,20 +6,22 @@ per-channel weights and per-call activation ranges; ``export_onnx`` writes them 
 MatMulInteger`` from slimkit's own codes. Side by side in one run: PyTorch fp32 eager, ONNX Runtime fp32, slimkit's
 int8 on ONNX Runtime, ONNX Runtime's own ``quantize_dynamic`` on the fp32 export (per-channel int8 weights), and
 PyTorch's dynamic int8 kernels (``torch.ao`` ``quantize_dynamic``: LSTM and Linear). Models train on 7,000 digits
-(best epoch on 1,000 held out); accuracy on the 2,000 test digits; latency median ms at batch 1 and 64, 2 threads,
-interleaved in one process, median of 3 independent runs (the transformer's timings move by up to 2x from run to
-run); file size: packed safetensors vs fp32 safetensors.
+(best epoch on 1,000 held out); accuracy on the 2,000 test digits; latency at batch 1 and 64 with
+``benchmarks/harness.py`` (3 fresh processes one after another, allocator pinned, 2 threads, every form interleaved;
+median and spread of the process medians, page faults per call), speed-ups against the fastest fp32 form (PyTorch
+eager, slimkit's deployed eager form, ONNX Runtime fp32); file size: packed safetensors vs fp32 safetensors.
 
 Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_dynamic.py`` (writes
-benchmarks/results/quantize_dynamic.{json,md}; under a minute including training; ``--quick`` for a smoke run).
+benchmarks/results/quantize_dynamic.{json,md}; about 3 minutes with the checkpoints cached, training them adds about
+30 s; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,15 +32,15 @@ from quantize import file_bytes, packed_bytes, run_models  # benchmarks/quantize
 from slimkit import data, models
 from slimkit.export.onnx import export_onnx
 from slimkit.export.runtime import OrtModel, parity
-from slimkit.measure import benchmark_latency
 from slimkit.quantization import QuantConfig, quantize
 from slimkit.train import TrainConfig, evaluate, fit
 
 OUT = Path(__file__).parent / "results"
-CACHE = Path(".slimkit-cache")
+CACHE = Path(__file__).resolve().parent.parent / ".slimkit-cache"  # harness workers run in benchmarks/
 QUICK = "--quick" in sys.argv
 THREADS = 2
-RUNS = 3
+PROCESSES = 1 if QUICK else 3
+FP32_FORMS = ("torch fp32", "torch fp32 (slimkit deployed eager)", "ort fp32")
 MODELS = {
     "lstm_rows": ("slimkit.models.sequence:lstm_rows", TrainConfig(epochs=8, lr=1e-2, batch_size=64)),
     "vit_tiny": ("slimkit.models.sequence:vit_tiny", TrainConfig(epochs=15, lr=2e-3, weight_decay=0.0, batch_size=64)),
@@ -79,10 +81,17 @@ def without_fastpath(model):
     return call
 
 
-def run_model(name: str, folder: Path) -> dict:
-    train, test = data.load("mnist10k")
-    train, val = data.split(train, 0.125)
-    model = trained(name, train, val)
+def torch_dynamic(model):
+    """PyTorch's own dynamic int8 kernels (torch.ao: LSTM and Linear) on a copy of ``model``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8
+        )
+
+
+def exports(name: str, model, folder: Path):
+    """slimkit's dynamic int8 model and the three ONNX files: fp32, slimkit int8, ORT quantize_dynamic."""
     x1 = torch.zeros(1, 1, 28, 28)
     t0 = time.perf_counter()
     result = quantize(model, QuantConfig(method="dynamic"))
@@ -90,44 +99,65 @@ def run_model(name: str, folder: Path) -> dict:
     fp32_onnx = export_onnx(model, x1, folder / f"{name}-fp32.onnx")
     ours_onnx = export_onnx(result.model, x1, folder / f"{name}-int8.onnx")
     theirs_onnx = ort_dynamic(fp32_onnx, folder / f"{name}-ort-dynamic.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch_dynamic = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model), {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8
-        )
-    candidates = {
+    return result, seconds, (fp32_onnx, ours_onnx, theirs_onnx)
+
+
+def build_forms(name: str, folder: str) -> tuple[dict, torch.Tensor]:
+    """Harness build function (runs in each worker): the fp32 and int8 runtimes of one cached trained model."""
+    import os
+
+    from slimkit.export.deployed import eager_fp32
+
+    train, _ = data.load("mnist10k")
+    train, val = data.split(train, 0.125)
+    model = trained(name, train, val)
+    out = Path(folder) / f"worker-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    _, _, (fp32_onnx, ours_onnx, theirs_onnx) = exports(name, model, out)
+    forms = {
         "torch fp32": model,
+        "torch fp32 (slimkit deployed eager)": eager_fp32(model),
         "ort fp32": OrtModel(fp32_onnx, THREADS),
         "ort int8 (slimkit dynamic)": OrtModel(ours_onnx, THREADS),
         "ort int8 (quantize_dynamic)": OrtModel(theirs_onnx, THREADS),
-        "torch int8 dynamic (torch.ao)": without_fastpath(torch_dynamic),
+        "torch int8 dynamic (torch.ao)": without_fastpath(torch_dynamic(model)),
+    }
+    return forms, torch.zeros(1, 1, 28, 28)
+
+
+def run_model(name: str, folder: Path) -> dict:
+    from harness import time_forms
+
+    train, test = data.load("mnist10k")
+    train, val = data.split(train, 0.125)
+    model = trained(name, train, val)
+    result, seconds, (fp32_onnx, ours_onnx, theirs_onnx) = exports(name, model, folder)
+    candidates = {
+        "ort fp32": OrtModel(fp32_onnx, THREADS),
+        "ort int8 (slimkit dynamic)": OrtModel(ours_onnx, THREADS),
+        "ort int8 (quantize_dynamic)": OrtModel(theirs_onnx, THREADS),
+        "torch int8 dynamic (torch.ao)": without_fastpath(torch_dynamic(model)),
     }
     accuracy = {
         "fp32": evaluate(model, test).accuracy,
         "slimkit dynamic int8 (simulated)": evaluate(result.model, test).accuracy,
     }
-    accuracy.update(
-        {
-            label: evaluate(runtime, test, batch_size=250).accuracy
-            for label, runtime in candidates.items()
-            if label != "torch fp32"
-        }
-    )
+    accuracy.update({label: evaluate(runtime, test, batch_size=250).accuracy for label, runtime in candidates.items()})
     fp32_bytes = file_bytes(model.state_dict(), folder, f"{name}-fp32")
-    # the transformer's timings move by up to 2x between otherwise identical runs on this machine: three
-    # independent interleaved runs, the median of their medians is reported (and every run is kept)
-    runs = [
-        benchmark_latency(
-            candidates, x1, (1, 64), threads=THREADS, repeats=10 if QUICK else 40, max_seconds=2 if QUICK else 8
+    with tempfile.TemporaryDirectory(prefix="slimkit-bench-dynamic-") as scratch:
+        timed = time_forms(
+            "quantize_dynamic:build_forms",
+            {"name": name, "folder": scratch},
+            (1, 64),
+            processes=PROCESSES,
+            threads=THREADS,
+            max_seconds=2 if QUICK else 10,
         )
-        for _ in range(1 if QUICK else RUNS)
-    ]
-    per_run = [{k: {bs: v.median * 1e3 for bs, v in per.items()} for k, per in run.items()} for run in runs]
     return {
         "accuracy": accuracy,
         "quantize_seconds": seconds,
-        "latency_ms": {k: {bs: statistics.median(r[k][bs] for r in per_run) for bs in (1, 64)} for k in per_run[0]},
-        "latency_runs_ms": per_run,
+        "latency": timed,
+        "processes": PROCESSES,
         "parity_ort": parity(result.model, candidates["ort int8 (slimkit dynamic)"], test, batch_size=250),
         "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-int8"),
         "onnx_bytes": {
@@ -153,20 +183,29 @@ def markdown(results: dict) -> str:
     for name, res in results.items():
         fp32 = res["accuracy"]["fp32"]
         lines += [f"| {name} | {k} | {v:.2f} | {fp32 - v:+.2f} |" for k, v in res["accuracy"].items()]
+    from harness import method_note, ms_cell, speedups
+
+    processes = next(iter(results.values()))["processes"]
     lines += [
         "",
-        f"## Latency (median ms of {RUNS} independent runs, 2 threads) and sizes",
+        f"## Latency (ms, median of {processes} processes, 2 threads) and sizes",
         "",
-        "| model | runtime | batch 1 | batch 64 | batch 64 range over runs | vs torch fp32 @64 | vs ort fp32 @64 |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        method_note(processes, THREADS) + " The fp32 forms compared are PyTorch eager, slimkit's deployed eager form "
+        "(torch.fx-fused, channels-last input where the model has convolutions) and ONNX Runtime fp32.",
+        "",
+        "| model | runtime | ms b1 | ms b64 | vs fastest fp32 b1 | vs fastest fp32 b64 | vs ort fp32 b64 "
+        "| page faults / call |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, res in results.items():
-        lat = res["latency_ms"]
-        for label, per in lat.items():
-            spread = [run[label][64] for run in res["latency_runs_ms"]]
+        forms = res["latency"]
+        ratio = {bs: speedups(forms, list(FP32_FORMS), bs) for bs in (1, 64)}
+        for label, per in forms.items():
+            faults = max(per[bs]["page_faults_per_call"] for bs in (1, 64))
             lines.append(
-                f"| {name} | {label} | {per[1]:.3f} | {per[64]:.3f} | {min(spread):.3f}-{max(spread):.3f} | "
-                f"{lat['torch fp32'][64] / per[64]:.2f}x | {lat['ort fp32'][64] / per[64]:.2f}x |"
+                f"| {name} | {label} | {ms_cell(per[1])} | {ms_cell(per[64])} | {ratio[1][label]:.2f}x | "
+                f"{ratio[64][label]:.2f}x | {forms['ort fp32'][64]['median_ms'] / per[64]['median_ms']:.2f}x | "
+                f"{faults:.0f} |"
             )
     lines.append("")
     for name, res in results.items():
