@@ -122,3 +122,55 @@ def test_packed_embeddings_make_the_file_smaller_and_replay_bit_exactly():
     ids = _ids(4, 12, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids), result.model(ids), rtol=0, atol=0)
+
+
+class WideEmbedder(Embedder):
+    """The token table and two Linear layers wide enough for 32-element weight-only blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(WIDTH, 128), nn.Linear(128, WIDTH)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        x = self.word(input_ids) + self.position(positions)
+        return self.proj(x + self.down(torch.relu(self.up(x)))).mean(1)
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq", "awq"])
+def test_weight_only_quantizes_embeddings_per_row_and_exports_beside_matmulnbits(tmp_path, algorithm):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from slimkit.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = WideEmbedder().eval()
+    cfg = QuantConfig(weight_bits=4, act_bits=None, group_size=32, algorithm=algorithm)
+    result = quantize(model, cfg, _ids(64, 12))
+    assert isinstance(result.model.word, QuantEmbedding) and isinstance(result.model.position, QuantEmbedding)
+    layers = {entry["name"]: entry for entry in result.record["layers"]}
+    assert layers["word"]["kind"] == "Embedding" and layers["word"]["weight_bits"] == 8
+    assert layers["word"]["weight_scale"]["count"] == VOCAB and not result.record["skipped"]
+    assert layers["up"]["weight_bits"] == 4 and layers["proj"]["weight_bits"] == 8  # first / last Linear: 8 bits
+    w = model.word.weight.detach()  # per-row symmetric int8, as method='ptq' quantizes it
+    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)  # the padding row is all zeros
+    table = torch.clamp(torch.round(w / scale), -127, 127)
+    torch.testing.assert_close(result.model.word.weight_quant.codes(result.model.word.weight), table)
+    path = export_onnx(result.model, _ids(1, 12), tmp_path / "wo.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 3 and "MatMul" not in ops and "Gemm" not in ops
+    int8_tables = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert sorted(tuple(i.dims) for i in int8_tables) == [(16, WIDTH), (VOCAB, WIDTH)]
+    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = _ids(3, 9, seed=2)  # another batch and length
+    with torch.no_grad():
+        expected = result.model(ids).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": ids.numpy()})[0], expected, atol=1e-5)
+    rebuilt = replay_(WideEmbedder(), result.record)
+    tensors, meta = pack_state_dict(result.model)
+    assert "word.weight" not in tensors
+    rebuilt.load_state_dict(unpack_state_dict(tensors, meta))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids), result.model(ids), rtol=0, atol=0)

@@ -274,3 +274,27 @@ def test_a_weight_only_layer_the_forward_never_calls_is_named(tmp_path):
     proto = onnx.load(str(path))
     assert [n.op_type for n in proto.graph.node] == ["MatMulNBits", "Add"]
     assert {p.key: p.value for p in proto.metadata_props}["slimkit.unused_layers"] == '["pooler"]'
+
+
+def test_set_accuracy_level_rewrites_every_matmulnbits_and_runs_close(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from slimkit.errors import UsageError
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.onnx_int4 import set_accuracy_level
+
+    torch.manual_seed(0)
+    result = slimkit.quantize(_Block().eval(), _wo("rtn"), torch.randn(8, 12, 64))
+    path = export_onnx(result.model, torch.randn(2, 12, 64), tmp_path / "b.onnx")
+    level4 = set_accuracy_level(path, tmp_path / "b4.onnx", 4)
+    nodes = [n for n in onnx.load(str(level4)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 5
+    assert all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["accuracy_level"] == 4 for n in nodes)
+    x = torch.randn(3, 12, 64)
+    exact, fast = _ort_outputs(path, x), _ort_outputs(level4, x)
+    assert abs(fast - exact).max() <= 0.05 * (exact.max() - exact.min())  # int8 activations per block
+    with pytest.raises(UsageError, match="accuracy_level=5"):
+        set_accuracy_level(path, tmp_path / "b5.onnx", 5)
+    plain = export_onnx(nn.Linear(4, 4), torch.randn(1, 4), tmp_path / "plain.onnx")
+    with pytest.raises(UsageError, match="no MatMulNBits"):
+        set_accuracy_level(plain, tmp_path / "p.onnx", 4)

@@ -1,4 +1,4 @@
-"""Weight-only block quantization of Linear layers: round-to-nearest, GPTQ and AWQ.
+"""Weight-only block quantization of Linear layers (round-to-nearest, GPTQ and AWQ) and of embeddings (per row).
 
 Every algorithm ends on the same grid: for each output row, blocks of ``group_size`` consecutive input elements
 share a scale ``s`` and an integer zero point ``z``; codes ``q`` are unsigned (``0..15`` for 4 bits) and the weight
@@ -18,7 +18,9 @@ size that is not a multiple of ``group_size`` is padded with zeros (the last blo
 
 Layers become ``WeightOnlyLinear`` (a ``QuantLinear`` without activation quantizer): they run in PyTorch on the
 dequantized weight and are stored packed (``pack.py``: half a byte per 4-bit weight, plus the blocks' scales and
-zero points).
+zero points). ``nn.Embedding`` tables (half the bytes of a small transformer such as all-MiniLM-L6-v2) become
+``QuantEmbedding`` with symmetric 8-bit codes and one scale per row, as ``method="ptq"`` plans them (fewer bits by
+an override); ``export_onnx`` gathers their int8 codes beside the ``MatMulNBits`` layers.
 
 Example:
     >>> cfg = QuantConfig(weight_bits=4, act_bits=None, group_size=128, algorithm="gptq")   # doctest: +SKIP
@@ -51,7 +53,7 @@ from slimkit.quantization.config import (
 from slimkit.quantization.fake import QuantLinear, float_layer
 from slimkit.quantization.math import qparams, quantize_weight, ungroup
 from slimkit.quantization.pack import pack_state_dict
-from slimkit.quantization.ptq import calibration_batches, layer_summary, run_batches, trace_with_leaves
+from slimkit.quantization.ptq import calibration_batches, layer_summary, prepare, run_batches, trace_with_leaves
 
 __all__ = [
     "ScaledLinear",
@@ -288,9 +290,13 @@ def _plan(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], dict[str
     ``keep_first_last_8bit`` the first and last of these Linear layers get 8 bits unless an override names them."""
     flat = copy.copy(cfg)
     flat.keep_first_last_8bit = False  # the ends are the first / last Linear layers, not a Conv2d kept in float
+    flat.algorithm = None  # embeddings are planned as for PTQ: symmetric per-row codes (8 bits unless overridden)
     specs, skipped = plan_layers(model, flat)
-    kept = []
+    kept, tables = [], []
     for spec in specs:
+        if spec.kind == "Embedding":  # half of a small transformer's bytes: int8 rows, gathered as codes
+            tables.append(spec)
+            continue
         if spec.kind != "Linear" or type(model.get_submodule(spec.name)) is not nn.Linear:
             skipped[spec.name] = "weight-only quantization covers nn.Linear layers (MatMulNBits); kept in float"
             continue
@@ -309,7 +315,7 @@ def _plan(model: nn.Module, cfg: QuantConfig) -> tuple[list[LayerSpec], dict[str
         for spec in {kept[0].name: kept[0], kept[-1].name: kept[-1]}.values():
             if not any(matches(spec.name, pattern) for pattern in cfg.overrides):
                 spec.weight_bits = 8
-    return kept, skipped
+    return tables + kept, skipped
 
 
 def _producers(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -413,6 +419,8 @@ def quantize_weight_only(
     algorithm = WeightOnlyAlgorithm(cfg.algorithm)
     new = copy.deepcopy(model).eval()
     specs, skipped = _plan(new, cfg)
+    tables = [spec for spec in specs if spec.kind == "Embedding"]
+    specs = [spec for spec in specs if spec.kind != "Embedding"]
     if not specs:
         raise UsageError(f"quantize: no nn.Linear layer left to quantize (skipped: {', '.join(skipped) or 'none'})")
     if algorithm is not WeightOnlyAlgorithm.RTN and train_data is None:
@@ -421,6 +429,7 @@ def quantize_weight_only(
     settings = cfg.weight_only
     folded: dict[str, str] = {}
     stats: dict[str, Any] = {}
+    prepare(new, tables)  # embeddings first: GPTQ / AWQ calibrate on the rows the quantized model looks up
     if algorithm is WeightOnlyAlgorithm.AWQ:
         folded, stats["awq_alpha"] = _awq_(new, specs, batches, settings)
     for spec in specs:  # in module order: GPTQ sees the inputs of the layers already quantized (sequential)
@@ -443,6 +452,10 @@ def quantize_weight_only(
             grid = rtn_quantize(layer.weight.detach(), spec.weight_bits, spec.group_size)
         _set_grid(layer, *grid)
     layers = []
+    for spec in tables:
+        entry = spec.to_dict()
+        entry.update(layer_summary(typing.cast(Any, new.get_submodule(spec.name))))  # a QuantEmbedding
+        layers.append(entry)
     for spec in specs:
         entry = spec.to_dict()
         layer = typing.cast(WeightOnlyLinear, new.get_submodule(spec.name))
@@ -473,6 +486,11 @@ def replay_weight_only(model: nn.Module, record: dict[str, Any]) -> nn.Module:
             layer = model.get_submodule(spec.name)
         except AttributeError:
             raise UsageError(f"replay: the model has no layer {spec.name!r} named in the quantization record") from None
+        if spec.kind == "Embedding":
+            if not isinstance(layer, nn.Embedding):
+                raise UsageError(f"replay: embedding {spec.name!r} is a {type(layer).__name__}, not an nn.Embedding")
+            prepare(model, [spec])
+            continue
         if type(layer) is not nn.Linear:
             raise UsageError(f"replay: weight-only layer {spec.name!r} is a {type(layer).__name__}, not an nn.Linear")
         check_group_size(spec.group_size, f"replay: layer {spec.name!r}")
