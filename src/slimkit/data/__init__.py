@@ -8,6 +8,11 @@ Specs:
   network the first time, or the files already in ``root``).
 - ``npz:PATH`` — your own arrays; ``folder:PATH`` — an ImageFolder tree (``train/`` and ``test/`` or ``val/``
   subfolders, or one tree split by seed).
+- ``text:stdlib`` — about 3,200 English sentences from the docstrings of Python's standard library
+  (``slimkit.data.text.stdlib_sentences``, PSF licence, on every machine); ``text:PATH`` — a UTF-8 file with one
+  sentence per line. Both need ``tokenizer=`` (a tokenizer object, or the path of a local folder holding one,
+  read with ``transformers.AutoTokenizer`` without any download) and give ``TextDataset``s of dict examples
+  (``input_ids``, ``attention_mask``, ...) padded to ``max_length``, without labels; the split is 80/20 by seed.
 
 Example:
     >>> train, test = load("mnist10k")
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sized
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +37,8 @@ from slimkit.data.arrays import ArrayDataset, DataError, arrays_to_datasets, che
 from slimkit.errors import UsageError
 
 __all__ = ["SPECS", "ArrayDataset", "DataError", "default_root", "load", "split"]
+
+TEXT_TEST_FRACTION = 0.2
 
 BUNDLED = Path(__file__).with_name("mnist10k.npz")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -107,6 +115,48 @@ SPECS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
 PATH_SPECS = {"npz": _npz, "folder": _folder}
 
 
+def _tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as given, or one read from a local folder (never downloaded)."""
+    if tokenizer is None:
+        raise DataError(
+            "text data specs need tokenizer=: a tokenizer (e.g. transformers.AutoTokenizer.from_pretrained(folder)) "
+            "or the path of a local folder holding one"
+        )
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        if not callable(tokenizer):
+            raise DataError(f"tokenizer must be callable like a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        return tokenizer
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        raise DataError(
+            f"tokenizer={str(tokenizer)!r} is not a local folder; give a folder holding tokenizer files "
+            "(slimkit never downloads at run time) or a tokenizer object"
+        )
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise DataError(f"reading the tokenizer in {folder} needs transformers: pip install transformers") from exc
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"no tokenizer could be read from {folder}: {first}") from exc
+
+
+def _text(source: str, seed: int, tokenizer: Any = None, max_length: int = 128, **_: object) -> tuple[Dataset, Dataset]:
+    from slimkit.data.text import TextDataset, read_sentences, stdlib_sentences
+
+    tok = _tokenizer(tokenizer)
+    sentences = stdlib_sentences() if source == "stdlib" else read_sentences(source)
+    if len(sentences) < 2:
+        raise DataError(f"text:{source} has {len(sentences)} sentence; a train/test split needs at least 2")
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = len(sentences) - max(1, round(TEXT_TEST_FRACTION * len(sentences)))
+    train = TextDataset([sentences[i] for i in order[:cut]], tok, max_length=max_length)
+    test = TextDataset([sentences[i] for i in order[cut:]], tok, max_length=max_length)
+    return train, test
+
+
 def load(
     spec: str,
     *,
@@ -114,23 +164,37 @@ def load(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     download: bool = True,
+    tokenizer: Any = None,
+    max_length: int = 128,
 ) -> tuple[Dataset, Dataset]:
     """Load ``(train, test)`` torch Datasets for a data spec.
 
     Args:
-        spec: ``mnist10k``, ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``npz:PATH`` or ``folder:PATH``.
+        spec: ``mnist10k``, ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``npz:PATH``, ``folder:PATH``,
+            ``text:stdlib`` or ``text:PATH``.
         shape: present images as ``(C, H, W)`` (bilinear resize, channels repeated), e.g. ``(3, 32, 32)`` to
             train CIFAR-shaped models on MNIST offline. Only for in-memory specs.
         seed: fixes the train/test split where the spec has none of its own.
         root, download: where torchvision datasets live, and whether they may be downloaded.
+        tokenizer, max_length: for ``text:`` specs, the tokenizer (an object, or a local folder read with
+            ``AutoTokenizer``, offline) and the padded length of each example.
+
+    Example:
+        >>> train, test = load("text:stdlib", tokenizer="path/to/tokenizer-folder")  # doctest: +SKIP
+        >>> sorted(train[0])                                                         # doctest: +SKIP
+        ['attention_mask', 'input_ids', 'token_type_ids']
     """
     prefix, _, rest = spec.partition(":")
-    if rest and prefix in PATH_SPECS:
+    if prefix != "text" and (tokenizer is not None or max_length != 128):
+        raise DataError(f"tokenizer= and max_length= are for text: specs, not {spec!r}")
+    if rest and prefix == "text":
+        train, test = _text(rest, seed=seed, tokenizer=tokenizer, max_length=max_length)
+    elif rest and prefix in PATH_SPECS:
         train, test = PATH_SPECS[prefix](rest, seed=seed)
     elif spec in SPECS:
         train, test = SPECS[spec](seed=seed, root=root, download=download)
     else:
-        valid = [*SPECS, *(f"{p}:PATH" for p in PATH_SPECS)]
+        valid = [*SPECS, *(f"{p}:PATH" for p in PATH_SPECS), "text:stdlib", "text:PATH"]
         raise DataError(f"unknown data spec {spec!r}; {nearest(spec, valid)}")
     if shape is not None:
         if not isinstance(train, ArrayDataset) or not isinstance(test, ArrayDataset):
