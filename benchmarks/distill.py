@@ -194,33 +194,52 @@ def pruning_recovery(train, test, seeds: list[int], epochs: dict[str, int]) -> d
 
 
 DEFAULT_STUDENTS = {"784-32-10": ("mlp", {"hidden": 32}), "LeNet-300-100": ("lenet300", {})}
-DEFAULT_ARMS = {"labels": None, "distill defaults": {}, "T=1, alpha=0.5": {"temperature": 1.0, "alpha": 0.5}}
+LABELS, MATCHED, DEFAULTS, PREVIOUS = (
+    "labels (TrainConfig defaults)",
+    "labels, distill's training settings",
+    "DistillConfig()",
+    "previous defaults T=4, alpha=0.9, lr 1e-3",
+)
+
+
+def default_arms(seed: int, quick: bool) -> dict[str, TrainConfig | DistillConfig]:
+    """The arms of section 3: a ``TrainConfig`` trains on the labels (``fit``), a ``DistillConfig`` distills.
+
+    ``LABELS`` is ``slimkit.train``'s own defaults at the distiller's epochs (the baseline, not weakened);
+    ``MATCHED`` trains on the labels with exactly ``DistillConfig().train`` (learning rate, batch, schedule), so
+    the gap ``DEFAULTS - MATCHED`` is what knowledge distillation itself adds and ``MATCHED - LABELS`` what the
+    training settings add."""
+    quiet = {"progress": False, "restore_best": False, "seed": seed}
+    epochs = 1 if quick else DistillConfig().epochs
+    return {
+        LABELS: TrainConfig(epochs=epochs, **quiet),
+        MATCHED: DistillConfig(epochs=epochs, **quiet).train,
+        DEFAULTS: DistillConfig(epochs=epochs, **quiet),
+        PREVIOUS: DistillConfig(temperature=4.0, alpha=0.9, lr=1e-3, epochs=epochs, **quiet),
+    }
 
 
 def defaults(train, test, seeds: list[int], quick: bool) -> dict:
     started = time.perf_counter()
-    base = DistillConfig(progress=False, restore_best=False)
     torch.manual_seed(0)
     teacher = models.create("lenet5")
     fit(teacher, train, None, TrainConfig(epochs=1 if quick else 10, seed=0, restore_best=False))
     out = {
         "teacher_accuracy": evaluate(teacher, test).accuracy,
         "distill_defaults": {k: v for k, v in DistillConfig().to_dict().items() if k != "train"},
-        "train": base.train.to_dict(),
+        "train": DistillConfig().train.to_dict(),
+        "labels_train": TrainConfig(epochs=DistillConfig().epochs).to_dict(),
         "students": {},
     }
     for label, (name, kwargs) in DEFAULT_STUDENTS.items():
-        runs: dict[str, list[float]] = {arm: [] for arm in DEFAULT_ARMS}
+        runs: dict[str, list[float]] = {arm: [] for arm in default_arms(0, quick)}
         for seed in seeds:
             torch.manual_seed(seed)
             student = models.create(name, **kwargs)
-            for arm, overrides in DEFAULT_ARMS.items():
-                cfg = DistillConfig(**(overrides or {}), progress=False, restore_best=False, seed=seed)
-                if quick:
-                    cfg.train.epochs = 1
-                if overrides is None:
+            for arm, cfg in default_arms(seed, quick).items():
+                if isinstance(cfg, TrainConfig):
                     model = copy.deepcopy(student)
-                    fit(model, train, None, cfg.train)
+                    fit(model, train, None, cfg)
                 else:
                     model = distill(student, teacher, cfg, train, None).model
                 runs[arm].append(evaluate(model, test).accuracy)
@@ -228,33 +247,45 @@ def defaults(train, test, seeds: list[int], quick: bool) -> dict:
         summary = {k: stats(v) for k, v in runs.items()}
         out["students"][label] = {
             "accuracy": summary,
-            "defaults_beat_labels": summary["distill defaults"]["mean"] > summary["labels"]["mean"],
+            "defaults_beat_labels": summary[DEFAULTS]["mean"] > summary[LABELS]["mean"],
             "defaults_beat_labels_every_seed": all(
-                d > lab for d, lab in zip(runs["distill defaults"], runs["labels"], strict=True)
+                d > lab for d, lab in zip(runs[DEFAULTS], runs[LABELS], strict=True)
             ),
+            # what KD itself adds: the same training settings on the labels vs distilled
+            "kd_gain_matched": summary[DEFAULTS]["mean"] - summary[MATCHED]["mean"],
+            "kd_beats_matched_every_seed": all(d > lab for d, lab in zip(runs[DEFAULTS], runs[MATCHED], strict=True)),
+            "training_settings_gain": summary[MATCHED]["mean"] - summary[LABELS]["mean"],
         }
     out["seconds"] = time.perf_counter() - started
     return out
 
 
 def defaults_markdown(d: dict) -> list[str]:
+    t, lt, dd = d["train"], d["labels_train"], d["distill_defaults"]
+    arms = list(next(iter(d["students"].values()))["accuracy"])
     lines = [
         "## Defaults: `distill(student, teacher, DistillConfig())` vs labels at equal epochs, test accuracy %",
         "",
-        f"Teacher LeNet-5 trained with `TrainConfig(epochs=10)`: {d['teacher_accuracy']:.2f}%. Both arms run "
-        f"`DistillConfig().train` ({d['train']['epochs']} epochs, {d['train']['optimizer']} lr {d['train']['lr']:g}, "
-        f"batch {d['train']['batch_size']}, {d['train']['schedule']}), last epoch kept. Distill defaults: "
-        f"temperature {d['distill_defaults']['temperature']:g}, alpha {d['distill_defaults']['alpha']:g}.",
+        f"Teacher LeNet-5 trained with `TrainConfig(epochs=10)`: {d['teacher_accuracy']:.2f}%. Labels baseline: "
+        f"`fit` with `TrainConfig(epochs={lt['epochs']})` ({lt['optimizer']} lr {lt['lr']:g}, batch "
+        f"{lt['batch_size']}, {lt['schedule']}). `DistillConfig()`: temperature {dd['temperature']:g}, alpha "
+        f"{dd['alpha']:g}, {t['epochs']} epochs, {t['optimizer']} lr {t['lr']:g}, batch {t['batch_size']}, "
+        f"{t['schedule']}. Matched: the labels trained with exactly `DistillConfig().train`. Last epoch kept.",
         "",
-        "| student | " + " | ".join(DEFAULT_ARMS) + " | defaults > labels (mean / every seed) |",
-        "|---|" + "---|" * len(DEFAULT_ARMS) + "---|",
+        "| student | " + " | ".join(arms) + " | defaults > labels (mean / every seed) "
+        "| KD itself: defaults - matched labels | training settings: matched - baseline labels |",
+        "|---|" + "---|" * len(arms) + "---|---|---|",
     ]
     for label, row in d["students"].items():
         acc = row["accuracy"]
-        cells = [f"{pm(acc[arm])} ({', '.join(f'{v:.2f}' for v in acc[arm]['runs'])})" for arm in DEFAULT_ARMS]
+        cells = [f"{pm(acc[arm])} ({', '.join(f'{v:.2f}' for v in acc[arm]['runs'])})" for arm in arms]
         mean, every = row["defaults_beat_labels"], row["defaults_beat_labels_every_seed"]
         verdict = f"{'yes' if mean else 'no'} / {'yes' if every else 'no'}"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+        every_kd = "every seed" if row["kd_beats_matched_every_seed"] else "not every seed"
+        kd = f"{row['kd_gain_matched']:+.2f} ({every_kd})"
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {verdict} | {kd} | {row['training_settings_gain']:+.2f} |"
+        )
     return [*lines, ""]
 
 

@@ -78,7 +78,8 @@ def test_distill_returns_a_new_model_and_leaves_teacher_and_student_alone(digits
     assert len(record["loss_terms"]["kd"]) == 2
     json.dumps(record)  # JSON-safe: it goes into the artifact's history
     step = history_of(result.model)[-1]
-    assert step["kind"] == "distill" and step["record"]["config"]["temperature"] == 4.0
+    assert step["kind"] == "distill" and step["record"]["config"] == DistillConfig(epochs=2, **QUIET).to_dict()
+    assert step["record"]["config"]["temperature"] == 1.0 and step["record"]["config"]["alpha"] == 0.5
     assert history_of(result.model)[0] == {"kind": "distill", "record": record}
     assert result.model.slimkit_source == student.slimkit_source
 
@@ -318,7 +319,11 @@ def test_config_embeds_a_train_config_and_takes_flat_keys():
         temperature=3.0, train=TrainConfig(epochs=4, lr=0.01, optimizer="sgd", batch_size=64, progress=False)
     )
     assert flat == nested and flat.train.optimizer.value == "sgd" and flat.epochs == 4 and flat.lr == 0.01
-    assert DistillConfig().train == TrainConfig(epochs=10)  # a distillation run defaults to 10 epochs
+    # the defaults chosen for issue 12 (benchmarks/distill.py section 3): 10 epochs of Adam at 1e-2, T=1, alpha=0.5
+    assert DistillConfig().train == TrainConfig(epochs=10, lr=1e-2)
+    assert (DistillConfig().temperature, DistillConfig().alpha) == (1.0, 0.5)
+    assert DistillConfig(epochs=3).lr == 1e-2 and DistillConfig(lr=1e-3).epochs == 10  # one default, any spelling
+    assert DistillConfig.from_dict({"epochs": 3}) == DistillConfig(epochs=3)
     data = nested.to_dict()
     assert data["train"]["epochs"] == 4 and "epochs" not in data  # nested on the way out
     assert DistillConfig.from_dict(data) == nested
