@@ -347,9 +347,12 @@ def build_forms(name: str, ptq: str, folder: str) -> tuple[dict, torch.Tensor]:
 
 def latency(name: str, ptq: str, processes: int = 3) -> dict:
     """Time every runtime of ``name`` with the harness (checkpoint cached here first, so workers only load it)."""
+    import os
+
     from harness import time_forms
 
     mnist_model(name)
+    load_before = os.getloadavg()[0]  # other work on the cores shows up here and in the spread
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-quantize-") as folder:
         timed = time_forms(
             "quantize:build_forms",
@@ -358,7 +361,7 @@ def latency(name: str, ptq: str, processes: int = 3) -> dict:
             processes=processes,
             threads=THREADS,
         )
-    return {"forms": timed, "processes": processes}
+    return {"forms": timed, "processes": processes, "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
 def lenet300_sizes(folder: Path) -> dict:
@@ -414,6 +417,13 @@ def latency_lines(results: dict) -> list[str]:
                 f"{ratio[64][label]:.2f}x | {forms['torch fp32'][64]['median_ms'] / per[64]['median_ms']:.2f}x | "
                 f"{faults:.0f} |"
             )
+    loads = ", ".join(
+        f"{name} {lat['load_average_1min'][0]:.1f} / {lat['load_average_1min'][1]:.1f}"
+        for name, lat in timed.items()
+        if "load_average_1min" in lat
+    )
+    if loads:
+        lines += ["", f"1-minute load average before / after each model's runs (2 cores): {loads}."]
     lines += [
         "",
         "Where int8 is not faster than the fastest fp32 form at batch 64 (docs/quantization.md says why):",

@@ -11,15 +11,17 @@ PyTorch's dynamic int8 kernels (``torch.ao`` ``quantize_dynamic``: LSTM and Line
 median and spread of the process medians, page faults per call), speed-ups against the fastest fp32 form (PyTorch
 eager, slimkit's deployed eager form, ONNX Runtime fp32); file size: packed safetensors vs fp32 safetensors.
 
-Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_dynamic.py`` (writes
-benchmarks/results/quantize_dynamic.{json,md}; about 3 minutes with the checkpoints cached, training them adds about
-30 s; ``--quick`` for a smoke run).
+Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_dynamic.py [--models lstm_rows vit_tiny]
+[--train-only]`` (writes benchmarks/results/quantize_dynamic.{json,md}; a model not run keeps its stored results; about
+5 minutes with the checkpoints cached; ``--train-only`` first caches them, several minutes for the transformer on a
+busy machine; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -144,6 +146,7 @@ def run_model(name: str, folder: Path) -> dict:
     }
     accuracy.update({label: evaluate(runtime, test, batch_size=250).accuracy for label, runtime in candidates.items()})
     fp32_bytes = file_bytes(model.state_dict(), folder, f"{name}-fp32")
+    load_before = os.getloadavg()[0]  # other work on the cores shows up here and in the spread
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-dynamic-") as scratch:
         timed = time_forms(
             "quantize_dynamic:build_forms",
@@ -158,6 +161,7 @@ def run_model(name: str, folder: Path) -> dict:
         "quantize_seconds": seconds,
         "latency": timed,
         "processes": PROCESSES,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "parity_ort": parity(result.model, candidates["ort int8 (slimkit dynamic)"], test, batch_size=250),
         "size_ratio": fp32_bytes / packed_bytes(result.model, folder, f"{name}-int8"),
         "onnx_bytes": {
@@ -207,6 +211,13 @@ def markdown(results: dict) -> str:
                 f"{ratio[64][label]:.2f}x | {forms['ort fp32'][64]['median_ms'] / per[64]['median_ms']:.2f}x | "
                 f"{faults:.0f} |"
             )
+    loads = ", ".join(
+        f"{name} {res['load_average_1min'][0]:.1f} / {res['load_average_1min'][1]:.1f}"
+        for name, res in results.items()
+        if "load_average_1min" in res
+    )
+    if loads:
+        lines += ["", f"1-minute load average before / after each model's runs (2 cores): {loads}."]
     lines.append("")
     for name, res in results.items():
         p, b = res["parity_ort"], res["onnx_bytes"]
@@ -221,8 +232,38 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _int_batches(forms: dict) -> dict:
+    """Stored JSON has batch sizes as string keys; the harness helpers index them as ints."""
+    return {form: {int(bs): stats for bs, stats in per.items()} for form, per in forms.items()}
+
+
 def main() -> None:
-    results, seconds = run_models(run_model, MODELS)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=tuple(MODELS),
+        default=tuple(MODELS),
+        help="run only these models; the others' stored results are kept",
+    )
+    parser.add_argument("--train-only", action="store_true", help="only train and cache the checkpoints")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (1 epoch, 1 process)")
+    args = parser.parse_args()
+    if args.train_only:
+        train, _ = data.load("mnist10k")
+        train, val = data.split(train, 0.125)
+        for name in args.models:
+            trained(name, train, val)
+        return
+    stored_path = OUT / "quantize_dynamic.json"
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
+    results = {k: v for k, v in stored.get("results", {}).items() if "latency" in v and k not in args.models}
+    for res in results.values():
+        res["latency"] = _int_batches(res["latency"])
+    fresh, seconds = run_models(run_model, args.models)
+    results = {name: {**results, **fresh}[name] for name in MODELS if name in {**results, **fresh}}
     payload = {"results": results, "threads": THREADS, "seconds": seconds, "quick": QUICK}
     (OUT / "quantize_dynamic.json").write_text(json.dumps(payload, indent=2))
     (OUT / "quantize_dynamic.md").write_text(markdown(results))
