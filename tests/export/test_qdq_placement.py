@@ -120,3 +120,81 @@ def test_relu_conv_chain_keeps_single_qdq(tmp_path) -> None:
     with torch.no_grad():
         expected = result.model(x)
     assert float((got - expected).abs().max()) <= 1e-3 * max(float(expected.abs().max()), 1.0)
+
+
+def _requantized(path, tmp_path) -> list[str]:
+    """The ``DequantizeLinear -> QuantizeLinear`` pairs (a tensor with two scales) left in ORT's optimized graph."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and getattr(producer.get(n.input[0]), "op_type", "") == "DequantizeLinear"
+    ]
+
+
+class TwoBlocks(nn.Module):
+    """MobileNetV3-style: a block whose project conv feeds both the next block's expand conv and its residual add,
+    and a conv -> ReLU -> squeeze-excitation (pool and rescale) in each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            [
+                nn.ModuleDict(
+                    {
+                        "expand": nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU()),
+                        "se": SqueezeExcite(32, nn.Hardsigmoid),
+                        "project": nn.Sequential(nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16)),
+                    }
+                )
+                for _ in range(2)
+            ]
+        )
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            y = block["project"](block["se"](block["expand"](x)))
+            x = y if i == 0 else x + y  # the first block has no residual (a stride or width change in MobileNetV3)
+        return self.fc(self.head(x))
+
+
+def test_one_scale_per_tensor_between_blocks_and_before_se(tmp_path) -> None:
+    """A block's project conv and the next block's first conv quantize the tensor between them with one scale, and a
+    ReLU before a squeeze-excitation keeps its conv's grid (zero point 0): ORT requantizes nowhere, and runs what the
+    simulated model computes up to the SE gates' ONNX-only rounding."""
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    _randomize_bn(model)
+    x = torch.randn(64, 3, 12, 12)
+    result = quantize(model, QuantConfig(), x)
+    quantized = result.model
+    first, second = quantized.blocks[0], quantized.blocks[1]
+    project_out, expand_in = first["project"][0].output_quant, second["expand"][0].input_quant
+    assert project_out is not None and expand_in is not None
+    assert (float(project_out.scale), float(project_out.zero_point)) == (
+        float(expand_in.scale),
+        float(expand_in.zero_point),
+    )
+    assert float(first["expand"][0].output_quant.zero_point) == 0  # conv -> ReLU -> SE pool / mul
+    path = export_onnx(quantized, x[:1], tmp_path / "blocks.onnx")
+
+    assert _requantized(path, tmp_path) == []
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 10 and ops["Conv"] == 0 and ops["Relu"] == 0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    test = torch.randn(32, 3, 12, 12)
+    got = torch.from_numpy(session.run(None, {"input": test.numpy()})[0])
+    with torch.no_grad():
+        simulated, reference = quantized(test), model(test)
+    assert float((got - simulated).abs().max()) < 0.1 * float(reference.abs().max())
+    assert float(torch.nn.functional.cosine_similarity(got, reference, dim=1).mean()) > 0.98

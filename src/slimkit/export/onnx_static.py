@@ -37,6 +37,7 @@ __all__ = ["quantize_graph"]
 PASS_THROUGH = {"Relu", "MaxPool", "Flatten", "Reshape"}
 INTEGER_OPS = {"Sigmoid", "Mul", "Add", "GlobalAveragePool", "AveragePool", "LeakyRelu"}  # ORT QLinear* kernels
 SAME_RANGE = {"GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
+SAME_GRID = {"MaxPool", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze"}  # outputs on the input's grid
 BOUNDED = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 
 
@@ -70,6 +71,8 @@ def _insert_qdq(index: _Index, tensor: str, consumers: list, scale: float, zero_
     from onnx import helper, numpy_helper
 
     graph, done = index.graph, index.done
+    if index.dequantized.get(tensor) == (scale, zero_point):
+        return  # already a dequantized tensor on this grid (a producer's output quantizer): one pair per tensor
     previous = done.get(tensor)
     if previous is not None and previous[:2] == (scale, zero_point):
         dq_out = previous[2]
@@ -164,8 +167,9 @@ def quantize_graph(proto: Any, model: nn.Module, ops: tuple[str, ...] = ("Conv",
         _quantize_input(index, node, name, iq, layer)
     _quantize_residual_adds(index)
     _quantize_elementwise(index)
-    _drop_unused(graph)
     toposort(graph)
+    _drop_redundant(graph)
+    _drop_unused(graph)
     return proto
 
 
@@ -195,12 +199,63 @@ def _initializer_behind(index: _Index, tensor: str) -> str | None:
     return None
 
 
-def _drop_unused(graph: Any) -> None:
-    """Remove the ``Identity`` nodes and initializers nothing reads any more (float biases replaced above)."""
+def _drop_redundant(graph: Any) -> None:
+    """One quantized tensor per value: a ``Relu`` reading a ``DequantizeLinear`` with zero point 0 is the identity
+    (its input is >= 0), and a ``QuantizeLinear`` of a ``DequantizeLinear`` output with the same scale and zero point
+    gives back the codes it was given. Their readers read the earlier tensors instead, so ONNX Runtime does not
+    requantize between a conv's output and the squeeze-excitation pool / mul after its ReLU (MobileNetV3)."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    alias: dict[str, str] = {}
+    dequantized: dict[tuple, str] = {}  # (codes, scale, zero point) -> the first DequantizeLinear output
+
+    def params(node: Any) -> tuple | None:
+        if len(node.input) < 3 or node.input[1] not in values or node.input[2] not in values:
+            return None
+        scale, zero_point = values[node.input[1]], values[node.input[2]]
+        return scale.dtype.str, scale.tobytes(), zero_point.dtype.str, zero_point.tobytes()
+
+    def origin(tensor: str) -> str:
+        while tensor in alias:
+            tensor = alias[tensor]
+        return tensor
+
+    for node in graph.node:  # in topological order: a tensor's alias is known before its readers
+        for i, name in enumerate(node.input):
+            node.input[i] = origin(name)
+        source = producer.get(node.input[0]) if node.input else None
+        if node.output[0] in outputs or source is None or source.op_type != "DequantizeLinear":
+            if node.op_type == "DequantizeLinear" and params(node) is not None:
+                key = (node.input[0], *params(node))  # type: ignore[misc]
+                if key in dequantized:
+                    alias[node.output[0]] = dequantized[key]
+                else:
+                    dequantized[key] = node.output[0]
+            continue
+        grid = params(source)
+        if grid is None:
+            continue
+        zero_point = values[source.input[2]]
+        if node.op_type == "Relu" and zero_point.dtype == np.uint8 and not zero_point.any():
+            alias[node.output[0]] = node.input[0]
+        elif node.op_type == "QuantizeLinear" and params(node) == grid:
+            alias[node.output[0]] = source.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = origin(name)
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove the ``Identity`` / ``Relu`` / ``QuantizeLinear`` / ``DequantizeLinear`` nodes and the initializers
+    nothing reads any more (float biases replaced above, pairs ``_drop_redundant`` bypassed)."""
+    outputs = {o.name for o in graph.output}
+    removable = {"Identity", "Relu", "QuantizeLinear", "DequantizeLinear"}
     while True:
         used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type == "Identity" and not any(o in used for o in n.output)]
+        dead = [n for n in graph.node if n.op_type in removable and not any(o in used for o in n.output)]
         if not dead:
             break
         for node in dead:
@@ -436,6 +491,22 @@ def _range(index: _Index, tensor: str, depth: int = 0) -> tuple[float, float] | 
     return None
 
 
+def _derived_params(index: _Index, tensor: str) -> tuple[float, int] | None:
+    """Scale and zero point for ``tensor`` (no layer calibrated it): its input's own grid when its producer keeps
+    values on that grid (pooling by max, reshapes; a ReLU on a grid with zero point 0, which ``_drop_redundant``
+    removes), else the range ``_range`` derives, else None."""
+    node = index.producer.get(tensor)
+    source = index.dequantized.get(node.input[0]) if node is not None and node.input else None
+    if (
+        node is not None
+        and source is not None
+        and (node.op_type in SAME_GRID or (node.op_type, source[1]) == ("Relu", 0))
+    ):
+        return source
+    found = _range(index, tensor)
+    return None if found is None else _qparams(*found)
+
+
 def _quantize_elementwise(index: _Index) -> None:
     """QDQ on the inputs and output of each op ONNX Runtime runs on integers (``INTEGER_OPS``) whose inputs are
     quantized or have a derivable range, so it fuses into ``QLinearSigmoid`` / ``QLinearMul`` / ``QLinearAdd`` /
@@ -454,15 +525,15 @@ def _quantize_elementwise(index: _Index) -> None:
             if tensor in index.done:
                 node.input[slot] = index.done[tensor][2]
                 continue
-            found = _range(index, tensor)
-            if found is not None:
-                _insert_qdq(index, tensor, [node], *_qparams(*found), f"{tensor}.act")
+            params = _derived_params(index, tensor)
+            if params is not None:
+                _insert_qdq(index, tensor, [node], *params, f"{tensor}.act")
         output = node.output[0]
         users = index.consumers.get(output, [])
         if output in index.done or output in graph_outputs:
             continue
         if users and all(u.op_type in ("Relu", "Clip") and u.output[0] in index.done for u in users):
             continue  # Add -> Relu -> QuantizeLinear: ORT folds the Relu into QLinearAdd (a Q here would requantize)
-        found = _range(index, output)
-        if found is not None:
-            _insert_qdq(index, output, list(users), *_qparams(*found), f"{output}.act")
+        params = _derived_params(index, output)
+        if params is not None:
+            _insert_qdq(index, output, list(users), *params, f"{output}.act")

@@ -17,6 +17,7 @@ from slimkit._modules import set_module
 from slimkit.errors import UsageError
 from slimkit.quantization.config import LayerSpec
 from slimkit.quantization.fake import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, make_quant_layer
+from slimkit.quantization.math import qparams, qrange
 
 __all__ = [
     "activation_feeders",
@@ -28,6 +29,7 @@ __all__ = [
     "prepare",
     "quant_layers",
     "residual_feeders",
+    "share_output_scales",
 ]
 
 
@@ -358,6 +360,73 @@ def calibrate(model: nn.Module, batches: list[Any], only: list[ActQuantizer] | N
         model.train(was_training)
     for q in quantizers:
         q.stop_observing()
+    calibrated = {id(q) for q in quantizers}
+    producers = [n for n, m in quant_layers(model) if id(getattr(m, "output_quant", None)) in calibrated]
+    if producers:
+        share_output_scales(model, producers)
+
+
+def share_output_scales(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """One scale per tensor: each named layer's calibrated output quantizer takes the parameters of the static input
+    quantizer of the quantized layers reading its output (through ``Identity`` / ``BatchNorm`` / ``Dropout`` /
+    stochastic depth), when they agree; an output read only by ReLUs keeps only its non-negative range (zero point 0).
+    Returns the layers changed (``[]`` when the model cannot be traced).
+
+    Both ranges describe the same tensor (the input's observed in the float model, the output's in the quantized one,
+    so they differ slightly), and with two of them ONNX Runtime requantizes between a block's last conv and the next
+    block's first (MobileNetV3: 5 such pairs; a ReLU before a squeeze-excitation pool: 3 more). With one, the reader's
+    input quantizer is the identity on its producer's grid, and a ReLU on a zero-point-0 grid is the identity (the ONNX
+    export drops it).
+    """
+    wanted = set(names)
+    layers = dict(quant_layers(model))
+    graph = trace_with_leaves(model, set(layers) | _pass_through_names(model))
+    if graph is None:
+        return []
+    modules = dict(model.named_modules())
+    changed = []
+    for node in graph.nodes:
+        oq = getattr(layers.get(str(node.target)), "output_quant", None) if node.op == "call_module" else None
+        if node.target not in wanted or oq is None or oq.symmetric or oq.dynamic:
+            continue
+        readers, others, frontier = [], [], [(user, node) for user in node.users]
+        while frontier:
+            user, source = frontier.pop()
+            module = modules.get(str(user.target)) if user.op == "call_module" else None
+            iq = getattr(module, "input_quant", None) if str(user.target) in layers else None
+            if _passes_through(module):
+                frontier.extend((after, user) for after in user.users)
+            elif (
+                iq is not None
+                and not iq.dynamic
+                and (iq.bits, iq.symmetric) == (oq.bits, oq.symmetric)
+                and user.args
+                and user.args[0] is source
+            ):
+                readers.append(iq)
+            else:
+                others.append((user, module))
+        if readers:
+            params = {(float(q.scale), float(q.zero_point)) for q in readers}
+            if len(params) != 1:
+                continue
+            scale, zero_point = readers[0].scale.detach(), readers[0].zero_point
+        elif others and all(isinstance(m, nn.ReLU) or _is_relu_call(u) for u, m in others):
+            qmin, qmax = qrange(oq.bits, False)
+            if float(oq.zero_point) <= qmin:
+                continue
+            scale, zero_point = qparams(torch.zeros(()), (qmax - oq.zero_point) * oq.scale.detach(), oq.bits, False)
+        else:
+            continue
+        with torch.no_grad():
+            oq.scale.copy_(scale)
+            oq.zero_point.copy_(zero_point)
+        changed.append(str(node.target))
+    return changed
+
+
+def _is_relu_call(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu)
 
 
 def correct_bias(model: nn.Module, batches: list[Any]) -> dict[str, float]:
