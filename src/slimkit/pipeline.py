@@ -18,6 +18,12 @@ the original in PyTorch eager, at each of ``latency_batch_sizes``, all timed sid
 The steps run through ``slimkit.steps`` (``StepRunner``, ``run_steps``), the same runner a search trial's plan
 uses; this module adds the baseline, the export step, the deployed measurements and the result.
 
+Your metric: ``compress(..., evaluate=fn)`` with ``fn(model) -> float`` (higher is better: a mean embedding cosine
+to the original, a negative perplexity) checks the budget on ``fn`` instead of labelled accuracy, as Intel Neural
+Compressor's ``eval_func`` and NNCF's ``validate_fn`` do: ``max_accuracy_drop`` is then in ``fn``'s units, the
+data need no labels, and ``baseline`` / ``final`` / every step record ``metric`` (the function's name) beside the
+value in ``accuracy``. The KD recovery's loss follows the model's output (``slimkit.steps.pick_output_loss``).
+
 Example:
     >>> result = slimkit.compress(model, "fast-cpu", train, test)     # doctest: +SKIP
     >>> slimkit.save(result, "out/lenet5.slim")                         # doctest: +SKIP
@@ -46,7 +52,8 @@ from slimkit.export.deployed import is_quantized
 from slimkit.measure import benchmark_latency
 from slimkit.recipe import Recipe, StepKind
 from slimkit.steps import StepOutcome, StepRunner, run_steps
-from slimkit.train import evaluate
+from slimkit.train import Evaluate, check_evaluate, score
+from slimkit.train import evaluate as labelled_accuracy
 
 __all__ = ["CompressResult", "StepOutcome", "compress", "export_model"]
 
@@ -161,6 +168,7 @@ def _pick_onnx(
     val_data: Dataset,
     floor: float,
     notes: list[str],
+    evaluate_fn: Evaluate | None = None,
 ) -> Path:
     """``onnx-auto``: time fp32, int8 and (for nets with both) int8-fully-connected-only ONNX side by side; among
     the variants inside the budget whose latency is within ``cfg.size_slack`` of the fastest, ship the smallest."""
@@ -177,7 +185,10 @@ def _pick_onnx(
             )
     sessions = {name: OrtModel(path, threads=2) for name, path in variants.items()}
     timings = benchmark_latency(sessions, example_input, (cfg.auto_batch_size,), threads=2)
-    accuracy = {name: evaluate(session, val_data).accuracy for name, session in sessions.items()}
+    accuracy = {
+        name: labelled_accuracy(session, val_data).accuracy if evaluate_fn is None else score(evaluate_fn, session)
+        for name, session in sessions.items()
+    }
     ms = {name: t[cfg.auto_batch_size].median * 1e3 for name, t in timings.items()}
     size = {name: path.stat().st_size for name, path in variants.items()}
     inside = [n for n in variants if accuracy[n] >= floor] or list(variants)
@@ -186,7 +197,12 @@ def _pick_onnx(
     notes.append(
         "onnx-auto at batch {}: {}; shipped {}".format(
             cfg.auto_batch_size,
-            ", ".join(f"{n} {ms[n]:.3f} ms / {accuracy[n]:.2f}% / {size[n] / 1e3:.1f} KB" for n in variants),
+            ", ".join(
+                f"{n} {ms[n]:.3f} ms / "
+                + (f"{accuracy[n]:.2f}%" if evaluate_fn is None else f"score {accuracy[n]:.4g}")
+                + f" / {size[n] / 1e3:.1f} KB"
+                for n in variants
+            ),
             chosen,
         )
     )
@@ -292,12 +308,20 @@ def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tenso
     return export_onnx(model, example_input, folder / "model.onnx", int8=cfg.format is ExportFormat.ONNX_INT8)
 
 
+def _first_input(data: Any) -> Any:
+    """One example of ``data`` (a Dataset of inputs or of ``(inputs, label)``) as a batch of 1."""
+    from slimkit.distillation._data import first_batch, head, split_batch
+
+    return head(split_batch(first_batch(data, 1))[0], 1)
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str,
     train_data: Dataset,
     val_data: Dataset,
     *,
+    evaluate: Evaluate | None = None,
     example_input: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
     test_data: Dataset | None = None,
@@ -310,7 +334,12 @@ def compress(
 
     Args:
         recipe: a ``Recipe``, a dict, a YAML path or a shipped recipe name (``fast-cpu``, ``tiny``, ``int8-only``).
-        example_input: one input batch (default: the first validation example).
+        evaluate: ``fn(model) -> float``, higher is better, that the budget (``max_accuracy_drop``, in ``fn``'s
+            units) is checked on instead of labelled accuracy on ``val_data`` (INC's ``eval_func``, NNCF's
+            ``validate_fn``); it is called in eval mode under ``no_grad``, and with ``onnx-auto`` also on each ONNX
+            Runtime variant. The data may then be inputs only (tensor, tuple or dict examples).
+        example_input: one input batch: a tensor, a tuple or a dict of tensors (default: the first validation
+            example).
         teacher: for KD recovery and distill steps (default: a frozen copy of ``model``).
         test_data: held-out data only reported (``test_accuracy``), never used for a decision; keep ``val_data``
             apart from it (e.g. ``slimkit.data.split``) so that fine-tuning and the budget do not select on test.
@@ -322,8 +351,10 @@ def compress(
     """
     recipe = Recipe.load(recipe)
     console = console or Console()
+    check_evaluate(evaluate, "compress")
+    evaluate_fn = evaluate  # the name ``evaluate`` is the caller's metric inside this function
     if example_input is None:
-        example_input = val_data[0][0].unsqueeze(0)
+        example_input = _first_input(val_data)
     original = copy.deepcopy(model).eval()
     teacher = teacher if teacher is not None else original
     if deploy_batch_size is None:
@@ -338,6 +369,7 @@ def compress(
         example_input,
         test_data=test_data,
         deploy_batch_size=deploy_batch_size if judge_speed else None,
+        evaluate=evaluate,
     )
     baseline = runner.metrics(original)
     floor = baseline["accuracy"] - recipe.max_accuracy_drop
@@ -352,7 +384,9 @@ def compress(
             console.rule(f"step {len(recipe.steps)}/{len(recipe.steps)}: export")
             if step.config.format is ExportFormat.ONNX_AUTO:
                 export_notes: list[str] = []
-                exported = _pick_onnx(current, step.config, example_input, export_dir, val_data, floor, export_notes)
+                exported = _pick_onnx(
+                    current, step.config, example_input, export_dir, val_data, floor, export_notes, evaluate
+                )
                 console.print(export_notes[-1])
                 outcomes.append(
                     StepOutcome(
@@ -389,9 +423,11 @@ def compress(
             from slimkit.export.runtime import OrtModel
 
             deployed = OrtModel(exported, threads=2)
-            final["deployed_accuracy"] = evaluate(deployed, val_data).accuracy
+            final["deployed_accuracy"] = (
+                labelled_accuracy(deployed, val_data).accuracy if evaluate_fn is None else score(evaluate_fn, deployed)
+            )
             if test_data is not None:
-                final["deployed_test_accuracy"] = evaluate(deployed, test_data).accuracy
+                final["deployed_test_accuracy"] = labelled_accuracy(deployed, test_data).accuracy
             final["deployed_bytes"] = exported.stat().st_size
         latency = _final_latency(
             original, current, exported, example_input, latency_batch_sizes, runner, baseline, final

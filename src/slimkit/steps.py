@@ -10,6 +10,12 @@ batch size, and a step that makes the deployed model slower is backed off or ski
 trial's plan is turned into a Recipe (``slimkit.tuning._verbs.plan_recipe``) and run without a floor: the search
 scores the result itself, and a step a verb cannot apply raises (the trial is pruned as "plan not applicable").
 
+The budget is checked on labelled accuracy (percent) on the validation data, or, when the runner is given
+``evaluate=fn(model) -> float`` (higher is better), on that function: every metrics dict and ``StepOutcome`` says
+which in ``metric``. The knowledge-distillation loss of recovery (and of the default ``kd``) follows the model's
+output: Hinton KL for class logits ``(N, classes)`` with labelled training data, the cosine distance between the
+outputs otherwise (token or embedding outputs, a ``last_hidden_state``, or data without labels).
+
 Example:
     >>> runner = StepRunner(teacher, train, val, example_input)                        # doctest: +SKIP
     >>> model, outcomes = run_steps(model, recipe, runner, floor=97.0)                  # doctest: +SKIP
@@ -32,7 +38,7 @@ from slimkit._text import human
 from slimkit.errors import UsageError
 from slimkit.export.deployed import DeployedSpeed
 from slimkit.recipe import Recipe, Step, StepKind
-from slimkit.train import FitResult, LossFn, evaluate, fit
+from slimkit.train import Evaluate, FitResult, LossFn, evaluate, fit, metric_name, score
 
 __all__ = [
     "DeployedSpeed",
@@ -40,7 +46,9 @@ __all__ = [
     "StepOutcome",
     "StepRunner",
     "back_off",
+    "describe_score",
     "measure_deployed",
+    "pick_output_loss",
     "run_step",
     "run_steps",
     "step_metrics",
@@ -77,6 +85,8 @@ class StepOutcome:
     deployed_ms_before: float | None = None
     deploy_batch_size: int | None = None
     deployed_all_ms: dict[str, float] = field(default_factory=dict)
+    # what ``accuracy`` holds: "accuracy" (labelled, percent) or the name of the caller's evaluate function
+    metric: str = "accuracy"
 
 
 def measure_deployed(
@@ -146,14 +156,23 @@ def _architecture(model: nn.Module) -> list[tuple[str, str, tuple]]:
     ]
 
 
-def step_metrics(model: nn.Module, val_data: Any, example_input: torch.Tensor, test_data: Any = None) -> dict[str, Any]:
-    """Accuracy on the validation data (what the budget is checked on), size and cost; test accuracy if given."""
+def step_metrics(
+    model: nn.Module,
+    val_data: Any,
+    example_input: Any,
+    test_data: Any = None,
+    *,
+    evaluate_fn: Evaluate | None = None,
+) -> dict[str, Any]:
+    """What the budget is checked on (``accuracy``: labelled accuracy on the validation data, or
+    ``evaluate_fn(model)``; ``metric`` says which), size and cost; test accuracy if given."""
     from slimkit.export.artifact import weights_size
     from slimkit.measure import profile
 
     prof = profile(model, example_input)
     metrics = {
-        "accuracy": evaluate(model, val_data).accuracy,
+        "accuracy": evaluate(model, val_data).accuracy if evaluate_fn is None else score(evaluate_fn, model),
+        "metric": "accuracy" if evaluate_fn is None else metric_name(evaluate_fn),
         "params": prof.params,
         "macs": prof.macs,
         "size_bytes": weights_size(model),
@@ -183,6 +202,33 @@ def back_off(step: Step) -> Step | None:
     return None
 
 
+def describe_score(value: float, metric: str) -> str:
+    """``"accuracy 97.12%"`` or, for a user metric, ``"embedding_cosine 0.9712"``."""
+    return f"accuracy {value:.2f}%" if metric == "accuracy" else f"{metric} {value:.4g}"
+
+
+def pick_output_loss(model: nn.Module, example_input: Any, train_data: Any) -> str:
+    """The distillation output loss for ``model``: ``"kl"`` when its output (first tensor) is class logits
+    ``(N, classes)`` and the training data has labels, else ``"cosine"`` (token outputs ``(N, T, C)``, a
+    ``last_hidden_state``, embeddings, or data without labels).
+
+    Example:
+        >>> data = [(torch.zeros(4), 1)]
+        >>> pick_output_loss(nn.Linear(4, 3), torch.zeros(1, 4), data)
+        'kl'
+        >>> pick_output_loss(nn.Linear(4, 3), torch.zeros(1, 5, 4), data)
+        'cosine'
+    """
+    from slimkit._inputs import call, first_tensor
+    from slimkit.distillation import _data
+    from slimkit.train import eval_mode, module_device, to_device
+
+    with eval_mode(model), torch.no_grad():
+        output = first_tensor(call(model, to_device(example_input, module_device(model))))
+    labelled = _data.probe(train_data)[1]
+    return "kl" if output.ndim == 2 and labelled else "cosine"
+
+
 def _brief(config: Any) -> str:
     """The settings that differ from the config's defaults, floats to 4 significant digits (for notes)."""
     try:
@@ -203,6 +249,8 @@ class StepRunner:
         deploy_batch_size: judge each step that changes the architecture or numerics on the runtime it ships on,
             at this batch size (``measure_deployed``; ``run_step`` backs off or skips a step that makes the
             deployed model slower); None (a search trial) times nothing.
+        evaluate: ``fn(model) -> float`` (higher is better) that the budget is checked on instead of labelled
+            accuracy on ``val_data``; training steps then keep no best epoch by validation accuracy.
     """
 
     def __init__(
@@ -216,12 +264,15 @@ class StepRunner:
         kd: Any = DEFAULT_KD,
         on_epoch_end: EpochHook | None = None,
         deploy_batch_size: int | None = None,
+        evaluate: Evaluate | None = None,
     ) -> None:
         self.teacher, self.train_data, self.val_data = teacher, train_data, val_data
         self.example_input, self.test_data = example_input, test_data
         self.kd, self.on_epoch_end = kd, on_epoch_end
         self.deploy_batch_size = deploy_batch_size
+        self.evaluate = evaluate
         self._calib: list[torch.Tensor] | None = None
+        self._output_loss: str | None = None
 
     def calib(self) -> list[torch.Tensor]:
         """Up to ``CALIB_EXAMPLES`` training inputs in batches of 32 (oneDNN int8's calibration when timing)."""
@@ -244,14 +295,37 @@ class StepRunner:
         return SpeedVerdict(speeds["before"], speeds["after"], self.deploy_batch_size)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
-        return step_metrics(model, self.val_data, self.example_input, self.test_data)
+        return step_metrics(model, self.val_data, self.example_input, self.test_data, evaluate_fn=self.evaluate)
+
+    def output_loss(self) -> str:
+        """The KD output loss for this teacher and data (``pick_output_loss``), decided once."""
+        if self._output_loss is None:
+            self._output_loss = pick_output_loss(self.teacher, self.example_input, self.train_data)
+        return self._output_loss
 
     def loss_fn(self) -> LossFn | None:
         if self.kd is None:
             return None
         from slimkit.distillation import DistillConfig, kd_loss_fn
 
-        return kd_loss_fn(self.teacher, DistillConfig() if self.kd == DEFAULT_KD else self.kd)
+        return kd_loss_fn(
+            self.teacher, DistillConfig(output_loss=self.output_loss()) if self.kd == DEFAULT_KD else self.kd
+        )
+
+    def _training_pairs(self) -> Any:
+        """The training data as ``fit`` reads it: ``(inputs, labels)``, or inputs with placeholder targets that only
+        a KD loss (which needs no labels) may train on."""
+        from slimkit.distillation import _data
+
+        if _data.probe(self.train_data)[1]:
+            return self.train_data
+        if self.kd is None:
+            raise UsageError("finetune: the training data has no labels; give (inputs, label) examples or a KD loss")
+        return _data.with_targets(self.train_data, False)
+
+    def _labelled_val(self) -> Any:
+        """The validation data for a training step's best-epoch selection: none when a user metric decides."""
+        return self.val_data if self.evaluate is None else None
 
     def run(self, step: Step, model: nn.Module) -> nn.Module:
         """The model after ``step`` (a new model; ``model`` is not modified)."""
@@ -263,15 +337,16 @@ class StepRunner:
                 step.config,
                 self.example_input,
                 train_data=self.train_data,
-                val_data=self.val_data,
+                val_data=self._labelled_val(),
                 loss_fn=self.loss_fn(),
+                evaluate=self.evaluate,
             ).model
         if step.kind is StepKind.FINETUNE:
             tuned = copy.deepcopy(model)
             fit(
                 tuned,
-                self.train_data,
-                self.val_data,
+                self._training_pairs(),
+                self._labelled_val(),
                 step.config,
                 loss_fn=self.loss_fn(),
                 on_epoch_end=self.on_epoch_end,
@@ -284,15 +359,29 @@ class StepRunner:
         if step.kind is StepKind.QUANTIZE:
             from slimkit.quantization import quantize
 
-            return quantize(model, step.config, self.train_data, val_data=self.val_data, loss_fn=self.loss_fn()).model
+            return quantize(
+                model, step.config, self.train_data, val_data=self._labelled_val(), loss_fn=self.loss_fn()
+            ).model
         raise UsageError(f"step {step.kind.value!r} does not transform the model")
 
-    def recover(self, model: nn.Module, recipe: Recipe) -> nn.Module:
-        """A bounded KD run from the teacher (``recipe.recovery_epochs`` of SGD at ``recipe.recovery_lr``)."""
-        from slimkit.distillation import DistillConfig, distill
+    def recovery_config(self, recipe: Recipe) -> Any:
+        """The ``DistillConfig`` of a bounded KD recovery: ``recipe.recovery_epochs`` of SGD at
+        ``recipe.recovery_lr``, with the output loss the model's output asks for (``pick_output_loss``)."""
+        from slimkit.distillation import DistillConfig
 
-        cfg = DistillConfig(epochs=recipe.recovery_epochs, lr=recipe.recovery_lr, optimizer="sgd", batch_size=64)
-        return distill(model, self.teacher, cfg, self.train_data, self.val_data).model
+        return DistillConfig(
+            epochs=recipe.recovery_epochs,
+            lr=recipe.recovery_lr,
+            optimizer="sgd",
+            batch_size=64,
+            output_loss=self.output_loss(),
+        )
+
+    def recover(self, model: nn.Module, recipe: Recipe) -> nn.Module:
+        """A bounded KD run from the teacher (``recovery_config``)."""
+        from slimkit.distillation import distill
+
+        return distill(model, self.teacher, self.recovery_config(recipe), self.train_data, self.val_data).model
 
 
 def run_step(
@@ -310,12 +399,13 @@ def run_step(
             notes.append(f"{attempt.kind.value} {_brief(attempt.config)} cannot be applied: {exc}")
             candidate = None
         metrics = {"accuracy": float("-inf")} if candidate is None else runner.metrics(candidate)
+        metric = str(metrics.get("metric", "accuracy"))
         status = "applied" if tries == 0 else "backed_off"
         recoverable = recipe.recovery_epochs and attempt.kind not in (StepKind.DISTILL, StepKind.FINETUNE)
         if candidate is not None and metrics["accuracy"] < floor and recoverable:
             notes.append(
-                f"accuracy {metrics['accuracy']:.2f}% < budget {floor:.2f}%: KD recovery "
-                f"({recipe.recovery_epochs} epochs)"
+                f"{describe_score(metrics['accuracy'], metric)} < budget {describe_score(floor, metric)}: KD "
+                f"recovery ({recipe.recovery_epochs} epochs, output loss {runner.output_loss()})"
             )
             candidate = runner.recover(candidate, recipe)
             metrics = runner.metrics(candidate)
@@ -342,7 +432,9 @@ def run_step(
             what = f"{attempt.kind.value} {_brief(attempt.config)}".removesuffix(" {}")
             notes.append(f"{what} makes the deployed model slower: {speed.describe()}")
         elif candidate is not None:
-            notes.append(f"accuracy {metrics['accuracy']:.2f}% still below budget {floor:.2f}%")
+            notes.append(
+                f"{describe_score(metrics['accuracy'], metric)} still below budget {describe_score(floor, metric)}"
+            )
         weaker = back_off(attempt)
         if weaker is not None and tries < recipe.max_backoffs:
             notes[-1] += "; backing off"
@@ -389,8 +481,9 @@ def run_steps(
         model, outcome = run_step(runner, step, model, floor, recipe, console)
         outcomes.append(outcome)
         console.print(
-            f"{outcome.kind}: {outcome.status}, accuracy {outcome.accuracy:.2f}% "
-            f"(budget >= {floor:.2f}%), {human(outcome.size_bytes, 'B')}, {outcome.seconds:.1f}s"
+            f"{outcome.kind}: {outcome.status}, {describe_score(outcome.accuracy, outcome.metric)} "
+            f"(budget >= {describe_score(floor, outcome.metric).split()[-1]}), {human(outcome.size_bytes, 'B')}, "
+            f"{outcome.seconds:.1f}s"
             + (
                 f", deployed {outcome.runtime} {outcome.deployed_ms:.3g} ms at batch {outcome.deploy_batch_size}"
                 if outcome.runtime is not None and outcome.deployed_ms is not None

@@ -4,6 +4,16 @@
 history; ``evaluate`` reports accuracy in percent. A pluggable ``loss_fn(outputs, targets, inputs)`` is the hook
 distillation and regularizers use.
 
+Devices: ``TrainConfig(device="auto")`` (the default) trains on CUDA when it is available, else on the CPU;
+``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` name one. The model (and ``extra_parameters``) and every batch
+(tensor, tuple / list or dict of tensors, nested) are moved there for the run; the model comes back on the device
+it was on when ``fit`` was called, so the caller finds it where it left it. ``precision="bf16"`` / ``"fp16"`` runs
+the forward pass and the loss under ``torch.autocast`` (fp16 only on CUDA, with a gradient scaler).
+
+A user metric: ``score(evaluate, model)`` calls ``evaluate(model) -> float`` (higher is better: an embedding
+cosine, a negative perplexity) in eval mode under ``no_grad`` and checks it returned a finite number; ``compress``,
+``search`` and the iterative pruning loop check their accuracy budget on it instead of labelled accuracy.
+
 Example:
     >>> import slimkit
     >>> train, test = slimkit.data.load("digits")                 # 8x8 digits, bundled
@@ -24,8 +34,9 @@ import enum
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,27 +45,38 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from slimkit.config import Config, check_range
-from slimkit.errors import TrainingDiverged, UsageError
+from slimkit.config import Config, check_range, short_repr
+from slimkit.errors import InputTypeError, TrainingDiverged, UsageError
 
 __all__ = [
     "EvalResult",
+    "Evaluate",
     "FitResult",
     "LossFn",
     "Optimizer",
+    "Precision",
     "Schedule",
     "TrainConfig",
+    "check_evaluate",
     "eval_mode",
     "evaluate",
     "fit",
     "make_loader",
+    "metric_name",
+    "module_device",
     "predict",
     "progress_bar",
+    "resolve_device",
+    "score",
     "seed_everything",
+    "to_device",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(outputs, targets, inputs) -> scalar loss``; ``inputs`` lets a loss run a teacher on the batch."""
+
+Evaluate = Callable[[nn.Module], float]
+"""``evaluate(model) -> float``: a user metric, higher is better (``compress`` / ``search`` / ``prune``'s budget)."""
 
 
 class Optimizer(str, enum.Enum):
@@ -68,10 +90,25 @@ class Schedule(str, enum.Enum):
     CONSTANT = "constant"
 
 
+class Precision(str, enum.Enum):
+    """The arithmetic of the forward pass and the loss while training (weights and optimizer stay fp32)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"  # torch.autocast to bfloat16 (CUDA, and CPUs with bf16 kernels)
+    FP16 = "fp16"  # torch.autocast to float16 with a gradient scaler (CUDA only)
+
+
 @dataclass
 class TrainConfig(Config):
     """Settings of ``fit``. ``max_batches`` caps the batches per epoch (for quick runs); ``patience`` stops early
-    after that many epochs without a better validation accuracy (0: never)."""
+    after that many epochs without a better validation accuracy (0: never). ``device``: where training runs
+    (``"auto"``: CUDA if available, else CPU; or a torch device string); ``precision``: ``"fp32"``, or ``"bf16"`` /
+    ``"fp16"`` mixed precision through ``torch.autocast``.
+
+    Example:
+        >>> TrainConfig(device="cpu", precision="bf16").precision.value
+        'bf16'
+    """
 
     epochs: int = 5
     lr: float = 1e-3
@@ -85,9 +122,12 @@ class TrainConfig(Config):
     max_batches: int | None = None
     restore_best: bool = True
     progress: bool = True
+    device: str = "auto"
+    precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _parse_device(self.device)  # the spelling now; whether this machine has it, when fit runs
         if self.epochs < 1:
             raise UsageError(f"epochs={self.epochs} must be >= 1")
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
@@ -126,6 +166,102 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _parse_device(device: str | torch.device) -> torch.device | None:
+    """``torch.device(device)``, None for ``"auto"``; a one-line ``UsageError`` for anything torch does not know."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise UsageError(
+            f"device={short_repr(device)}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or another torch device"
+        )
+    if device == "auto":
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"device={device!r} is not a torch device; use 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or "
+            "'cuda:N'"
+        ) from None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device to train on: ``"auto"`` is CUDA when available, else CPU; a named device must exist here.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("auto").type in ("cpu", "cuda")
+        True
+    """
+    parsed = _parse_device(device)
+    if parsed is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "meta":
+        raise UsageError("device='meta' holds no data and cannot train or evaluate; use 'cpu', 'cuda' or 'auto'")
+    backend = getattr(torch, parsed.type, None) if parsed.type != "mps" else torch.backends.mps
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UsageError(
+            f"device={str(parsed)!r}: {parsed.type} is not available on this machine; use device='cpu', or 'auto' "
+            "(CUDA if available, else CPU)"
+        )
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise UsageError(
+            f"device={str(parsed)!r}: this machine has {count()} {parsed.type} device(s), 0 to {count() - 1}"
+        )
+    return parsed
+
+
+def module_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a module without tensors."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor moved to ``device``: a tensor, or a tuple / list / dict of them (nested); other
+    values are left as they are.
+
+    Example:
+        >>> moved = to_device({"input_ids": torch.zeros(1, 4), "n": 3}, "cpu")
+        >>> moved["input_ids"].device.type, moved["n"]
+        ('cpu', 3)
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding: a plain dict of the moved values
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
+    if precision is Precision.FP32:
+        return contextlib.nullcontext()
+    if precision is Precision.FP16 and device.type != "cuda":
+        raise UsageError(f"precision='fp16' needs CUDA (training on {device}); use precision='bf16' or 'fp32'")
+    dtype = torch.float16 if precision is Precision.FP16 else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_meta:
+            raise UsageError(
+                f"the model's {name!r} is on the meta device (no values): load its weights before training "
+                "(e.g. model.to_empty(device='cpu') and load_state_dict)"
+            )
 
 
 def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -175,20 +311,63 @@ def fit(
     extra_parameters: Iterable[nn.Parameter] = (),
     on_epoch_end: Callable[[int, nn.Module, FitResult], None] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> FitResult:
     """Train ``model`` in place and return its history.
 
     Args:
-        loss_fn: ``(outputs, targets, inputs) -> loss``; cross-entropy by default.
-        extra_parameters: trained alongside the model (e.g. distillation adapters).
-        on_epoch_end: called after each epoch with (epoch, model, history).
+        loss_fn: ``(outputs, targets, inputs) -> loss``; cross-entropy by default. It receives the outputs, targets
+            and inputs on the training device.
+        extra_parameters: trained alongside the model (e.g. distillation adapters); moved with it.
+        on_epoch_end: called after each epoch with (epoch, model, history); the model is on the training device.
         checkpoint: a ``.safetensors`` path; the best model so far is written there atomically every epoch.
+        device: overrides ``config.device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ...). The model trains there and
+            is moved back to the device it was on when ``fit`` was called.
+
+    Example:
+        >>> data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+        >>> model = nn.Linear(4, 2)
+        >>> history = fit(model, data, config=TrainConfig(epochs=1, progress=False), device="cpu")
+        >>> module_device(model).type
+        'cpu'
     """
     cfg = config or TrainConfig()
+    target = resolve_device(cfg.device if device is None else device)
+    autocast = _autocast(target, cfg.precision)  # fp16 off CUDA fails here, before any work
+    _check_materialized(model)
+    home = module_device(model)
+    extras = [p for p in extra_parameters]
+    extra_homes = [p.device for p in extras]
+    model.to(target)
+    for p in extras:
+        if p.device != target:
+            p.data = p.data.to(target)
+    try:
+        return _fit(model, train_data, val_data, cfg, loss_fn, extras, on_epoch_end, checkpoint, target, autocast)
+    finally:  # the caller finds the model (and the extra parameters) where it left them
+        model.to(home)
+        for p, where in zip(extras, extra_homes, strict=True):
+            if p.device != where:
+                p.data = p.data.to(where)
+
+
+def _fit(
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    val_data: Dataset | DataLoader | None,
+    cfg: TrainConfig,
+    loss_fn: LossFn | None,
+    extra_parameters: list[nn.Parameter],
+    on_epoch_end: Callable[[int, nn.Module, FitResult], None] | None,
+    checkpoint: str | os.PathLike | None,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> FitResult:
     seed_everything(cfg.seed)
     loss_fn = loss_fn or default_loss
     loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed)
     optimizer = _optimizer([*model.parameters(), *extra_parameters], cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision is Precision.FP16 else None
     steps_per_epoch = min(len(loader), cfg.max_batches or len(loader))
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     scheduler = None
@@ -206,12 +385,14 @@ def fit(
             for step, (inputs, targets) in enumerate(loader):
                 if step >= steps_per_epoch:
                     break
-                outputs = model(inputs)
-                try:
-                    loss = loss_fn(outputs, targets, inputs)
-                except IndexError:
-                    _check_labels(outputs, targets, "training data")
-                    raise
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
+                with autocast:
+                    outputs = model(inputs)
+                    try:
+                        loss = loss_fn(outputs, targets, inputs)
+                    except IndexError:
+                        _check_labels(outputs, targets, "training data")
+                        raise
                 if not torch.isfinite(loss):
                     where = f"loss became {loss.item()} at epoch {epoch + 1}, step {step}"
                     row = _first_nonfinite_row(inputs)
@@ -222,8 +403,13 @@ def fit(
                         )
                     raise TrainingDiverged(f"{where}: lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 running += loss.item() * len(targets)
@@ -280,11 +466,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, targets)`` over a whole dataset, in eval mode."""
+    """``(logits, targets)`` over a whole dataset, in eval mode. Each batch runs on the model's device; the
+    logits come back on the device of the data's labels (the CPU for ordinary datasets)."""
     logits, targets = [], []
+    device = module_device(model)
     with eval_mode(model):
         for inputs, labels in make_loader(data, batch_size, shuffle=False):
-            logits.append(model(inputs))
+            out = model(to_device(inputs, device))
+            logits.append(out.to(labels.device) if isinstance(out, torch.Tensor) else out)
             targets.append(labels)
     return torch.cat(logits), torch.cat(targets)
 
@@ -310,6 +499,49 @@ def evaluate(model: nn.Module | Callable, data: Dataset | DataLoader, batch_size
         _check_labels(logits, targets, "evaluation data")
         raise
     return EvalResult(accuracy, loss, len(targets))
+
+
+def metric_name(evaluate: Callable[..., Any]) -> str:
+    """A user metric's name for reports: its qualified name (``embedding_cosine``, ``Scorer.__call__``)."""
+    name = getattr(evaluate, "__qualname__", None) or getattr(evaluate, "__name__", None)
+    if name is None:  # a callable object (a functools.partial, an instance with __call__)
+        inner = getattr(evaluate, "func", None)
+        name = metric_name(inner) if inner is not None else type(evaluate).__name__
+    return str(name)
+
+
+def check_evaluate(evaluate: Any, where: str) -> None:
+    """``InputTypeError`` unless ``evaluate`` is callable (checked before any work)."""
+    if evaluate is not None and not callable(evaluate):
+        raise InputTypeError(
+            f"{where}: evaluate must be a function model -> float (higher is better), got {type(evaluate).__name__}"
+        )
+
+
+def score(evaluate: Callable[[Any], Any], model: nn.Module | Callable) -> float:
+    """``evaluate(model)`` as a float, called in eval mode under ``no_grad`` (the model's modes are restored);
+    a one-line ``UsageError`` naming the function when it returns anything but a finite number.
+
+    Example:
+        >>> score(lambda m: -float(m.weight.abs().sum()), nn.Linear(2, 2, bias=False)) <= 0
+        True
+    """
+    modes = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+    with modes, torch.no_grad():  # an ONNX Runtime session (onnx-auto's variants) is scored as it is
+        value = evaluate(model)
+    if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, np.generic):
+        value = value.item()
+    name = metric_name(evaluate)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(
+            f"evaluate={name} returned {type(value).__name__} {short_repr(value)}; it must return one float "
+            "(higher is better, e.g. a mean cosine or a negative perplexity)"
+        )
+    if not math.isfinite(value):
+        raise UsageError(
+            f"evaluate={name} returned {value} for the model; it must return a finite float (higher is better)"
+        )
+    return float(value)
 
 
 def _check_labels(outputs: object, targets: object, where: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit import _inputs
 from slimkit._inputs import call, first_tensor, named_outputs
 from slimkit.config import nearest
 from slimkit.distillation import _data
@@ -37,7 +38,18 @@ from slimkit.distillation.losses import (
 )
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
-from slimkit.train import FitResult, LossFn, eval_mode, evaluate, fit, make_loader, predict
+from slimkit.train import (
+    FitResult,
+    LossFn,
+    eval_mode,
+    evaluate,
+    fit,
+    make_loader,
+    module_device,
+    predict,
+    resolve_device,
+    to_device,
+)
 
 __all__ = ["DistillResult", "distill", "kd_loss_fn"]
 
@@ -89,14 +101,28 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
             f"kd_loss_fn: config must be a DistillConfig or a temperature, got {type(config).__name__}"
         )
     output_term = _output_term(cfg)
+    copies: dict[torch.device, nn.Module] = {}
 
     def loss_fn(outputs: Any, targets: torch.Tensor, inputs: Any) -> torch.Tensor:
+        runner = _teacher_on(teacher, inputs, copies)
         # eval mode for every call (dropout/batch-norm updates would corrupt the targets), the caller's mode after
-        with eval_mode(teacher), torch.no_grad():
-            teacher_out = first_tensor(call(teacher, inputs), cfg.output_key)
+        with eval_mode(runner), torch.no_grad():
+            teacher_out = first_tensor(call(runner, inputs), cfg.output_key)
         return output_term(first_tensor(outputs, cfg.output_key), teacher_out, targets, inputs, None)
 
     return loss_fn
+
+
+def _teacher_on(teacher: nn.Module, inputs: Any, copies: dict[torch.device, nn.Module]) -> nn.Module:
+    """``teacher``, or a frozen copy of it on the device of ``inputs`` when training runs elsewhere (``fit`` moved
+    the student and the batches there; the caller's teacher stays where it is). One copy per device."""
+    found = [t for _, t in _inputs.tensors_of(inputs)]
+    if not found or found[0].device == module_device(teacher):
+        return teacher
+    device = found[0].device
+    if device not in copies:
+        copies[device] = copy.deepcopy(teacher).to(device)
+    return copies[device]
 
 
 OutputTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, "dict[str, torch.Tensor] | None"], torch.Tensor]
@@ -234,6 +260,8 @@ def distill(
     config: DistillConfig | None = None,
     train_data: Data | None = None,
     val_data: Data | None = None,
+    *,
+    device: str | torch.device | None = None,
 ) -> DistillResult:
     """Train a copy of ``student`` to match ``teacher`` (Hinton KD or an output distance, plus optional hints and
     attention transfer).
@@ -247,6 +275,9 @@ def distill(
             ``(inputs, labels)``; required. Labels are needed only by ``output_loss="kl"`` with ``alpha < 1``.
         val_data: validation set: the best epoch is kept (by accuracy with labels and ``"kl"``, else by the output
             loss) and the record gets teacher/student accuracies, or the output loss and cosine to the teacher.
+        device: where the run trains (overrides ``config.train.device``; ``"auto"``: CUDA if available, else CPU).
+            The student and the teacher are moved there for the run and batches as they are read; the returned
+            student is on the device the caller's student is on, and the teacher is moved back where it was.
 
     Example:
         >>> import slimkit
@@ -270,6 +301,7 @@ def distill(
             raise InputTypeError(f"{role} must be a torch.nn.Module, got {type(module).__name__}")
     if train_data is None:
         raise UsageError("distill needs train_data (a Dataset or DataLoader of inputs or (inputs, labels))")
+    target = resolve_device(cfg.train.device if device is None else device)
     model = copy.deepcopy(student)
     hint_s, hint_t = _pair_names(cfg.hints)
     att_s, att_t = _pair_names(cfg.attention)
@@ -279,18 +311,24 @@ def distill(
         with eval_mode(teacher):
             adapters, labelled = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
             val_labelled = val_data is not None and _data.probe(val_data)[1]
-            run = _train(
-                model,
-                teacher,
-                cfg,
-                train_data,
-                labelled,
-                val_data,
-                val_labelled,
-                adapters,
-                student_features,
-                teacher_features,
-            )
+            teacher_home = module_device(teacher)
+            teacher.to(target)
+            try:
+                run = _train(
+                    model,
+                    teacher,
+                    cfg,
+                    train_data,
+                    labelled,
+                    val_data,
+                    val_labelled,
+                    adapters,
+                    student_features,
+                    teacher_features,
+                    target,
+                )
+            finally:
+                teacher.to(teacher_home)
     finally:
         student_features.remove()
         teacher_features.remove()
@@ -433,13 +471,15 @@ def _validate(
     term = _output_term(cfg)
     total = cosine = 0.0
     count = 0
+    device, teacher_device = module_device(model), module_device(teacher)
     with eval_mode(model), eval_mode(teacher):
         for batch in make_loader(val_data, cfg.train.batch_size, shuffle=False):
             inputs, labels = _data.split_batch(batch) if labelled else (batch, None)
+            t_out = first_tensor(call(teacher, to_device(inputs, teacher_device)), cfg.output_key).to(device)
+            inputs, labels = to_device(inputs, device), to_device(labels, device)
             s_out = first_tensor(call(model, inputs), cfg.output_key)
-            t_out = first_tensor(call(teacher, inputs), cfg.output_key)
             rows = _data.rows(inputs)
-            targets = labels if labels is not None else torch.full((rows,), -1, dtype=torch.long)
+            targets = labels if labels is not None else torch.full((rows,), -1, dtype=torch.long, device=device)
             total += float(term(s_out, t_out, targets, inputs, None)) * rows
             mask = _data.attention_mask(inputs)
             if cfg.pooling is Pooling.MEAN:
@@ -460,6 +500,7 @@ def _train(
     adapters: nn.ModuleDict,
     student_features: _Capture,
     teacher_features: _Capture,
+    device: torch.device,
 ) -> tuple[FitResult, _Terms, bool, _ValOutputs]:
     cache = None
     if cfg.cache_teacher:
@@ -471,7 +512,7 @@ def _train(
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: Any) -> torch.Tensor:
         if cache is not None:
-            targets, teacher_out = targets[:, 0], cache[targets[:, 1]]
+            targets, teacher_out = targets[:, 0], cache[targets[:, 1].to(cache.device)].to(outputs.device)
         else:
             with torch.no_grad():
                 teacher_out = first_tensor(call(teacher, inputs), cfg.output_key)
@@ -512,6 +553,7 @@ def _train(
         loss_fn=loss_fn,
         extra_parameters=adapters.parameters(),
         on_epoch_end=end_epoch,
+        device=device,
     )
     if cfg.train.restore_best and val_outputs.best_state is not None:
         model.load_state_dict(val_outputs.best_state)

@@ -3,8 +3,10 @@
 The loop reaches ``amount`` in ``steps`` equal steps of the *original* model's MACs/params (step ``i`` targets
 ``amount * i / steps``), fine-tunes after each (through ``loss_fn``, the hook distillation uses), and stops when the
 accuracy drop from the unpruned model would exceed ``max_accuracy_drop``; the most pruned model inside the budget
-is returned. Each step is checkpointed (record + weights) in ``checkpoint_dir``: rerunning resumes after the last
-finished step.
+is returned. With ``evaluate=fn(model) -> float`` (higher is better: an embedding cosine, a negative perplexity)
+the drop is measured on that function, in its units, instead of labelled accuracy on ``val_data``; the record's
+``metric`` names which. Each step is checkpointed (record + weights) in ``checkpoint_dir``: rerunning resumes
+after the last finished step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import record_step
 from slimkit.pruning.config import PruneConfig
 from slimkit.pruning.core import PruneResult, apply_record_, compose_records, prune_once
+from slimkit.train import Evaluate, check_evaluate, metric_name
 
 __all__ = ["prune", "step_amounts"]
 
@@ -45,7 +48,14 @@ def _check_input(model: nn.Module, config: PruneConfig, example_input) -> None:
 
 
 def prune(
-    model: nn.Module, config: PruneConfig, example_input: torch.Tensor, train_data=None, val_data=None, *, loss_fn=None
+    model: nn.Module,
+    config: PruneConfig,
+    example_input: torch.Tensor,
+    train_data=None,
+    val_data=None,
+    *,
+    loss_fn=None,
+    evaluate: Evaluate | None = None,
 ) -> PruneResult:
     """Structured pruning of a copy of ``model``; the caller's model is untouched.
 
@@ -53,6 +63,9 @@ def prune(
         example_input: a batch the model accepts (shapes are traced from it).
         train_data, val_data: enable fine-tuning and evaluation between steps (and Taylor importance).
         loss_fn: ``(outputs, targets, inputs) -> loss`` used for fine-tuning (distillation plugs in here).
+        evaluate: ``fn(model) -> float``, higher is better: what the iterative loop's ``max_accuracy_drop`` is
+            checked on instead of labelled accuracy on ``val_data`` (fine-tuning then keeps no best epoch by
+            validation accuracy).
 
     Example:
         >>> import slimkit, torch
@@ -63,6 +76,7 @@ def prune(
         0.5
     """
     _check_input(model, config, example_input)
+    check_evaluate(evaluate, "prune")
     if config.allocation.value == "sensitivity" and not config.sensitivity and val_data is not None:
         from slimkit.pruning.sensitivity import sensitivity
 
@@ -80,17 +94,22 @@ def prune(
     if not iterative:
         pruned, record = prune_once(model, config, example_input, train_data=train_data, loss_fn=loss_fn)
         return PruneResult(record_step(pruned, model, "prune", record), record)
-    return _loop(model, config, example_input, train_data, val_data, loss_fn)
+    return _loop(model, config, example_input, train_data, val_data, loss_fn, evaluate)
 
 
-def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn) -> PruneResult:
+def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn, evaluate_fn) -> PruneResult:
     from slimkit.models.weights import load_weights, save_weights
-    from slimkit.train import TrainConfig, evaluate, fit, progress_bar
+    from slimkit.train import TrainConfig, evaluate, fit, progress_bar, score
+
+    def measure(candidate: nn.Module) -> float | None:
+        if evaluate_fn is not None:
+            return score(evaluate_fn, candidate)
+        return evaluate(candidate, val_data).accuracy if val_data is not None else None
 
     finetune = cfg.finetune or TrainConfig(epochs=1)
     folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state: dict[str, Any] = {"done": 0, "record": None, "log": [], "best": 0, "baseline": None}
-    baseline = evaluate(model, val_data).accuracy if val_data is not None else None
+    baseline = measure(model)
     state["baseline"] = baseline
     current, best_model = model, model
     if folder is not None and (folder / "state.json").exists():
@@ -123,9 +142,9 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
             )
             pruned, record = prune_once(current, step_cfg, example_input, train_data=train_data, loss_fn=loss_fn)
             if train_data is not None and finetune.epochs > 0:
-                fit(pruned, train_data, val_data, finetune, loss_fn=loss_fn)
+                fit(pruned, train_data, val_data if evaluate_fn is None else None, finetune, loss_fn=loss_fn)
             combined = compose_records(state["record"], record)
-            accuracy = evaluate(pruned, val_data).accuracy if val_data is not None else None
+            accuracy = measure(pruned)
             entry = {
                 "step": index + 1,
                 "target": targets[index],
@@ -162,6 +181,7 @@ def _loop(model, cfg: PruneConfig, example_input, train_data, val_data, loss_fn)
         best_record,
         steps=state["log"],
         baseline_accuracy=baseline,
+        metric="accuracy" if evaluate_fn is None else metric_name(evaluate_fn),
         stopped_early=stopped,
         config=cfg.to_dict(strict=False),
     )

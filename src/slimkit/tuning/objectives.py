@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,6 +157,9 @@ class Measurer:
     ``baseline_ms``: the input model's latency measured before, on the same ``runtime`` (a study stores it so
     that every worker and every resumed run scales by the same number); measured on first use when None.
 
+    ``evaluate``: ``fn(model) -> float`` (higher is better) measured as the ``accuracy`` metric instead of labelled
+    accuracy on ``val_data``; ``metric`` says which (``"accuracy"`` or the function's name).
+
     Example:
         >>> m = Measurer(model, val, x, ("accuracy", "latency"), latency_batch=64)      # doctest: +SKIP
         >>> m(candidate)["runtime"], m.baseline_runtime                                 # doctest: +SKIP
@@ -176,8 +179,13 @@ class Measurer:
         macs: bool = True,
         baseline_ms: float | None = None,
         runtime: Runtime | str = Runtime.DEPLOYED,
+        evaluate: Callable[[nn.Module], float] | None = None,
     ) -> None:
+        from slimkit.train import metric_name
+
         self.baseline, self.val_data, self.example = baseline, val_data, example_input
+        self.evaluate = evaluate
+        self.metric = "accuracy" if evaluate is None else metric_name(evaluate)
         self.objectives = tuple(objectives)
         self.latency_batch, self.threads = latency_batch, threads
         self.cache = cache or LatencyCache(None)
@@ -281,24 +289,33 @@ class Measurer:
         """Every metric a trial records; latency only when it is an objective (it costs seconds), with the
         ``runtime`` it was timed on (e.g. ``"onnxruntime int8"``)."""
         from slimkit.measure import count_params, profile
-        from slimkit.train import evaluate
+        from slimkit.train import evaluate, score
 
         model.eval()
         if accuracy is None:
-            accuracy = evaluate(model, self.val_data).accuracy
+            accuracy = evaluate(model, self.val_data).accuracy if self.evaluate is None else score(self.evaluate, model)
         metrics: dict[str, Any] = {
             "accuracy": float(accuracy),
             "size_bytes": float(model_size(model)),
             "params": float(count_params(model)[0]),
         }
+        if self.evaluate is not None:
+            metrics["metric"] = self.metric
         if self.macs:
-            metrics["macs"] = float(profile(model, self.example[:1]).macs)
+            metrics["macs"] = float(profile(model, _head(self.example)).macs)
         if latency and "latency" in self.objectives:
             speedup, runtime = self.timed(model)
             metrics["speedup"] = speedup
             metrics["latency_ms"] = self.baseline_ms() / speedup
             metrics["runtime"] = runtime
         return metrics
+
+
+def _head(example: Any) -> Any:
+    """The first row of an example input (tensor, tuple or dict)."""
+    from slimkit.distillation._data import head
+
+    return head(example, 1)
 
 
 def model_size(model: nn.Module) -> int:

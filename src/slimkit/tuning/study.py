@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import InputTypeError, UsageError
-from slimkit.train import evaluate
+from slimkit.train import Evaluate, check_evaluate, metric_name
 from slimkit.tuning import spaces
 from slimkit.tuning.config import Pruner, Sampler, SearchConfig
 from slimkit.tuning.objectives import OBJECTIVES, LatencyCache, Measurer, accuracy_threshold
@@ -78,14 +78,14 @@ def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | N
     return parsed
 
 
-def example_from(data: Any) -> torch.Tensor:
-    """One input example (batch of 1) from a Dataset or DataLoader."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        inputs = next(iter(data))[0]
-        return inputs[:1]
-    if len(data) == 0:
+def example_from(data: Any) -> Any:
+    """One input example (batch of 1: a tensor, tuple or dict) from a Dataset or DataLoader of inputs or of
+    ``(inputs, labels)``."""
+    from slimkit.distillation._data import first_batch, head, split_batch
+
+    if not isinstance(data, torch.utils.data.DataLoader) and len(data) == 0:
         raise UsageError("val_data is empty")
-    return data[0][0].unsqueeze(0)
+    return head(split_batch(first_batch(data, 1))[0], 1)
 
 
 def _sampler(config: SearchConfig, worker: int, n_startup: int) -> Any:
@@ -140,8 +140,17 @@ def _open_study(config: SearchConfig, worker: int) -> Any:
         raise UsageError(f"study {config.study_name!r} in {config.storage_url}: {exc}") from exc
 
 
-def _measurer(model: nn.Module, val_data: Any, example: Any, config: SearchConfig, space: dict, **extra) -> Measurer:
-    """The ``Measurer`` of ``config`` (objectives, latency batch, threads, runtime; MACs when the space prunes)."""
+def _measurer(
+    model: nn.Module,
+    val_data: Any,
+    example: Any,
+    config: SearchConfig,
+    space: dict,
+    evaluate: Evaluate | None = None,
+    **extra,
+) -> Measurer:
+    """The ``Measurer`` of ``config`` (objectives, latency batch, threads, runtime; MACs when the space prunes;
+    the caller's ``evaluate`` as the accuracy objective when given)."""
     return Measurer(
         model,
         val_data,
@@ -151,6 +160,7 @@ def _measurer(model: nn.Module, val_data: Any, example: Any, config: SearchConfi
         threads=config.threads,
         macs=any(spaces.is_plan_param(n) for n in space),
         runtime=config.runtime,
+        evaluate=evaluate,
         **extra,
     )
 
@@ -160,9 +170,11 @@ def _check_same_settings(study: Any, settings: dict[str, Any], config: SearchCon
     if stored is None:
         study.set_user_attr(ATTR, settings)
         return settings
-    for key in ("objectives", "space", "max_accuracy_drop", "relative", "runtime"):
+    for key in ("objectives", "space", "max_accuracy_drop", "relative", "runtime", "metric"):
         if key == "runtime" and key not in stored:  # a study from before runtimes were recorded: timed eager
             continue
+        if key == "metric" and stored.get(key, "accuracy") == settings.get(key, "accuracy"):
+            continue  # studies from before user metrics were recorded scored labelled accuracy
         if stored.get(key) != settings.get(key):
             raise UsageError(
                 f"study {config.study_name!r} in {config.storage_url} was created with {key}="
@@ -183,16 +195,20 @@ class _Worker:
         val_data: Any,
         teacher: nn.Module | None,
         worker: int,
+        evaluate: Evaluate | None = None,
     ) -> None:
         self.config, self.worker = config, worker
+        self.user_metric = evaluate is not None
         self.out = Path(config.out)
         self.space = resolve_space(config, model, teacher)
         example = example_from(val_data)
         self.study = _open_study(config, worker)
         self.settings = self.study.user_attrs.get(ATTR, {})
         self.threshold = self.settings.get("threshold")
+        # with the caller's metric, training keeps no best epoch by labelled accuracy (the data may have no labels)
+        trial_val = None if evaluate is not None else val_data
         self.ctx = TrialContext(
-            model, train_data, val_data, example, config.epochs, config.seed, config.max_batches, teacher
+            model, train_data, trial_val, example, config.epochs, config.seed, config.max_batches, teacher
         )
         self.measure = _measurer(
             model,
@@ -200,6 +216,7 @@ class _Worker:
             example,
             config,
             self.space,
+            evaluate,
             cache=LatencyCache(self.out / "latency_cache.json"),
             baseline_ms=self.settings.get("baseline", {}).get("latency_ms"),
         )
@@ -436,13 +453,15 @@ def _interrupt_once(signum: int, frame: Any) -> None:  # pragma: no cover - subp
     raise KeyboardInterrupt
 
 
-def _worker_main(model, config_dict, train_data, val_data, teacher, worker) -> None:  # pragma: no cover - subprocess
+def _worker_main(  # pragma: no cover - subprocess
+    model, config_dict, train_data, val_data, teacher, worker, evaluate=None
+) -> None:
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
         torch.set_num_threads(1)
         os.environ["SLIMKIT_NO_PROGRESS"] = "1"
         config = SearchConfig.from_dict(config_dict)
-        _Worker(model, config, train_data, val_data, teacher, worker).run()
+        _Worker(model, config, train_data, val_data, teacher, worker, evaluate).run()
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it, once
         # the parent's own SIGINT to this worker (_stop_workers) may land while exiting: it must not interrupt the
         # atexit clean-up (a traceback "Exception ignored in atexit callback" appeared then)
@@ -464,6 +483,7 @@ def search(
     val_data: Any = None,
     *,
     teacher: nn.Module | None = None,
+    evaluate: Evaluate | None = None,
 ) -> SearchStudy:
     """Search training hyperparameters or compression plans for ``model`` with Optuna.
 
@@ -474,6 +494,11 @@ def search(
     Args:
         teacher: a trained model to distill from in a training search (adds ``temperature``/``alpha`` to the
             ``training`` preset). Compression plans with ``distill`` use ``model`` itself as the teacher.
+        evaluate: ``fn(model) -> float``, higher is better (an embedding cosine, a negative perplexity): the
+            ``accuracy`` objective and the ``max_accuracy_drop`` budget (in ``fn``'s units) are measured on it
+            instead of labelled accuracy on ``val_data`` (INC's ``eval_func``, NNCF's ``validate_fn``). The study
+            records its name (``metric``); trials then train without per-epoch validation, so the pruner stops
+            none early. With ``workers > 1`` it must be picklable (a module-level function).
 
     Returns:
         ``SearchStudy`` with ``.best``, ``.pareto``, ``.study``, ``.message`` and the report path.
@@ -489,6 +514,17 @@ def search(
         raise InputTypeError(f"search: config must be a SearchConfig, got {type(config).__name__}")
     if train_data is None or val_data is None:
         raise UsageError("search needs train_data and val_data (Datasets or DataLoaders of (inputs, labels))")
+    check_evaluate(evaluate, "search")
+    if evaluate is not None and config.workers > 1:
+        import pickle
+
+        try:
+            pickle.dumps(evaluate)
+        except Exception as exc:
+            raise UsageError(
+                f"search: evaluate={metric_name(evaluate)} cannot be sent to worker processes ({exc}); with "
+                "workers > 1 give a module-level function"
+            ) from None
     space = resolve_space(config, model, teacher)  # bad spaces fail before anything is written
     Path(config.out).mkdir(parents=True, exist_ok=True)
     study = _open_study(config, 0)
@@ -498,21 +534,23 @@ def search(
         "max_accuracy_drop": config.max_accuracy_drop,
         "relative": config.relative,
     }
+    if evaluate is not None:  # what "accuracy" and the budget were measured on
+        settings["metric"] = metric_name(evaluate)
     if "latency" in config.objectives:  # the stored baseline was timed on this runtime
         settings["runtime"] = config.runtime.value
     if ATTR not in study.user_attrs:
         example = example_from(val_data)
-        measurer = _measurer(model, val_data, example, config, space)
-        baseline = measurer(model, evaluate(model, val_data).accuracy, latency=False)
+        measurer = _measurer(model, val_data, example, config, space, evaluate)
+        baseline = measurer(model, latency=False)
         if "latency" in config.objectives:
             baseline["latency_ms"], baseline["speedup"] = measurer.baseline_ms(), 1.0
             baseline["runtime"] = measurer.baseline_runtime
         settings["baseline"] = baseline
         settings["threshold"] = accuracy_threshold(baseline["accuracy"], config.max_accuracy_drop, config.relative)
     settings = _check_same_settings(study, settings, config)
-    worker = _Worker(model, config, train_data, val_data, teacher, 0)
+    worker = _Worker(model, config, train_data, val_data, teacher, 0, evaluate)
     finished = _count_finished(study)
-    procs = _start_workers(model, config, train_data, val_data, teacher) if finished < config.n_trials else []
+    procs = _start_workers(model, config, train_data, val_data, teacher, evaluate) if finished < config.n_trials else []
     from slimkit.tuning.report import SearchProgress
 
     with SearchProgress(config, finished, settings.get("threshold")) as progress:
@@ -556,14 +594,18 @@ def _stop_workers(procs: list, wait_s: float = 10.0) -> None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _start_workers(model, config, train_data, val_data, teacher) -> list:
+def _start_workers(model, config, train_data, val_data, teacher, evaluate=None) -> list:
     if config.workers <= 1:
         return []
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker_main, args=(model, config.to_dict(), train_data, val_data, teacher, i), daemon=False)
+        ctx.Process(
+            target=_worker_main,
+            args=(model, config.to_dict(), train_data, val_data, teacher, i, evaluate),
+            daemon=False,
+        )
         for i in range(1, config.workers)
     ]
     for p in procs:
