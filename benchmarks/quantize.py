@@ -24,7 +24,8 @@ Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize.py [--on
 [--models mlp ...]`` (writes benchmarks/results/quantize.{json,md}; a part or model not run keeps its stored results;
 ``train`` only caches the checkpoints in .slimkit-cache, about 1.5 and 4 minutes for ResNet-20 / ResNet-56;
 ``accuracy`` takes about 10 minutes with them cached and ``latency`` 1-4 minutes per model: run them in separate
-lock holds; ``--quick`` for a smoke run of the accuracy part).
+lock holds; ``--untrained`` times seeded random weights where the checkpoint cannot be trained in one lock hold;
+``--quick`` for a smoke run of the accuracy part).
 """
 
 from __future__ import annotations
@@ -308,17 +309,24 @@ def torch_dynamic(model):
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def build_forms(name: str, ptq: str, folder: str) -> tuple[dict, torch.Tensor]:
+def build_forms(name: str, ptq: str, folder: str, trained_weights: bool = True) -> tuple[dict, torch.Tensor]:
     """Harness build function (runs in each worker): every fp32 and int8 runtime of one trained model.
 
-    The checkpoint is the cached one the parent made sure of; the int8 model is ``ptq`` (the deployed PTQ variant
-    the accuracy part chose on held-out digits) calibrated on calibration draw 0, exactly as in the accuracy part.
+    The checkpoint is the cached one the parent made sure of (``trained_weights=False``: the zoo model with seeded
+    random weights, same shapes and kernels); the int8 model is ``ptq`` (the deployed PTQ variant the accuracy part
+    chose on held-out digits) calibrated on calibration draw 0, exactly as in the accuracy part.
     """
     import os
 
     from slimkit.export.deployed import eager_fp32
 
-    model, train, _, _ = mnist_model(name)
+    if trained_weights:
+        model, train, _, _ = mnist_model(name)
+    else:
+        train, _ = data.load("mnist10k", shape=(3, 32, 32) if name.startswith("resnet") else None)
+        train, _ = data.split(train, 0.125)
+        torch.manual_seed(0)
+        model = models.create(name).eval()
     x1 = torch.zeros(1, *train[0][0].shape)
     x64 = torch.zeros(64, *x1.shape[1:])
     calib_tensor = calibration_draws(train, 1)[0]
@@ -345,23 +353,29 @@ def build_forms(name: str, ptq: str, folder: str) -> tuple[dict, torch.Tensor]:
     return forms, x1
 
 
-def latency(name: str, ptq: str, processes: int = 3) -> dict:
+def latency(name: str, ptq: str, processes: int = 3, trained_weights: bool = True) -> dict:
     """Time every runtime of ``name`` with the harness (checkpoint cached here first, so workers only load it)."""
     import os
 
     from harness import time_forms
 
-    mnist_model(name)
+    if trained_weights:
+        mnist_model(name)
     load_before = os.getloadavg()[0]  # other work on the cores shows up here and in the spread
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-quantize-") as folder:
         timed = time_forms(
             "quantize:build_forms",
-            {"name": name, "ptq": ptq, "folder": folder},
+            {"name": name, "ptq": ptq, "folder": folder, "trained_weights": trained_weights},
             (1, 64),
             processes=processes,
             threads=THREADS,
         )
-    return {"forms": timed, "processes": processes, "load_average_1min": [load_before, os.getloadavg()[0]]}
+    return {
+        "forms": timed,
+        "processes": processes,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "weights": "trained checkpoint" if trained_weights else "seeded random init (untrained)",
+    }
 
 
 def lenet300_sizes(folder: Path) -> dict:
@@ -422,6 +436,13 @@ def latency_lines(results: dict) -> list[str]:
         for name, lat in timed.items()
         if "load_average_1min" in lat
     )
+    untrained = [name for name, lat in timed.items() if lat.get("weights", "").startswith("seeded")]
+    if untrained:
+        lines += [
+            "",
+            f"Timed with seeded random weights (the trained checkpoint was not available; same shapes, kernels and "
+            f"calibration digits, so the same speed): {', '.join(untrained)}.",
+        ]
     if loads:
         lines += ["", f"1-minute load average before / after each model's runs (2 cores): {loads}."]
     lines += [
@@ -546,6 +567,12 @@ def main() -> None:
         help="accuracy / train / latency: only these models; the others' stored results are kept",
     )
     parser.add_argument("--processes", type=int, default=3, help="latency: fresh processes per model")
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="latency: time the zoo model with seeded random weights instead of the trained checkpoint (same shapes "
+        "and kernels, so the same speed; for when training does not fit in a lock hold)",
+    )
     parser.add_argument("--quick", action="store_true", help="accuracy: a smoke run (fewer draws and epochs)")
     args = parser.parse_args()
     parts = set(args.only or ("accuracy", "latency"))
@@ -576,7 +603,9 @@ def main() -> None:
             if name not in results:
                 raise SystemExit(f"{name}: no stored accuracy results (which PTQ is deployed): run --only accuracy")
             t0 = time.perf_counter()
-            results[name]["latency"] = latency(name, results[name]["deployed_ptq"], args.processes)
+            results[name]["latency"] = latency(
+                name, results[name]["deployed_ptq"], args.processes, trained_weights=not args.untrained
+            )
             seconds[f"latency {name}"] = time.perf_counter() - t0
     results = {name: results[name] for name in MODELS if name in results}
     payload = {"results": results, "lenet300_size_ratio": sizes, "threads": THREADS, "seconds": seconds, "quick": QUICK}
