@@ -97,6 +97,9 @@ def plan_edits(graph: PruneGraph, keep_channels: dict[int, torch.Tensor], model:
         if space is not None and out is not None and copies > 1:  # fused q/k/v: the same heads in every part
             size = graph.group_of_space[graph.root(space)].size
             out = torch.cat([out + part * size for part in range(copies)])
+        if out is not None and name in graph.out_repeat:  # grouped-query k/v: the kv head of each kept unit
+            repeat, head_dim = graph.out_repeat[name]
+            out = torch.unique(out // (repeat * head_dim) * head_dim + out % head_dim)
         parts, offset, changed = [], 0, False
         for seg in graph.in_segs.get(name, ()):
             keep = keep_of(seg.space)

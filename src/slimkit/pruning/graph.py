@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from slimkit._inputs import tensors_of
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention
 
@@ -89,6 +90,10 @@ ELEMENTWISE_FUNCTIONS = {
     torch.sigmoid,
     torch.tanh,
     torch.clone,
+    torch.neg,
+    operator.neg,
+    torch.rsqrt,
+    torch.erf,
 }
 PASS_FUNCTIONS = ELEMENTWISE_FUNCTIONS | {
     F.adaptive_avg_pool1d,
@@ -119,6 +124,7 @@ PASS_METHODS = {
     "exp",
     "abs",
     "neg",
+    "rsqrt",
 }
 BINARY = {
     operator.add,
@@ -160,6 +166,7 @@ class Value:
     heads: bool = False
     hdim: int | None = None
     pdim: int | None = None
+    rdim: int | None = None  # a dim of size 1 inserted after the heads to repeat them (grouped-query attention)
 
     @property
     def dim(self) -> int:
@@ -174,7 +181,7 @@ class Value:
         def move(d: int | None) -> int | None:
             return None if d is None else where(d)
 
-        return Value(move(self.chdim), self.segs, self.heads, move(self.hdim), move(self.pdim))
+        return Value(move(self.chdim), self.segs, self.heads, move(self.hdim), move(self.pdim), move(self.rdim))
 
     @property
     def width(self) -> int:
@@ -185,13 +192,15 @@ class Value:
 class Member:
     """One module touched by a group. ``role``: ``out`` (produces the channels), ``in`` (reads them at
     ``offset`` with ``block`` features per channel), ``through`` (norm/depthwise/PReLU indexed by channel) or
-    ``heads`` (the inner q/k/v width of attention)."""
+    ``heads`` (the inner q/k/v width of attention) or ``repeat`` (a key/value projection of grouped-query
+    attention: it keeps head ``j`` when the group keeps the ``repeat`` query heads that read it; not scored)."""
 
     module: str
     role: str
     offset: int = 0
     block: int = 1
     copies: int = 1  # a fused q/k/v producer: its output is ``copies`` stacked copies of the group's channels
+    repeat: int = 1  # role ``repeat``: query heads per key/value head
 
 
 @dataclass
@@ -231,6 +240,7 @@ class PruneGraph:
     head_ops: list[tuple[int, float]] = field(default_factory=list)  # (space, MACs) of q@k^T, attn@v matmuls
     head_splits: list[tuple[str, int, int, tuple]] = field(default_factory=list)  # reshapes using a head count
     params: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor used in forward -> (space, dim)
+    out_repeat: dict[str, tuple[int, int]] = field(default_factory=dict)  # k/v projection -> (repeat, head_dim)
 
 
 class _Spaces:
@@ -379,6 +389,7 @@ class Walker:
         self.head_splits: list[tuple[str, int, int, tuple[int, ...]]] = []  # (node, space, heads dim, shape)
         self.params: dict[str, tuple[int, int]] = {}  # per-channel parameter read in forward -> (space, dim)
         self.attr_uses: dict[str, dict[int, tuple[Seg, ...]] | None] = {}  # get_attr target -> segs per dim
+        self.repeats: list[tuple[int, int, int, int]] = []  # (k/v space, repeated space, repeat, head_dim)
 
     # -- values -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -625,6 +636,10 @@ class Walker:
         src, dst = self.dims(node.args[0]), self.dims(node)
         c = x.dim
         if x.heads:
+            if src == dst and len(sizes) == len(dst) and sizes[c] == -1:  # view(B, -1, T, D) of (B, H, T, D)
+                return x
+            if x.rdim == c + 1:
+                return self.repeat_heads(node, x, src, dst)
             return self.merge_heads(node, x, sizes, src, dst)
         literal = sizes[c] if len(sizes) > c else None
         if dst[: c + 1] == src[: c + 1]:
@@ -791,7 +806,13 @@ class Walker:
     ) -> Value | None:
         """``(..., heads, head_dim, ...) -> (..., heads * head_dim, ...)`` back into channels."""
         c = x.dim
-        if x.hdim != c + 1 or x.pdim is not None or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2 :]):
+        if (
+            x.hdim != c + 1
+            or x.pdim is not None
+            or x.rdim is not None
+            or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2 :])
+            or dst[c] != x.width
+        ):
             return self.unknown(node, f"reshape {src} -> {dst} of attention heads")
         arg = sizes[c] if len(sizes) > c else None
         if arg != -1:
@@ -801,6 +822,24 @@ class Walker:
                 "the width follows the kept heads",
             )
         return Value(c, x.segs)
+
+    def repeat_heads(self, node: fx.Node, x: Value, src: tuple[int, ...], dst: tuple[int, ...]) -> Value | None:
+        """``(B, kv, n_rep, T, D) -> (B, kv * n_rep, T, D)`` (``repeat_kv`` of grouped-query attention): the
+        repeated heads are a new space whose units of ``n_rep`` heads each map to one key/value head."""
+        c, hdim = x.dim, x.hdim
+        if (
+            hdim is None
+            or hdim <= c + 1
+            or x.pdim is not None
+            or len(x.segs) != 1
+            or dst != (*src[:c], src[c] * src[c + 1], *src[c + 2 :])
+            or x.width != src[c] * src[hdim]
+        ):
+            return self.unknown(node, f"reshape {src} -> {dst} repeating attention heads")
+        repeat, head_dim = src[c + 1], src[hdim]
+        space = self.sp.new(dst[c] * head_dim, unit=repeat * head_dim)
+        self.repeats.append((x.segs[0].space, space, repeat, head_dim))
+        return Value(c, (Seg(space, dst[c] * head_dim),), True, hdim - 1)
 
     def heads_binary(
         self, node: fx.Node, tensors: list[tuple[fx.Node, Value]], out_shape: tuple[int, ...], where: str
@@ -822,9 +861,12 @@ class Walker:
                 continue
             lead = len(out_shape) - len(shape)
             if value.heads or any(
-                d is not None and d - lead >= 0 and shape[d - lead] != 1 for d in (base.chdim, base.hdim, base.pdim)
+                d is not None and d - lead >= 0 and shape[d - lead] != 1 for d in (base.chdim, base.pdim, base.rdim)
             ):
                 return self.unknown(node, f"{where} mixing attention heads with other channels")
+            if base.hdim is not None and base.hdim - lead >= 0 and shape[base.hdim - lead] != 1:
+                # the same vector for every head (rotary cos/sin): fine, head_dim is never cut
+                self.freeze(value, f"{where} ({node.name}) broadcast onto head_dim")
         return base
 
     def matmul(self, node: fx.Node, where: str) -> Value | None:
@@ -859,9 +901,17 @@ class Walker:
 
     def sdpa(self, node: fx.Node) -> Value | None:
         found = [self.arg_value(node, i) for i in range(3)]
-        extra = any(isinstance(v, fx.Node) for v in [*node.kwargs.values(), *node.args[3:]])
+        mask = _arg(node, 3, "attn_mask")
+        rest = [v for k, v in node.kwargs.items() if k != "attn_mask"] + list(node.args[4:])
+        extra = any(isinstance(v, fx.Node) for v in rest) or bool(node.kwargs.get("enable_gqa"))
         nd = len(self.dims(node))
         values = [v for v in found if v is not None]
+        if isinstance(mask, fx.Node) and values and values[0].chdim is not None:
+            # a mask broadcast over the heads (size 1 there) is the same for every kept head
+            shape, lead = self.dims(mask), nd - len(self.dims(mask))
+            heads_at = values[0].chdim - lead
+            extra = extra or (heads_at >= 0 and shape[heads_at] != 1)
+            self.freeze(self.env.get(mask), f"attention mask ({mask.name})")
         if (
             extra
             or len(values) != len(found)
@@ -890,18 +940,10 @@ class Walker:
         if source.chdim is None:
             return self.made(node)
         index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis or isinstance(i, fx.Node) or (i is None and source.heads) for i in index):
-            return self.unknown(node, "indexing")
         if source.heads:
-            if any(i != slice(None) for pos, i in enumerate(index) if pos in (source.chdim, source.hdim)) or (
-                source.pdim is not None and source.pdim < len(index) and not isinstance(index[source.pdim], int)
-            ):
-                return self.unknown(node, "indexing into attention heads")
-            dropped = [pos for pos, i in enumerate(index) if isinstance(i, int)]
-            out = source.moved(lambda d: d - sum(p < d for p in dropped))
-            if source.pdim in dropped:
-                out.pdim = None
-            return out
+            return self.index_heads(node, source, index)
+        if any(i is Ellipsis or isinstance(i, fx.Node) for i in index):
+            return self.unknown(node, "indexing")
         out_dim = src_dim = 0  # walk the index: None adds a dim, an int drops one, a slice keeps one
         for i in index:
             if i is None:
@@ -915,12 +957,89 @@ class Walker:
             src_dim += 1
         return Value(out_dim + source.chdim - src_dim, source.segs)
 
+    def index_heads(self, node: fx.Node, source: Value, index: tuple) -> Value | None:
+        """Indexing a value split into heads: whole heads only; slicing head_dim (rotary's halves), an int on
+        the q/k/v part dim, and ``None`` right after the heads (``repeat_kv``) are followed."""
+        ndim = len(self.dims(node.args[0]))
+        if sum(i is Ellipsis for i in index) > 1 or any(isinstance(i, fx.Node) for i in index):
+            return self.unknown(node, "indexing into attention heads")
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            used = sum(i is not None for i in index) - 1
+            index = (*index[:at], *[slice(None)] * (ndim - used), *index[at + 1 :])
+        index = (*index, *[slice(None)] * (ndim - sum(i is not None for i in index)))
+        where: dict[int, int] = {}  # source dim -> output dim
+        inserted: list[int] = []
+        src = out = 0
+        for i in index:
+            if i is None:
+                inserted.append(out)
+                out += 1
+                continue
+            if isinstance(i, int):
+                if src != source.pdim:
+                    return self.unknown(node, "indexing into attention heads")
+            elif not isinstance(i, slice) or (i != slice(None) and src not in (source.hdim,)):
+                return self.unknown(node, "indexing into attention heads")
+            else:
+                where[src] = out
+                out += 1
+            src += 1
+
+        def move(d: int | None) -> int | None:
+            return None if d is None else where.get(d)
+
+        result = Value(move(source.chdim), source.segs, True, move(source.hdim), move(source.pdim), move(source.rdim))
+        if inserted:
+            if result.chdim is None or inserted != [result.chdim + 1] or result.rdim is not None:
+                return self.unknown(node, "indexing that adds dims to attention heads")
+            result.rdim = inserted[0]
+        return result
+
+    def expand(self, node: fx.Node, x: Value) -> Value | None:
+        """``expand`` that keeps every tracked dim's size (it may grow a repeat dim or broadcast dims)."""
+        src, dst = self.dims(node.args[0]), self.dims(node)
+        lead = len(dst) - len(src)
+        if any(d is not None and dst[d + lead] != src[d] for d in (x.chdim, x.hdim, x.pdim)):
+            return self.unknown(node, "expand of channels")
+        return x.moved(lambda d: d + lead)
+
+    def split(self, node: fx.Node, x: Value, size: Any, dim: Any) -> object:
+        """``qkv.split(width, dim=-1)`` of a fused projection into equal parts: like a reshape into parts, each
+        part is the same channels of one shared space (``copies`` of the producer)."""
+        shape = self.dims(node.args[0])
+        dim = dim % len(shape)
+        if dim != x.chdim:
+            return tuple(x for _ in node.meta.get("tensor_meta") or ())
+        width = shape[dim]
+        if not isinstance(size, int) or width % size or len(x.segs) != 1 or x.segs[0].block != 1 or size == width:
+            return self.unknown(node, "split of channels")
+        target = self.sp.new(size)
+        self.copies[x.segs[0].space] = (target, width // size)
+        return tuple(Value(dim, (Seg(target, size),)) for _ in range(width // size))
+
     def cat(self, node: fx.Node) -> Value | None:
-        tensors: Any = node.args[0]
+        given: Any = node.args[0]
+        tensors: Any = [t for t in given if not (isinstance(t, fx.Node) and 0 in (self.shape(t) or (1,)))]
         dim: Any = _arg(node, 1, "dim", 0)
+        if len(tensors) == 1:  # a cache of no entries yet, concatenated with the new keys
+            value = self.env.get(tensors[0])
+            return value if isinstance(value, Value) else self.unknown(node, "torch.cat of an untracked tensor")
         found = [self.env.get(t) for t in tensors]
+        heads = [v for v in found if isinstance(v, Value) and v.heads]
+        if heads:
+            first = heads[0]
+            layout = (first.chdim, first.hdim, first.pdim, first.rdim)
+            out_dim = dim % len(self.dims(node))
+            if len(heads) != len(found) or any((v.chdim, v.hdim, v.pdim, v.rdim) != layout for v in heads):
+                return self.unknown(node, "torch.cat mixing attention heads with other tensors")
+            if out_dim in (first.chdim, first.pdim, first.rdim):
+                return self.unknown(node, "torch.cat of attention heads along the heads")
+            for other in heads[1:]:
+                self.sp.union(first.segs[0].space, other.segs[0].space, f"torch.cat ({node.name})")
+            return first
         values = [v for v in found if isinstance(v, Value) and v.chdim is not None]
-        if len(values) != len(found):
+        if len(values) != len(found) or not values:
             return self.unknown(node, "torch.cat of untracked tensors")
         out_ndim = len(self.dims(node))
         dim %= out_ndim
@@ -1068,7 +1187,7 @@ def _binary(walker: Walker, node: fx.Node, x: Value | None) -> object:
     return walker.binary(node, _fname(node))
 
 
-@register_graph_handler(torch.cat, torch.concat, stage="node")
+@register_graph_handler(torch.cat, torch.concat, heads=True, stage="node")
 def _cat(walker: Walker, node: fx.Node, x: Value | None) -> object:
     return walker.cat(node)
 
@@ -1165,6 +1284,23 @@ def _unsqueeze_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
     return walker.unsqueeze(node, _channels(x), _arg(node, 1, "dim"))
 
 
+@register_graph_handler("expand", heads=True)
+def _expand_method(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.expand(node, _channels(x))
+
+
+@register_graph_handler("split", torch.split)
+def _split(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    return walker.split(node, _channels(x), _arg(node, 1, "split_size"), _arg(node, 2, "dim", 0))
+
+
+@register_graph_handler(operator.pow, torch.pow, "pow", heads=True)
+def _power(walker: Walker, node: fx.Node, x: Value | None) -> object:
+    """``x ** 3.0`` (GELU written out) keeps the layout; a tensor exponent is an unknown op."""
+    exponent = _arg(node, 1, "exponent")
+    return x if isinstance(exponent, (int, float)) else walker.unknown(node, "pow with a tensor exponent")
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: tuple[str, ...]) -> None:
         super().__init__()
@@ -1181,16 +1317,19 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` and annotate every node with its shape on ``example_input``."""
+def trace(model: nn.Module, example_input: Any, leaves: tuple[str, ...] = ()) -> fx.GraphModule:
+    """Trace ``model`` and annotate every node with its shape on ``example_input``.
+
+    ``torch.fx`` symbolic tracing first (a tensor or a tuple of positional tensors); when it cannot trace the model
+    (control flow on tensor values, item assignment on proxies: Hugging Face transformers) or the input is a dict
+    of keyword arguments, ``torch._dynamo`` captures the torch-level graph instead (``slimkit.pruning.capture``)."""
+    is_leaf = _Tracer(tuple(leaves)).is_leaf_module
+    if isinstance(example_input, dict):
+        return _dynamo(model, example_input, is_leaf, None)
     try:
         graph = _Tracer(tuple(leaves)).trace(model)
     except Exception as exc:
-        raise UsageError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {_first_line(exc)}). Make the "
-            "control flow independent of tensor values, or name the offending submodule in "
-            "PruneConfig.leaf_modules so it is kept intact"
-        ) from exc
+        return _dynamo(model, example_input, is_leaf, exc)
     gm = fx.GraphModule(model, graph)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     prop = _ShapeProp(gm)
@@ -1205,6 +1344,32 @@ def trace(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str, ...]
             f"{_first_line(exc.__cause__ or exc)}. Pass an input of the shape the model expects"
         ) from exc
     return gm
+
+
+def _dynamo(model: nn.Module, example_input: Any, is_leaf, fx_error: Exception | None) -> fx.GraphModule:
+    """The dynamo capture, or the error naming both failures."""
+    from slimkit.pruning.capture import dynamo_trace
+
+    try:
+        return dynamo_trace(model, example_input, is_leaf)
+    except Exception as exc:
+        from slimkit._inputs import call
+
+        try:
+            with torch.no_grad():
+                call(model, example_input)
+        except Exception as run_error:  # a model that fails on its input: say that, not "cannot trace"
+            shapes = {k: tuple(v.shape) for k, v in tensors_of(example_input)}
+            raise UsageError(
+                f"{type(model).__name__} fails on the example input {shapes}: {_first_line(run_error)}. Pass an "
+                "input the model accepts"
+            ) from run_error
+        why = f"with torch.fx ({type(fx_error).__name__}: {_first_line(fx_error)}) nor " if fx_error else ""
+        raise UsageError(
+            f"cannot trace {type(model).__name__} {why}with torch._dynamo ({type(exc).__name__}: "
+            f"{_first_line(exc)}). Make the control flow independent of tensor values, or name the offending "
+            "submodule in PruneConfig.leaf_modules so it is kept intact"
+        ) from exc
 
 
 class _ShapeProp(ShapeProp):
@@ -1241,6 +1406,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
     walker.run()
     sp = walker.sp
     out_copies = _fuse_copies(walker)
+    out_repeat = _fuse_repeats(walker)
     _tie_shared(walker, out_copies, _Tracer(tuple(leaves)).is_leaf_module)
     for root in {sp.find(s) for s in walker.order}:
         if sp.size[root] % sp.unit[root]:
@@ -1296,6 +1462,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
         walker.head_ops,
         walker.head_splits,
         walker.params,
+        out_repeat,
     )
 
 
@@ -1388,4 +1555,31 @@ def _fuse_copies(walker: Walker) -> dict[str, int]:
         walker.out_space[name] = target
         walker.order[target] = walker.order.pop(space)
         out[name] = parts
+    return out
+
+
+def _fuse_repeats(walker: Walker) -> dict[str, tuple[int, int]]:
+    """Grouped-query attention: a key/value projection whose heads ``repeat_kv`` repeats joins the group of the
+    repeated heads (role ``repeat``), which is cut in units of ``repeat`` query heads, so each kept unit keeps its
+    key/value head. When anything else reads the key/value channels, both are kept intact."""
+    sp, out = walker.sp, {}
+    for space, repeated, repeat, head_dim in walker.repeats:
+        root = sp.find(space)
+        members = sp.members[root]
+        ok = root not in sp.frozen and members and all(m.role == "out" and m.copies == 1 for m in members)
+        if not ok or sp.find(repeated) in sp.frozen:
+            reason = f"key/value heads of {members[0].module if members else '?'} read other than by repeat_kv"
+            sp.freeze(root, reason)
+            sp.freeze(repeated, reason)
+            continue
+        for member in list(members):
+            members.remove(member)
+            sp.members[sp.find(repeated)].append(Member(member.module, "repeat", repeat=repeat))
+            walker.out_space[member.module] = repeated
+            out[member.module] = (repeat, head_dim)
+        for sid in [s for s in walker.order if sp.find(s) == root]:
+            walker.order.pop(sid)
+        target = sp.find(repeated)
+        if not any(sp.find(s) == target for s in walker.order):
+            walker.order[repeated] = len(walker.order) + len(walker.repeats)
     return out

@@ -40,10 +40,18 @@ def _check_input(model: nn.Module, config: PruneConfig, example_input) -> None:
         raise InputTypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, PruneConfig):
         raise InputTypeError(f"prune: config must be a slimkit.PruneConfig, got {type(config).__name__}")
-    if not isinstance(example_input, torch.Tensor):
+    from slimkit._inputs import as_args, tensors_of
+
+    ok = isinstance(example_input, (torch.Tensor, tuple, dict))
+    if ok:
+        args, kwargs = as_args(example_input)
+        ok = bool(tensors_of(example_input)) and all(
+            v is None or isinstance(v, (torch.Tensor, int, float, bool)) for v in [*args, *kwargs.values()]
+        )
+    if not ok:
         raise InputTypeError(
-            f"prune: example_input must be a tensor batch (e.g. torch.zeros(1, 3, 32, 32)), got "
-            f"{type(example_input).__name__}"
+            "prune: example_input must be a tensor batch (e.g. torch.zeros(1, 3, 32, 32)), a tuple of them "
+            f"(positional arguments) or a dict (keyword arguments, e.g. input_ids), got {type(example_input).__name__}"
         )
 
 
