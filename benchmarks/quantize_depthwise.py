@@ -18,6 +18,13 @@ Latency: ``benchmarks/harness.py`` (3 fresh processes, 2 threads, allocator pinn
 DIR`` also exports slimkit int8 with the slimkit package found in ``DIR`` (e.g. ``git archive HEAD src | tar -x -C
 /tmp/head`` then ``--baseline-src /tmp/head/src``) and times it as "slimkit int8 (before)".
 
+The torchvision models of issue 13 (``--models vit_b_16,swin_t,convnext_tiny,efficientnet_b0,mobilenet_v3_large``,
+or ``torchvision_section()`` from another benchmark): the big three (ViT-B/16, Swin-T, ConvNeXt-T, 4-18 GFLOPs per
+image on 2 shared cores) run at batch ``BIG_BATCH`` with ``BIG_CALIBRATION`` / ``BIG_EVALUATION`` images so each model
+fits one 10-minute hold of the CPU lock; ``quantize_static`` keeps at most one batch of intermediate outputs there
+(``CalibMaxIntermediateOutputs``: ViT-B/16's are ~0.2 GB per image). A form that fails (quantize, export, session) is
+reported with its one-line error and the others are still measured; layers slimkit leaves in float are counted.
+
 Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_depthwise.py [--models a,b] [--size 224]``
 (writes benchmarks/results/quantize_depthwise.{json,md}, merging the models run into the JSON already there).
 """
@@ -25,6 +32,7 @@ Run: ``flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_depthwis
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess  # nosec B404: this same script with the same interpreter
@@ -43,6 +51,9 @@ THREADS = 2
 BATCH = 16
 CALIBRATION, EVALUATION = 64, 256
 MODELS = ("efficientnet_b0", "mobilenet_v3_large", "resnet56", "mobilenetv2_cifar")
+TORCHVISION = ("vit_b_16", "swin_t", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_large")  # issue 13's list
+BIG = ("vit_b_16", "swin_t", "convnext_tiny")
+BIG_BATCH, BIG_CALIBRATION, BIG_EVALUATION = 8, 32, 64
 FP32, SLIMKIT, BEFORE, ORT = "ORT fp32", "slimkit int8", "slimkit int8 (before)", "ORT quantize_static"
 
 
@@ -84,16 +95,52 @@ def refresh_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
     model.eval()
 
 
-def export_slimkit(name: str, size: int, path: Path) -> None:
+def counts(name: str) -> tuple[int, int, int]:
+    """Batch size, calibration images and evaluation images for ``name``."""
+    return (BIG_BATCH, BIG_CALIBRATION, BIG_EVALUATION) if name in BIG else (BATCH, CALIBRATION, EVALUATION)
+
+
+def export_slimkit(name: str, size: int, path: Path) -> dict:
     """slimkit's default int8 PTQ calibrated on the calibration images, exported to ``path`` (the slimkit package on
-    ``sys.path``: the working tree's, or the baseline's in a subprocess)."""
+    ``sys.path``: the working tree's, or the baseline's in a subprocess); returns the record's skipped layers."""
     from slimkit.export.onnx import export_onnx
     from slimkit.quantization import QuantConfig, quantize
 
+    batch, calibration_count, _ = counts(name)
     model, side = prepared(name, size)
-    calibration = natural_images(CALIBRATION, side, seed=1)
-    quantized = quantize(model, QuantConfig(batch_size=BATCH), calibration).model
-    export_onnx(quantized, calibration[:1], path)
+    calibration = natural_images(calibration_count, side, seed=1)
+    result = quantize(model, QuantConfig(batch_size=batch), calibration)
+    export_onnx(result.model, calibration[:1], path)
+    return dict(result.record.get("skipped", {}))
+
+
+def ort_static_lean(fp32: Path, out: Path, calibration: list[torch.Tensor]) -> None:
+    """``quantize.ort_static``'s settings (QDQ, per-channel int8 weights, uint8 activations, min-max) keeping one
+    batch of intermediate outputs at a time (the big models' would not fit in memory)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input": x.numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(
+        str(fp32),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"CalibMaxIntermediateOutputs": 1},
+    )
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def prepared(name: str, size: int) -> tuple[torch.nn.Module, int]:
@@ -104,8 +151,6 @@ def prepared(name: str, size: int) -> tuple[torch.nn.Module, int]:
 
 def op_counts(path: Path) -> dict[str, int]:
     """Op types of ONNX Runtime's optimized graph of ``path`` (what actually runs)."""
-    import collections
-
     import onnx
     import onnxruntime as ort
 
@@ -128,35 +173,56 @@ def build_forms(paths: dict[str, str]) -> tuple[dict, torch.Tensor]:
 
 
 def prepare_files(name: str, size: int, baseline_src: str | None) -> tuple[dict[str, Path], dict]:
-    """Export the fp32 / slimkit / quantize_static (/ baseline) ONNX files; their cosine to fp32 and op counts."""
+    """Export the fp32 / slimkit / quantize_static (/ baseline) ONNX files; their cosine to fp32 and op counts. A form
+    that fails is left out and its error kept in ``info["errors"]``."""
     from slimkit.export.onnx import export_onnx
     from slimkit.export.runtime import OrtModel
 
     folder = CACHE / f"{name}-{size}"
     folder.mkdir(parents=True, exist_ok=True)
+    batch, calibration_count, evaluation_count = counts(name)
     model, side = prepared(name, size)
-    calibration = natural_images(CALIBRATION, side, seed=1)
-    paths = {FP32: folder / "fp32.onnx", SLIMKIT: folder / "slimkit.onnx", ORT: folder / "ort.onnx"}
+    calibration = natural_images(calibration_count, side, seed=1)
+    info: dict = {"input": [3, side, side], "batch": batch, "cosine": {}, "ops": {}, "errors": {}}
+    paths = {FP32: folder / "fp32.onnx"}
     export_onnx(model, calibration[:1], paths[FP32])
-    export_slimkit(name, size, paths[SLIMKIT])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ort_static(paths[FP32], paths[ORT], list(calibration.split(BATCH)))
+    try:
+        skipped = export_slimkit(name, size, folder / "slimkit.onnx")
+        paths[SLIMKIT] = folder / "slimkit.onnx"
+        info["float_layers"] = len(skipped)
+        reasons = collections.Counter(str(reason) for reason in skipped.values())
+        info["float_reasons"] = [f"{count} x {reason}" for reason, count in sorted(reasons.items())]
+    except Exception as exc:  # any failure of quantize / export is a result to report, not a crash
+        info["errors"][SLIMKIT] = _error(exc)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batches = list(calibration.split(batch))
+            if name in BIG:
+                ort_static_lean(paths[FP32], folder / "ort.onnx", batches)
+            else:
+                ort_static(paths[FP32], folder / "ort.onnx", batches)
+        paths[ORT] = folder / "ort.onnx"
+    except Exception as exc:  # onnxruntime raises its own types
+        info["errors"][ORT] = _error(exc)
     if baseline_src:
         paths[BEFORE] = folder / "slimkit-before.onnx"
         env = dict(os.environ, PYTHONPATH=baseline_src)
         subprocess.run(  # nosec B603: this interpreter and this script
             [sys.executable, __file__, "--export-only", name, str(size), str(paths[BEFORE])], env=env, check=True
         )
-    evaluation = natural_images(EVALUATION, side, seed=2)
+    evaluation = natural_images(evaluation_count, side, seed=2)
     with torch.no_grad():
-        reference = torch.cat([model(x) for x in evaluation.split(64)])
-    info: dict = {"input": [3, side, side], "cosine": {}, "ops": {}}
-    for form, path in paths.items():
-        session = OrtModel(path, THREADS)
-        got = torch.cat([session(x) for x in evaluation.split(64)])
-        info["cosine"][form] = float(torch.nn.functional.cosine_similarity(got, reference, dim=1).mean())
-        info["ops"][form] = op_counts(path)
+        reference = torch.cat([model(x) for x in evaluation.split(batch)])
+    for form, path in list(paths.items()):
+        try:
+            session = OrtModel(path, THREADS)
+            got = torch.cat([session(x) for x in evaluation.split(batch)])
+            info["cosine"][form] = float(torch.nn.functional.cosine_similarity(got, reference, dim=1).mean())
+            info["ops"][form] = op_counts(path)
+        except Exception as exc:  # a file ORT cannot load or run
+            info["errors"][form] = _error(exc)
+            del paths[form]
     return paths, info
 
 
@@ -165,38 +231,69 @@ def run(name: str, size: int, baseline_src: str | None, processes: int, max_seco
     from harness import time_forms
 
     paths, info = prepare_files(name, size, baseline_src)
+    batch = info["batch"]
     timed = time_forms(
         "quantize_depthwise:build_forms",
         {"paths": {form: str(p) for form, p in paths.items()}},
-        (BATCH,),
+        (batch,),
         processes=processes,
         threads=THREADS,
         max_seconds=max_seconds,
     )
-    info["latency"] = {form: timed[form][BATCH] for form in paths}
+    info["latency"] = {form: timed[form][batch] for form in paths}
     return info
 
 
-def markdown(results: dict) -> str:
+def torchvision_section(
+    models: tuple[str, ...] = TORCHVISION,
+    size: int = 224,
+    processes: int = 3,
+    max_seconds: float = 4.0,
+) -> tuple[dict, str]:
+    """Issue 13's torchvision models: slimkit int8 vs ``quantize_static`` vs fp32 on ONNX Runtime (latency, logit
+    cosine, float layers), one model at a time; a model that fails as a whole is reported with its error. Returns
+    ``(results, markdown)``: the results as this script stores them and a markdown section for them.
+
+    Example:
+        >>> results, text = torchvision_section(("mobilenet_v3_large",))  # doctest: +SKIP
+    """
+    torch.set_num_threads(THREADS)
+    results: dict = {}
+    for name in models:
+        try:
+            results[name] = run(name, size, None, processes, max_seconds)
+        except Exception as exc:  # report the model's failure and go on with the next
+            results[name] = {"error": _error(exc)}
+    return results, markdown(results, title="## torchvision models on ONNX Runtime: slimkit int8 vs quantize_static")
+
+
+def markdown(results: dict, title: str = "") -> str:
     from harness import method_note, ms_cell
 
     lines = [
-        "# Depthwise / squeeze-excitation nets: slimkit int8 vs ONNX Runtime quantize_static (batch 16)",
+        title or "# torchvision and depthwise / squeeze-excitation nets: slimkit int8 vs ONNX Runtime quantize_static",
         "",
         "Reproduce: `flock /tmp/slimkit-cpu.lock .venv/bin/python benchmarks/quantize_depthwise.py "
-        "--baseline-src /tmp/head/src` (see the script's docstring).",
+        "--models <name>` (one model per hold of the lock; see the script's docstring).",
         "",
         method_note(),
         "",
-        "Random-init models (BatchNorm statistics re-estimated on the calibration images); cosine = mean cosine of "
-        f"the logits to the fp32 model's on {EVALUATION} 1/f-spectrum images (calibration: {CALIBRATION} others).",
+        "Random-init torchvision / slimkit models (BatchNorm statistics re-estimated on the calibration images); "
+        "inputs: images with a 1/f amplitude spectrum, standardised per channel (no natural images offline); cosine = "
+        f"mean cosine of the logits to the fp32 model's on {EVALUATION} such images (calibration: {CALIBRATION} "
+        f"others); {', '.join(BIG)}: batch {BIG_BATCH}, {BIG_CALIBRATION} calibration / {BIG_EVALUATION} evaluation "
+        "images.",
         "",
-        "| model | input | slimkit int8 ms | before ms | quantize_static ms | ORT fp32 ms | slimkit / static "
-        "| slimkit / fp32 | cosine slimkit | cosine before | cosine static |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | input | batch | slimkit int8 ms | before ms | quantize_static ms | ORT fp32 ms | slimkit / static "
+        "| slimkit / fp32 | cosine slimkit | cosine before | cosine static | slimkit float layers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    notes = []
     for name, res in results.items():
-        lat, cos = res["latency"], res["cosine"]
+        if "error" in res:
+            lines.append(f"| {name} | failed: {res['error']} |" + " - |" * 11)
+            continue
+        lat, cos = res.get("latency", {}), res.get("cosine", {})
 
         def cell(form: str, lat=lat) -> str:
             return ms_cell(lat[form]) if form in lat else "-"
@@ -204,15 +301,21 @@ def markdown(results: dict) -> str:
         def cos_cell(form: str, cos=cos) -> str:
             return f"{cos[form]:.4f}" if form in cos else "-"
 
-        ms = {form: lat[form]["median_ms"] for form in lat}
+        def ratio(a: str, b: str, lat=lat) -> str:
+            return f"{lat[a]['median_ms'] / lat[b]['median_ms']:.2f}x" if a in lat and b in lat else "-"
+
         lines.append(
-            f"| {name} | {'x'.join(map(str, res['input']))} | {cell(SLIMKIT)} | {cell(BEFORE)} | {cell(ORT)} | "
-            f"{cell(FP32)} | {ms[ORT] / ms[SLIMKIT]:.2f}x | {ms[FP32] / ms[SLIMKIT]:.2f}x | {cos_cell(SLIMKIT)} | "
-            f"{cos_cell(BEFORE)} | {cos_cell(ORT)} |"
+            f"| {name} | {'x'.join(map(str, res['input']))} | {res.get('batch', BATCH)} | {cell(SLIMKIT)} | "
+            f"{cell(BEFORE)} | {cell(ORT)} | {cell(FP32)} | {ratio(ORT, SLIMKIT)} | {ratio(FP32, SLIMKIT)} | "
+            f"{cos_cell(SLIMKIT)} | {cos_cell(BEFORE)} | {cos_cell(ORT)} | {res.get('float_layers', '-')} |"
         )
-    lines += ["", "Ratios > 1: slimkit int8 is faster. Ops in ONNX Runtime's optimized graph:", ""]
+        for form, error in res.get("errors", {}).items():
+            notes.append(f"- {name}, {form} failed: {error}")
+        if res.get("float_reasons"):
+            notes.append(f"- {name}, slimkit layers left in float: {'; '.join(res['float_reasons'])}")
+    lines += ["", "Ratios > 1: slimkit int8 is faster.", *notes, "", "Ops in ONNX Runtime's optimized graph:", ""]
     for name, res in results.items():
-        for form, ops in res["ops"].items():
+        for form, ops in res.get("ops", {}).items():
             shown = ", ".join(f"{op} {count}" for op, count in ops.items())
             lines.append(f"- {name}, {form}: {shown}")
     return "\n".join(lines) + "\n"
@@ -235,7 +338,10 @@ def main() -> None:
     store = OUT / "quantize_depthwise.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     for name in args.models.split(","):
-        results[name] = run(name, args.size, args.baseline_src, args.processes, args.max_seconds)
+        try:
+            results[name] = run(name, args.size, args.baseline_src, args.processes, args.max_seconds)
+        except Exception as exc:  # one model's failure is reported; the others are still measured
+            results[name] = {"error": _error(exc)}
         store.write_text(json.dumps(results, indent=2))
     (OUT / "quantize_depthwise.md").write_text(markdown(results))
     print(markdown(results))
