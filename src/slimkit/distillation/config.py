@@ -102,15 +102,18 @@ class DistillConfig(Config):
             applied on top of ``train``. ``config.epochs`` reads and writes ``config.train.epochs``.
 
     ``to_dict`` writes the nested form (``{"temperature": ..., "train": {"epochs": ...}}``); ``from_dict`` reads it
-    and the flat one (``{"temperature": 4.0, "epochs": 4, "lr": 0.01}``).
+    and the flat one (``{"temperature": 4.0, "epochs": 4, "lr": 0.01}``). A ``train`` given whole (a ``TrainConfig``
+    or a mapping) is taken as it is: the fields it leaves out are ``TrainConfig``'s defaults (lr 1e-3, 5 epochs), not
+    the distiller's.
 
     Example:
         >>> cfg = DistillConfig(temperature=4.0, alpha=0.9, epochs=3)
-        >>> cfg.train.epochs, cfg.epochs
-        (3, 3)
-        >>> cfg == DistillConfig(temperature=4.0, alpha=0.9, train=TrainConfig(epochs=3))
+        >>> cfg.train.epochs, cfg.epochs, cfg.lr
+        (3, 3, 0.01)
+        >>> cfg == DistillConfig(temperature=4.0, alpha=0.9, train=TrainConfig(epochs=3, lr=0.01))
         True
-        >>> DistillConfig.from_dict(cfg.to_dict()) == cfg == DistillConfig.from_dict({"epochs": 3})
+        >>> flat = {"temperature": 4.0, "alpha": 0.9, "epochs": 3}
+        >>> DistillConfig.from_dict(cfg.to_dict()) == cfg == DistillConfig.from_dict(flat)
         True
     """
 
