@@ -229,7 +229,7 @@ def _drop_redundant(graph: Any) -> None:
         source = producer.get(node.input[0]) if node.input else None
         if node.output[0] in outputs or source is None or source.op_type != "DequantizeLinear":
             if node.op_type == "DequantizeLinear" and params(node) is not None:
-                key = (node.input[0], *params(node))  # type: ignore[misc]
+                key = (node.input[0], *params(node), *(a.SerializeToString() for a in node.attribute))  # type: ignore[misc]
                 if key in dequantized:
                     alias[node.output[0]] = dequantized[key]
                 else:
