@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from slimkit.quantization.config import (
 )
 from slimkit.quantization.conv1d import linearize
 from slimkit.quantization.dynamic import decompose
+from slimkit.quantization.functional import find_weight_readers, redirect_
 from slimkit.quantization.math import Granularity, ObserverKind
 from slimkit.quantization.pack import pack_state_dict, unpack_state_dict
 from slimkit.quantization.ptq import (
@@ -116,8 +118,9 @@ def quantize(
         return QuantResult(*quantize_weight_only(model, cfg, train_data, version=RECORD_VERSION))
     new = copy.deepcopy(model).eval()
     linearized = linearize(new)  # transformers' Conv1D (GPT-2) is a Linear with its weight transposed
-    # LSTM / GRU / attention as Linear layers (those the user keeps in float stay whole)
-    decomposed = decompose(new, skip=cfg.ignore) if cfg.method is Method.DYNAMIC else []
+    # LSTM / GRU / attention as Linear layers (those the user keeps in float stay whole); static methods take only
+    # the attention (its projections see one calibrated range each; a recurrence's per-step states do not)
+    decomposed = decompose(new, skip=cfg.ignore, only=None if cfg.method is Method.DYNAMIC else _attention(new))
     specs, skipped = plan_layers(new, cfg, decomposed)
     if not specs:
         raise UsageError(
@@ -130,20 +133,20 @@ def quantize(
     if needs_data and train_data is None:
         raise UsageError(f"quantize: method={cfg.method.value!r} needs data (calibration or training set)")
     batches = calibration_batches(train_data, cfg.batch_size, cfg.calibration_batches) if train_data is not None else []
-    if batches:  # a layer the forward never calls (an unused pooler) has nothing to calibrate: it stays float
-        unused = _unused_layers(new, [s.name for s in specs], batches[0])
-        why = (
-            "its forward() never runs on the calibration data (unused, or its weights read directly, e.g. by "
-            "F.linear); kept in float"
-        )
-        skipped.update(dict.fromkeys(unused, why))
+    readers: dict[str, str] = {}
+    if batches:  # a layer the forward never calls: read through F.linear (redirected), or unused (kept float)
+        readers, unused = _weight_readers(new, [s.name for s in specs], batches[0])
+        skipped.update(unused)
         specs = [s for s in specs if s.name not in unused]
     pairs = find_conv_bn(new) if cfg.fold_bn else []
     qat = cfg.method is Method.QAT
     if not qat:
         fold_bn(new, pairs)
     reference = copy.deepcopy(new) if cfg.ptq.adaround else None
+    if reference is not None:  # AdaRound captures the float layers' inputs with hooks
+        redirect_(reference, readers, float_layers=True)
     prepare(new, specs, cfg.observer.value, learnable=qat and cfg.qat.lsq)
+    redirect_(new, readers)
     stats: dict[str, Any] = {}
     if batches:
         calibrate(new, batches)
@@ -182,6 +185,7 @@ def quantize(
         "folded": [list(p) for p in pairs],
         "linearized": linearized,
         "decomposed": decomposed,
+        "redirected": readers,
         "learnable": qat and cfg.qat.lsq,
         "observer": cfg.observer.value,
         "layers": layers,
@@ -243,6 +247,15 @@ def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         except AttributeError:
             raise UsageError(f"replay: the model has no layer {spec.name!r} named in the quantization record") from None
     prepare(model, specs, record.get("observer", "minmax"), learnable=bool(record.get("learnable")))
+    readers = record.get("redirected", {})
+    if not isinstance(readers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in readers.items()):
+        raise UsageError("replay: the quantization record's 'redirected' must map layer names to module names")
+    for layer_name, reader in readers.items():
+        try:
+            model.get_submodule(reader)
+        except AttributeError:
+            raise UsageError(f"replay: the model has no module {reader!r} (reads {layer_name!r}'s weight)") from None
+    redirect_(model, readers)
     for _, layer in quant_layers(model):
         if layer.input_quant is not None:
             layer.input_quant.observer = None
@@ -250,6 +263,36 @@ def replay_(model: nn.Module, record: dict[str, Any]) -> nn.Module:
 
 
 replay = replay_  # the name ``slimkit.history`` looks up for every kind of step (it mutates: prefer ``replay_``)
+
+
+def _attention(model: nn.Module) -> list[str]:
+    """The ``nn.MultiheadAttention`` modules of ``model`` (what static quantization decomposes)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+
+
+def _weight_readers(model: nn.Module, names: list[str], batch: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Of the named layers, those whose forward one pass on ``batch`` never calls: ``({layer: the module whose forward
+    reads its weight through F.linear / F.conv2d}, {layer: why it stays float})``; a warning names the layers whose
+    weights are read in a way that cannot be redirected."""
+    unused = _unused_layers(model, names, batch)
+    if not unused:
+        return {}, {}
+    order = [name for name in names if name in unused]
+    readers, problems = find_weight_readers(model, order, lambda: run_batches(model, [batch]))
+    kept = {}
+    for name in order:
+        if name in problems:
+            kept[name] = f"its forward() never runs; its weight is read directly and {problems[name]}; kept in float"
+        elif name not in readers:
+            kept[name] = "its forward() never runs on the calibration data and nothing reads its weight; kept in float"
+    if problems:
+        warnings.warn(
+            "quantize: layer(s) "
+            + "; ".join(f"{name} ({problems[name]})" for name in order if name in problems)
+            + " are used through their weights, not their forward; kept in float",
+            stacklevel=3,
+        )
+    return readers, kept
 
 
 def _unused_layers(model: nn.Module, names: list[str], batch: torch.Tensor) -> set[str]:

@@ -476,9 +476,14 @@ def quantizable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str
             continue
         if isinstance(module, nn.MultiheadAttention | nn.LSTM | nn.GRU | nn.RNN):
             inside_mha.append(name)
-            reason = unsupported(module) or (
-                f"{type(module).__name__} is not supported by static quantization (method='dynamic' quantizes it)"
-            )
+            if unsupported(module):
+                reason = str(unsupported(module))
+            elif isinstance(module, nn.MultiheadAttention):  # every method decomposes it unless it is ignored
+                reason = "MultiheadAttention named in ignore: left whole"
+            else:
+                reason = (
+                    f"{type(module).__name__} is not supported by static quantization (method='dynamic' quantizes it)"
+                )
             skipped[name] = f"{reason}; kept in float"
         elif isinstance(module, nn.Linear | nn.Conv2d):
             layers.append((name, module))
