@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import math
@@ -39,9 +40,10 @@ import statistics
 import subprocess  # nosec B404: runs this same file with the same interpreter
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+LOCK = "/tmp/slimkit-cpu.lock"  # the one lock every heavy run on this machine takes (DEVELOPERS: flock)
 PINNED = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
 HERE = Path(__file__).resolve().parent
 FAULT_SECONDS = 1.0  # time budget of the page-fault loop per form and batch size (3-30 calls)
@@ -186,6 +188,21 @@ def method_note(processes: int = 3, threads: int = 2) -> str:
         "cells are the median of the process medians in ms and their spread (lowest-highest); speed-ups are "
         "against the fastest fp32 form of the original at the same batch size."
     )
+
+
+@contextlib.contextmanager
+def cpu_lock(what: str, path: str = LOCK) -> Iterator[None]:
+    """Hold the machine's shared CPU lock for one phase of a long benchmark (other heavy runs wait meanwhile), so a
+    long benchmark takes it phase by phase instead of for its whole run; prints how long it waited and held it."""
+    started = time.perf_counter()
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        waited = time.perf_counter() - started
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    print(f"[lock] {what}: waited {waited:.0f} s, held {time.perf_counter() - started - waited:.0f} s", file=sys.stderr)
 
 
 def tiny_linear(features: int = 64) -> tuple[dict[str, Callable], object]:

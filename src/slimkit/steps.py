@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 EpochHook = Callable[[int, nn.Module, FitResult], None]
-DEFAULT_KD = "default"  # StepRunner(kd=...): DistillConfig() (temperature 4, alpha 0.9)
+DEFAULT_KD = "default"  # StepRunner(kd=...): DistillConfig() (its default temperature and alpha)
 # a step whose deployed model is more than 3% slower than before it, with the quartiles of the two apart (beyond
 # the noise of the side-by-side run), is backed off or skipped
 SLOWER_TOLERANCE = 0.03

@@ -9,6 +9,7 @@ import typer
 
 from slimkit.commands._common import DataOpt, ShapeOpt, build_model, check_out, console, fail_cleanly, load_data
 from slimkit.commands.pipeline import HOLDOUT_HELP, check_holdout, holdout_split
+from slimkit.distillation.config import DEFAULT_ALPHA, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TEMPERATURE
 
 
 @fail_cleanly
@@ -22,10 +23,10 @@ def distill(
     student_weights: Annotated[Path | None, typer.Option(help="Start the student from these weights.")] = None,
     student_args: Annotated[str | None, typer.Option(help="JSON kwargs for the student factory.")] = None,
     teacher_args: Annotated[str | None, typer.Option(help="JSON kwargs for the teacher factory.")] = None,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature T > 0.")] = 4.0,
-    alpha: Annotated[float, typer.Option(help="Weight of the soft KD term in [0, 1].")] = 0.9,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature T > 0.")] = DEFAULT_TEMPERATURE,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft KD term in [0, 1].")] = DEFAULT_ALPHA,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = DEFAULT_EPOCHS,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = DEFAULT_LR,
     optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw.")] = "adam",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

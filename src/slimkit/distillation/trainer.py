@@ -75,7 +75,7 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig | float | None = None, 
 
     Args:
         config: a ``DistillConfig``, or the temperature as a number (then ``alpha`` is the soft-term weight,
-            0.9 by default). ``None`` means ``DistillConfig()``.
+            ``DistillConfig``'s default 0.5 when not given). ``None`` means ``DistillConfig()`` (T=1, alpha=0.5).
 
     Example:
         >>> teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)

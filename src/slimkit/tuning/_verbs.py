@@ -131,8 +131,12 @@ def apply_plan(
     kd = None
     if plan.get("distill"):
         from slimkit.distillation import DistillConfig
+        from slimkit.distillation.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
-        kd = DistillConfig(temperature=float(params.get("temperature", 4.0)), alpha=float(params.get("alpha", 0.9)))
+        kd = DistillConfig(
+            temperature=float(params.get("temperature", DEFAULT_TEMPERATURE)),
+            alpha=float(params.get("alpha", DEFAULT_ALPHA)),
+        )
     runner = StepRunner(ctx.model, ctx.train_data, ctx.val_data, ctx.example_input, kd=kd, on_epoch_end=on_epoch_end)
     model, _ = run_steps(ctx.model, recipe, runner)  # no floor: a step a verb cannot apply raises
     return model

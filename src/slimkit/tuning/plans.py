@@ -21,8 +21,11 @@ __all__ = ["TrialContext", "available", "compression_choices", "run_params", "tr
 
 def _kd_loss(teacher: nn.Module, params: dict[str, Any]) -> Any:
     from slimkit.distillation import kd_loss_fn
+    from slimkit.distillation.config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 
-    return kd_loss_fn(teacher, float(params.get("temperature", 4.0)), alpha=float(params.get("alpha", 0.9)))
+    return kd_loss_fn(
+        teacher, float(params.get("temperature", DEFAULT_TEMPERATURE)), alpha=float(params.get("alpha", DEFAULT_ALPHA))
+    )
 
 
 def run_params(params: dict[str, Any], ctx: TrialContext, on_epoch_end: EpochHook | None = None) -> nn.Module:
