@@ -14,6 +14,7 @@ from torch import nn
 
 from slimkit._modules import matches
 from slimkit.errors import UsageError
+from slimkit.pruning import hf
 from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, measure
 from slimkit.pruning.config import BLOCK, PruneConfig
 from slimkit.pruning.graph import Group, PruneGraph, build_graph, trace
@@ -144,6 +145,8 @@ def prune_once(
     ]
     graph.groups = [g for g in graph.groups if g not in ignored]
     graph.group_of_space = {k: g for k, g in graph.group_of_space.items() if g not in ignored}
+    if hf.is_transformers(work):  # heads the config cannot describe stay intact (see slimkit.pruning.hf)
+        kept_intact += hf.restrict(work, graph)
     cost = CostModel(work, graph, example_input)
     before = {"params": cost.total_params, "macs": cost.total_macs}
     target = cfg.target.value
@@ -166,6 +169,7 @@ def prune_once(
     plan = plan_edits(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
+    hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
     try:
         after_cost = measure(work, example_input)
@@ -203,6 +207,8 @@ def prune_once(
         record["sensitivity"] = {g: [[float(r), float(a)] for r, a in pts] for g, pts in cfg.sensitivity.items()}
     if notes:
         record["notes"] = notes
+    if hf_config:
+        record["hf_config"] = hf_config
     if latency is not None:
         record["latency"] = latency
         record["reduction"]["latency"] = latency["measured"]
@@ -305,6 +311,8 @@ def _choose(
 
         def keep_for(amount: float, limits: list[GroupLimits] = limits, predict=predict) -> dict[int, torch.Tensor]:
             keep_units = allocate(graph, scores, limits, cost, cfg.allocation.value, target, amount, curves, predict)
+            if predict is None and hf.is_transformers(work):  # one count per layer family: the config says it
+                keep_units = hf.uniform_counts(keep_units, graph, cost, target, amount, limits, work)
             keep: dict[int, torch.Tensor] = {}
             for group, score, k in zip(graph.groups, scores, keep_units):
                 if k < group.units:

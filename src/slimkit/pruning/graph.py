@@ -303,6 +303,15 @@ class _Handler:
 
 
 MODULE_HANDLERS: dict[type, _Handler] = {}
+SCORING_VIEWS: dict[type, Callable[[nn.Module], nn.Module]] = {}  # how importance criteria see a layer type
+
+
+def scoring_view(module: nn.Module) -> nn.Module:
+    """``module`` as importance criteria read it (e.g. GPT-2's ``Conv1D`` as a Linear with its weight (out, in))."""
+    view = SCORING_VIEWS.get(type(module))
+    return module if view is None else view(module)
+
+
 FUNCTION_HANDLERS: dict[object, _Handler] = {}
 METHOD_HANDLERS: dict[str, _Handler] = {}
 STAGES = ("node", "tensor", "channels")
@@ -1323,6 +1332,9 @@ def trace(model: nn.Module, example_input: Any, leaves: tuple[str, ...] = ()) ->
     ``torch.fx`` symbolic tracing first (a tensor or a tuple of positional tensors); when it cannot trace the model
     (control flow on tensor values, item assignment on proxies: Hugging Face transformers) or the input is a dict
     of keyword arguments, ``torch._dynamo`` captures the torch-level graph instead (``slimkit.pruning.capture``)."""
+    from slimkit.pruning.hf import register_transformers_layers
+
+    register_transformers_layers()
     is_leaf = _Tracer(tuple(leaves)).is_leaf_module
     if isinstance(example_input, dict):
         return _dynamo(model, example_input, is_leaf, None)
@@ -1438,7 +1450,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, leaves: tuple[str
             sp.size[root],
             sp.unit[root],
             members,
-            {m.module: walker.modules[m.module] for m in members},
+            {m.module: scoring_view(walker.modules[m.module]) for m in members},
             attrs,
             params,
         )
