@@ -138,13 +138,15 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Te
         >>> total, per_module["0"]
         (24, 24)
     """
-    inputs = tuple(example_input) if isinstance(example_input, (list, tuple)) else (example_input,)
+    from slimkit._inputs import as_args
+
+    args, kwargs = as_args(example_input)  # a tensor, a tuple of positional tensors or a dict of keyword tensors
     was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
-            model(*inputs)
+            model(*args, **kwargs)
     finally:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -187,7 +189,9 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
 
     MACs are per example batch given (use batch size 1 for the usual per-image figure).
     """
-    inputs = tuple(example_input) if isinstance(example_input, (list, tuple)) else (example_input,)
+    from slimkit._inputs import tensors_of
+
+    inputs = [t for _, t in tensors_of(example_input)]  # a tensor, a tuple (positional) or a dict (keywords)
     leaves = list(_leaf_modules(model))
     outputs: dict[str, tuple[tuple[int, ...], int]] = {}
 
@@ -200,7 +204,7 @@ def profile(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
 
     handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
     try:
-        by_module, total = count_macs(model, inputs)
+        by_module, total = count_macs(model, example_input)
     except Exception as exc:
         shapes = [tuple(t.shape) for t in inputs]
         raise UsageError(f"profile: the model failed on an example input of shape {shapes}: {exc}") from exc
