@@ -122,7 +122,7 @@ def test_cli_runs_no_factory_the_artifact_names(tmp_path, mlp_artifact, modules_
 
 def test_transformers_factories_get_a_clear_error(mlp_artifact):
     hostile(mlp_artifact, "transformers:AutoModel", {})
-    with pytest.raises(ArtifactError, match="transformers class.*not supported yet"):
+    with pytest.raises(ArtifactError, match="transformers function, which is not run.*slimkit.models.hf:from_config"):
         slimkit.load(mlp_artifact)
 
 

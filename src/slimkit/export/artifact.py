@@ -61,6 +61,8 @@ from slimkit.export.manifest import (
 )
 from slimkit.export.manifest import verify as verify_digest
 from slimkit.history import HISTORY_ATTR, history_of, replay_step, set_source, source_of
+from slimkit.models.hf import FACTORY as HF_FACTORY
+from slimkit.models.hf import source as hf_source
 
 WEIGHTS = "model.safetensors"
 
@@ -147,7 +149,7 @@ def save(
         >>> slimkit.save(result, "out/m.slim", metrics={"accuracy": 91.2})   # doctest: +SKIP
     """
     model = _model_of(result)
-    source = source or source_of(model)
+    source = source or source_of(model) or hf_source(model)
     if source is None:
         raise ArtifactError(
             "save: the model does not say how to rebuild its architecture; build it with slimkit.models.create(...) "
@@ -304,9 +306,9 @@ def _trusted_factory(manifest: dict[str, Any], manifest_path: Path, trust: Itera
         )
     if module.split(".")[0] == "transformers":
         raise ArtifactError(
-            f"{manifest_path}: source.factory {spec!r} is a transformers class; rebuilding "
-            "transformers models from their config is not supported yet, so it was not run. If you "
-            f"trust this artifact's author, pass trust=[{spec!r}] (CLI: --trust {spec})"
+            f"{manifest_path}: source.factory {spec!r} is a transformers function, which is not run; slimkit "
+            f"saves transformers models as {HF_FACTORY!r} (a class transformers exports, built from its config). "
+            f"If you trust this artifact's author, pass trust=[{spec!r}] (CLI: --trust {spec})"
         )
     raise ArtifactError(
         f"{manifest_path}: source.factory {spec!r} is not trusted, so it was not imported or run "

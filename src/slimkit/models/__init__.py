@@ -27,6 +27,7 @@ from torch import nn
 from slimkit.config import nearest
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.history import set_source
+from slimkit.models import hf
 from slimkit.models.weights import WeightsError, load_weights, save_weights
 from slimkit.models.zoo import ZOO, ModelSpec, register
 
@@ -82,6 +83,8 @@ def trusted_factory(spec: str, trust: Iterable[str] = ()) -> Callable[..., nn.Mo
         return None
     if spec in ZOO:
         return ZOO[spec].factory
+    if spec == hf.FACTORY:  # builds only classes transformers exports, from their config (slimkit.models.hf)
+        return hf.from_config
     if not FACTORY_SPEC.fullmatch(spec):
         return None
     for entry in ZOO.values():

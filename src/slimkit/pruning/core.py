@@ -169,6 +169,7 @@ def prune_once(
     plan = plan_edits(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
+    hf_before = copy.deepcopy(hf.config_dict(work)) if hf.is_transformers(work) else {}
     hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
     try:
@@ -207,8 +208,9 @@ def prune_once(
         record["sensitivity"] = {g: [[float(r), float(a)] for r, a in pts] for g, pts in cfg.sensitivity.items()}
     if notes:
         record["notes"] = notes
-    if hf_config:
+    if hf_config:  # the new counts, and the values before them (an artifact rebuilds the original config)
         record["hf_config"] = hf_config
+        record["hf_config_before"] = {key: hf_before.get(key) for key in hf_config}
     if latency is not None:
         record["latency"] = latency
         record["reduction"]["latency"] = latency["measured"]
@@ -444,7 +446,10 @@ def apply_record_(fresh_model: nn.Module, record: dict[str, Any]) -> nn.Module:
             f"({RECORD_FORMAT}); upgrade slimkit"
         )
     with torch.no_grad():
-        return apply_plan(fresh_model, record["modules"])
+        model = apply_plan(fresh_model, record["modules"])
+    if record.get("hf_config"):  # a transformers model's config says the pruned counts again
+        hf.set_config(model, record["hf_config"])
+    return model
 
 
 apply_record = replay = apply_record_

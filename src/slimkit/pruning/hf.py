@@ -29,7 +29,7 @@ from slimkit.errors import UsageError
 from slimkit.pruning.graph import SCORING_VIEWS, Group, PruneGraph, Value, Walker, register_graph_handler
 from slimkit.pruning.surgery import _take, register_surgery
 
-__all__ = ["families", "is_transformers", "restrict", "uniform_counts", "update_config"]
+__all__ = ["config_dict", "families", "is_transformers", "restrict", "set_config", "uniform_counts", "update_config"]
 
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim")
 
@@ -37,6 +37,20 @@ FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim")
 def _config(model: nn.Module) -> Any:
     """The transformers config of ``model`` (typed loosely: transformers is not imported here)."""
     return getattr(model, "config")  # noqa: B009
+
+
+def config_dict(model: nn.Module) -> dict[str, Any]:
+    """The transformers config of ``model`` as a plain dict."""
+    return dict(_config(model).to_dict())
+
+
+def set_config(model: nn.Module, fields: dict[str, Any]) -> None:
+    """Write recorded counts into ``model``'s config (replaying a pruning record on a freshly built model)."""
+    config = _config(model)
+    for key, value in fields.items():
+        if not hasattr(config, key):
+            raise UsageError(f"pruning record sets config field {key!r}, which {type(config).__name__} does not have")
+        setattr(config, key, value)
 
 
 def is_transformers(model: nn.Module) -> bool:
