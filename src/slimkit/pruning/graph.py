@@ -33,7 +33,18 @@ from slimkit._inputs import tensors_of
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention
 
-__all__ = ["Group", "Member", "PruneGraph", "Seg", "Value", "Walker", "build_graph", "register_graph_handler"]
+__all__ = [
+    "Group",
+    "Member",
+    "PruneGraph",
+    "Seg",
+    "Value",
+    "Walker",
+    "build_graph",
+    "register_graph_handler",
+    "register_late",
+    "run_late_registrations",
+]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -315,6 +326,22 @@ def scoring_view(module: nn.Module) -> nn.Module:
 FUNCTION_HANDLERS: dict[object, _Handler] = {}
 METHOD_HANDLERS: dict[str, _Handler] = {}
 STAGES = ("node", "tensor", "channels")
+
+
+_LATE: list[Callable[[], None]] = []
+
+
+def register_late(add: Callable[[], None]) -> Callable[[], None]:
+    """Register ``add``, which registers handlers (graph and surgery) for another library's layer types once that
+    library is imported (``slimkit.pruning.hf``: transformers' ``Conv1D``); run before every trace and surgery, so
+    the pruning modules never import the modules that extend them."""
+    _LATE.append(add)
+    return add
+
+
+def run_late_registrations() -> None:
+    for add in _LATE:
+        add()
 
 
 def register_graph_handler(
@@ -1332,9 +1359,7 @@ def trace(model: nn.Module, example_input: Any, leaves: tuple[str, ...] = ()) ->
     ``torch.fx`` symbolic tracing first (a tensor or a tuple of positional tensors); when it cannot trace the model
     (control flow on tensor values, item assignment on proxies: Hugging Face transformers) or the input is a dict
     of keyword arguments, ``torch._dynamo`` captures the torch-level graph instead (``slimkit.pruning.capture``)."""
-    from slimkit.pruning.hf import register_transformers_layers
-
-    register_transformers_layers()
+    run_late_registrations()
     is_leaf = _Tracer(tuple(leaves)).is_leaf_module
     if isinstance(example_input, dict):
         return _dynamo(model, example_input, is_leaf, None)

@@ -26,7 +26,15 @@ import torch
 from torch import fx, nn
 
 from slimkit.errors import UsageError
-from slimkit.pruning.graph import SCORING_VIEWS, Group, PruneGraph, Value, Walker, register_graph_handler
+from slimkit.pruning.graph import (
+    SCORING_VIEWS,
+    Group,
+    PruneGraph,
+    Value,
+    Walker,
+    register_graph_handler,
+    register_late,
+)
 from slimkit.pruning.surgery import _take, register_surgery
 
 __all__ = ["config_dict", "families", "is_transformers", "restrict", "set_config", "uniform_counts", "update_config"]
@@ -58,6 +66,7 @@ def is_transformers(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
+@register_late
 def register_transformers_layers() -> None:
     """Handlers for transformers' own layer types (only when transformers is already imported)."""
     if "transformers" not in sys.modules or _REGISTERED:

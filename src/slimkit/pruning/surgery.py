@@ -18,7 +18,7 @@ from torch import nn
 from slimkit._modules import set_module
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.pruning.attention import PrunedMultiheadAttention, prune_heads
-from slimkit.pruning.graph import CONVS, TRANSPOSED
+from slimkit.pruning.graph import CONVS, TRANSPOSED, run_late_registrations
 
 __all__ = ["SURGERY", "apply_plan", "decode_indices", "encode_indices", "register_surgery"]
 
@@ -209,9 +209,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """Apply ``{module name: {"out": runs | None, "in": runs | None[, "attrs": {name: int}]}}`` to ``model`` in
     place (``attrs``: head counts the forward reads, e.g. ``num_heads``); returns it. An entry with ``"dim"``
     names a parameter/buffer kept at ``in`` along that dim. A tensor shared by several layers is cut once."""
-    from slimkit.pruning.hf import register_transformers_layers
-
-    register_transformers_layers()  # GPT-2's Conv1D, when transformers is imported
+    run_late_registrations()  # GPT-2's Conv1D, when transformers is imported (slimkit.pruning.hf)
     shared = _shared_ids(model, plan)
     cut: dict[int, torch.Tensor] = {}  # shared tensors already cut -> their original value
     for name, edit in plan.items():

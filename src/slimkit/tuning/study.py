@@ -355,7 +355,7 @@ class _Worker:
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._interrupted = True
-        if self._interruptible:
+        if self._interruptible and not _in_finalizer(frame):
             self._interruptible = False
             raise KeyboardInterrupt
 
@@ -716,3 +716,13 @@ def _message(best: SearchResult | None, threshold: float | None, config: SearchC
     if math.isfinite(best.violation):
         return f"best: trial {best.trial}, {format_metrics(best.metrics)}, saved in {best.path}"
     return ""
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether the signal arrived inside a weakref callback or ``__del__``: Python prints and drops an exception
+    raised there ("Exception ignored in ..."), so the interrupt waits for the next check instead."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename.endswith("weakref.py"):
+            return True
+        frame = frame.f_back
+    return False
