@@ -205,6 +205,17 @@ def cpu_lock(what: str, path: str = LOCK) -> Iterator[None]:
     print(f"[lock] {what}: waited {waited:.0f} s, held {time.perf_counter() - started - waited:.0f} s", file=sys.stderr)
 
 
+def load_lines(results: dict[str, dict]) -> list[str]:
+    """Markdown lines stating the 1-minute load average before / after each model's runs, from entries that
+    recorded ``"load_average_1min": [before, after]`` (none when no entry did)."""
+    loads = ", ".join(
+        f"{name} {res['load_average_1min'][0]:.1f} / {res['load_average_1min'][1]:.1f}"
+        for name, res in results.items()
+        if "load_average_1min" in res
+    )
+    return ["", f"1-minute load average before / after each model's runs (2 cores): {loads}."] if loads else []
+
+
 def tiny_linear(features: int = 64) -> tuple[dict[str, Callable], object]:
     """The smallest build function (used by the harness's own test): one Linear layer, and it applied twice."""
     import torch

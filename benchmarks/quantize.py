@@ -404,7 +404,7 @@ WEIGHT_DEPENDENT = ("ort int8 (quantize_static)",)  # its graph follows the cali
 
 def latency_lines(results: dict) -> list[str]:
     """The latency table (harness cells) and the list of int8 forms not faster than the fastest fp32 form."""
-    from harness import method_note, ms_cell, speedups
+    from harness import load_lines, method_note, ms_cell, speedups
 
     timed = {name: res["latency"] for name, res in results.items() if "latency" in res}
     if not timed:
@@ -434,11 +434,6 @@ def latency_lines(results: dict) -> list[str]:
                 f"{ratio[64][label]:.2f}x | {forms['torch fp32'][64]['median_ms'] / per[64]['median_ms']:.2f}x | "
                 f"{faults:.0f} |"
             )
-    loads = ", ".join(
-        f"{name} {lat['load_average_1min'][0]:.1f} / {lat['load_average_1min'][1]:.1f}"
-        for name, lat in timed.items()
-        if "load_average_1min" in lat
-    )
     untrained = [name for name, lat in timed.items() if lat.get("weights", "").startswith("seeded")]
     if untrained:
         lines += [
@@ -448,8 +443,7 @@ def latency_lines(results: dict) -> list[str]:
             f"{', '.join(WEIGHT_DEPENDENT)} row is left out: ONNX Runtime's quantize_static graph depends on the "
             "calibrated ranges and was several times slower on random weights (kept in quantize.json).",
         ]
-    if loads:
-        lines += ["", f"1-minute load average before / after each model's runs (2 cores): {loads}."]
+    lines += load_lines(timed)
     lines += [
         "",
         "Where int8 is not faster than the fastest fp32 form at batch 64 (docs/quantization.md says why):",

@@ -187,7 +187,7 @@ def markdown(results: dict) -> str:
     for name, res in results.items():
         fp32 = res["accuracy"]["fp32"]
         lines += [f"| {name} | {k} | {v:.2f} | {fp32 - v:+.2f} |" for k, v in res["accuracy"].items()]
-    from harness import method_note, ms_cell, speedups
+    from harness import load_lines, method_note, ms_cell, speedups
 
     processes = next(iter(results.values()))["processes"]
     lines += [
@@ -211,13 +211,7 @@ def markdown(results: dict) -> str:
                 f"{ratio[64][label]:.2f}x | {forms['ort fp32'][64]['median_ms'] / per[64]['median_ms']:.2f}x | "
                 f"{faults:.0f} |"
             )
-    loads = ", ".join(
-        f"{name} {res['load_average_1min'][0]:.1f} / {res['load_average_1min'][1]:.1f}"
-        for name, res in results.items()
-        if "load_average_1min" in res
-    )
-    if loads:
-        lines += ["", f"1-minute load average before / after each model's runs (2 cores): {loads}."]
+    lines += load_lines(results)
     lines.append("")
     for name, res in results.items():
         p, b = res["parity_ort"], res["onnx_bytes"]
