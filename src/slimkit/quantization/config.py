@@ -502,7 +502,8 @@ def _has_matrix(module: nn.Module) -> bool:
 def _plan_embeddings(model: nn.Module, cfg: QuantConfig, skipped: dict[str, str]) -> list[LayerSpec]:
     """Specs for the ``nn.Embedding`` tables (``quantizable`` lists them as skipped; those planned leave that list):
     weight-only, symmetric, one scale per row; 8 bits unless ``keep_first_last_8bit=False`` (an embedding is the
-    model's first layer) or an override says otherwise. QAT and the weight-only algorithms keep them float."""
+    model's first layer) or an override says otherwise. QAT keeps them float; the weight-only algorithms plan them
+    here as PTQ does."""
     specs = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Embedding) or name not in skipped:
@@ -512,9 +513,6 @@ def _plan_embeddings(model: nn.Module, cfg: QuantConfig, skipped: dict[str, str]
             continue
         if cfg.method is Method.QAT:
             skipped[name] = "Embedding: quantized after training (method='dynamic' or 'ptq'), not by QAT; kept in float"
-            continue
-        if getattr(cfg, "algorithm", None) is not None:
-            skipped[name] = "Embedding: the weight-only algorithms cover Linear layers; kept in float"
             continue
         if module.max_norm is not None:
             skipped[name] = "Embedding with max_norm renormalises its weight on lookup; kept in float"
