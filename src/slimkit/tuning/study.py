@@ -516,7 +516,7 @@ def search(
         raise UsageError("search needs train_data and val_data (Datasets or DataLoaders of (inputs, labels))")
     check_evaluate(evaluate, "search")
     if evaluate is not None and config.workers > 1:
-        import pickle
+        import pickle  # nosec B403: dumps only, to check the function can reach worker processes (never loads)
 
         try:
             pickle.dumps(evaluate)
