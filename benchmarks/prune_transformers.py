@@ -51,6 +51,7 @@ import harness
 
 import slimkit
 from slimkit.data.text import stdlib_sentences
+from slimkit.distillation.losses import mean_pool
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS.parent.parent / ".slimkit-cache" / "prune_transformers"
@@ -94,13 +95,12 @@ def speed_input(tokenizer, batch: int = 1) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def embed(model: nn.Module, tokenizer, texts: list[str], batch: int = 128) -> torch.Tensor:
-    """Mean-pooled sentence embeddings (sentence-transformers' pooling for this model)."""
+    """Mean-pooled sentence embeddings (sentence-transformers' pooling for this model; the same ``mean_pool`` the
+    recovery's ``DistillConfig(pooling="mean")`` uses)."""
     out = []
     for i in range(0, len(texts), batch):
         b = tokens(tokenizer, texts[i : i + batch])
-        hidden = model(**b).last_hidden_state
-        mask = b["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(1) / mask.sum(1))
+        out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
     return torch.cat(out)
 
 

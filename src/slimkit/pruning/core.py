@@ -169,7 +169,7 @@ def prune_once(
     plan = plan_edits(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
-    hf_before = copy.deepcopy(hf.config_dict(work)) if hf.is_transformers(work) else {}
+    hf_before = hf.config_dict(work) if hf.is_transformers(work) else {}  # a new dict: update_config sets attributes
     hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
     try:
