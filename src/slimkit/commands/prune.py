@@ -18,6 +18,7 @@ from slimkit.commands._common import (
     console,
     example,
     fail_cleanly,
+    load_data,
 )
 
 
@@ -35,7 +36,9 @@ def prune(
     target: Annotated[
         str, typer.Option(help="channels, macs, params or latency (measured on --runtime at batch 64).")
     ] = "macs",
-    importance: Annotated[str, typer.Option(help="l1, l2, fpgm, bn_scale, taylor or random.")] = "l2",
+    importance: Annotated[
+        str, typer.Option(help="l1, l2, fpgm, bn_scale, taylor, activation or random (taylor, activation read --data).")
+    ] = "l2",
     allocation: Annotated[str, typer.Option(help="uniform, global or proportional.")] = "uniform",
     ignore: Annotated[list[str] | None, typer.Option(help="Module name or re:pattern to keep (repeatable).")] = None,
     round_to: Annotated[
@@ -46,6 +49,12 @@ def prune(
         "onnxruntime"
     ),
     max_sparsity: Annotated[float, typer.Option(help="Cap on the fraction removed from any one group.")] = 0.9,
+    reconstruct: Annotated[
+        bool, typer.Option(help="Refit the layers that lost inputs by least squares on --data (no labels needed).")
+    ] = False,
+    data: Annotated[
+        str | None, typer.Option(help="Calibration data for taylor / activation / --reconstruct (a data spec).")
+    ] = None,
 ) -> None:
     """Prune channels of a model to a MACs/params/channels target; writes weights and the replayable record."""
     from slimkit._io import atomic_path
@@ -64,9 +73,12 @@ def prune(
             round_to=round_to,
             max_sparsity=max_sparsity,
             runtime=runtime,
+            reconstruct=reconstruct,
         )
     )
-    result = run_prune(build_model(model, weights, model_args), cfg, example(model, shape, model_args))
+    train_data = load_data(data, shape)[0] if data else None
+    net = build_model(model, weights, model_args)
+    result = run_prune(net, cfg, example(model, shape, model_args), train_data=train_data)
     with atomic_path(out, kind="prune") as tmp:  # weights and record appear together, or not at all
         tmp.mkdir()
         save_weights(result.model, tmp / "model.safetensors")

@@ -31,6 +31,7 @@ class Importance(str, enum.Enum):
     FPGM = "fpgm"
     BN_SCALE = "bn_scale"
     TAYLOR = "taylor"
+    ACTIVATION = "activation"
     RANDOM = "random"
 
 
@@ -51,7 +52,8 @@ class PruneConfig(Config):
             ``latency``: measured latency on ``runtime`` at ``latency_batch`` (0.5 = 2x faster; see
             ``slimkit.pruning.latency``: a per-layer latency table cached per machine, then the whole model is
             timed and the cut corrected until it lands within the tolerance).
-        importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random``, the name of a criterion
+        importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``activation`` (the output energy a unit
+            feeds its consumers, measured on ``train_data``), ``random``, the name of a criterion
             registered with ``@slimkit.pruning.register_importance("name")``, or a callable ``(group) -> scores``
             (a registered callable saves as its name; an unregistered one cannot be saved to a recipe).
         allocation: ``uniform`` (same ratio everywhere), ``global`` (one ranking of normalized scores),
@@ -67,6 +69,11 @@ class PruneConfig(Config):
             a step of 1; attention heads are cut one head at a time. ``round_to=1`` lets every count through.
         runtime, latency_batch, latency_threads: where ``target="latency"`` measures (``onnxruntime`` fp32 or
             ``eager`` PyTorch fp32, BatchNorm folded, channels-last), at which batch size and thread count.
+        reconstruct: after the cut, refit every Linear / Conv2d that lost input channels by least squares so it
+            reproduces the original layer's output on ``calibration_batches`` batches of ``train_data``, layer
+            after layer (``slimkit.pruning.calibrate``; labels are not needed). Recovers much of the loss before
+            any training.
+        calibration_batches: batches of ``train_data`` read by ``activation`` and ``reconstruct``.
         max_sparsity: cap on the fraction of any one group that may be removed.
         leaf_modules: module names or class names the tracer must not enter (kept intact).
         steps, finetune, max_accuracy_drop: the iterative loop (see ``slimkit.pruning.schedule``); ``finetune``
@@ -85,6 +92,8 @@ class PruneConfig(Config):
     leaf_modules: tuple[str, ...] = ()
     tolerance: float = 0.02
     taylor_batches: int = 4
+    reconstruct: bool = False
+    calibration_batches: int = 8
     sensitivity: dict[str, list] | None = None
     seed: int = 0
     steps: int = 1
@@ -133,6 +142,8 @@ class PruneConfig(Config):
             )
         if self.steps < 1:
             raise UsageError(f"steps={self.steps} must be >= 1")
+        if self.calibration_batches < 1:
+            raise UsageError(f"calibration_batches={self.calibration_batches} must be >= 1")
         if self.taylor_batches < 1:
             raise UsageError(f"taylor_batches={self.taylor_batches} must be >= 1")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:

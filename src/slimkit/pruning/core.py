@@ -16,9 +16,10 @@ from slimkit._modules import matches
 from slimkit.errors import UsageError
 from slimkit.pruning import hf
 from slimkit.pruning.allocate import CostModel, GroupLimits, allocate, measure
+from slimkit.pruning.calibrate import calibration_inputs, input_energy, reconstruct_
 from slimkit.pruning.config import BLOCK, PruneConfig
 from slimkit.pruning.graph import Group, PruneGraph, build_graph, trace
-from slimkit.pruning.importance import NEEDS_GRADIENTS, resolve
+from slimkit.pruning.importance import NEEDS_ACTIVATIONS, NEEDS_GRADIENTS, resolve
 from slimkit.pruning.latency import latency_model, meet_latency
 from slimkit.pruning.surgery import apply_plan, decode_indices, encode_indices
 
@@ -138,6 +139,7 @@ def prune_once(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a deep copy of ``model`` once, by ``cfg.amount`` of ``cfg.target``; returns (model, record)."""
     work = copy.deepcopy(model).eval()
+    calibration: list = []
     graph = build_graph(work, example_input, tuple(cfg.leaf_modules))
     ignored = [g for g in graph.groups if is_ignored(g, cfg)]
     kept_intact = list(graph.kept_intact) + [
@@ -163,12 +165,17 @@ def prune_once(
         criterion = resolve(cfg.importance, cfg.seed)
         if cfg.importance_name in NEEDS_GRADIENTS:
             compute_gradients(work, train_data, loss_fn, cfg.taylor_batches)
+        if cfg.importance_name in NEEDS_ACTIVATIONS:
+            _measure_energy(work, graph, _calibration(train_data, cfg, calibration))
         scores = [group_scores(criterion, g) for g in graph.groups]
         work.zero_grad(set_to_none=True)
         keep_channels, latency, notes = _choose(work, graph, scores, cost, cfg, kept_intact, example_input)
     plan = plan_edits(graph, keep_channels, work)
     with torch.no_grad():
         apply_plan(work, plan)
+    reconstructed = []
+    if cfg.reconstruct and cfg.amount > 0:
+        reconstructed = reconstruct_(model, work, plan, _calibration(train_data, cfg, calibration))
     hf_before = hf.config_dict(work) if hf.is_transformers(work) else {}  # a new dict: update_config sets attributes
     hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
@@ -208,6 +215,8 @@ def prune_once(
         record["sensitivity"] = {g: [[float(r), float(a)] for r, a in pts] for g, pts in cfg.sensitivity.items()}
     if notes:
         record["notes"] = notes
+    if cfg.reconstruct:
+        record["reconstructed"] = reconstructed
     if hf_config:  # the new counts, and the values before them (an artifact rebuilds the original config)
         record["hf_config"] = hf_config
         record["hf_config_before"] = {key: hf_before.get(key) for key in hf_config}
@@ -225,6 +234,22 @@ def prune_once(
                 "larger max_sparsity"
             )
     return work, record
+
+
+def _calibration(train_data, cfg: PruneConfig, cache: list) -> list:
+    """The calibration inputs (read once per prune, shared by ``activation`` and ``reconstruct``)."""
+    if not cache:
+        why = "reconstruct=True" if cfg.importance_name not in NEEDS_ACTIVATIONS else "importance='activation'"
+        cache.extend(calibration_inputs(train_data, cfg.calibration_batches, why))
+    return cache
+
+
+def _measure_energy(model: nn.Module, graph: PruneGraph, inputs: list) -> None:
+    """Fill each group's ``energy``: the mean square of every input feature of the layers that read it."""
+    readers = [m.module for g in graph.groups for m in g.members if m.role == "in"]
+    energy = input_energy(model, list(dict.fromkeys(readers)), inputs)
+    for group in graph.groups:
+        group.energy = {m.module: energy[m.module] for m in group.members if m.module in energy}
 
 
 def _check_head_splits(

@@ -226,6 +226,7 @@ class Group:
     modules: dict[str, nn.Module] = field(repr=False, default_factory=dict)
     attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (module, int attribute, channels per count)
     params: list[tuple[str, int]] = field(default_factory=list)  # (parameter/buffer used in forward, channel dim)
+    energy: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # consumer -> E[x^2] per input feature
 
     @property
     def units(self) -> int:

@@ -44,8 +44,19 @@ def register_importance(name: str) -> Callable[[Criterion], Criterion]:
 register = register_importance
 
 
-def _member_slices(module: nn.Module, member: Member, size: int, attr: str) -> list[torch.Tensor]:
-    """Matrices with one row per channel of the group, for this member (``attr``: ``data`` or ``grad``)."""
+def _scaled(weight: torch.Tensor, module: nn.Module, energy: torch.Tensor) -> torch.Tensor:
+    """``weight`` with each input feature's column scaled by its RMS input (``energy``: mean squares)."""
+    rms = energy.sqrt().to(weight)
+    if isinstance(module, TRANSPOSED):
+        return weight * rms.view(-1, *[1] * (weight.ndim - 1))
+    return weight * rms.view(1, -1, *[1] * (weight.ndim - 2))
+
+
+def _member_slices(
+    module: nn.Module, member: Member, size: int, attr: str, energy: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Matrices with one row per channel of the group, for this member (``attr``: ``data`` or ``grad``; with
+    ``energy``, an ``in`` member's weight columns are scaled by the RMS of their inputs)."""
 
     def get(param):
         if param is None:
@@ -71,6 +82,8 @@ def _member_slices(module: nn.Module, member: Member, size: int, attr: str) -> l
             out.append(bias.view(copies, size).t())
         return out
     if member.role == "in":
+        if energy is not None:
+            weight = _scaled(weight, module, energy)
         if isinstance(module, TRANSPOSED):
             return [weight[lo:hi].reshape(size, -1)]
         cols = weight[:, lo:hi]
@@ -90,15 +103,30 @@ def group_slices(
     attr: str = "data",
     types: tuple[type, ...] | None = None,
 ) -> list[torch.Tensor]:
-    """The group's parameters as ``(units, k)`` matrices, one per member (filtered by role / module type)."""
+    """The group's parameters as ``(units, k)`` matrices, one per member (filtered by role / module type).
+    ``attr="energy"``: the ``in`` members' weights with columns scaled by their inputs' RMS (members without
+    input statistics in ``group.energy`` are left out)."""
     result = []
     for member in group.members:
         module = group.modules[member.module]
         if member.role not in roles or (types is not None and not isinstance(module, types)):
             continue
-        for t in _member_slices(module, member, group.size, attr):
+        energy = None
+        if attr == "energy":
+            energy = group.energy.get(member.module)
+            if member.role != "in" or not _energy_fits(module, energy):
+                continue
+        for t in _member_slices(module, member, group.size, "data" if energy is not None else attr, energy):
             result.append(t.float().reshape(group.units, -1))
     return result
+
+
+def _energy_fits(module: nn.Module, energy: torch.Tensor | None) -> bool:
+    """``energy`` has one entry per input feature of ``module``'s weight (Linear, convolutions)."""
+    if energy is None or not isinstance(module, (nn.Linear, *CONVS, *TRANSPOSED)):
+        return False
+    features = module.weight.shape[0 if isinstance(module, TRANSPOSED) else 1]
+    return energy.numel() == features
 
 
 def _cat(slices: list[torch.Tensor], group: Group) -> torch.Tensor:
@@ -161,6 +189,18 @@ def taylor(group: Group) -> torch.Tensor:
     return _add((w * g).sum(1) for w, g in zip(weights, grads)).pow(2)
 
 
+@register("activation")
+def activation(group: Group) -> torch.Tensor:
+    """Output energy each unit feeds the layers that read it (FLAP / Wanda-style, structured):
+    ``sum over its input columns c of E[x_c^2] * ||W[:, c]||^2``, with ``E[x^2]`` measured on calibration batches
+    of ``train_data`` (``PruneConfig.calibration_batches``). A group no Linear / convolution reads falls back to
+    ``l2``."""
+    slices = group_slices(group, ("in",), attr="energy")
+    if not slices:
+        return l2(group)
+    return _add(t.pow(2).sum(1) for t in slices)
+
+
 class RandomImportance:
     """Random scores (a baseline), reproducible from ``seed``."""
 
@@ -173,11 +213,12 @@ class RandomImportance:
 
 CRITERIA["random"] = RandomImportance()
 NEEDS_GRADIENTS = {"taylor"}
+NEEDS_ACTIVATIONS = {"activation"}
 
 
 def resolve(importance: str | Criterion, seed: int = 0) -> Criterion:
-    """A criterion by name (``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``random``, or a registered one) or a
-    callable."""
+    """A criterion by name (``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``taylor``, ``activation``, ``random``, or a
+    registered one) or a callable."""
     if callable(importance):
         return importance
     name = getattr(importance, "value", importance)

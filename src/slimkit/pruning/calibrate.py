@@ -1,0 +1,215 @@
+"""Data-aware pruning: activation statistics for the ``activation`` criterion, and least-squares reconstruction.
+
+Both read a few calibration batches (``PruneConfig.calibration_batches`` of ``train_data``; labels are ignored, so
+unlabelled text or images do).
+
+- ``input_energy``: the mean square of every input feature of the layers that read a pruned group (Linear: the last
+  dimension; Conv: dim 1). ``activation`` scores a unit by the output energy it feeds its consumers,
+  ``sum E[x_c^2] * ||W[:, c]||^2`` over its input columns (FLAP / Wanda-style, structured).
+- ``reconstruct_``: after the cut, every Linear / Conv2d that lost input channels is refitted, one after another in
+  the order the forward calls them, so that on the calibration inputs it reproduces what the original layer
+  produced from the original inputs: ridge least squares on ``[x_pruned, 1] -> y_original`` (Kwon et al. 2022's
+  layer-wise reconstruction). Each refit sees the inputs the layers before it (already refitted) produce. Padded
+  tokens (``attention_mask == 0``) are left out of both.
+
+Example:
+    >>> import slimkit, torch
+    >>> from torch.utils.data import TensorDataset
+    >>> model = slimkit.models.create("mlp")
+    >>> data = TensorDataset(torch.randn(256, 1, 28, 28), torch.zeros(256, dtype=torch.long))
+    >>> cfg = slimkit.PruneConfig(amount=0.5, target="channels", importance="activation", reconstruct=True)
+    >>> result = slimkit.prune(model, cfg, torch.zeros(1, 1, 28, 28), train_data=data)
+    >>> result.model[3].in_features, result.record["reconstructed"]
+    (100, ['3'])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit._inputs import call
+from slimkit.errors import UsageError
+
+__all__ = ["RIDGE", "calibration_inputs", "input_energy", "reconstruct_"]
+
+RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X
+REFIT = (nn.Linear, nn.Conv2d)
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
+
+
+def calibration_inputs(train_data: Any, batches: int, why: str) -> list[Any]:
+    """The inputs (labels dropped) of the first ``batches`` batches of ``train_data``."""
+    from slimkit.distillation._data import split_batch
+    from slimkit.train import make_loader
+
+    if train_data is None:
+        raise UsageError(
+            f"{why} needs calibration inputs: pass train_data= to prune (its first {batches} batches are used; "
+            "labels are not needed)"
+        )
+    out = []
+    for i, batch in enumerate(make_loader(train_data, 64, shuffle=False)):
+        if i >= batches:
+            break
+        out.append(split_batch(batch)[0])
+    return out
+
+
+def _rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The layer's input as ``(samples, features)`` rows: one per token / position (conv: per output position,
+    the unfolded receptive field); rows of padded tokens dropped."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # _refittable
+        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _out_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    return _rows(module, y, mask)
+
+
+def _mask(inputs: Any) -> torch.Tensor | None:
+    from slimkit.distillation._data import attention_mask
+
+    return attention_mask(inputs)
+
+
+@torch.no_grad()
+def input_energy(model: nn.Module, names: list[str], inputs: list[Any]) -> dict[str, torch.Tensor]:
+    """``{name: mean square of each input feature}`` of the named layers over the calibration ``inputs`` (Linear:
+    features on the last dim, padded tokens left out; convolutions: channels on dim 1)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            if isinstance(module, nn.Linear):
+                rows = _rows(module, x, mask[0])
+            else:
+                rows = x.transpose(0, 1).reshape(x.shape[1], -1).t()
+            sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for batch in inputs:
+            mask[0] = _mask(batch)
+            call(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: sums[n] / max(counts[n], 1) for n in sums}
+
+
+def _capture(model: nn.Module, name: str, batch: Any, output: bool) -> torch.Tensor:
+    """The input (or output) of layer ``name`` on ``batch``; the forward stops right after that layer."""
+    module = model.get_submodule(name)
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, args, result):
+        seen.append((result if output else args[0]).detach().float())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        call(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise UsageError(f"prune: reconstruct: layer {name!r} did not run on the calibration inputs")
+    return seen[0]
+
+
+def _call_order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
+    order: list[str] = []
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, _a, n=n: order.append(n) if n not in order else None
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            call(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+@torch.no_grad()
+def reconstruct_(original: nn.Module, pruned: nn.Module, plan: dict[str, dict], inputs: list[Any]) -> list[str]:
+    """Refit, in place and in forward order, the weights (and bias) of the layers of ``pruned`` whose input
+    channels the prune ``plan`` cut, so that each reproduces ``original``'s output of that layer (its kept output
+    channels) on the calibration ``inputs``; returns the names refitted (Linear and groups=1 Conv2d; other
+    layers are left as cut)."""
+    from slimkit.pruning.surgery import decode_indices
+
+    keep_out = {}
+    for name, edit in plan.items():
+        if "dim" in edit or edit.get("in") is None:
+            continue
+        if _refittable(pruned.get_submodule(name)):
+            keep_out[name] = None if edit.get("out") is None else decode_indices(edit["out"])
+    if not keep_out or not inputs:
+        return []
+    training = original.training
+    original.eval()  # the reference outputs (and the caller's BatchNorm statistics stay as they are)
+    try:
+        order = _call_order(pruned, list(keep_out), inputs[0])
+        return [_refit(original, pruned, name, keep_out[name], inputs) for name in order]
+    finally:
+        original.train(training)
+
+
+def _refittable(module: nn.Module) -> bool:
+    """A Linear, or a zero-padded ungrouped Conv2d with numeric padding (what ``F.unfold`` reproduces)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return isinstance(module, nn.Linear)
+
+
+def _refit(original: nn.Module, pruned: nn.Module, name: str, keep: torch.Tensor | None, inputs: list[Any]) -> str:
+    """Least-squares refit of layer ``name`` of ``pruned`` (see ``reconstruct_``)."""
+    module = pruned.get_submodule(name)
+    assert isinstance(module, REFIT)
+    bias = module.bias is not None
+    gram = cross = None
+    for batch in inputs:
+        mask = _mask(batch)
+        x = _rows(module, _capture(pruned, name, batch, output=False), mask).double()
+        y = _out_rows(module, _capture(original, name, batch, output=True), mask).double()
+        if keep is not None:
+            y = y[:, keep]
+        if bias:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = x.T @ x if gram is None else gram + x.T @ x
+        cross = x.T @ y if cross is None else cross + x.T @ y
+    assert gram is not None and cross is not None
+    gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, cross).T.float()  # (out, features [+ 1])
+    weight = solution[:, :-1] if bias else solution
+    module.weight.copy_(weight.reshape(module.weight.shape))
+    if module.bias is not None:
+        module.bias.copy_(solution[:, -1])
+    return name
