@@ -138,3 +138,21 @@ def test_transformers_bert_with_padded_dict_batches():
         if reconstruct:
             assert result.record["reconstructed"] == [f"encoder.layer.{i}.output.dense" for i in range(2)]
     assert errors[True] < errors[False]
+
+
+def test_reconstruct_all_also_refits_the_layers_after_the_cut():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 8))
+    data, x = _data(1024, 16), torch.randn(512, 16)
+    errors = {}
+    for reconstruct in (True, "all"):
+        cfg = PruneConfig(amount=0.6, target="channels", reconstruct=reconstruct, round_to=1, ignore=("2",))
+        result = prune(model, cfg, torch.zeros(1, 16), train_data=data)  # layer 4's input drifts, its width not
+        errors[reconstruct] = (result.model(x) - model(x)).pow(2).mean().item()
+        assert result.record["reconstructed"] == (["2"] if reconstruct is True else ["2", "4"])
+    assert errors["all"] < errors[True]
+
+
+def test_reconstruct_rejects_unknown_scopes():
+    with pytest.raises(UsageError, match="reconstruct='some'"):
+        PruneConfig(reconstruct="some")

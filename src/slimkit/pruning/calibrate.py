@@ -6,11 +6,11 @@ unlabelled text or images do).
 - ``input_energy``: the mean square of every input feature of the layers that read a pruned group (Linear: the last
   dimension; Conv: dim 1). ``activation`` scores a unit by the output energy it feeds its consumers,
   ``sum E[x_c^2] * ||W[:, c]||^2`` over its input columns (FLAP / Wanda-style, structured).
-- ``reconstruct_``: after the cut, every Linear / Conv2d that lost input channels is refitted, one after another in
-  the order the forward calls them, so that on the calibration inputs it reproduces what the original layer
-  produced from the original inputs: ridge least squares on ``[x_pruned, 1] -> y_original`` (Kwon et al. 2022's
-  layer-wise reconstruction). Each refit sees the inputs the layers before it (already refitted) produce. Padded
-  tokens (``attention_mask == 0``) are left out of both.
+- ``reconstruct_``: after the cut, every Linear / Conv2d that lost input channels (``reconstruct="all"``: every one
+  from the first cut on) is refitted, one after another in the order the forward calls them, so that on the
+  calibration inputs it reproduces what the original layer produced from the original inputs: ridge least squares
+  on ``[x_pruned, 1] -> y_original`` (Kwon et al. 2022's layer-wise reconstruction). Each refit sees the inputs the
+  layers before it (already refitted) produce. Padded tokens (``attention_mask == 0``) are left out of both.
 
 Example:
     >>> import slimkit, torch
@@ -158,25 +158,30 @@ def _call_order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
 
 
 @torch.no_grad()
-def reconstruct_(original: nn.Module, pruned: nn.Module, plan: dict[str, dict], inputs: list[Any]) -> list[str]:
-    """Refit, in place and in forward order, the weights (and bias) of the layers of ``pruned`` whose input
-    channels the prune ``plan`` cut, so that each reproduces ``original``'s output of that layer (its kept output
-    channels) on the calibration ``inputs``; returns the names refitted (Linear and groups=1 Conv2d; other
-    layers are left as cut)."""
+def reconstruct_(
+    original: nn.Module, pruned: nn.Module, plan: dict[str, dict], inputs: list[Any], scope: str = "pruned"
+) -> list[str]:
+    """Refit, in place and in forward order, the weights (and bias) of layers of ``pruned`` so that each
+    reproduces ``original``'s output of that layer (its kept output channels) on the calibration ``inputs``;
+    returns the names refitted. ``scope="pruned"``: the layers whose input channels the prune ``plan`` cut;
+    ``"all"``: every Linear / Conv2d from the first of those on, so layers downstream of the cut also correct
+    the drift of their inputs (more calibration data wanted: each layer's fit has ``features + 1`` unknowns per
+    output). Only Linear and ungrouped Conv2d layers are refitted."""
     from slimkit.pruning.surgery import decode_indices
 
-    keep_out = {}
-    for name, edit in plan.items():
-        if "dim" in edit or edit.get("in") is None:
-            continue
-        if _refittable(pruned.get_submodule(name)):
+    keep_out: dict[str, torch.Tensor | None] = {}
+    for name, module in pruned.named_modules():
+        edit = plan.get(name, {})
+        if _refittable(module) and (scope == "all" or edit.get("in") is not None) and "dim" not in edit:
             keep_out[name] = None if edit.get("out") is None else decode_indices(edit["out"])
-    if not keep_out or not inputs:
+    cut = [n for n in keep_out if plan.get(n, {}).get("in") is not None]
+    if not cut or not inputs:
         return []
+    order = _call_order(pruned, list(keep_out), inputs[0])
+    order = order[min(order.index(n) for n in cut if n in order) :]  # layers before the first cut see no change
     training = original.training
     original.eval()  # the reference outputs (and the caller's BatchNorm statistics stay as they are)
     try:
-        order = _call_order(pruned, list(keep_out), inputs[0])
         return [_refit(original, pruned, name, keep_out[name], inputs) for name in order]
     finally:
         original.train(training)

@@ -72,7 +72,8 @@ class PruneConfig(Config):
         reconstruct: after the cut, refit every Linear / Conv2d that lost input channels by least squares so it
             reproduces the original layer's output on ``calibration_batches`` batches of ``train_data``, layer
             after layer (``slimkit.pruning.calibrate``; labels are not needed). Recovers much of the loss before
-            any training.
+            any training. ``"all"``: also every Linear / Conv2d after the first cut (their inputs drift too; wants
+            more calibration data).
         calibration_batches: batches of ``train_data`` read by ``activation`` and ``reconstruct``.
         max_sparsity: cap on the fraction of any one group that may be removed.
         leaf_modules: module names or class names the tracer must not enter (kept intact).
@@ -92,7 +93,7 @@ class PruneConfig(Config):
     leaf_modules: tuple[str, ...] = ()
     tolerance: float = 0.02
     taylor_batches: int = 4
-    reconstruct: bool = False
+    reconstruct: bool | str = False
     calibration_batches: int = 8
     sensitivity: dict[str, list] | None = None
     seed: int = 0
@@ -142,6 +143,10 @@ class PruneConfig(Config):
             )
         if self.steps < 1:
             raise UsageError(f"steps={self.steps} must be >= 1")
+        if self.reconstruct not in (False, True, "all"):
+            raise UsageError(
+                f"reconstruct={self.reconstruct!r}: use True (the layers that lost inputs), 'all' or False"
+            )
         if self.calibration_batches < 1:
             raise UsageError(f"calibration_batches={self.calibration_batches} must be >= 1")
         if self.taylor_batches < 1:

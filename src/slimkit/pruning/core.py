@@ -175,7 +175,8 @@ def prune_once(
         apply_plan(work, plan)
     reconstructed = []
     if cfg.reconstruct and cfg.amount > 0:
-        reconstructed = reconstruct_(model, work, plan, _calibration(train_data, cfg, calibration))
+        scope = "all" if cfg.reconstruct == "all" else "pruned"
+        reconstructed = reconstruct_(model, work, plan, _calibration(train_data, cfg, calibration), scope)
     hf_before = hf.config_dict(work) if hf.is_transformers(work) else {}  # a new dict: update_config sets attributes
     hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
