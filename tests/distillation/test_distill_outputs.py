@@ -211,3 +211,17 @@ def test_default_kd_runs_on_a_tiny_synthetic_problem():
     assert len(result.record["train_loss"]) == DistillConfig().epochs
     assert set(result.record["loss_terms"]) == {"kd", "hard"}
     assert result.record["student_accuracy"] is not None
+
+
+@pytest.mark.parametrize(("student_dropout", "changes"), [(None, False), (True, True)])
+def test_student_dropout_is_off_by_default_for_output_distances(student_dropout, changes):
+    """A student equal to its teacher matches it exactly once its dropout is off (nothing to learn); with dropout on
+    it does not, so it trains. The returned student keeps its dropout rate either way."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+    data = TensorDataset(torch.randn(64, 8))
+    cfg = DistillConfig(output_loss="mse", student_dropout=student_dropout, epochs=1, batch_size=16, **QUIET)
+    result = distill(teacher, teacher, cfg, data)
+    moved = any(not torch.equal(a, b) for a, b in zip(result.model.parameters(), teacher.parameters()))
+    assert moved is changes and result.model[2].p == 0.5
+    assert DistillConfig().dropout_active and not DistillConfig(output_loss="cosine").dropout_active

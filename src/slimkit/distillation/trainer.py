@@ -313,6 +313,7 @@ def distill(
             val_labelled = val_data is not None and _data.probe(val_data)[1]
             teacher_home = module_device(teacher)
             teacher.to(target)
+            rates = _silence_dropout(model) if not cfg.dropout_active else {}
             try:
                 run = _train(
                     model,
@@ -329,6 +330,8 @@ def distill(
                 )
             finally:
                 teacher.to(teacher_home)
+                for module, rate in rates.items():
+                    module.p = rate
     finally:
         student_features.remove()
         teacher_features.remove()
@@ -487,6 +490,14 @@ def _validate(
             cosine += (1 - float(output_distance(s_out, t_out, "cosine", mask))) * rows
             count += rows
     return total / max(count, 1), cosine / max(count, 1)
+
+
+def _silence_dropout(model: nn.Module) -> dict[nn.modules.dropout._DropoutNd, float]:
+    """Set the rate of every Dropout module of ``model`` to 0; returns the rates to restore."""
+    rates = {m: m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
+    for module in rates:
+        module.p = 0.0
+    return rates
 
 
 def _train(
