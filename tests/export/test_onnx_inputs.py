@@ -205,3 +205,27 @@ def test_a_quantized_layer_the_forward_never_calls_is_skipped_with_a_note(tmp_pa
     with torch.no_grad():
         expected = quantized(**inputs)["last_hidden_state"].numpy()
     np.testing.assert_allclose(_run(path, inputs)[0], expected, atol=1e-4)
+
+
+def test_a_batch_of_one_is_traced_as_a_dynamic_batch(tmp_path):
+    """An example with one row must not bake batch 1 into the graph (torch.export specialises sizes of 1): a tiny
+    Llama (dynamo exporter) exported from 1 x 8 tokens runs at 3 x 13."""
+    pytest.importorskip("onnxscript")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = export_onnx(model, {"input_ids": torch.randint(0, VOCAB, (1, 8))}, tmp_path / "llama.onnx")
+    ids = torch.randint(0, VOCAB, (3, 13))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(_run(path, {"input_ids": ids})[0], expected, atol=1e-4)

@@ -147,6 +147,9 @@ def export_float(model: nn.Module, example_input: Any, dynamic_shapes: DynamicSh
     if len(set(names)) != len(names):
         raise UsageError(f"export_onnx: input names repeat ({names}); pass example_input as a dict")
     axes = _dynamic_axes(names, tensors, dynamic_shapes)
+    # a dynamic dim of size 1 is traced as the constant 1 (torch.export's 0/1 specialisation, and TorchScript's
+    # broadcasts): trace at 2 instead, the example's own entries repeated
+    tensors = [_grown(t, {d: s for d, s in axes.get(n, {}).items() if t.shape[d] == 1}) for n, t in zip(names, tensors)]
     flat = _Flat(model, example_input).eval()
     with torch.no_grad():
         outputs = [name for name, _ in named_outputs(call(model, example_input))]
@@ -169,6 +172,9 @@ def export_float(model: nn.Module, example_input: Any, dynamic_shapes: DynamicSh
                 ) from exc
             try:
                 data, exporter = _dynamo(flat, tuple(tensors), names, outputs, axes), "dynamo"
+                problem = _dynamic_problem(data, flat, tensors, names, axes)
+                if problem:
+                    raise UsageError(f"the graph fails at other sizes of the dynamic dims: {problem}")
             except Exception as dynamo_exc:
                 raise UsageError(
                     f"export_onnx: neither exporter can export the model: TorchScript: {_first_line(exc)}; "
