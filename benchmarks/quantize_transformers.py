@@ -685,10 +685,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [*llama_markdown(results["llama"]), ""]
     else:
         lines += [
-            "Small Llama (`--only llama`): not measured. The first run (2026-12-01, `--quick`) quantized and exported "
-            "every form but ONNX Runtime rejects the fp32 export itself at 64 tokens (exported at 8): `Mul` "
-            "'node_mul_201' cannot broadcast 64 by 1024, so the exported graph does not take another sequence length "
-            "(an export bug to fix in export/onnx.py's dynamic-shape handling, not in the int4 path).",
+            "Small Llama (`--only llama`): not measured yet. The first run (2026-12-01, `--quick`) quantized and "
+            "exported every form, but ONNX Runtime rejected the fp32 export at batch 16 (exported from a 1-row "
+            "example: `Mul` 'node_mul_201' cannot broadcast 64 by 1024): the dynamo exporter had traced the batch "
+            "of 1 as a constant. export_onnx now traces a dynamic dim of size 1 at 2 and checks the dynamo graph "
+            "at other sizes (tests/export/test_onnx_inputs.py); the section has not been rerun since.",
             "",
         ]
     lines += [

@@ -139,7 +139,7 @@ def prune_once(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a deep copy of ``model`` once, by ``cfg.amount`` of ``cfg.target``; returns (model, record)."""
     work = copy.deepcopy(model).eval()
-    calibration: list = []
+    calibration = _calibration(train_data, cfg)
     graph = build_graph(work, example_input, tuple(cfg.leaf_modules))
     ignored = [g for g in graph.groups if is_ignored(g, cfg)]
     kept_intact = list(graph.kept_intact) + [
@@ -166,7 +166,7 @@ def prune_once(
         if cfg.importance_name in NEEDS_GRADIENTS:
             compute_gradients(work, train_data, loss_fn, cfg.taylor_batches)
         if cfg.importance_name in NEEDS_ACTIVATIONS:
-            _measure_energy(work, graph, _calibration(train_data, cfg, calibration))
+            _measure_energy(work, graph, calibration)
         scores = [group_scores(criterion, g) for g in graph.groups]
         work.zero_grad(set_to_none=True)
         keep_channels, latency, notes = _choose(work, graph, scores, cost, cfg, kept_intact, example_input)
@@ -176,7 +176,7 @@ def prune_once(
     reconstructed = []
     if cfg.reconstruct and cfg.amount > 0:
         scope = "all" if cfg.reconstruct == "all" else "pruned"
-        reconstructed = reconstruct_(model, work, plan, _calibration(train_data, cfg, calibration), scope)
+        reconstructed = reconstruct_(model, work, plan, calibration, scope)
     hf_before = hf.config_dict(work) if hf.is_transformers(work) else {}  # a new dict: update_config sets attributes
     hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
@@ -237,12 +237,15 @@ def prune_once(
     return work, record
 
 
-def _calibration(train_data, cfg: PruneConfig, cache: list) -> list:
-    """The calibration inputs (read once per prune, shared by ``activation`` and ``reconstruct``)."""
-    if not cache:
-        why = "reconstruct=True" if cfg.importance_name not in NEEDS_ACTIVATIONS else "importance='activation'"
-        cache.extend(calibration_inputs(train_data, cfg.calibration_batches, why))
-    return cache
+def _calibration(train_data, cfg: PruneConfig) -> list:
+    """The calibration inputs ``activation`` and ``reconstruct`` share (read once; none when neither runs)."""
+    if cfg.amount == 0:
+        return []
+    if cfg.importance_name in NEEDS_ACTIVATIONS:
+        return calibration_inputs(train_data, cfg.calibration_batches, "importance='activation'")
+    if cfg.reconstruct:
+        return calibration_inputs(train_data, cfg.calibration_batches, "reconstruct=True")
+    return []
 
 
 def _measure_energy(model: nn.Module, graph: PruneGraph, inputs: list) -> None:
