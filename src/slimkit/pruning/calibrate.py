@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,6 @@ from slimkit.errors import UsageError
 __all__ = ["RIDGE", "calibration_inputs", "input_energy", "reconstruct_"]
 
 RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X
-REFIT = (nn.Linear, nn.Conv2d)
 
 
 class _Stop(Exception):
@@ -66,8 +65,7 @@ def _rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
     """The layer's input as ``(samples, features)`` rows: one per token / position (conv: per output position,
     the unfolded receptive field); rows of padded tokens dropped."""
     if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        assert not isinstance(padding, str)  # _refittable
+        padding = cast(tuple[int, ...], module.padding)  # never a str: see _refittable
         cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
@@ -196,8 +194,7 @@ def _refittable(module: nn.Module) -> bool:
 
 def _refit(original: nn.Module, pruned: nn.Module, name: str, keep: torch.Tensor | None, inputs: list[Any]) -> str:
     """Least-squares refit of layer ``name`` of ``pruned`` (see ``reconstruct_``)."""
-    module = pruned.get_submodule(name)
-    assert isinstance(module, REFIT)
+    module = cast(nn.Linear | nn.Conv2d, pruned.get_submodule(name))  # see _refittable
     bias = module.bias is not None
     gram = cross = None
     for batch in inputs:
@@ -210,7 +207,8 @@ def _refit(original: nn.Module, pruned: nn.Module, name: str, keep: torch.Tensor
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
         gram = x.T @ x if gram is None else gram + x.T @ x
         cross = x.T @ y if cross is None else cross + x.T @ y
-    assert gram is not None and cross is not None
+    if gram is None or cross is None:
+        raise UsageError(f"prune: reconstruct: no calibration batch reached layer {name!r}")
     gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
     solution = torch.linalg.solve(gram, cross).T.float()  # (out, features [+ 1])
     weight = solution[:, :-1] if bias else solution
