@@ -23,6 +23,24 @@ def test_stdlib_corpus_is_large_distinct_prose_and_stable():
         stdlib_sentences(10**6)
 
 
+def test_stdlib_files_corpus_is_parsed_not_imported_and_larger(monkeypatch):
+    import importlib
+
+    def no_import(name, *args, **kwargs):
+        raise AssertionError(f"imported {name}")
+
+    monkeypatch.setattr(importlib, "import_module", no_import)  # the "files" corpus parses, never imports
+    files = stdlib_sentences(source="files")
+    assert len(files) > 2 * 3000 and len(set(files)) == len(files)
+    assert files == stdlib_sentences(source="files")
+    assert all(s[0].isupper() and s.endswith(".") and 5 <= len(s.split()) <= 40 for s in files)
+    monkeypatch.undo()
+    modules = stdlib_sentences()
+    assert len(set(modules) & set(files)) > 0.9 * len(modules)  # the same docstrings, read another way
+    with pytest.raises(UsageError, match="choose 'modules' or 'files'"):
+        stdlib_sentences(source="site")
+
+
 def test_read_sentences(tmp_path):
     path = tmp_path / "s.txt"
     path.write_text("One sentence here.\n\n  Another one.  \n", encoding="utf-8")

@@ -128,6 +128,30 @@ def test_vit_heads_are_pruned_and_bert_heads_are_named_kept():
     assert result.model.config.intermediate_size < 128
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_hf_config_false_prunes_heads_per_layer_and_loads_through_the_artifact(name, tmp_path):
+    """BERT / GPT-2 heads (their config cannot say fewer) and per-layer counts when the config may go stale: the
+    pruning is exact (the artifact replays it), the config is marked, transformers' loader refuses the weights."""
+    import slimkit
+
+    model, x = _build(name)
+    config = PruneConfig(amount=0.3, target="macs", allocation="global", round_to=1, hf_config=False)
+    result = prune(model, config, x)
+    pruned = result.model
+    assert abs(result.record["reduction"]["macs"] - 0.3) <= 0.03
+    heads = [g for g in result.record["groups"] if g["unit"] > 1]
+    assert heads and any(g["kept"] < g["size"] for g in heads)  # attention heads were cut
+    assert len({g["kept"] for g in result.record["groups"] if g["unit"] == 1}) > 1  # FFN counts differ per layer
+    assert "slimkit.load" in pruned.config.slimkit_pruned and pruned.config.to_dict() != model.config.to_dict()
+    assert not hasattr(model.config, "slimkit_pruned")
+    assert _out(pruned, x).shape == _out(model, x).shape
+    slimkit.save(pruned, tmp_path / "artifact")
+    assert torch.equal(_out(slimkit.load(tmp_path / "artifact"), x), _out(pruned, x))
+    pruned.save_pretrained(tmp_path / "hf")
+    with pytest.raises(RuntimeError, match="mismatched"):
+        type(model).from_pretrained(tmp_path / "hf")
+
+
 tvm = pytest.importorskip("torchvision.models")
 
 

@@ -77,6 +77,12 @@ class PruneConfig(Config):
         calibration_batches: batches of ``train_data`` read by ``activation`` and ``reconstruct``.
         max_sparsity: cap on the fraction of any one group that may be removed.
         leaf_modules: module names or class names the tracer must not enter (kept intact).
+        hf_config: transformers models only. True (default): the pruned model stays describable by its
+            ``config`` (one count per layer family; heads only where the config states the head size), which slimkit
+            updates, so ``save_pretrained`` / ``from_pretrained`` round-trip it. False: heads wherever the forward
+            follows them (BERT, GPT-2) and per-layer counts as ``allocation`` chooses; ``config`` keeps the original
+            counts plus ``slimkit_pruned`` (transformers' ``from_pretrained`` then refuses the weights), and the model
+            is saved with ``slimkit.save`` (``load`` replays the pruning) or exported to ONNX.
         steps, finetune, max_accuracy_drop: the iterative loop (see ``slimkit.pruning.schedule``); ``finetune``
             is a ``TrainConfig``, a dict of its fields or a number of epochs (0: prune step by step untrained).
         checkpoint_dir: per-step checkpoints of the loop; a rerun with the same folder resumes.
@@ -91,6 +97,7 @@ class PruneConfig(Config):
     round_to: int | None = None
     max_sparsity: float = 0.9
     leaf_modules: tuple[str, ...] = ()
+    hf_config: bool = True
     tolerance: float = 0.02
     taylor_batches: int = 4
     reconstruct: bool | str = False

@@ -147,7 +147,8 @@ def prune_once(
     ]
     graph.groups = [g for g in graph.groups if g not in ignored]
     graph.group_of_space = {k: g for k, g in graph.group_of_space.items() if g not in ignored}
-    if hf.is_transformers(work):  # heads the config cannot describe stay intact (see slimkit.pruning.hf)
+    describe = hf.is_transformers(work) and cfg.hf_config  # the config must say the pruned shapes (pruning.hf)
+    if describe:  # heads the config cannot describe stay intact
         kept_intact += hf.restrict(work, graph)
     cost = CostModel(work, graph, example_input)
     before = {"params": cost.total_params, "macs": cost.total_macs}
@@ -178,7 +179,9 @@ def prune_once(
         scope = "all" if cfg.reconstruct == "all" else "pruned"
         reconstructed = reconstruct_(model, work, plan, calibration, scope)
     hf_before = hf.config_dict(work) if hf.is_transformers(work) else {}  # a new dict: update_config sets attributes
-    hf_config = hf.update_config(work, graph, keep_channels) if hf.is_transformers(work) and keep_channels else None
+    hf_config = None
+    if hf.is_transformers(work) and keep_channels:
+        hf_config = hf.update_config(work, graph, keep_channels) if describe else hf.mark_pruned(work)
     _check_head_splits(work, graph, keep_channels, example_input, cfg)
     try:
         after_cost = measure(work, example_input)
@@ -342,7 +345,7 @@ def _choose(
 
         def keep_for(amount: float, limits: list[GroupLimits] = limits, predict=predict) -> dict[int, torch.Tensor]:
             keep_units = allocate(graph, scores, limits, cost, cfg.allocation.value, target, amount, curves, predict)
-            if predict is None and hf.is_transformers(work):  # one count per layer family: the config says it
+            if predict is None and hf.is_transformers(work) and cfg.hf_config:  # one count per layer family
                 keep_units = hf.uniform_counts(keep_units, graph, cost, target, amount, limits, work)
             keep: dict[int, torch.Tensor] = {}
             for group, score, k in zip(graph.groups, scores, keep_units):

@@ -782,14 +782,19 @@ class Walker:
     def head_count_attr(self, node: fx.Node, heads: int) -> tuple[str, str] | None:
         """The int attribute (``num_heads``...) of the module that owns ``node`` whose value is the literal head
         count of a reshape: updating it keeps the reshape right after heads are removed."""
+        return self.int_attr(node, heads, HEAD_COUNT_NAMES)
+
+    def int_attr(self, node: fx.Node, value: int, names: tuple[str, ...]) -> tuple[str, str] | None:
+        """``(owner, attribute)``: the one int attribute of the module that owns ``node`` equal to ``value`` (one of
+        ``names`` where several are), or None."""
         stack = node.meta.get("nn_module_stack") or {}
         owner = list(stack.values())[-1][0] if stack else ""  # no stack: the root module's own forward
         module = self.modules.get(owner)
         if module is None:
             return None
-        found = [k for k, v in vars(module).items() if type(v) is int and v == heads and not k.startswith("_")]
+        found = [k for k, v in vars(module).items() if type(v) is int and v == value and not k.startswith("_")]
         if len(found) > 1:
-            found = [k for k in found if k in HEAD_COUNT_NAMES]
+            found = [k for k in found if k in names]
         return (owner, found[0]) if len(found) == 1 else None
 
     def split_heads(
@@ -1051,8 +1056,12 @@ class Walker:
         width = shape[dim]
         if not isinstance(size, int) or width % size or len(x.segs) != 1 or x.segs[0].block != 1 or size == width:
             return self.unknown(node, "split of channels")
+        attr = self.int_attr(node, size, ("split_size",))
+        if attr is None:
+            return self.unknown(node, f"split of a fused projection by {size}, a size no int attribute holds")
         target = self.sp.new(size)
         self.copies[x.segs[0].space] = (target, width // size)
+        self.head_attrs.setdefault(target, set()).add((*attr, 1))  # the part width follows the kept channels
         return tuple(Value(dim, (Seg(target, size),)) for _ in range(width // size))
 
     def cat(self, node: fx.Node) -> Value | None:

@@ -37,7 +37,16 @@ from slimkit.pruning.graph import (
 )
 from slimkit.pruning.surgery import _take, register_surgery
 
-__all__ = ["config_dict", "families", "is_transformers", "restrict", "set_config", "uniform_counts", "update_config"]
+__all__ = [
+    "config_dict",
+    "families",
+    "is_transformers",
+    "mark_pruned",
+    "restrict",
+    "set_config",
+    "uniform_counts",
+    "update_config",
+]
 
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim")
 
@@ -56,7 +65,7 @@ def set_config(model: nn.Module, fields: dict[str, Any]) -> None:
     """Write recorded counts into ``model``'s config (replaying a pruning record on a freshly built model)."""
     config = _config(model)
     for key, value in fields.items():
-        if not hasattr(config, key):
+        if not hasattr(config, key) and key != PRUNED_MARK:
             raise UsageError(f"pruning record sets config field {key!r}, which {type(config).__name__} does not have")
         setattr(config, key, value)
 
@@ -276,6 +285,16 @@ def _out_size(module: nn.Module) -> int:
     if hasattr(module, "nf"):
         return int(getattr(module, "nf"))  # noqa: B009
     return int(getattr(module, "out_features", 0))
+
+
+PRUNED_MARK = "slimkit_pruned"
+
+
+def mark_pruned(model: nn.Module) -> dict[str, str]:
+    """``PruneConfig(hf_config=False)``: the config keeps its counts and says why they are not the model's."""
+    note = "pruned per layer by slimkit (hf_config=False): load with slimkit.load, not from_pretrained"
+    setattr(_config(model), PRUNED_MARK, note)
+    return {PRUNED_MARK: note}
 
 
 def update_config(model: nn.Module, graph: PruneGraph, keep_channels: dict[int, torch.Tensor]) -> dict[str, int]:
