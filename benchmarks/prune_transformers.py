@@ -11,7 +11,7 @@ the recovery over-fitted them: 0.957 cosine on training sentences, 0.892 held ou
 For each MACs amount (30% and 50% at 128 tokens):
 
 - ``slimkit.prune(model, PruneConfig(amount, target="macs", importance="activation", reconstruct="all"),
-  hf_config=False), example_input=<dict of 128 tokens>, train_data=<1,024 unlabelled training spans>)`` on the HF
+  hf_config=False), example_input=<dict of 128 tokens>, train_data=<512 unlabelled training spans>)`` on the HF
   model as it comes (attention heads and FFN neurons, the same ratio in every layer; the hidden size is kept;
   ``hf_config=False`` because BERT's config cannot state fewer heads: the model is saved with ``slimkit.save``);
 - recovery: ``slimkit.distill(..., DistillConfig(output_loss="cosine", pooling="mean", hints=<every layer's
@@ -62,7 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS.parent.parent / ".slimkit-cache" / "prune_transformers"
 HELD_OUT = 2000
 SEQ = 128
-CALIBRATION = 1024  # unlabelled training spans slimkit's activation importance and reconstruction read
+CALIBRATION = 512  # unlabelled training spans slimkit's activation importance and reconstruction read
 
 
 def model_dir() -> Path:
@@ -322,13 +322,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--steps", type=int, default=600, help="recovery steps per model (batch 32)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--peer-amounts", type=float, nargs="*", default=[0.5], help="amounts that also run peers")
     parser.add_argument("--quick", action="store_true", help="a few steps, one timing process, 200 sentences")
     parser.add_argument("--fresh", action="store_true", help=f"recompute models cached in {CACHE}")
     args = parser.parse_args()
     steps, processes = (4, 1) if args.quick else (args.steps, 3)
-    cache = CACHE / ("quick" if args.quick else f"files_heads_steps{steps}_lr{args.lr:g}")
+    cache = CACHE / ("quick" if args.quick else f"files_heads_cal{CALIBRATION}_steps{steps}_lr{args.lr:g}")
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.set_num_threads(2)
