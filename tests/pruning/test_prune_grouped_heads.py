@@ -350,3 +350,30 @@ def test_reshape_sized_from_another_tensor_is_kept_intact(own):
         assert ["a", "c"] not in prunable
         reasons = next(k["reasons"] for k in graph.kept_intact if k["group"] == "a:out")
         assert any("computed elsewhere" in r for r in reasons)
+
+
+class SplitQKV(nn.Module):
+    """A fused ``qkv`` split into q, k, v by a size computed from the head attributes (not held by one attribute)."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
+        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        out = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_split_by_a_computed_width_follows_the_rewritten_head_count():
+    torch.manual_seed(0)
+    model, x = SplitQKV().eval(), torch.randn(2, 5, 32)
+    result = prune(model, PruneConfig(amount=0.5, target="channels", round_to=1), x)
+    attn = result.model
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 16 and attn.proj.in_features == 16
+    assert result.record["modules"][""]["attrs"] == {"num_heads": 2}
+    assert result.model(x).shape == (2, 5, 32)
+    assert torch.equal(prune(model, PruneConfig(amount=0.0), x).model(x), model(x))

@@ -7,6 +7,7 @@ class with ``config`` updated, so transformers' own ``save_pretrained`` / ``from
 import pytest
 import torch
 
+from slimkit.errors import UsageError
 from slimkit.pruning import PruneConfig, prune
 
 transformers = pytest.importorskip("transformers")
@@ -150,6 +151,10 @@ def test_hf_config_false_prunes_heads_per_layer_and_loads_through_the_artifact(n
     pruned.save_pretrained(tmp_path / "hf")
     with pytest.raises(RuntimeError, match="mismatched"):
         type(model).from_pretrained(tmp_path / "hf")
+    with pytest.raises(UsageError, match="hf_config=False"):  # its config cannot say the counts any more
+        prune(pruned, PruneConfig(amount=0.1, target="macs"), x)
+    again = prune(pruned, PruneConfig(amount=0.1, target="macs", round_to=1, hf_config=False), x).model
+    assert torch.equal(_out(slimkit.load(slimkit.save(again, tmp_path / "twice")), x), _out(again, x))
 
 
 tvm = pytest.importorskip("torchvision.models")

@@ -148,6 +148,11 @@ def prune_once(
     graph.groups = [g for g in graph.groups if g not in ignored]
     graph.group_of_space = {k: g for k, g in graph.group_of_space.items() if g not in ignored}
     describe = hf.is_transformers(work) and cfg.hf_config  # the config must say the pruned shapes (pruning.hf)
+    if describe and getattr(work.config, hf.PRUNED_MARK, None):
+        raise UsageError(
+            f"this {type(model).__name__} was pruned with hf_config=False, so its config no longer describes it; "
+            "prune it again with PruneConfig(hf_config=False)"
+        )
     if describe:  # heads the config cannot describe stay intact
         kept_intact += hf.restrict(work, graph)
     cost = CostModel(work, graph, example_input)
@@ -223,7 +228,7 @@ def prune_once(
         record["reconstructed"] = reconstructed
     if hf_config:  # the new counts, and the values before them (an artifact rebuilds the original config)
         record["hf_config"] = hf_config
-        record["hf_config_before"] = {key: hf_before.get(key) for key in hf_config}
+        record["hf_config_before"] = {key: hf_before.get(key) for key in hf_config if key != hf.PRUNED_MARK}
     if latency is not None:
         record["latency"] = latency
         record["reduction"]["latency"] = latency["measured"]
