@@ -310,7 +310,7 @@ def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tenso
 
 def _first_input(data: Any) -> Any:
     """One example of ``data`` (a Dataset of inputs or of ``(inputs, label)``) as a batch of 1."""
-    from slimkit.distillation._data import first_batch, head, split_batch
+    from slimkit._inputs import first_batch, head, split_batch
 
     return head(split_batch(first_batch(data, 1))[0], 1)
 

@@ -219,13 +219,13 @@ def pick_output_loss(model: nn.Module, example_input: Any, train_data: Any) -> s
         >>> pick_output_loss(nn.Linear(4, 3), torch.zeros(1, 5, 4), data)
         'cosine'
     """
+    from slimkit import _inputs
     from slimkit._inputs import call, first_tensor
-    from slimkit.distillation import _data
     from slimkit.train import eval_mode, module_device, to_device
 
     with eval_mode(model), torch.no_grad():
         output = first_tensor(call(model, to_device(example_input, module_device(model))))
-    labelled = _data.probe(train_data)[1]
+    labelled = _inputs.probe(train_data)[1]
     return "kl" if output.ndim == 2 and labelled else "cosine"
 
 
@@ -315,13 +315,13 @@ class StepRunner:
     def _training_pairs(self) -> Any:
         """The training data as ``fit`` reads it: ``(inputs, labels)``, or inputs with placeholder targets that only
         a KD loss (which needs no labels) may train on."""
-        from slimkit.distillation import _data
+        from slimkit import _inputs
 
-        if _data.probe(self.train_data)[1]:
+        if _inputs.probe(self.train_data)[1]:
             return self.train_data
         if self.kd is None:
             raise UsageError("finetune: the training data has no labels; give (inputs, label) examples or a KD loss")
-        return _data.with_targets(self.train_data, False)
+        return _inputs.with_targets(self.train_data, False)
 
     def _labelled_val(self) -> Any:
         """The validation data for a training step's best-epoch selection: none when a user metric decides."""

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit import _inputs
 from slimkit._inputs import call, first_tensor, named_outputs
 from slimkit.config import nearest
-from slimkit.distillation import _data
 from slimkit.distillation.config import DistillConfig, LayerPairs, OutputLoss, Pooling
 from slimkit.distillation.losses import (
     attention_map,
@@ -53,7 +52,7 @@ from slimkit.train import (
 
 __all__ = ["DistillResult", "distill", "kd_loss_fn"]
 
-Data = _data.Data
+Data = _inputs.Data
 
 
 @dataclass
@@ -141,7 +140,7 @@ def _output_term(cfg: DistillConfig) -> OutputTerm:
     ) -> torch.Tensor:
         if cfg.output_loss is OutputLoss.KL:
             return hinton_loss(student, teacher, targets, cfg.temperature, cfg.alpha, cfg.focal_gamma, terms=parts)
-        mask = _data.attention_mask(inputs)
+        mask = _inputs.attention_mask(inputs)
         if cfg.pooling is Pooling.MEAN:
             student, teacher, mask = mean_pool(student, mask), mean_pool(teacher, mask), None
         loss = output_distance(student, teacher, cfg.output_loss.value, mask)
@@ -223,7 +222,7 @@ def _check_cacheable(data: Data) -> Dataset:
     if isinstance(data, DataLoader):
         raise UsageError("cache_teacher=True needs a Dataset (the logits are stored per example), not a DataLoader")
     for i in range(min(2, _size(data))):
-        if not _data.same(data[i][0], data[i][0]):
+        if not _inputs.same(data[i][0], data[i][0]):
             raise UsageError(
                 f"cache_teacher=True needs data without augmentation, but example {i} of the training "
                 "data differs between two reads: set cache_teacher=False"
@@ -310,7 +309,7 @@ def distill(
     try:
         with eval_mode(teacher):
             adapters, labelled = _check_and_build(model, teacher, cfg, train_data, student_features, teacher_features)
-            val_labelled = val_data is not None and _data.probe(val_data)[1]
+            val_labelled = val_data is not None and _inputs.probe(val_data)[1]
             teacher_home = module_device(teacher)
             teacher.to(target)
             rates = _silence_dropout(model) if not cfg.dropout_active else {}
@@ -370,7 +369,7 @@ def _run(role: str, model: nn.Module, inputs: Any, key: str | None) -> torch.Ten
     except (RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(
-            f"the {role} cannot run on the training data (inputs {_data.describe(inputs)}): {first}"
+            f"the {role} cannot run on the training data (inputs {_inputs.describe(inputs)}): {first}"
         ) from exc
     except InputTypeError as exc:
         raise UsageError(f"the {role}: {exc}") from None
@@ -416,7 +415,7 @@ def _check_and_build(
 ) -> tuple[nn.ModuleDict, bool]:
     """Run both models on a few training examples: check the outputs agree, build the hint adapters, and tell
     whether the data has labels."""
-    inputs, labelled = _data.probe(train_data)
+    inputs, labelled = _inputs.probe(train_data)
     if not labelled and cfg.output_loss is OutputLoss.KL and cfg.alpha < 1:
         raise UsageError(
             f"alpha={cfg.alpha} weighs a hard-label term, but the training data yields inputs only: set "
@@ -477,14 +476,14 @@ def _validate(
     device, teacher_device = module_device(model), module_device(teacher)
     with eval_mode(model), eval_mode(teacher):
         for batch in make_loader(val_data, cfg.train.batch_size, shuffle=False):
-            inputs, labels = _data.split_batch(batch) if labelled else (batch, None)
+            inputs, labels = _inputs.split_batch(batch) if labelled else (batch, None)
             t_out = first_tensor(call(teacher, to_device(inputs, teacher_device)), cfg.output_key).to(device)
             inputs, labels = to_device(inputs, device), to_device(labels, device)
             s_out = first_tensor(call(model, inputs), cfg.output_key)
-            rows = _data.rows(inputs)
+            rows = _inputs.rows(inputs)
             targets = labels if labels is not None else torch.full((rows,), -1, dtype=torch.long, device=device)
             total += float(term(s_out, t_out, targets, inputs, None)) * rows
-            mask = _data.attention_mask(inputs)
+            mask = _inputs.attention_mask(inputs)
             if cfg.pooling is Pooling.MEAN:
                 s_out, t_out, mask = mean_pool(s_out, mask), mean_pool(t_out, mask), None
             cosine += (1 - float(output_distance(s_out, t_out, "cosine", mask))) * rows
@@ -558,7 +557,7 @@ def _train(
 
     history = fit(
         _Selected(model, cfg.output_key),
-        _data.with_targets(train_data, labelled),
+        _inputs.with_targets(train_data, labelled),
         val_data if by_accuracy else None,
         cfg.train,
         loss_fn=loss_fn,

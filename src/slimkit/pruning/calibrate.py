@@ -45,7 +45,7 @@ class _Stop(Exception):
 
 def calibration_inputs(train_data: Any, batches: int, why: str) -> list[Any]:
     """The inputs (labels dropped) of the first ``batches`` batches of ``train_data``."""
-    from slimkit.distillation._data import split_batch
+    from slimkit._inputs import split_batch
     from slimkit.train import make_loader
 
     if train_data is None:
@@ -80,7 +80,7 @@ def _out_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) -> 
 
 
 def _mask(inputs: Any) -> torch.Tensor | None:
-    from slimkit.distillation._data import attention_mask
+    from slimkit._inputs import attention_mask
 
     return attention_mask(inputs)
 

@@ -313,7 +313,7 @@ class Measurer:
 
 def _head(example: Any) -> Any:
     """The first row of an example input (tensor, tuple or dict)."""
-    from slimkit.distillation._data import head
+    from slimkit._inputs import head
 
     return head(example, 1)
 

@@ -81,7 +81,7 @@ def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | N
 def example_from(data: Any) -> Any:
     """One input example (batch of 1: a tensor, tuple or dict) from a Dataset or DataLoader of inputs or of
     ``(inputs, labels)``."""
-    from slimkit.distillation._data import first_batch, head, split_batch
+    from slimkit._inputs import first_batch, head, split_batch
 
     if not isinstance(data, torch.utils.data.DataLoader) and len(data) == 0:
         raise UsageError("val_data is empty")
