@@ -44,6 +44,7 @@ __all__ = [
     "call",
     "describe",
     "first_batch",
+    "first_example",
     "first_tensor",
     "head",
     "input_names",
@@ -246,6 +247,11 @@ def first_batch(data: Data, n: int = 8) -> Any:
     if size == 0:
         raise UsageError("distill: the training data is empty")
     return default_collate([data[i] for i in range(min(n, size))])
+
+
+def first_example(data: Data) -> Any:
+    """The inputs of ``data``'s first example (labels dropped) as a batch of 1 (a tensor, tuple or dict)."""
+    return head(split_batch(first_batch(data, 1))[0], 1)
 
 
 def probe(data: Data, n: int = 8) -> tuple[Any, bool]:

@@ -45,6 +45,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
+from slimkit._inputs import first_example
 from slimkit._text import human, make_table, render
 from slimkit.errors import UsageError
 from slimkit.export.config import ExportConfig, ExportFormat
@@ -308,13 +309,6 @@ def export_model(model: nn.Module, cfg: ExportConfig, example_input: torch.Tenso
     return export_onnx(model, example_input, folder / "model.onnx", int8=cfg.format is ExportFormat.ONNX_INT8)
 
 
-def _first_input(data: Any) -> Any:
-    """One example of ``data`` (a Dataset of inputs or of ``(inputs, label)``) as a batch of 1."""
-    from slimkit._inputs import first_batch, head, split_batch
-
-    return head(split_batch(first_batch(data, 1))[0], 1)
-
-
 def compress(
     model: nn.Module,
     recipe: Recipe | dict | str,
@@ -354,7 +348,7 @@ def compress(
     check_evaluate(evaluate, "compress")
     evaluate_fn = evaluate  # the name ``evaluate`` is the caller's metric inside this function
     if example_input is None:
-        example_input = _first_input(val_data)
+        example_input = first_example(val_data)
     original = copy.deepcopy(model).eval()
     teacher = teacher if teacher is not None else original
     if deploy_batch_size is None:

@@ -34,6 +34,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from slimkit import _inputs
 from slimkit._text import human
 from slimkit.errors import UsageError
 from slimkit.export.deployed import DeployedSpeed
@@ -219,7 +220,6 @@ def pick_output_loss(model: nn.Module, example_input: Any, train_data: Any) -> s
         >>> pick_output_loss(nn.Linear(4, 3), torch.zeros(1, 5, 4), data)
         'cosine'
     """
-    from slimkit import _inputs
     from slimkit._inputs import call, first_tensor
     from slimkit.train import eval_mode, module_device, to_device
 
@@ -315,8 +315,6 @@ class StepRunner:
     def _training_pairs(self) -> Any:
         """The training data as ``fit`` reads it: ``(inputs, labels)``, or inputs with placeholder targets that only
         a KD loss (which needs no labels) may train on."""
-        from slimkit import _inputs
-
         if _inputs.probe(self.train_data)[1]:
             return self.train_data
         if self.kd is None:

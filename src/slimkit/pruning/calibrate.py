@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit._inputs import call
+from slimkit._inputs import attention_mask, call, split_batch
 from slimkit.errors import UsageError
 
 __all__ = ["RIDGE", "calibration_inputs", "input_energy", "reconstruct_"]
@@ -45,7 +45,6 @@ class _Stop(Exception):
 
 def calibration_inputs(train_data: Any, batches: int, why: str) -> list[Any]:
     """The inputs (labels dropped) of the first ``batches`` batches of ``train_data``."""
-    from slimkit._inputs import split_batch
     from slimkit.train import make_loader
 
     if train_data is None:
@@ -79,12 +78,6 @@ def _out_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) -> 
     return _rows(module, y, mask)
 
 
-def _mask(inputs: Any) -> torch.Tensor | None:
-    from slimkit._inputs import attention_mask
-
-    return attention_mask(inputs)
-
-
 @torch.no_grad()
 def input_energy(model: nn.Module, names: list[str], inputs: list[Any]) -> dict[str, torch.Tensor]:
     """``{name: mean square of each input feature}`` of the named layers over the calibration ``inputs`` (Linear:
@@ -109,7 +102,7 @@ def input_energy(model: nn.Module, names: list[str], inputs: list[Any]) -> dict[
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         for batch in inputs:
-            mask[0] = _mask(batch)
+            mask[0] = attention_mask(batch)
             call(model, batch)
     finally:
         for handle in handles:
@@ -198,7 +191,7 @@ def _refit(original: nn.Module, pruned: nn.Module, name: str, keep: torch.Tensor
     bias = module.bias is not None
     gram = cross = None
     for batch in inputs:
-        mask = _mask(batch)
+        mask = attention_mask(batch)
         x = _rows(module, _capture(pruned, name, batch, output=False), mask).double()
         y = _out_rows(module, _capture(original, name, batch, output=True), mask).double()
         if keep is not None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from slimkit._inputs import head
 from slimkit.config import nearest, to_enum
 from slimkit.errors import SlimkitError, UsageError
 
@@ -302,20 +303,13 @@ class Measurer:
         if self.evaluate is not None:
             metrics["metric"] = self.metric
         if self.macs:
-            metrics["macs"] = float(profile(model, _head(self.example)).macs)
+            metrics["macs"] = float(profile(model, head(self.example, 1)).macs)
         if latency and "latency" in self.objectives:
             speedup, runtime = self.timed(model)
             metrics["speedup"] = speedup
             metrics["latency_ms"] = self.baseline_ms() / speedup
             metrics["runtime"] = runtime
         return metrics
-
-
-def _head(example: Any) -> Any:
-    """The first row of an example input (tensor, tuple or dict)."""
-    from slimkit._inputs import head
-
-    return head(example, 1)
 
 
 def model_size(model: nn.Module) -> int:

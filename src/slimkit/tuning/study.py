@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit._inputs import first_example
 from slimkit.errors import InputTypeError, UsageError
 from slimkit.train import Evaluate, check_evaluate, metric_name
 from slimkit.tuning import spaces
@@ -81,11 +82,9 @@ def resolve_space(config: SearchConfig, model: nn.Module, teacher: nn.Module | N
 def example_from(data: Any) -> Any:
     """One input example (batch of 1: a tensor, tuple or dict) from a Dataset or DataLoader of inputs or of
     ``(inputs, labels)``."""
-    from slimkit._inputs import first_batch, head, split_batch
-
     if not isinstance(data, torch.utils.data.DataLoader) and len(data) == 0:
         raise UsageError("val_data is empty")
-    return head(split_batch(first_batch(data, 1))[0], 1)
+    return first_example(data)
 
 
 def _sampler(config: SearchConfig, worker: int, n_startup: int) -> Any:
