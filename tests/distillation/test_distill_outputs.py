@@ -155,6 +155,28 @@ def test_token_hints_learn_a_projection():
         hint_adapter((4, 6, 8), (4, 32))
 
 
+def _pad_garbage(teacher: TokenEncoder) -> TokenEncoder:
+    """``teacher`` whose hinted layer outputs 1000 more at every padding token (what a real encoder computes there
+    is never read either)."""
+    mask: dict[str, torch.Tensor] = {}
+
+    def keep_mask(_module, _args, kwargs):
+        mask["now"] = kwargs["attention_mask"]
+
+    teacher.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    teacher.layer.register_forward_hook(lambda _m, _a, out: out + 1e3 * (1 - mask["now"]).unsqueeze(-1))
+    return teacher
+
+
+def test_token_hints_leave_padding_tokens_out():
+    data = _token_batches()
+    cfg = DistillConfig(output_loss="mse", hints=[("layer", "layer")], epochs=2, lr=1e-2, batch_size=16, **QUIET)
+    clean = distill(TokenEncoder(8, seed=1), TokenEncoder(32, seed=0), cfg, data)
+    padded = distill(TokenEncoder(8, seed=1), _pad_garbage(TokenEncoder(32, seed=0)), cfg, data)
+    assert padded.record["loss_terms"]["hint:layer"] == pytest.approx(clean.record["loss_terms"]["hint:layer"])
+    assert clean.record["loss_terms"]["hint:layer"][0] < 10  # without the mask the padding alone would add ~5e5
+
+
 def test_kd_loss_fn_with_cosine_and_dict_outputs():
     teacher, student = TokenEncoder(16, seed=0), TokenEncoder(16, seed=1)
     batch = {"input_ids": torch.randint(0, 50, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long)}

@@ -338,6 +338,8 @@ def test_config_embeds_a_train_config_and_takes_flat_keys():
     assert DistillConfig(train=TrainConfig(seed=3), patience=2).train == TrainConfig(seed=3, patience=2)
     flat.epochs = 6  # the flat attribute writes through to train
     assert flat.train.epochs == 6
+    assert DistillConfig(precision="bf16").train == TrainConfig(epochs=10, lr=1e-2, precision="bf16")
+    assert DistillConfig.from_dict({"precision": "bf16"}).precision.value == "bf16"
     with pytest.raises(ValueError, match=r"DistillConfig.lr='fast': expected finite float"):
         DistillConfig(lr="fast")
     with pytest.raises(ValueError, match=r"DistillConfig.train: TrainConfig.epochs=2.5: expected int"):

@@ -9,7 +9,7 @@ from typing import Any
 
 from slimkit.config import Config, FlatField, check_range, nested_config, short_repr
 from slimkit.errors import UsageError
-from slimkit.train import Optimizer, Schedule, TrainConfig
+from slimkit.train import Optimizer, Precision, Schedule, TrainConfig
 
 __all__ = ["DistillConfig", "LayerPairs", "OutputLoss", "Pooling"]
 
@@ -92,7 +92,8 @@ class DistillConfig(Config):
         focal_gamma: focal-loss γ of the hard term (0: plain cross-entropy).
         hints: FitNets pairs ``(student_layer, teacher_layer)`` of module names (see ``model.named_modules()``);
             features ``(N, C)``, token features ``(N, T, C)`` or maps ``(N, C, H, W)``; a learned ``Linear`` /
-            1x1-conv adapter is added where the widths differ.
+            1x1-conv adapter is added where the widths differ. Token hints leave out the tokens the inputs'
+            ``attention_mask`` drops (padding).
         hint_weight: weight of each hint term.
         attention: attention-transfer pairs ``(student_layer, teacher_layer)`` of convolutional feature maps.
         attention_weight: β/2 of Zagoruyko & Komodakis (they use β = 1000).
@@ -102,8 +103,10 @@ class DistillConfig(Config):
         train: the training run, a ``slimkit.train.TrainConfig`` (or a mapping of its fields); by default
             ``TrainConfig(epochs=10, lr=1e-2)`` (Adam, batch 128, cosine; see ``DEFAULT_LR`` for why not 1e-3).
         epochs, lr, optimizer, momentum, weight_decay, batch_size, schedule, seed, patience, max_batches,
-            restore_best, progress: flat spellings of the ``train`` fields (keyword only, as in recipes); they are
-            applied on top of ``train``. ``config.epochs`` reads and writes ``config.train.epochs``.
+            restore_best, progress, precision: flat spellings of the ``train`` fields (keyword only, as in
+            recipes); they are applied on top of ``train``. ``config.epochs`` reads and writes
+            ``config.train.epochs``. ``precision="bf16"`` runs the student's and the teacher's forward in bfloat16
+            (``torch.autocast``): on CPUs with bf16 kernels (AVX512-BF16, AMX) about 1.8x the steps per second.
 
     ``to_dict`` writes the nested form (``{"temperature": ..., "train": {"epochs": ...}}``); ``from_dict`` reads it
     and the flat one (``{"temperature": 4.0, "epochs": 4, "lr": 0.01}``). A ``train`` given whole (a ``TrainConfig``
@@ -147,6 +150,7 @@ class DistillConfig(Config):
     patience = FlatField[int]("train")
     max_batches = FlatField["int | None"]("train")
     restore_best = FlatField[bool]("train")
+    precision = FlatField[Precision]("train")
     progress = FlatField[bool]("train")
 
     def __init__(
@@ -177,6 +181,7 @@ class DistillConfig(Config):
         max_batches: int | None = None,
         restore_best: bool | None = None,
         progress: bool | None = None,
+        precision: Precision | str | None = None,
     ) -> None:
         given = {
             "epochs": epochs,
@@ -191,6 +196,7 @@ class DistillConfig(Config):
             "max_batches": max_batches,
             "restore_best": restore_best,
             "progress": progress,
+            "precision": precision,
         }
         flat = {key: value for key, value in given.items() if value is not None}
         self.temperature = temperature

@@ -194,12 +194,21 @@ def hint_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...])
 
 
 def hint_loss(
-    student_features: torch.Tensor, teacher_features: torch.Tensor, adapter: nn.Module | None = None
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    adapter: nn.Module | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FitNets hint: mean squared error between ``adapter(student_features)`` and the teacher's features.
 
     Feature maps of different spatial size are matched by adaptive average pooling of the student's map; token
-    features ``(N, T, C)`` must have the same number of tokens.
+    features ``(N, T, C)`` must have the same number of tokens, and a ``mask`` ``(N, T)`` (the inputs' attention
+    mask) leaves padding tokens out of the mean: their states are computed but never read.
+
+    Example:
+        >>> s, t = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [1.0, 1.0], [9.0, 9.0]]])
+        >>> round(float(hint_loss(s, t)), 2), float(hint_loss(s, t, mask=torch.tensor([[1, 1, 0]])))
+        (27.67, 1.0)
     """
     projected = adapter(student_features) if adapter is not None else student_features
     teacher_features = teacher_features.detach()
@@ -211,6 +220,10 @@ def hint_loss(
             f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
             "build the adapter with hint_adapter(student_shape, teacher_shape)"
         )
+    if mask is not None and projected.ndim == 3 and tuple(mask.shape) == tuple(projected.shape[:2]):
+        per_token = (projected.float() - teacher_features.float()).pow(2).mean(dim=-1)
+        weights = mask.to(per_token.dtype)
+        return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
     return F.mse_loss(projected.float(), teacher_features.float())
 
 

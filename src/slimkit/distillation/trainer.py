@@ -528,9 +528,10 @@ def _train(
                 teacher_out = first_tensor(call(teacher, inputs), cfg.output_key)
         parts: dict[str, torch.Tensor] = {}
         total = output_term(outputs, teacher_out, targets, inputs, parts)
+        mask = _inputs.attention_mask(inputs)
         for i, (s_name, t_name) in enumerate(cfg.hints):
             parts[f"hint:{s_name}"] = hint_loss(
-                student_features.take(s_name), teacher_features.take(t_name), adapters[f"hint{i}"]
+                student_features.take(s_name), teacher_features.take(t_name), adapters[f"hint{i}"], mask
             )
             total = total + cfg.hint_weight * parts[f"hint:{s_name}"]
         for s_name, t_name in cfg.attention:
