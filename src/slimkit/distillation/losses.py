@@ -117,10 +117,16 @@ def output_distance(
         per_item = 1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
     else:
         raise UsageError(f"output distance {kind!r} is not known; choose 'mse' or 'cosine'")
-    if mask is not None and s.ndim == 3 and tuple(mask.shape) == tuple(s.shape[:2]):
-        weights = mask.to(dtype)
-        return (per_item * weights).sum() / weights.sum().clamp_min(1.0)
-    return per_item.mean()
+    return _token_mean(per_item, mask)
+
+
+def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-token values ``(N, T)`` over the tokens ``mask`` ``(N, T)`` keeps; the plain mean when there
+    is no mask of that shape (the values are not per token)."""
+    if mask is not None and per_token.ndim == 2 and tuple(mask.shape) == tuple(per_token.shape):
+        weights = mask.to(per_token.dtype)
+        return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+    return per_token.mean()
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -220,10 +226,8 @@ def hint_loss(
             f"{tuple(projected.shape)}) do not match teacher features {tuple(teacher_features.shape)}; "
             "build the adapter with hint_adapter(student_shape, teacher_shape)"
         )
-    if mask is not None and projected.ndim == 3 and tuple(mask.shape) == tuple(projected.shape[:2]):
-        per_token = (projected.float() - teacher_features.float()).pow(2).mean(dim=-1)
-        weights = mask.to(per_token.dtype)
-        return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+    if mask is not None and projected.ndim == 3:
+        return _token_mean((projected.float() - teacher_features.float()).pow(2).mean(dim=-1), mask)
     return F.mse_loss(projected.float(), teacher_features.float())
 
 
