@@ -18,7 +18,7 @@ For each MACs amount (30% and 50% at 128 tokens):
   output>))`` (AdamW, ``--lr``; the student's dropout off, the default for an output distance; hints leave padding
   tokens out) for a fixed number of steps, the recovery within 10 minutes on 2 cores, in batches of similar
   length (``bucketed``: 1.8x the steps per second of random batches) and in bfloat16 autocast where the CPU has
-  bf16 kernels (``precision="bf16"``: 1.8x again), on inputs made from
+  bf16 kernels (``precision="bf16"``: 1.7x again), on inputs made from
   the training sentences (a sentence, two joined, or a 5-25 word span of the joined text: function matching, Beyer et
   al. 2022 — distillation needs no labels, so any text the teacher reads is a target);
 - peer: sentence-transformers' own way to make MiniLM smaller, keeping fewer layers (layer truncation, as its
@@ -65,7 +65,7 @@ CACHE = RESULTS.parent.parent / ".slimkit-cache" / "prune_transformers"
 HELD_OUT = 2000
 SEQ = 128
 CALIBRATION = 512  # unlabelled training spans slimkit's activation importance and reconstruction read
-# recovery in bfloat16 autocast where the CPU has bf16 kernels (AVX512-BF16 / AMX: 1.8x the steps per second here)
+# recovery in bfloat16 autocast where the CPU has bf16 kernels (AVX512-BF16 / AMX: 1.7x the steps per second here)
 PRECISION = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 

@@ -106,7 +106,7 @@ class DistillConfig(Config):
             restore_best, progress, precision: flat spellings of the ``train`` fields (keyword only, as in
             recipes); they are applied on top of ``train``. ``config.epochs`` reads and writes
             ``config.train.epochs``. ``precision="bf16"`` runs the student's and the teacher's forward in bfloat16
-            (``torch.autocast``): on CPUs with bf16 kernels (AVX512-BF16, AMX) about 1.8x the steps per second.
+            (``torch.autocast``): on CPUs with bf16 kernels (AVX512-BF16, AMX) about 1.7x the steps per second.
 
     ``to_dict`` writes the nested form (``{"temperature": ..., "train": {"epochs": ...}}``); ``from_dict`` reads it
     and the flat one (``{"temperature": 4.0, "epochs": 4, "lr": 0.01}``). A ``train`` given whole (a ``TrainConfig``
