@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimkit.data.arrays import DataError
-from slimkit.data.text import TextDataset, read_sentences, stdlib_sentences
+from slimkit.data.text import TextDataset, docstring_sentences, read_sentences, stdlib_sentences
 from slimkit.errors import MissingFileError, UsageError
 
 
@@ -39,6 +39,39 @@ def test_stdlib_files_corpus_is_parsed_not_imported_and_larger(monkeypatch):
     assert len(set(modules) & set(files)) > 0.9 * len(modules)  # the same docstrings, read another way
     with pytest.raises(UsageError, match="choose 'modules' or 'files'"):
         stdlib_sentences(source="site")
+
+
+def test_docstring_sentences_read_installed_packages_without_importing_them(tmp_path, monkeypatch):
+    package = tmp_path / "slimkit_fake_pkg"
+    (package / "tests").mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        '"""A package that must never be imported here. Its second sentence is prose too."""\n'
+        'raise RuntimeError("imported")\n'
+    )
+    (package / "core.py").write_text(
+        "def f():\n"
+        '    """Return the sum of the two numbers given.\n\n    >>> f(1, 2)\n    3\n    Uses x = y + z here."""\n'
+        "class C:\n"
+        '    """A class with one method. A class with one method."""\n'
+    )
+    (package / "tests" / "test_core.py").write_text('"""This sentence sits in a test suite and stays out."""\n')
+    (tmp_path / "slimkit_fake_module.py").write_text('"""One single module file with a docstring."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sentences = docstring_sentences(["slimkit_fake_pkg", "slimkit_fake_module"])
+    assert sentences == [
+        "A package that must never be imported here.",
+        "Its second sentence is prose too.",
+        "Return the sum of the two numbers given.",
+        "A class with one method.",
+        "One single module file with a docstring.",
+    ]
+    assert docstring_sentences(["slimkit_fake_pkg"]) == sentences[:4]
+    with pytest.raises(UsageError, match="'slimkit_not_there' is not installed"):
+        docstring_sentences(["slimkit_not_there"])
+    with pytest.raises(UsageError, match="not a top-level package name"):
+        docstring_sentences(["slimkit_fake_pkg.core"])
+    with pytest.raises(UsageError, match="pass a list of names"):
+        docstring_sentences("numpy")
 
 
 def test_read_sentences(tmp_path):

@@ -156,3 +156,41 @@ def test_reconstruct_all_also_refits_the_layers_after_the_cut():
 def test_reconstruct_rejects_unknown_scopes():
     with pytest.raises(UsageError, match="reconstruct='some'"):
         PruneConfig(reconstruct="some")
+
+
+def test_reconstruct_reads_the_original_once_per_batch_and_groups_layers_sharing_an_input(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from slimkit.pruning import calibrate
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (32, 12))
+    batches = DataLoader([{"input_ids": i} for i in ids], batch_size=8, shuffle=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.layer.0.")]
+    assert calibrate._groups(model, names, {"input_ids": ids[:2]}) == [
+        [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")],
+        ["encoder.layer.0.attention.output.dense"],
+        ["encoder.layer.0.intermediate.dense"],
+        ["encoder.layer.0.output.dense"],
+    ]
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    cfg = PruneConfig(amount=0.3, target="macs", importance="activation", reconstruct="all")
+    example = {"input_ids": ids[:2]}
+    cached = prune(model, cfg, example, train_data=batches)
+    passes = len(calls)
+    monkeypatch.setattr(calibrate, "CACHE_BYTES", 1)  # no room: one chunk per group, the same fit
+    calls.clear()
+    chunked = prune(model, cfg, example, train_data=batches)
+    layer1 = [f"encoder.layer.1.{p}" for p in ("attention.self.query", "attention.self.key", "attention.self.value")]
+    layer1 += [f"encoder.layer.1.{p}" for p in ("attention.output.dense", "intermediate.dense", "output.dense")]
+    # FFN neurons cut (heads kept at this size): every Linear from the first cut on, query/key/value as one group
+    assert cached.record["reconstructed"] == ["encoder.layer.0.output.dense", *layer1, "pooler.dense"]
+    assert chunked.record["reconstructed"] == cached.record["reconstructed"]
+    for (name, a), (_, b) in zip(cached.model.state_dict().items(), chunked.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert len(calls) - passes == 4 * (6 - 1)  # 6 groups, each its own chunk: 5 more passes of the 4 batches

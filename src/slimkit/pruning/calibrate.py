@@ -34,7 +34,7 @@ from torch import nn
 from slimkit._inputs import attention_mask, call, split_batch
 from slimkit.errors import UsageError
 
-__all__ = ["RIDGE", "calibration_inputs", "input_energy", "reconstruct_"]
+__all__ = ["CACHE_BYTES", "RIDGE", "calibration_inputs", "input_energy", "reconstruct_"]
 
 RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X
 
@@ -110,42 +110,58 @@ def input_energy(model: nn.Module, names: list[str], inputs: list[Any]) -> dict[
     return {n: sums[n] / max(counts[n], 1) for n in sums}
 
 
-def _capture(model: nn.Module, name: str, batch: Any, output: bool) -> torch.Tensor:
-    """The input (or output) of layer ``name`` on ``batch``; the forward stops right after that layer."""
-    module = model.get_submodule(name)
-    seen: list[torch.Tensor] = []
+def _capture(model: nn.Module, names: list[str], batch: Any, output: bool) -> dict[str, torch.Tensor]:
+    """The input (or output) of each named layer on ``batch`` (its first call); the forward stops as soon as all of
+    them have run."""
+    seen: dict[str, torch.Tensor] = {}
 
-    def hook(_module, args, result):
-        seen.append((result if output else args[0]).detach().float())
-        raise _Stop
+    def hook(name: str):
+        def record(_module, args, result=None):
+            seen.setdefault(name, (result if output else args[0]).detach().float())
+            if len(seen) == len(names):
+                raise _Stop
 
-    handle = module.register_forward_hook(hook)
+        return record
+
+    modules = [model.get_submodule(n) for n in names]
+    handles = [m.register_forward_hook(hook(n)) if output else m.register_forward_pre_hook(hook(n))
+               for n, m in zip(names, modules)]  # fmt: skip
     try:
         call(model, batch)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if not seen:
-        raise UsageError(f"prune: reconstruct: layer {name!r} did not run on the calibration inputs")
-    return seen[0]
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise UsageError(f"prune: reconstruct: layer {missing[0]!r} did not run on the calibration inputs")
+    return seen
 
 
-def _call_order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
-    order: list[str] = []
-    handles = [
-        model.get_submodule(n).register_forward_pre_hook(
-            lambda _m, _a, n=n: order.append(n) if n not in order else None
-        )
-        for n in names
-    ]
+def _groups(model: nn.Module, names: list[str], batch: Any) -> list[list[str]]:
+    """The named layers in the order the forward first calls them, in runs that read the very same input tensor
+    (a transformer's query, key and value): refitting one cannot change the others' inputs, so a run is refitted
+    from one pass."""
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name: str):
+        return lambda _m, args: None if any(n == name for n, _ in calls) else calls.append((name, args[0]))
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return order
+    groups: list[list[str]] = []
+    for i, (name, x) in enumerate(calls):
+        if i and x is calls[i - 1][1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
 
 
 @torch.no_grad()
@@ -157,7 +173,10 @@ def reconstruct_(
     returns the names refitted. ``scope="pruned"``: the layers whose input channels the prune ``plan`` cut;
     ``"all"``: every Linear / Conv2d from the first of those on, so layers downstream of the cut also correct
     the drift of their inputs (more calibration data wanted: each layer's fit has ``features + 1`` unknowns per
-    output). Only Linear and ungrouped Conv2d layers are refitted."""
+    output). Only Linear and ungrouped Conv2d layers are refitted.
+
+    The original's layer outputs are read in one pass per batch for as many layers as ``CACHE_BYTES`` holds, and
+    layers that read the same input tensor are refitted from one pass of ``pruned``."""
     from slimkit.pruning.surgery import decode_indices
 
     keep_out: dict[str, torch.Tensor | None] = {}
@@ -168,14 +187,53 @@ def reconstruct_(
     cut = [n for n in keep_out if plan.get(n, {}).get("in") is not None]
     if not cut or not inputs:
         return []
-    order = _call_order(pruned, list(keep_out), inputs[0])
-    order = order[min(order.index(n) for n in cut if n in order) :]  # layers before the first cut see no change
+    groups = _groups(pruned, list(keep_out), inputs[0])
+    first = next((i for i, group in enumerate(groups) if set(group) & set(cut)), len(groups))
+    groups = groups[first:]  # layers before the first cut see no change
     training = original.training
     original.eval()  # the reference outputs (and the caller's BatchNorm statistics stay as they are)
     try:
-        return [_refit(original, pruned, name, keep_out[name], inputs) for name in order]
+        done: list[str] = []
+        for chunk in _chunks(original, groups, keep_out, inputs):
+            names = [n for group in chunk for n in group]
+            targets: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            for batch in inputs:
+                outputs = _capture(original, names, batch, output=True)
+                for n in names:
+                    targets[n].append(_targets(pruned.get_submodule(n), outputs[n], batch, keep_out[n]))
+            for group in chunk:
+                done += _refit(pruned, group, targets, inputs)
+        return done
     finally:
         original.train(training)
+
+
+CACHE_BYTES = 2 << 30  # the most memory the original's cached layer outputs take at once
+
+
+def _targets(module: nn.Module, y: torch.Tensor, batch: Any, keep: torch.Tensor | None) -> torch.Tensor:
+    rows = _out_rows(module, y, attention_mask(batch))
+    return rows if keep is None else rows[:, keep]
+
+
+def _chunks(
+    original: nn.Module, groups: list[list[str]], keep_out: dict[str, torch.Tensor | None], inputs: list[Any]
+) -> list[list[list[str]]]:
+    """The groups, in order, cut into chunks whose cached outputs (sized on the first batch) fit ``CACHE_BYTES``."""
+    names = [n for group in groups for n in group]
+    first = _capture(original, names, inputs[0], output=True)
+    sizes = {n: _targets(original.get_submodule(n), first[n], inputs[0], keep_out[n]).numel() * 4 * len(inputs)
+             for n in names}  # fmt: skip
+    chunks: list[list[list[str]]] = []
+    used = CACHE_BYTES
+    for group in groups:
+        size = sum(sizes[n] for n in group)
+        if used + size > CACHE_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += size
+    return chunks
 
 
 def _refittable(module: nn.Module) -> bool:
@@ -185,27 +243,27 @@ def _refittable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _refit(original: nn.Module, pruned: nn.Module, name: str, keep: torch.Tensor | None, inputs: list[Any]) -> str:
-    """Least-squares refit of layer ``name`` of ``pruned`` (see ``reconstruct_``)."""
-    module = cast(nn.Linear | nn.Conv2d, pruned.get_submodule(name))  # see _refittable
-    bias = module.bias is not None
-    gram = cross = None
-    for batch in inputs:
+def _refit(pruned: nn.Module, group: list[str], targets: dict[str, list[torch.Tensor]], inputs: list[Any]) -> list[str]:
+    """Least-squares refit of the layers of ``group`` of ``pruned`` to their ``targets`` (see ``reconstruct_``)."""
+    modules = {n: cast(nn.Linear | nn.Conv2d, pruned.get_submodule(n)) for n in group}  # see _refittable
+    gram: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(inputs):
         mask = attention_mask(batch)
-        x = _rows(module, _capture(pruned, name, batch, output=False), mask).double()
-        y = _out_rows(module, _capture(original, name, batch, output=True), mask).double()
-        if keep is not None:
-            y = y[:, keep]
-        if bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        gram = x.T @ x if gram is None else gram + x.T @ x
-        cross = x.T @ y if cross is None else cross + x.T @ y
-    if gram is None or cross is None:
-        raise UsageError(f"prune: reconstruct: no calibration batch reached layer {name!r}")
-    gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, cross).T.float()  # (out, features [+ 1])
-    weight = solution[:, :-1] if bias else solution
-    module.weight.copy_(weight.reshape(module.weight.shape))
-    if module.bias is not None:
-        module.bias.copy_(solution[:, -1])
-    return name
+        seen = _capture(pruned, group, batch, output=False)
+        for name, module in modules.items():
+            x = _rows(module, seen[name], mask).double()
+            if module.bias is not None:
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            y = targets[name][i].double()
+            gram[name] = gram[name] + x.T @ x if name in gram else x.T @ x
+            cross[name] = cross[name] + x.T @ y if name in cross else x.T @ y
+    for name, module in modules.items():
+        g = gram[name]
+        g += RIDGE * g.diagonal().mean().clamp_min(1e-12) * torch.eye(len(g), dtype=g.dtype)
+        solution = torch.linalg.solve(g, cross[name]).T.float()  # (out, features [+ 1])
+        weight = solution[:, :-1] if module.bias is not None else solution
+        module.weight.copy_(weight.reshape(module.weight.shape))
+        if module.bias is not None:
+            module.bias.copy_(solution[:, -1])
+    return group
