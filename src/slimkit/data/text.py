@@ -115,10 +115,14 @@ def _file_docstrings(path: Path) -> list[str]:
 def _tree_sentences(root: Path, min_words: int, max_words: int, seen: dict[str, None]) -> None:
     """The prose sentences of every ``.py`` file under ``root`` (or of ``root`` itself, one file), by path; test
     suites and the other ``_SKIP_FOLDERS`` left out."""
-    paths = [root] if root.is_file() else sorted(root.rglob("*.py"))
+    if root.is_file():
+        paths = [root]
+    else:
+        paths = [
+            p for p in sorted(root.rglob("*.py")) if not _SKIP_FOLDERS.intersection(p.relative_to(root).parts[:-1])
+        ]
     for path in paths:
-        if root.is_file() or not _SKIP_FOLDERS.intersection(path.relative_to(root).parts[:-1]):
-            _sentences(_file_docstrings(path), min_words, max_words, seen)
+        _sentences(_file_docstrings(path), min_words, max_words, seen)
 
 
 @functools.lru_cache(maxsize=4)

@@ -194,13 +194,14 @@ def reconstruct_(
     original.eval()  # the reference outputs (and the caller's BatchNorm statistics stay as they are)
     try:
         done: list[str] = []
-        for chunk in _chunks(original, groups, keep_out, inputs):
+        chunks, batch0 = _chunks(original, groups, keep_out, inputs)
+        for chunk in chunks:
             names = [n for group in chunk for n in group]
-            targets: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-            for batch in inputs:
+            targets: dict[str, list[torch.Tensor]] = {n: [batch0[n]] for n in names}  # read when sizing
+            for batch in inputs[1:]:
                 outputs = _capture(original, names, batch, output=True)
                 for n in names:
-                    targets[n].append(_targets(pruned.get_submodule(n), outputs[n], batch, keep_out[n]))
+                    targets[n].append(_targets(original.get_submodule(n), outputs[n], batch, keep_out[n]))
             for group in chunk:
                 done += _refit(pruned, group, targets, inputs)
         return done
@@ -218,12 +219,13 @@ def _targets(module: nn.Module, y: torch.Tensor, batch: Any, keep: torch.Tensor 
 
 def _chunks(
     original: nn.Module, groups: list[list[str]], keep_out: dict[str, torch.Tensor | None], inputs: list[Any]
-) -> list[list[list[str]]]:
-    """The groups, in order, cut into chunks whose cached outputs (sized on the first batch) fit ``CACHE_BYTES``."""
+) -> tuple[list[list[list[str]]], dict[str, torch.Tensor]]:
+    """The groups, in order, cut into chunks whose cached outputs (sized on the first batch) fit ``CACHE_BYTES``,
+    and every layer's targets on that first batch."""
     names = [n for group in groups for n in group]
-    first = _capture(original, names, inputs[0], output=True)
-    sizes = {n: _targets(original.get_submodule(n), first[n], inputs[0], keep_out[n]).numel() * 4 * len(inputs)
-             for n in names}  # fmt: skip
+    outputs = _capture(original, names, inputs[0], output=True)
+    first = {n: _targets(original.get_submodule(n), outputs[n], inputs[0], keep_out[n]) for n in names}
+    sizes = {n: first[n].numel() * 4 * len(inputs) for n in names}
     chunks: list[list[list[str]]] = []
     used = CACHE_BYTES
     for group in groups:
@@ -233,7 +235,7 @@ def _chunks(
             used = 0
         chunks[-1].append(group)
         used += size
-    return chunks
+    return chunks, first
 
 
 def _refittable(module: nn.Module) -> bool:
