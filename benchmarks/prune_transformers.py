@@ -61,6 +61,7 @@ import harness
 
 import slimkit
 from slimkit.data.text import docstring_sentences, stdlib_sentences
+from slimkit.distillation import DistillResult
 from slimkit.distillation.losses import mean_pool
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,6 +72,8 @@ SEQ = 128
 PACKAGES = ("sklearn", "numpy", "scipy")
 CALIBRATION = 512  # unlabelled training spans slimkit's activation importance and reconstruction read
 # recovery in bfloat16 autocast where the CPU has bf16 kernels (AVX512-BF16 / AMX: 1.7x the steps per second here)
+BATCH = 32  # recovery inputs per step
+SETUP_S = 20  # of a recovery's budget, for what runs outside distill's training loop (about 10 s measured)
 PRECISION = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
@@ -168,21 +171,25 @@ def loader(tokenizer, texts: list[str], batch: int, shuffle: bool) -> DataLoader
 
 
 def bucketed(tokenizer, texts: list[str], batch: int, seed: int = 0) -> DataLoader:
-    """Batches of texts of similar length in a shuffled order: each run of 64 batches is sorted by length before
-    it is cut, so a batch pads to little more than its own texts (1.8x the steps per second of random batches here).
-    """
+    """Batches of texts of similar token count in a shuffled order: each run of 64 batches is sorted by its texts'
+    token counts before it is cut, so a batch pads to little more than its own texts (sorted by characters instead,
+    code-like text made batches 35% padding; random batches cost 1.8x the time per step)."""
     rng, batches = random.Random(seed), []
     for start in range(0, len(texts), 64 * batch):
-        chunk = sorted(texts[start : start + 64 * batch], key=len)
+        chunk = texts[start : start + 64 * batch]
+        counts = [len(ids) for ids in tokenizer(chunk, truncation=True, max_length=SEQ)["input_ids"]]
+        chunk = [text for _, text in sorted(zip(counts, chunk, strict=True), key=lambda pair: pair[0])]
         batches += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
     rng.shuffle(batches)
     return DataLoader(batches, batch_size=None, collate_fn=lambda rows: tokens(tokenizer, list(rows)))
 
 
-def recover(student: nn.Module, teacher: nn.Module, tokenizer, steps: int, batch: int, lr: float) -> nn.Module:
-    """Output-cosine distillation on mean-pooled embeddings plus token hints on every layer's output."""
+def recover(student: nn.Module, teacher: nn.Module, tokenizer, args: argparse.Namespace) -> DistillResult:
+    """Output-cosine distillation on mean-pooled embeddings plus token hints on every layer's output: ``args.steps``
+    steps of ``BATCH`` at most, within ``args.seconds`` of wall-clock time in all (the training loop gets
+    ``args.seconds - SETUP_S``; the rest is for the inputs, distill's checks and its validation pass)."""
     train, _ = split_sentences()
-    data = Spans(train, steps * batch)
+    data = Spans(train, args.steps * BATCH)
     val = loader(tokenizer, train[:256], 128, shuffle=False)
     student.embeddings.requires_grad_(False)  # the hidden size is kept: the embedding tables stay as trained
     layers = len(student.encoder.layer)
@@ -193,13 +200,22 @@ def recover(student: nn.Module, teacher: nn.Module, tokenizer, steps: int, batch
         hints=hints,
         hint_weight=1.0,
         epochs=1,
-        lr=lr,
+        lr=args.lr,
         optimizer="adamw",
-        batch_size=batch,
+        batch_size=BATCH,
         progress=False,
         precision=PRECISION,
+        max_seconds=args.seconds - SETUP_S,
     )
-    return slimkit.distill(student, teacher, cfg, bucketed(tokenizer, data.texts, batch), val).model
+    # transformers' eager attention while training: at ~24 tokens, torch's CPU flash-attention backward took 26% of
+    # a step, and the steps ran 1.3x faster without it (the same numbers to float rounding)
+    before = teacher.config._attn_implementation
+    student.set_attn_implementation("eager")
+    teacher.set_attn_implementation("eager")
+    try:
+        return slimkit.distill(student, teacher, cfg, bucketed(tokenizer, data.texts, BATCH), val)
+    finally:
+        teacher.set_attn_implementation(before)
 
 
 def _teacher_layer(i: int, layers: int, teacher: nn.Module) -> int:
@@ -347,13 +363,14 @@ def main() -> None:
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--steps", type=int, default=2400, help="recovery steps per model (batch 32)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seconds", type=float, default=600, help="wall-clock bound of each recovery")
     parser.add_argument("--peer-amounts", type=float, nargs="*", default=[0.5], help="amounts that also run peers")
     parser.add_argument("--quick", action="store_true", help="a few steps, one timing process, 200 sentences")
     parser.add_argument("--fresh", action="store_true", help=f"recompute models cached in {CACHE}")
     args = parser.parse_args()
-    steps, processes = (4, 1) if args.quick else (args.steps, 3)
+    args.steps, processes = (4, 1) if args.quick else (args.steps, 3)
     train, held = split_sentences()
-    setting = f"bucketed_{PRECISION}_cal{CALIBRATION}_text{len(train)}_steps{steps}_lr{args.lr:g}"
+    setting = f"tokens_{PRECISION}_cal{CALIBRATION}_text{len(train)}_steps{args.steps}_{args.seconds:g}s_lr{args.lr:g}"
     cache = CACHE / ("quick" if args.quick else setting)
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -372,9 +389,7 @@ def main() -> None:
                     start = time.perf_counter()
                     student = build()
                     prune_s = time.perf_counter() - start
-                    row, model = recover_row(
-                        name, student, teacher, tokenizer, reference, held, steps, args.lr, base_macs
-                    )
+                    row, model = recover_row(name, student, teacher, tokenizer, reference, held, base_macs, args)
                     row["prune_s"] = prune_s
                     save_weights(model, cache / f"{key(name)}.safetensors")
                     done.write_text(json.dumps({**row, "amount": amount}))
@@ -387,34 +402,36 @@ def main() -> None:
             export(load_weights(cache / f"{name}.safetensors"), tokenizer, Path(tmp), name)
         (Path(tmp) / "models.json").write_text(json.dumps(names))
         speed = harness.time_forms("prune_transformers:build_forms", {"folder": tmp}, (1, 64), processes=processes)
-    write(rows, speed, base_macs, steps, processes, args.lr, len(train))
+    write(rows, speed, base_macs, args, processes, len(train))
 
 
-def recover_row(name, student, teacher, tokenizer, reference, held, steps, lr, base_macs) -> tuple[dict, nn.Module]:
-    """One table row (MACs, quality before and after, recovery seconds) and the recovered model."""
+def recover_row(name, student, teacher, tokenizer, reference, held, base_macs, args) -> tuple[dict, nn.Module]:
+    """One table row (MACs, quality before and after, recovery seconds and steps) and the recovered model."""
     row = {"model": name, "macs_ratio": macs(student, tokenizer) / base_macs}
     row["before"] = quality(reference, student, tokenizer, held)
     start = time.perf_counter()
-    recovered = recover(student, teacher, tokenizer, steps, 32, lr)
+    result = recover(student, teacher, tokenizer, args)
     row["recovery_s"] = time.perf_counter() - start  # the table adds the pruning (and reconstruction) time
-    row["after"] = quality(reference, recovered, tokenizer, held)
-    return row, recovered
+    row["steps"] = result.record["steps"]
+    row["after"] = quality(reference, result.model, tokenizer, held)
+    return row, result.model
 
 
 def write(
-    rows: list[dict], speed: harness.Results, base_macs: int, steps: int, processes: int, lr: float, text: int
+    rows: list[dict], speed: harness.Results, base_macs: int, args: argparse.Namespace, processes: int, text: int
 ) -> None:
     """benchmarks/results/prune_transformers.{json,md}: quality after recovery and speed against the original's fastest
     form at batch 1 and 64 (x 128 tokens)."""
     RESULTS.mkdir(exist_ok=True)
-    payload = {"rows": rows, "speed": speed, "base_macs": base_macs, "steps": steps, "processes": processes}
+    payload = {"rows": rows, "speed": speed, "base_macs": base_macs, "processes": processes}
+    payload |= {"steps": args.steps, "seconds": args.seconds, "lr": args.lr}
     dists = metadata.packages_distributions()
     versions = {name: metadata.version(dists[name][0]) for name in PACKAGES}  # the text differs between versions
     payload |= {"training_sentences": text, "packages": versions, "python": sys.version.split()[0]}
     (RESULTS / "prune_transformers.json").write_text(json.dumps(payload, indent=1) + "\n")
     base = ["original eager", "original onnxruntime"]
     lines = [
-        "| model | MACs vs original | cosine before -> after | retrieval after | prune + recovery s "
+        "| model | MACs vs original | cosine before -> after | retrieval after | prune + recovery s (steps) "
         "| ORT ms b64 | eager ms b64 | speed-up b64 (ORT / eager) | speed-up b1 (ORT) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -423,7 +440,7 @@ def write(
         up64, up1 = harness.speedups(speed, base, 64), harness.speedups(speed, base, 1)
         quality_cells = (
             f"{row['before']['cosine']:.3f} -> **{row['after']['cosine']:.3f}** | {row['after']['retrieval']:.1%} "
-            f"| {row.get('prune_s', 0):.0f} + {row['recovery_s']:.0f}"
+            f"| {row.get('prune_s', 0):.0f} + {row['recovery_s']:.0f} ({row['steps']})"
             if "after" in row
             else "1 | 100% | -"
         )
@@ -435,10 +452,11 @@ def write(
         f"\nall-MiniLM-L6-v2 (real weights), {base_macs / 1e9:.2f} GMACs at 1 x 128 tokens; quality on the "
         f"{HELD_OUT} held-out stdlib sentences; slimkit prunes heads and FFN neurons (hf_config=False) with "
         f"importance='activation' and reconstruct='all' on {CALIBRATION} unlabelled training spans; recovery (lr "
-        f"{lr:g}, {PRECISION}): {steps} steps of 32 inputs in length buckets made from {text} training sentences "
-        f"(stdlib files + docstrings of {', '.join(PACKAGES)}), output cosine on "
-        "mean-pooled embeddings + token hints on every layer. Speed-ups against the original's faster form (ORT fp32 "
-        f"or eager) at the same batch. {harness.method_note(processes)}\n"
+        f"{args.lr:g}, {PRECISION}, transformers' eager attention): at most {args.steps} steps of {BATCH} inputs and "
+        f"{args.seconds:g} s in all (DistillConfig(max_seconds=): the steps it ran are in brackets), in token-count "
+        f"buckets made from {text} training sentences (stdlib files + docstrings of {', '.join(PACKAGES)}), output "
+        "cosine on mean-pooled embeddings + token hints on every layer. Speed-ups against the original's faster "
+        f"form (ORT fp32 or eager) at the same batch. {harness.method_note(processes)}\n"
     )
     (RESULTS / "prune_transformers.md").write_text("\n".join(lines) + "\n" + note)
     print("\n".join(lines) + note)

@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from slimkit import models
+from slimkit import DistillConfig, models
 from slimkit.train import TrainConfig, evaluate, fit
 
 
@@ -42,6 +45,39 @@ def test_custom_loss_hook_and_early_stop(digits):
     history = fit(model, train, test, TrainConfig(epochs=30, lr=1e-9, patience=1, max_batches=2), loss_fn=loss_fn)
     assert history.stopped_early and len(history.val_accuracy) < 30
     assert calls and all(n <= 128 for n in calls)
+
+
+def test_max_seconds_ends_the_run_on_the_clock_with_the_rate_decayed(digits, monkeypatch):
+    import types
+
+    import slimkit.train
+
+    now = [0.0]  # a clock that moves 1 s per training step, so the cut does not depend on this machine's speed
+    monkeypatch.setattr(slimkit.train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    rates = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+
+    def loss_fn(outputs, targets, inputs):
+        now[0] += 1.0
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    train, test = digits
+    model = models.create("mlp", in_features=64, hidden=16)
+    cfg = TrainConfig(epochs=2, lr=0.1, batch_size=64, max_seconds=4)
+    try:
+        history = fit(model, train, test, cfg, loss_fn=loss_fn)
+    finally:
+        hook.remove()
+    # 4 of 2 x 23 steps: the cosine runs on the clock (1/4, 2/4, 3/4 of it gone), so the last step is the smallest
+    assert history.steps == 4 and history.out_of_time and len(history.val_accuracy) == 1
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert rates == pytest.approx(expected)
+    now[0] = 0.0
+    history = fit(model, train, None, TrainConfig(epochs=1, batch_size=64, max_seconds=1000), loss_fn=loss_fn)
+    assert history.steps == len(train) // 64 + 1 and not history.out_of_time  # the clock never ran out
+    assert DistillConfig(max_seconds=600).train.max_seconds == 600
+    with pytest.raises(ValueError, match="max_seconds=0 must be > 0"):
+        TrainConfig(max_seconds=0)
 
 
 def test_bad_config_and_nan():

@@ -34,6 +34,7 @@ import enum
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,10 @@ class Precision(str, enum.Enum):
 @dataclass
 class TrainConfig(Config):
     """Settings of ``fit``. ``max_batches`` caps the batches per epoch (for quick runs); ``patience`` stops early
-    after that many epochs without a better validation accuracy (0: never). ``device``: where training runs
+    after that many epochs without a better validation accuracy (0: never). ``max_seconds`` bounds the training
+    loop's wall-clock time: the cosine schedule runs on whichever is further along, the steps or the clock, so a run
+    cut short by the clock still ends with the learning rate decayed to 0 (the last epoch is then a partial one,
+    still validated). ``device``: where training runs
     (``"auto"``: CUDA if available, else CPU; or a torch device string); ``precision``: ``"fp32"``, or ``"bf16"`` /
     ``"fp16"`` mixed precision through ``torch.autocast``.
 
@@ -120,6 +124,7 @@ class TrainConfig(Config):
     seed: int = 0
     patience: int = 0
     max_batches: int | None = None
+    max_seconds: float | None = None
     restore_best: bool = True
     progress: bool = True
     device: str = "auto"
@@ -141,6 +146,8 @@ class TrainConfig(Config):
             raise UsageError(f"patience={self.patience} must be >= 0 (0: never stop early)")
         if self.max_batches is not None and self.max_batches < 1:
             raise UsageError(f"max_batches={self.max_batches} must be >= 1 (or None: every batch)")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise UsageError(f"max_seconds={self.max_seconds} must be > 0 (or None: no time limit)")
 
 
 @dataclass
@@ -159,6 +166,8 @@ class FitResult:
     best_accuracy: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
+    steps: int = 0  # optimizer steps taken
+    out_of_time: bool = False  # TrainConfig.max_seconds ended the run before its last step
 
 
 def seed_everything(seed: int) -> None:
@@ -369,21 +378,21 @@ def _fit(
     optimizer = _optimizer([*model.parameters(), *extra_parameters], cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision is Precision.FP16 else None
     steps_per_epoch = min(len(loader), cfg.max_batches or len(loader))
-    total_steps = max(1, cfg.epochs * steps_per_epoch)
-    scheduler = None
-    if cfg.schedule is Schedule.COSINE:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
     history = FitResult()
+    clock = _Progress(history, max(1, cfg.epochs * steps_per_epoch), cfg.max_seconds)
+    scheduler = None
+    if cfg.schedule is Schedule.COSINE:  # reads the progress itself: the steps, or the clock when that is ahead
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda _: 0.5 * (1 + math.cos(math.pi * clock.fraction()))
+        )
     best_state = None
     with progress_bar(cfg.progress) as bar:
-        task = bar.add_task("train", total=total_steps, info="")
+        task = bar.add_task("train", total=clock.total, info="")
         for epoch in range(cfg.epochs):
             model.train()
             running, seen = 0.0, 0
             for step, (inputs, targets) in enumerate(loader):
-                if step >= steps_per_epoch:
+                if step >= steps_per_epoch or history.out_of_time:
                     break
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 with autocast:
@@ -410,6 +419,7 @@ def _fit(
                 else:
                     loss.backward()
                     optimizer.step()
+                clock.tick()
                 if scheduler is not None:
                     scheduler.step()
                 running += loss.item() * len(targets)
@@ -436,10 +446,32 @@ def _fit(
                     break
             if on_epoch_end:
                 on_epoch_end(epoch, model, history)
+            if history.out_of_time:
+                break
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+class _Progress:
+    """How far a run is, as a fraction: of its ``total`` steps, or of ``max_seconds`` when the clock is further along;
+    ``tick`` counts a step and marks the run out of time once the clock has run out."""
+
+    def __init__(self, history: FitResult, total: int, max_seconds: float | None) -> None:
+        self.history, self.total, self.max_seconds = history, total, max_seconds
+        self.start = time.perf_counter()
+
+    def fraction(self) -> float:
+        done = self.history.steps / self.total
+        if self.max_seconds is not None:
+            done = max(done, (time.perf_counter() - self.start) / self.max_seconds)
+        return min(done, 1.0)
+
+    def tick(self) -> None:
+        self.history.steps += 1
+        if self.max_seconds is not None and self.history.steps < self.total:
+            self.history.out_of_time = time.perf_counter() - self.start >= self.max_seconds
 
 
 @contextlib.contextmanager

@@ -229,3 +229,31 @@ def test_a_batch_of_one_is_traced_as_a_dynamic_batch(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids).logits.numpy()
     np.testing.assert_allclose(_run(path, {"input_ids": ids})[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_transformers_attention_exports_as_matmul_softmax_and_the_model_keeps_sdpa(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    shape = {"vocab_size": 64, "num_hidden_layers": 2}
+    if kind == "bert":
+        config = transformers.BertConfig(**shape, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+        model_class = transformers.BertModel
+    else:
+        config = transformers.GPT2Config(**shape, n_embd=32, n_head=4, n_positions=16)
+        model_class = transformers.GPT2Model
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # a padded row: the mask must still reach the scores
+    x = {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": mask}
+    path = export_onnx(model, x, tmp_path / f"{kind}.onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Softmax") == 2 and "IsNaN" not in ops  # SDPA's export guards the scores with IsNaN + Where
+    assert model.config._attn_implementation == "sdpa"  # switched for the export only
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in x.items()})[0]
+    with torch.no_grad():
+        want = model(**x).last_hidden_state
+    keep = mask.bool()  # padded positions of BERT are not defined outputs
+    np.testing.assert_allclose(got[keep.numpy()], want[keep].numpy(), atol=1e-5)

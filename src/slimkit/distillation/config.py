@@ -103,7 +103,7 @@ class DistillConfig(Config):
         train: the training run, a ``slimkit.train.TrainConfig`` (or a mapping of its fields); by default
             ``TrainConfig(epochs=10, lr=1e-2)`` (Adam, batch 128, cosine; see ``DEFAULT_LR`` for why not 1e-3).
         epochs, lr, optimizer, momentum, weight_decay, batch_size, schedule, seed, patience, max_batches,
-            restore_best, progress, precision: flat spellings of the ``train`` fields (keyword only, as in
+            max_seconds, restore_best, progress, precision: flat spellings of the ``train`` fields (keyword only, as in
             recipes); they are applied on top of ``train``. ``config.epochs`` reads and writes
             ``config.train.epochs``. ``precision="bf16"`` runs the student's and the teacher's forward in bfloat16
             (``torch.autocast``): on CPUs with bf16 kernels (AVX512-BF16, AMX) about 1.7x the steps per second.
@@ -149,6 +149,7 @@ class DistillConfig(Config):
     seed = FlatField[int]("train")
     patience = FlatField[int]("train")
     max_batches = FlatField["int | None"]("train")
+    max_seconds = FlatField["float | None"]("train")
     restore_best = FlatField[bool]("train")
     precision = FlatField[Precision]("train")
     progress = FlatField[bool]("train")
@@ -179,6 +180,7 @@ class DistillConfig(Config):
         seed: int | None = None,
         patience: int | None = None,
         max_batches: int | None = None,
+        max_seconds: float | None = None,
         restore_best: bool | None = None,
         progress: bool | None = None,
         precision: Precision | str | None = None,
@@ -194,6 +196,7 @@ class DistillConfig(Config):
             "seed": seed,
             "patience": patience,
             "max_batches": max_batches,
+            "max_seconds": max_seconds,
             "restore_best": restore_best,
             "progress": progress,
             "precision": precision,

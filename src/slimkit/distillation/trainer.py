@@ -340,6 +340,8 @@ def distill(
         "teacher_cached": cached,
         "labelled": labelled,
         "train_loss": history.train_loss,
+        "steps": history.steps,
+        "out_of_time": history.out_of_time,
         "loss_terms": dict(terms.per_epoch),
         "val_accuracy": history.val_accuracy,
         "val_output_loss": val_outputs.losses,

@@ -22,6 +22,7 @@ from torch import nn
 from slimkit._inputs import as_args, call, input_names, named_outputs, tensors_of
 from slimkit.errors import DependencyError, UsageError
 from slimkit.export.registry import INTEGER_TABLE, IntegerLayer, handled
+from slimkit.models.hf import eager_attention
 
 __all__ = [
     "DYNAMO_OPSET",
@@ -155,7 +156,7 @@ def export_float(model: nn.Module, example_input: Any, dynamic_shapes: DynamicSh
         outputs = [name for name, _ in named_outputs(call(model, example_input))]
     if not outputs:
         raise UsageError("export_onnx: the model's output holds no tensor")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), eager_attention(model):  # transformers' SDPA exports as a slower graph
         warnings.simplefilter("ignore")
         try:
             data, exporter = _torchscript(flat, tuple(tensors), names, outputs, axes), "torchscript"
