@@ -368,6 +368,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps, one timing process, 200 sentences")
     parser.add_argument("--fresh", action="store_true", help=f"recompute models cached in {CACHE}")
     args = parser.parse_args()
+    if args.seconds <= SETUP_S:
+        parser.error(f"--seconds must be above {SETUP_S} (the part of a recovery outside distill's training loop)")
     args.steps, processes = (4, 1) if args.quick else (args.steps, 3)
     train, held = split_sentences()
     setting = f"tokens_{PRECISION}_cal{CALIBRATION}_text{len(train)}_steps{args.steps}_{args.seconds:g}s_lr{args.lr:g}"

@@ -1,9 +1,11 @@
 import math
+import types
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import slimkit.train
 from slimkit import DistillConfig, models
 from slimkit.train import TrainConfig, evaluate, fit
 
@@ -48,10 +50,6 @@ def test_custom_loss_hook_and_early_stop(digits):
 
 
 def test_max_seconds_ends_the_run_on_the_clock_with_the_rate_decayed(digits, monkeypatch):
-    import types
-
-    import slimkit.train
-
     now = [0.0]  # a clock that moves 1 s per training step, so the cut does not depend on this machine's speed
     monkeypatch.setattr(slimkit.train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     rates = []

@@ -104,10 +104,11 @@ class TrainConfig(Config):
     """Settings of ``fit``. ``max_batches`` caps the batches per epoch (for quick runs); ``patience`` stops early
     after that many epochs without a better validation accuracy (0: never). ``max_seconds`` bounds the training
     loop's wall-clock time: the cosine schedule runs on whichever is further along, the steps or the clock, so a run
-    cut short by the clock still ends with the learning rate decayed to 0 (the last epoch is then a partial one,
-    still validated). ``device``: where training runs
-    (``"auto"``: CUDA if available, else CPU; or a torch device string); ``precision``: ``"fp32"``, or ``"bf16"`` /
-    ``"fp16"`` mixed precision through ``torch.autocast``.
+    cut short by the clock has decayed its learning rate to near 0 by the cut, not stopped mid-schedule (the last
+    epoch is then a partial one, still validated; the clock is read before each step and epoch, so the bound is
+    passed by at most one step and one validation). ``device``: where training runs (``"auto"``: CUDA if available,
+    else CPU; or a torch device string); ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` mixed precision
+    through ``torch.autocast``.
 
     Example:
         >>> TrainConfig(device="cpu", precision="bf16").precision.value
@@ -379,7 +380,7 @@ def _fit(
     scaler = torch.amp.GradScaler(device.type) if cfg.precision is Precision.FP16 else None
     steps_per_epoch = min(len(loader), cfg.max_batches or len(loader))
     history = FitResult()
-    clock = _Progress(history, max(1, cfg.epochs * steps_per_epoch), cfg.max_seconds)
+    clock = _RunClock(history, max(1, cfg.epochs * steps_per_epoch), cfg.max_seconds)
     scheduler = None
     if cfg.schedule is Schedule.COSINE:  # reads the progress itself: the steps, or the clock when that is ahead
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -389,10 +390,12 @@ def _fit(
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("train", total=clock.total, info="")
         for epoch in range(cfg.epochs):
+            if clock.spent():  # the clock ran out in the last epoch's validation
+                break
             model.train()
             running, seen = 0.0, 0
             for step, (inputs, targets) in enumerate(loader):
-                if step >= steps_per_epoch or history.out_of_time:
+                if step >= steps_per_epoch or clock.spent():
                     break
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 with autocast:
@@ -419,7 +422,7 @@ def _fit(
                 else:
                     loss.backward()
                     optimizer.step()
-                clock.tick()
+                history.steps += 1
                 if scheduler is not None:
                     scheduler.step()
                 running += loss.item() * len(targets)
@@ -446,7 +449,8 @@ def _fit(
                     break
             if on_epoch_end:
                 on_epoch_end(epoch, model, history)
-            if history.out_of_time:
+            if clock.spent():
+                bar.update(task, total=history.steps)
                 break
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
@@ -454,9 +458,10 @@ def _fit(
     return history
 
 
-class _Progress:
-    """How far a run is, as a fraction: of its ``total`` steps, or of ``max_seconds`` when the clock is further along;
-    ``tick`` counts a step and marks the run out of time once the clock has run out."""
+class _RunClock:
+    """How far a run is, as a fraction: of its ``total`` steps, or of ``max_seconds`` when the clock is further along
+    (with a bound, the schedule then depends on the machine's speed: the same seed on a slower machine takes fewer
+    steps)."""
 
     def __init__(self, history: FitResult, total: int, max_seconds: float | None) -> None:
         self.history, self.total, self.max_seconds = history, total, max_seconds
@@ -468,10 +473,11 @@ class _Progress:
             done = max(done, (time.perf_counter() - self.start) / self.max_seconds)
         return min(done, 1.0)
 
-    def tick(self) -> None:
-        self.history.steps += 1
+    def spent(self) -> bool:
+        """True once ``max_seconds`` have passed with steps still to run (marks ``history.out_of_time``)."""
         if self.max_seconds is not None and self.history.steps < self.total:
-            self.history.out_of_time = time.perf_counter() - self.start >= self.max_seconds
+            self.history.out_of_time |= time.perf_counter() - self.start >= self.max_seconds
+        return self.history.out_of_time
 
 
 @contextlib.contextmanager

@@ -250,10 +250,29 @@ def test_transformers_attention_exports_as_matmul_softmax_and_the_model_keeps_sd
     path = export_onnx(model, x, tmp_path / f"{kind}.onnx")
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert ops.count("Softmax") == 2 and "IsNaN" not in ops  # SDPA's export guards the scores with IsNaN + Where
-    assert model.config._attn_implementation == "sdpa"  # switched for the export only
+    assert model.config._attn_implementation == "sdpa"  # the export switched a copy
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {k: v.numpy() for k, v in x.items()})[0]
     with torch.no_grad():
         want = model(**x).last_hidden_state
     keep = mask.bool()  # padded positions of BERT are not defined outputs
     np.testing.assert_allclose(got[keep.numpy()], want[keep].numpy(), atol=1e-5)
+
+
+def test_eager_attention_switches_each_sdpa_config_and_gives_every_value_back():
+    transformers = pytest.importorskip("transformers")
+    from slimkit.models.hf import eager_attention
+
+    def bert(attention, head=False):
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+        config._attn_implementation = attention
+        return (transformers.BertForSequenceClassification if head else transformers.BertModel)(config)
+
+    nested, plain = bert("sdpa", head=True), bert("eager")  # the head model's inner BertModel shares its config
+    both = nn.ModuleList([nested, plain])
+    with pytest.raises(RuntimeError, match="inside"), eager_attention(both):
+        assert nested.config._attn_implementation == nested.bert.config._attn_implementation == "eager"
+        raise RuntimeError("inside")
+    assert nested.bert.config._attn_implementation == "sdpa" and plain.config._attn_implementation == "eager"
