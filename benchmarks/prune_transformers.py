@@ -18,9 +18,10 @@ For each MACs amount (30% and 50% at 128 tokens):
   ``hf_config=False`` because BERT's config cannot state fewer heads: the model is saved with ``slimkit.save``);
 - recovery: ``slimkit.distill(..., DistillConfig(output_loss="cosine", pooling="mean", hints=<every layer's
   output>))`` (AdamW, ``--lr``; the student's dropout off, the default for an output distance; hints leave padding
-  tokens out) for a fixed number of steps, the recovery within 10 minutes on 2 cores, in batches of similar
-  length (``bucketed``: 1.8x the steps per second of random batches) and in bfloat16 autocast where the CPU has
-  bf16 kernels (``precision="bf16"``: 1.7x again), on inputs made from
+  tokens out) for at most ``--steps`` steps and ``--seconds`` (600) of wall-clock time in all (``max_seconds``: the
+  cosine schedule follows the clock), in batches of similar token count (``bucketed``), with transformers' eager
+  attention while training (torch's CPU flash-attention backward was a quarter of a step) and in bfloat16 autocast
+  where the CPU has bf16 kernels (``precision="bf16"``: 1.7x), on inputs made from
   the training sentences (a sentence, two joined, or a 5-25 word span of the joined text: function matching, Beyer et
   al. 2022 — distillation needs no labels, so any text the teacher reads is a target);
 - peer: sentence-transformers' own way to make MiniLM smaller, keeping fewer layers (layer truncation, as its
@@ -30,9 +31,9 @@ For each MACs amount (30% and 50% at 128 tokens):
 - speed at batch 64 x 128 tokens on ONNX Runtime fp32 and PyTorch eager (``harness.time_forms``: fresh processes,
   allocator pinned, 2 threads, median and spread), every speed-up against the original's faster form.
 
-Run: ``.venv/bin/python benchmarks/prune_transformers.py`` (never under ``flock``: it takes the machine's CPU lock
-itself, one phase at a time, and caches each recovered model in ``.slimkit-cache/prune_transformers`` so an
-interrupted run resumes); ``--quick`` for a smoke run (a few steps, one process, 200 sentences). Writes
+Run: ``.venv/bin/python benchmarks/prune_transformers.py`` (about 55 minutes; never under ``flock``: it takes the
+machine's CPU lock itself, one phase at a time, and caches each recovered model in ``.slimkit-cache/prune_transformers``
+so an interrupted run resumes); ``--quick`` for a smoke run (a few steps, one process, 200 sentences). Writes
 ``benchmarks/results/prune_transformers.{json,md}``.
 """
 
