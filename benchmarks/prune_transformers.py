@@ -64,6 +64,7 @@ import slimkit
 from slimkit.data.text import docstring_sentences, stdlib_sentences
 from slimkit.distillation import DistillResult
 from slimkit.distillation.losses import mean_pool
+from slimkit.models.hf import eager_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS.parent.parent / ".slimkit-cache" / "prune_transformers"
@@ -212,10 +213,9 @@ def recover(student: nn.Module, teacher: nn.Module, tokenizer, args: argparse.Na
     # a step, and the steps ran 1.3x faster without it (the same numbers to float rounding)
     # with bf16 autocast, a bfloat16 copy of the frozen teacher: its weights are not cast again at every step
     # (a step 10% faster here); the teacher's LayerNorms still run in fp32 under autocast
-    frozen = copy.deepcopy(teacher).to(torch.bfloat16) if PRECISION == "bf16" else copy.deepcopy(teacher)
-    student.set_attn_implementation("eager")
-    frozen.set_attn_implementation("eager")
-    return slimkit.distill(student, frozen, cfg, bucketed(tokenizer, data.texts, BATCH), val)
+    frozen = copy.deepcopy(teacher).to(torch.bfloat16) if PRECISION == "bf16" else teacher
+    with eager_attention(student), eager_attention(frozen):  # distill's copy of the student keeps "eager"
+        return slimkit.distill(student, frozen, cfg, bucketed(tokenizer, data.texts, BATCH), val)
 
 
 def _teacher_layer(i: int, layers: int, teacher: nn.Module) -> int:

@@ -390,7 +390,7 @@ def _fit(
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task("train", total=clock.total, info="")
         for epoch in range(cfg.epochs):
-            if clock.spent():  # the clock ran out in the last epoch's validation
+            if clock.spent():  # the clock ran out in a step or in the last epoch's validation
                 break
             model.train()
             running, seen = 0.0, 0
@@ -449,9 +449,8 @@ def _fit(
                     break
             if on_epoch_end:
                 on_epoch_end(epoch, model, history)
-            if clock.spent():
-                bar.update(task, total=history.steps)
-                break
+        if history.out_of_time:
+            bar.update(task, total=history.steps)
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
