@@ -94,3 +94,25 @@ def test_config_json_round_trip_rejects_typos():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="did you mean 'epochs'"):
         TrainConfig.from_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_steps_use_the_fused_kernel_with_the_same_result(digits, name):
+    train, _ = digits
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = models.create("mlp", in_features=64, hidden=32)
+        used: list = []
+        hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs, used=used: used.append(opt.defaults["fused"]))
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                if not fused:  # the reference: torch's default (for-each) implementation of the same update
+                    cls = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])
+                    patch.setattr(torch.optim, cls.__name__, lambda *a, cls=cls, **k: cls(*a, **{**k, "fused": None}))
+                fit(model, train, None, TrainConfig(epochs=1, optimizer=name, lr=1e-3, max_batches=5))
+        finally:
+            hook.remove()
+        assert used == [fused or None] * 5
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
