@@ -447,7 +447,7 @@ def write(
             else "1 | 100% | -"
         )
         lines.append(
-            f"| {row['model']}{' *' if row.get('teacher_dtype') == 'bfloat16' else ''} | {row['macs_ratio']:.2f} "
+            f"| {row['model']} | {row['macs_ratio']:.2f} "
             f"| {quality_cells} | {harness.ms_cell(speed[ort][64])} "
             f"| {harness.ms_cell(speed[eager][64])} | {up64[ort]:.2f}x / {up64[eager]:.2f}x | {up1[ort]:.2f}x |"
         )
@@ -458,8 +458,8 @@ def write(
         f"{args.lr:g}, {PRECISION}, transformers' eager attention): at most {args.steps} steps of {BATCH} inputs and "
         f"{args.seconds:g} s in all (DistillConfig(max_seconds=): the steps it ran are in brackets), in token-count "
         f"buckets made from {text} training sentences (stdlib files + docstrings of {', '.join(PACKAGES)}), output "
-        "cosine on mean-pooled embeddings + token hints on every layer (rows marked * with a bfloat16 copy of the "
-        "teacher; the others cast its fp32 weights under autocast at every step). Speed-ups against the original's "
+        "cosine on mean-pooled embeddings + token hints on every layer, the frozen teacher as a bfloat16 copy "
+        "(teacher_dtype in the JSON). Speed-ups against the original's "
         f"faster form (ORT fp32 or eager) at the same batch. {harness.method_note(processes)}\n"
     )
     (RESULTS / "prune_transformers.md").write_text("\n".join(lines) + "\n" + note)

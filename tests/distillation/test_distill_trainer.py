@@ -357,3 +357,47 @@ def test_shipped_recipe_distill_step_reads_flat_keys():
     step = next(s for s in recipe.steps if s.kind.value == "distill")
     assert step.config.train == TrainConfig(epochs=4, lr=0.01, optimizer="sgd", batch_size=64, progress=False)
     assert Recipe.from_yaml(recipe.to_yaml()).to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "bert-mlm"])
+def test_bf16_teacher_weights_cast_once_give_the_same_student(arch, monkeypatch):
+    """precision='bf16': the teacher's Linear / conv weights are cast to bfloat16 once for the run instead of by
+    autocast at every step. The trained student is bit-identical to the per-step casts; tied weights (BERT's
+    decoder shares the word embeddings, which autocast leaves in fp32) and the caller's teacher are left alone."""
+    import transformers
+
+    from slimkit.distillation import trainer
+
+    torch.manual_seed(0)
+    if arch == "lenet5":
+        teacher, student = models.create("lenet5"), models.create("lenet5")
+        data = [torch.randn(1, 28, 28) for _ in range(24)]
+        hints = (("features.3", "features.3"),)
+    else:
+        config = transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        teacher, student = transformers.BertForMaskedLM(config), transformers.BertForMaskedLM(config)
+        data = [{"input_ids": torch.randint(0, 50, (12,)), "attention_mask": torch.ones(12, dtype=torch.long)}] * 24
+        hints = (("bert.encoder.layer.0", "bert.encoder.layer.0"),)
+    before = copy.deepcopy(teacher.state_dict())
+    cfg = DistillConfig(output_loss="mse", hints=hints, epochs=1, batch_size=8, precision="bf16", seed=1, **QUIET)
+    casts = []
+    real = trainer._cast_once
+    monkeypatch.setattr(trainer, "_cast_once", lambda t, p: casts.append(real(t, p)) or casts[-1])
+    torch.manual_seed(0)
+    once = distill(student, teacher, cfg, data).model.state_dict()
+    monkeypatch.setattr(trainer, "_cast_once", lambda t, p: {})  # autocast casts the fp32 weights at every step
+    torch.manual_seed(0)
+    each_step = distill(student, teacher, cfg, data).model.state_dict()
+    assert casts[0] and {t.dtype for t in casts[0].values()} == {torch.bfloat16}
+    if arch == "bert-mlm":
+        assert "bert.encoder.layer.0.intermediate.dense.weight" in casts[0]
+        assert "cls.predictions.decoder.weight" not in casts[0]  # tied to the word embeddings
+    else:
+        assert {"features.0.weight", "features.3.bias", "classifier.5.weight"} <= casts[0].keys()
+    assert once.keys() == each_step.keys()
+    assert all(torch.equal(once[k], each_step[k]) for k in once)
+    assert all(torch.equal(v, teacher.state_dict()[k]) and v.dtype == torch.float32 for k, v in before.items())
+    fp32 = DistillConfig(output_loss="mse", epochs=1, batch_size=8, **QUIET)
+    assert real(teacher, fp32.precision) == {}
