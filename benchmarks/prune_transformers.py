@@ -144,10 +144,10 @@ def quality(reference: torch.Tensor, model: nn.Module, tokenizer, texts: list[st
 
 
 class Spans(Dataset):
-    """Recovery inputs from the training sentences: a sentence (3 in 4) or a span of 5-25 words of the joined text
-    (seeded, so every run and every model sees the same inputs). Until 2026-12-01 one input in 7 was two sentences
-    joined; the embeddings measured are of single sentences, and without the pairs the same steps read 11% fewer
-    tokens (so 600 s run more of them)."""
+    """Recovery inputs (and slimkit's pruning calibration spans) from the training sentences: a sentence (3 in 4) or
+    a span of 5-25 words of the joined text (seeded, so every run and every model sees the same inputs). Until
+    2026-12-01, 15% of the inputs were two sentences joined; the embeddings measured are of single sentences, and
+    without the pairs the same steps read 11% fewer tokens (so 600 s run more of them)."""
 
     def __init__(self, sentences: list[str], size: int, seed: int = 0) -> None:
         rng = random.Random(seed)
@@ -458,8 +458,8 @@ def write(
         f"{args.lr:g}, {PRECISION}, transformers' eager attention): at most {args.steps} steps of {BATCH} inputs and "
         f"{args.seconds:g} s in all (DistillConfig(max_seconds=): the steps it ran are in brackets), in token-count "
         f"buckets made from {text} training sentences (stdlib files + docstrings of {', '.join(PACKAGES)}), output "
-        "cosine on mean-pooled embeddings + token hints on every layer, the frozen teacher as a bfloat16 copy "
-        "(teacher_dtype in the JSON). Speed-ups against the original's "
+        "cosine on mean-pooled embeddings + token hints on every layer, the frozen teacher "
+        f"{'as a bfloat16 copy' if PRECISION == 'bf16' else 'in fp32'}. Speed-ups against the original's "
         f"faster form (ORT fp32 or eager) at the same batch. {harness.method_note(processes)}\n"
     )
     (RESULTS / "prune_transformers.md").write_text("\n".join(lines) + "\n" + note)

@@ -107,7 +107,7 @@ def test_adam_steps_use_the_fused_kernel_with_the_same_result(digits, name):
         hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs, used=used: used.append(opt.defaults["fused"]))
         try:
             with pytest.MonkeyPatch.context() as patch:
-                if not fused:  # the reference: torch's default (for-each) implementation of the same update
+                if not fused:  # the reference: torch's default (unfused) implementation of the same update
                     cls = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])
                     patch.setattr(torch.optim, cls.__name__, lambda *a, cls=cls, **k: cls(*a, **{**k, "fused": None}))
                 fit(model, train, None, TrainConfig(epochs=1, optimizer=name, lr=1e-3, max_batches=5))
