@@ -96,8 +96,8 @@ def test_config_json_round_trip_rejects_typos():
         TrainConfig.from_dict({"epoch": 3})
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_adam_steps_use_the_fused_kernel_with_the_same_result(digits, name):
+@pytest.mark.parametrize(("name", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_adam_steps_use_the_fused_kernel_with_the_same_result(digits, name, cls):
     train, _ = digits
     results = []
     for fused in (True, False):
@@ -108,8 +108,7 @@ def test_adam_steps_use_the_fused_kernel_with_the_same_result(digits, name):
         try:
             with pytest.MonkeyPatch.context() as patch:
                 if not fused:  # the reference: torch's default (unfused) implementation of the same update
-                    cls = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[name])
-                    patch.setattr(torch.optim, cls.__name__, lambda *a, cls=cls, **k: cls(*a, **{**k, "fused": None}))
+                    patch.setattr(torch.optim, cls.__name__, lambda *a, **k: cls(*a, **{**k, "fused": None}))
                 fit(model, train, None, TrainConfig(epochs=1, optimizer=name, lr=1e-3, max_batches=5))
         finally:
             hook.remove()
