@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 
 import optuna
 import pytest
 
 from slimkit.tuning import SearchConfig, search
 from slimkit.tuning.storage import open_storage
+from slimkit.tuning.study import _Worker
 
 SCRIPT = textwrap.dedent("""
     import os, sys, time, pathlib, torch
@@ -171,3 +173,27 @@ def test_ctrl_c_prints_one_line_and_leaves_no_worker_running(tmp_path):
     assert proc.returncode == 2, output[-3000:]
     assert "interrupted (Ctrl-C)" in output and "Traceback" not in output, output[-3000:]
     assert not [pid for pid in helpers if _alive(pid)]
+
+
+def test_ctrl_c_landing_in_a_gc_callback_is_delivered_after_it_without_a_traceback(capfd):
+    # CI once saw Ctrl-C land in SQLAlchemy's weakref callback: Python printed "Exception ignored ... Traceback"
+    # and dropped the KeyboardInterrupt, so the trial went on
+    worker = _Worker.__new__(_Worker)
+    worker._interruptible = worker._interrupted = False
+
+    class Thing:
+        pass
+
+    restore = worker._catch_sigint()
+    try:
+        with pytest.raises(KeyboardInterrupt), worker._interruptible_section():
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))  # handled inside the callback
+            del thing
+            for _ in range(200):  # a training loop: the interrupt must reach it, not wait for the trial's end
+                time.sleep(0.005)
+    finally:
+        restore()
+    assert ref() is None and worker._interrupted
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

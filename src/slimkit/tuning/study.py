@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import _thread
 import logging
 import math
 import os
@@ -17,8 +18,9 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -324,7 +326,7 @@ class _Worker:
         start = time.monotonic()
         optuna_log = logging.getLogger("optuna.study._optimize")
         optuna_log.addFilter(self.quiet)
-        previous = self._catch_sigint()
+        restore = self._catch_sigint()
         try:
             while timeout is None or time.monotonic() - start < timeout:
                 self._check_interrupt()
@@ -341,20 +343,40 @@ class _Worker:
                 self.study.optimize(self.objective, n_trials=1, catch=(_BudgetTaken,), callbacks=[self._after_trial])
         finally:
             optuna_log.removeFilter(self.quiet)
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            restore()
 
-    def _catch_sigint(self) -> Any:
-        """Route Ctrl-C through ``_on_sigint``; the previous handler (None off the main thread)."""
-        import threading
+    def _catch_sigint(self) -> Callable[[], None]:
+        """Route Ctrl-C through ``_on_sigint`` (main thread only); returns what puts the previous handlers back."""
 
         if threading.current_thread() is not threading.main_thread():
-            return None
-        return signal.signal(signal.SIGINT, self._on_sigint)
+            return lambda: None
+        previous, previous_hook = signal.signal(signal.SIGINT, self._on_sigint), sys.unraisablehook
+
+        def dropped(info: Any) -> None:
+            # The interrupt landed in a weakref callback, __del__ or a GC callback, where Python prints the
+            # exception ("Exception ignored in ...") and drops it. Deliver it again shortly, from a thread: a signal
+            # raised from here would be handled (and dropped) here. Still inside the section it interrupted.
+            if info.exc_type is KeyboardInterrupt and self._interrupted:
+                self._interruptible = True
+                threading.Timer(0.01, self._redeliver).start()
+            else:
+                previous_hook(info)
+
+        sys.unraisablehook = dropped
+
+        def restore() -> None:
+            signal.signal(signal.SIGINT, previous)
+            sys.unraisablehook = previous_hook
+
+        return restore
+
+    def _redeliver(self) -> None:
+        if self._interruptible:  # the section it was meant for has not ended meanwhile
+            _thread.interrupt_main()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._interrupted = True
-        if self._interruptible and not _in_finalizer(frame):
+        if self._interruptible:
             self._interruptible = False
             raise KeyboardInterrupt
 
@@ -571,7 +593,6 @@ def search(
 
 def _stop_workers(procs: list, wait_s: float = 10.0) -> None:
     """Interrupt the helper processes (their running trials are marked failed), then end any that linger."""
-    import threading
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C waits too
@@ -715,13 +736,3 @@ def _message(best: SearchResult | None, threshold: float | None, config: SearchC
     if math.isfinite(best.violation):
         return f"best: trial {best.trial}, {format_metrics(best.metrics)}, saved in {best.path}"
     return ""
-
-
-def _in_finalizer(frame: Any) -> bool:
-    """Whether the signal arrived inside a weakref callback or ``__del__``: Python prints and drops an exception
-    raised there ("Exception ignored in ..."), so the interrupt waits for the next check instead."""
-    while frame is not None:
-        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename.endswith("weakref.py"):
-            return True
-        frame = frame.f_back
-    return False
