@@ -28,13 +28,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 os.environ.setdefault("SLIMKIT_NO_PROGRESS", "1")
 
+import harness  # this folder, first on sys.path when run as a script
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -407,7 +407,7 @@ def main() -> None:
     result = {
         "command": command,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": harness.machine(),
         "settings": {"seeds": seeds, "epochs": epochs, "alpha": ALPHA, "temperatures": TEMPERATURES},
         "published": PUBLISHED,
     }

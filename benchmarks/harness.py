@@ -34,6 +34,7 @@ import importlib
 import json
 import math
 import os
+import platform
 import random
 import resource
 import statistics
@@ -181,13 +182,46 @@ def table(
 
 
 def method_note(processes: int = 3, threads: int = 2) -> str:
-    """One sentence on how the numbers were taken, for the markdown a benchmark writes."""
+    """How the numbers were taken and on which CPU, for the markdown a benchmark writes."""
     return (
         f"Latency: {processes} fresh processes one after another, each timing every form interleaved "
         f"(slimkit.measure.benchmark_latency, {threads} threads), allocator pinned (GLIBC_TUNABLES={PINNED}); "
         "cells are the median of the process medians in ms and their spread (lowest-highest); speed-ups are "
-        "against the fastest fp32 form of the original at the same batch size."
+        f"against the fastest fp32 form of the original at the same batch size. Machine: {machine()}."
     )
+
+
+def machine() -> str:
+    """The CPU by name, family and model, the cores this process may use, its measured fp32 / int8 peak now
+    (``slimkit.peak.machine_peak``: a busy or throttled machine shows here) and the torch / ONNX Runtime versions,
+    so tables from different machines or days can be told apart.
+
+    Example:
+        >>> machine()  # doctest: +SKIP
+        'AMD EPYC (family 25 model 17), 2 cores, peak 147 fp32 / 541 int8 GMAC/s, torch 2.14.1, onnxruntime 1.32.0'
+    """
+    import torch
+
+    from slimkit.peak import machine_peak
+
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']} model {info['model']})"
+    peak = machine_peak()
+    text = (
+        f"{cpu}, {peak.threads} cores, peak {peak.fp32_macs_per_s / 1e9:.0f} fp32 / "
+        f"{peak.int8_macs_per_s / 1e9:.0f} int8 GMAC/s, torch {torch.__version__}"
+    )
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        text += f", onnxruntime {onnxruntime.__version__}"
+    return text
 
 
 @contextlib.contextmanager

@@ -430,6 +430,7 @@ def write(
     dists = metadata.packages_distributions()
     versions = {name: metadata.version(dists[name][0]) for name in PACKAGES}  # the text differs between versions
     payload |= {"training_sentences": text, "packages": versions, "python": sys.version.split()[0]}
+    payload["machine"] = harness.machine()
     (RESULTS / "prune_transformers.json").write_text(json.dumps(payload, indent=1) + "\n")
     base = ["original eager", "original onnxruntime"]
     lines = [

@@ -46,3 +46,16 @@ def test_combine_and_cells_are_exact():
 def test_bad_build_is_refused():
     with pytest.raises(ValueError, match="module:function"):
         harness.time_forms("tiny_linear", {}, processes=1)
+
+
+def test_machine_names_the_cpu_its_measured_peak_and_the_versions():
+    import torch
+
+    from slimkit.peak import machine_peak
+
+    text = harness.machine()
+    peak = machine_peak()
+    assert f"{peak.threads} cores" in text and f"{peak.fp32_macs_per_s / 1e9:.0f} fp32 /" in text
+    assert f"torch {torch.__version__}" in text and "onnxruntime " in text
+    assert text.split(",")[0].strip()  # the CPU's name comes first
+    assert f"Machine: {text}." in harness.method_note()
