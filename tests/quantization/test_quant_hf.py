@@ -184,3 +184,26 @@ def test_calibration_dict_with_mismatched_batches_is_one_clear_error():
     wrong = _inputs("bert", 8, 6, seed=0) | {"pixel_values": np.zeros(3)}
     with pytest.raises(UsageError, match="batched tensors"):
         slimkit.quantize(model, slimkit.QuantConfig(), wrong)
+
+
+def test_gpt2_int4_weight_only_quantizes_its_conv1d_layers_and_runs_on_onnx_runtime(tmp_path):
+    """GPTQ int4 on GPT-2: every transformers ``Conv1D`` becomes a ``MatMulNBits`` (none left float), ONNX Runtime at
+    another batch and length gives the PyTorch model's logits, and a fresh GPT-2 replays the record exactly."""
+    model = _model("gpt2")
+    cfg = slimkit.QuantConfig(weight_bits=4, act_bits=None, group_size=32, algorithm="gptq", ignore=["lm_head"])
+    result = slimkit.quantize(model, cfg, _inputs("gpt2", 64, 8, seed=1))
+    blocks = [f"transformer.h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
+    blocks += [f"transformer.h.{i}.mlp.c_proj" for i in range(2)]
+    assert sorted(result.record["linearized"]) == sorted(blocks)
+    assert {entry["name"] for entry in result.record["layers"]} >= set(blocks)
+    path = export_onnx(result.model, _inputs("gpt2", 2, 8, seed=2), tmp_path / "gpt2_int4.onnx")
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("MatMulNBits") == len(blocks)
+    x = _inputs("gpt2", 3, 13, seed=3)
+    with torch.no_grad():
+        expected, original = result.model(**x).logits, model(**x).logits
+    assert torch.allclose(_ort(path, x), expected, atol=1e-4 * float(expected.abs().max()))
+    assert float(nn.functional.cosine_similarity(expected.flatten(), original.flatten(), dim=0)) >= 0.99
+    fresh = replay_(_model("gpt2"), result.record)
+    fresh.load_state_dict(result.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, expected)

@@ -20,7 +20,8 @@ Layers become ``WeightOnlyLinear`` (a ``QuantLinear`` without activation quantiz
 dequantized weight and are stored packed (``pack.py``: half a byte per 4-bit weight, plus the blocks' scales and
 zero points). ``nn.Embedding`` tables (half the bytes of a small transformer such as all-MiniLM-L6-v2) become
 ``QuantEmbedding`` with symmetric 8-bit codes and one scale per row, as ``method="ptq"`` plans them (fewer bits by
-an override); ``export_onnx`` gathers their int8 codes beside the ``MatMulNBits`` layers.
+an override); ``export_onnx`` gathers their int8 codes beside the ``MatMulNBits`` layers. transformers' ``Conv1D``
+(GPT-2) first becomes the ``nn.Linear`` it is (``record["linearized"]``; ``replay_`` swaps them on a fresh model).
 
 Example:
     >>> cfg = QuantConfig(weight_bits=4, act_bits=None, group_size=128, algorithm="gptq")   # doctest: +SKIP
@@ -50,6 +51,7 @@ from slimkit.quantization.config import (
     check_group_size,
     plan_layers,
 )
+from slimkit.quantization.conv1d import linearize
 from slimkit.quantization.fake import QuantLinear, float_layer
 from slimkit.quantization.math import qparams, quantize_weight, ungroup
 from slimkit.quantization.pack import pack_state_dict
@@ -418,6 +420,7 @@ def quantize_weight_only(
     """
     algorithm = WeightOnlyAlgorithm(cfg.algorithm)
     new = copy.deepcopy(model).eval()
+    linearized = linearize(new)  # transformers' Conv1D (GPT-2) is quantized as the Linear it is
     specs, skipped = _plan(new, cfg)
     tables = [spec for spec in specs if spec.kind == "Embedding"]
     specs = [spec for spec in specs if spec.kind != "Embedding"]
@@ -468,6 +471,7 @@ def quantize_weight_only(
         "config": cfg.to_dict(),
         "method": METHOD,
         "algorithm": algorithm.value,
+        "linearized": linearized,
         "layers": layers,
         "skipped": skipped,
         "stats": stats,
@@ -479,6 +483,7 @@ def quantize_weight_only(
 def replay_weight_only(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """Rebuild the ``WeightOnlyLinear`` layers of a weight-only record on a fresh float model (in place); load the
     quantized state_dict afterwards (AWQ's folded scales are ordinary weights)."""
+    linearize(model, only=list(record.get("linearized", [])))
     fields = LayerSpec.__dataclass_fields__
     for entry in record["layers"]:
         spec = LayerSpec(**{k: v for k, v in entry.items() if k in fields})
