@@ -175,25 +175,61 @@ def test_ctrl_c_prints_one_line_and_leaves_no_worker_running(tmp_path):
     assert not [pid for pid in helpers if _alive(pid)]
 
 
-def test_ctrl_c_landing_in_a_gc_callback_is_delivered_after_it_without_a_traceback(capfd):
+class _Plain:
+    pass
+
+
+class _Finalized:
+    def __init__(self, done: list) -> None:
+        self.done = done
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)  # handled here, inside the finalizer
+        self.done.append("finished")
+
+
+@pytest.mark.parametrize("finalizer", ["weakref callback", "__del__"])
+def test_ctrl_c_landing_in_a_finalizer_is_delivered_after_it_without_a_traceback(capfd, finalizer):
     # CI once saw Ctrl-C land in SQLAlchemy's weakref callback: Python printed "Exception ignored ... Traceback"
     # and dropped the KeyboardInterrupt, so the trial went on
     worker = _Worker.__new__(_Worker)
     worker._interruptible = worker._interrupted = False
-
-    class Thing:
-        pass
-
+    worker._redelivery = None
+    done: list[str] = []
+    before = signal.getsignal(signal.SIGINT)
     restore = worker._catch_sigint()
     try:
         with pytest.raises(KeyboardInterrupt), worker._interruptible_section():
-            thing = Thing()
-            ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))  # handled inside the callback
+            if finalizer == "__del__":
+                thing = _Finalized(done)
+            else:  # a raw callback: only the unraisable hook sees the drop
+                thing = _Plain()
+                ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))
             del thing
-            for _ in range(200):  # a training loop: the interrupt must reach it, not wait for the trial's end
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # a training loop: the interrupt must reach it, not the trial's end
                 time.sleep(0.005)
     finally:
         restore()
-    assert ref() is None and worker._interrupted
-    assert "Exception ignored" not in capfd.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert worker._interrupted and "Exception ignored" not in capfd.readouterr().err
+    assert done == ([] if finalizer == "weakref callback" else ["finished"])  # __del__ runs to its end
+    assert signal.getsignal(signal.SIGINT) is before
+    if finalizer == "weakref callback":
+        assert ref() is None
+
+
+def test_an_interrupt_dropped_as_its_section_ends_is_not_delivered_after_the_study():
+    worker = _Worker.__new__(_Worker)
+    worker._interruptible = worker._interrupted = False
+    worker._redelivery = None
+    restore = worker._catch_sigint()
+    try:
+        with worker._interruptible_section():
+            thing = _Finalized([])  # the last statement of the section: the redelivery finds it ended
+            del thing
+    finally:
+        restore()
+    time.sleep(0.1)  # a redelivery left pending would raise KeyboardInterrupt here
+    assert worker._interrupted
+    with pytest.raises(KeyboardInterrupt):
+        worker._check_interrupt()  # the flag stops the study at its next check

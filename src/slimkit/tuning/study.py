@@ -226,6 +226,7 @@ class _Worker:
         # Ctrl-C interrupts training and measuring at once; during a storage call it waits for the call to end
         # (an interrupted database call can leave the trial RUNNING and Optuna in an inconsistent state)
         self._interruptible = self._interrupted = False
+        self._redelivery: threading.Timer | None = None
 
     def objective(self, trial: Any) -> tuple[float, ...] | float:
         from slimkit.tuning.storage import trial_over_budget
@@ -347,38 +348,56 @@ class _Worker:
 
     def _catch_sigint(self) -> Callable[[], None]:
         """Route Ctrl-C through ``_on_sigint`` (main thread only); returns what puts the previous handlers back."""
-
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous, previous_hook = signal.signal(signal.SIGINT, self._on_sigint), sys.unraisablehook
 
         def dropped(info: Any) -> None:
-            # The interrupt landed in a weakref callback, __del__ or a GC callback, where Python prints the
-            # exception ("Exception ignored in ...") and drops it. Deliver it again shortly, from a thread: a signal
-            # raised from here would be handled (and dropped) here. Still inside the section it interrupted.
+            # the interrupt was raised in a finalizer the frame test cannot see (a raw weakref or GC callback, as
+            # SQLAlchemy's): Python drops it here (the default hook prints "Exception ignored ... Traceback");
+            # deliver it again once that code has returned
             if info.exc_type is KeyboardInterrupt and self._interrupted:
-                self._interruptible = True
-                threading.Timer(0.01, self._redeliver).start()
+                self._redeliver_soon()
             else:
                 previous_hook(info)
 
         sys.unraisablehook = dropped
 
         def restore() -> None:
-            signal.signal(signal.SIGINT, previous)
+            if self._redelivery is not None:  # no redelivered interrupt may reach the handler put back below
+                self._redelivery.cancel()
+                self._redelivery.join()
+            if previous is not None:  # None: the handler was not set from Python
+                signal.signal(signal.SIGINT, previous)
             sys.unraisablehook = previous_hook
 
         return restore
-
-    def _redeliver(self) -> None:
-        if self._interruptible:  # the section it was meant for has not ended meanwhile
-            _thread.interrupt_main()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._interrupted = True
         if self._interruptible:
             self._interruptible = False
-            raise KeyboardInterrupt
+            if _in_finalizer(frame):  # let the finalizer finish: Python would drop an exception raised in it
+                self._redeliver_soon()
+            else:
+                raise KeyboardInterrupt
+
+    def _redeliver_soon(self) -> None:
+        """Interrupt the current section again in 10 ms, from a thread: a signal raised from a finalizer, or from the
+        hook that reports one, is handled (and dropped) right there."""
+        self._redelivery = threading.Timer(0.01, self._redeliver)
+        self._redelivery.daemon = True
+        self._redelivery.start()
+        self._interruptible = True  # last: a second Ctrl-C while the timer starts only sets the flag
+
+    def _redeliver(self) -> None:
+        main = threading.main_thread().ident
+        if not self._interruptible:  # the section it was meant for has ended: the flag stops the study
+            return
+        if main is not None and hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(main, signal.SIGINT)  # a real signal wakes a blocked wait; interrupt_main does not
+        else:
+            _thread.interrupt_main()
 
     def _check_interrupt(self) -> None:
         if self._interrupted:
@@ -593,7 +612,6 @@ def search(
 
 def _stop_workers(procs: list, wait_s: float = 10.0) -> None:
     """Interrupt the helper processes (their running trials are marked failed), then end any that linger."""
-
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C waits too
     try:
@@ -736,3 +754,13 @@ def _message(best: SearchResult | None, threshold: float | None, config: SearchC
     if math.isfinite(best.violation):
         return f"best: trial {best.trial}, {format_metrics(best.metrics)}, saved in {best.path}"
     return ""
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether the signal arrived inside ``__del__`` or a ``weakref.finalize`` / ``WeakValueDictionary`` callback (the
+    others are caught by the unraisable hook of ``_catch_sigint``)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename.endswith("weakref.py"):
+            return True
+        frame = frame.f_back
+    return False
