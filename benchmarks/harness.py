@@ -202,13 +202,9 @@ def machine() -> str:
     """
     import torch
 
-    from slimkit.peak import machine_peak
+    from slimkit.peak import cpu_info, machine_peak
 
-    info: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
+    info = cpu_info()
     cpu = info.get("model name", platform.processor() or platform.machine())
     if "cpu family" in info and "model" in info:
         cpu += f" (family {info['cpu family']} model {info['model']})"

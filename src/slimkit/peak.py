@@ -266,16 +266,26 @@ class KernelCheckFailed(RuntimeError):
     """A micro-kernel's output differs from the arithmetic of its inputs: its timing cannot be trusted."""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (``/proc/cpuinfo``; empty where there is none)."""
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields in Linux's ``/proc/cpuinfo`` (``"model name"``, ``"cpu family"``, ``"model"``,
+    ``"flags"``, ...; empty where there is none)."""
+    info: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if not line.strip() and info:  # the first processor's block ends
+                    break
+                key, colon, value = line.partition(":")
+                if colon:
+                    info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
+    return info
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (``/proc/cpuinfo``; empty where there is none)."""
+    return set(cpu_info().get("flags", "").split())
 
 
 def pick_kernel(kind: str, flags: set[str]) -> Kernel | None:

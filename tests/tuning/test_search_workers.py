@@ -175,6 +175,14 @@ def test_ctrl_c_prints_one_line_and_leaves_no_worker_running(tmp_path):
     assert not [pid for pid in helpers if _alive(pid)]
 
 
+def _bare_worker() -> _Worker:
+    """A worker with only its Ctrl-C state (no study): what the signal handling reads and writes."""
+    worker = _Worker.__new__(_Worker)
+    worker._interruptible = worker._interrupted = False
+    worker._redelivery = None
+    return worker
+
+
 class _Plain:
     pass
 
@@ -192,9 +200,7 @@ class _Finalized:
 def test_ctrl_c_landing_in_a_finalizer_is_delivered_after_it_without_a_traceback(capfd, finalizer):
     # CI once saw Ctrl-C land in SQLAlchemy's weakref callback: Python printed "Exception ignored ... Traceback"
     # and dropped the KeyboardInterrupt, so the trial went on
-    worker = _Worker.__new__(_Worker)
-    worker._interruptible = worker._interrupted = False
-    worker._redelivery = None
+    worker = _bare_worker()
     done: list[str] = []
     before = signal.getsignal(signal.SIGINT)
     restore = worker._catch_sigint()
@@ -219,9 +225,7 @@ def test_ctrl_c_landing_in_a_finalizer_is_delivered_after_it_without_a_traceback
 
 
 def test_an_interrupt_dropped_as_its_section_ends_is_not_delivered_after_the_study():
-    worker = _Worker.__new__(_Worker)
-    worker._interruptible = worker._interrupted = False
-    worker._redelivery = None
+    worker = _bare_worker()
     restore = worker._catch_sigint()
     try:
         with worker._interruptible_section():

@@ -45,6 +45,7 @@ from torch import nn
 
 from slimkit.errors import UsageError
 from slimkit.measure import fixed_threads
+from slimkit.peak import cpu_info
 
 __all__ = ["ATTEMPTS", "LatencyModel", "LatencyTable", "cache_dir", "machine_key", "time_pair"]
 
@@ -60,14 +61,10 @@ def cache_dir() -> Path:
 
 
 def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    info = cpu_info()
+    if not info:
         return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
-    name = fields.get("model name\t", fields.get("model name", "")).strip()
-    flags = fields.get("flags\t\t", fields.get("flags", "")).strip()
-    return f"{name}|{flags}"
+    return f"{info.get('model name', '')}|{info.get('flags', '')}"
 
 
 def machine_key(runtime: str, threads: int) -> str:

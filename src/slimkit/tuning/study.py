@@ -391,9 +391,9 @@ class _Worker:
         self._interruptible = True  # last: a second Ctrl-C while the timer starts only sets the flag
 
     def _redeliver(self) -> None:
-        main = threading.main_thread().ident
         if not self._interruptible:  # the section it was meant for has ended: the flag stops the study
             return
+        main = threading.main_thread().ident
         if main is not None and hasattr(signal, "pthread_kill"):
             signal.pthread_kill(main, signal.SIGINT)  # a real signal wakes a blocked wait; interrupt_main does not
         else:
