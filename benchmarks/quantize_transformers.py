@@ -525,7 +525,7 @@ def build_llama_prompt_forms(paths: dict[str, str]) -> tuple[dict[str, Callable]
 MINILM_EXPERIMENTS = [
     "The experiments below (2026-11-30 and 2026-12-01) ran on the export of that time, which kept torch's SDPA and "
     "its `Where(IsNaN(softmax))` guard after every attention softmax, on a faster day of this machine (ORT fp32 "
-    "646-693 ms at 64 x 128); the table above is from today's export through transformers' eager attention "
+    "646-693 ms at 64 x 128); the table above is from the current export through transformers' eager attention "
     "(`slimkit.models.hf.eager_attention`: no guard), where slimkit's dynamic int8 is level with the fastest "
     "`quantize_dynamic` setting instead of 1.03-1.07x ahead.",
     "",
